@@ -1,0 +1,91 @@
+"""Settings of `edgefn run`: flags over environment (EDGEFN_*) over a TOML config file over
+defaults. Secrets (the broker password) come from the environment or the file, never logged."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from edgefn.errors import ConfigError
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "edgefn"
+
+
+class Settings(BaseSettings):
+    """Everything `edgefn run` needs; each field is also EDGEFN_<FIELD> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFN_", extra="forbid")
+
+    broker: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS).")
+    username: str | None = Field(default=None, description="Broker user name.")
+    password: SecretStr | None = Field(default=None, description="Broker password (prefer EDGEFN_PASSWORD).")
+    ca_file: Path | None = Field(default=None, description="CA certificate that signed the broker's; enables TLS.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(default=None, description="Client private key (PEM) for mutual TLS.")
+    client_id: str = Field(default_factory=lambda: f"edgefn-{socket.gethostname()}",
+                           description="MQTT client id; the broker keeps this session across restarts.")
+    functions: list[Path] = Field(default_factory=lambda: [Path("functions")],
+                                  description="Function folders, or folders of function folders.")
+    models: list[Path] = Field(default_factory=lambda: [Path("models")], description="Folders of models.")
+    state_dir: Path = Field(default_factory=default_state_dir, description="Journal and compiled-component cache.")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535,
+                                     description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
+    inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
+    config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+        return value
+
+    @property
+    def broker_host(self) -> str:
+        return urlsplit(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def broker_port(self) -> int:
+        parts = urlsplit(self.broker)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker).scheme == "mqtts" or self.ca_file is not None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+_CONFIG_FILE: dict[str, Path | None] = {}
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Settings from flags (None means 'not given'), environment and an optional TOML file."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"{config_file}: config file not found")
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(problems) from None
+    finally:
+        _CONFIG_FILE.pop("path", None)

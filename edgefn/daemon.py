@@ -1,0 +1,282 @@
+"""The daemon: wires broker, inbox, sandboxes, models and metrics, and owns their lifecycle.
+
+    broker --QoS1--> Connection._message -> Inbox.append (commit) -> PUBACK -> work queue
+      -> worker: route by trigger filter -> FunctionSandbox.handle -> host.infer -> ModelRegistry
+      -> publish outputs QoS1 -> every PUBACK in -> Inbox.done (batched)
+
+An event leaves the inbox only after each of its outputs (results or the error message) has been
+acknowledged by the broker; after a crash the inbox is replayed, so nothing is lost and a
+consumer may see a result twice (same `event_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefn.config import Settings
+from edgefn.errors import EdgefnError, FunctionError
+from edgefn.events import Event, Message
+from edgefn.functions.build import component_path, discover
+from edgefn.functions.manifest import Manifest, load_manifest
+from edgefn.functions.sandbox import FunctionSandbox, Runtime, Tensor
+from edgefn.inference.registry import ModelRegistry
+from edgefn.journal.inbox import Inbox
+from edgefn.mqtt.connection import Connection
+from edgefn.mqtt.topics import matches_any
+from edgefn.observe.metrics import Metrics, ObserveServer
+
+log = logging.getLogger("edgefn.daemon")
+ERRORS_TOPIC = "edgefn/errors/{function}"
+_DONE_FLUSH_S = 0.05
+
+
+class FunctionHost:
+    """The host side of one function's sandbox: its models and its log."""
+
+    def __init__(self, name: str, registry: ModelRegistry):
+        self.name, self.registry = name, registry
+        self._log = logging.getLogger(f"edgefn.fn.{name}")
+
+    def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
+        return self.registry.infer(model, inputs), "local"
+
+    def log(self, level: int, message: str) -> None:
+        self._log.log(level if level in (10, 20, 30, 40, 50) else 20, "%s", message[:4096])
+
+
+@dataclass
+class LoadedFunction:
+    manifest: Manifest
+    folder: Path
+    sandbox: FunctionSandbox
+
+
+@dataclass
+class _Answer:
+    """Outputs of one event still waiting for the broker's PUBACK."""
+
+    event_id: str
+    remaining: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acked(self) -> bool:
+        with self.lock:
+            self.remaining -= 1
+            return self.remaining == 0
+
+
+def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
+    body = {
+        "event_id": _payload_id(event.payload),
+        "function": fn.name,
+        "version": fn.version,
+        "topic": event.topic,
+        "reason": exc.reason,
+        "error": str(exc),
+        "journal_id": event.id,
+    }
+    return Message(ERRORS_TOPIC.format(function=fn.name), json.dumps(body).encode())
+
+
+def _payload_id(payload: bytes) -> str | None:
+    """The sensor's own event id, when the payload is a JSON object that carries one."""
+    if len(payload) > 65_536:
+        return None
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    value = doc.get("id") if isinstance(doc, dict) else None
+    return str(value) if value is not None else None
+
+
+class Daemon:
+    """One edgefn daemon. `start()`, then `stop()`; `run_until(stop_event)` in the foreground."""
+
+    def __init__(self, settings: Settings, on_result: Callable[[Event, list[Message]], None] | None = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self._on_result = on_result
+        self._work: queue.Queue[Event | None] = queue.Queue()
+        self._done: list[str] = []
+        self._done_lock = threading.Lock()
+        self._held: list[tuple[str, bytes, int]] = []  # received while the inbox was full, not acked
+        self._accepting = False
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._route_cache: dict[str, list[LoadedFunction]] = {}
+        self.functions: list[LoadedFunction] = []
+        self.observe: ObserveServer | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime = Runtime(s.state_dir / "components")
+        self.registry = ModelRegistry(s.models)
+        for folder in discover(s.functions):
+            manifest = load_manifest(folder)
+            wasm = component_path(folder, manifest)
+            if not wasm.exists():
+                raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
+            host = FunctionHost(manifest.name, self.registry)
+            for model in manifest.models.use:
+                backend = self.registry.get(model)  # load now: a missing model fails the start, not an event
+                self.metrics.model_info.labels(model, "fp32-onnx", backend.delegate).set(1)
+            self.functions.append(LoadedFunction(manifest, folder, FunctionSandbox(self.runtime, manifest, wasm, host)))
+            log.info("function %s %s from %s", manifest.name, manifest.version, folder)
+        self.inbox = Inbox(s.state_dir / "inbox.sqlite")
+        replay = self.inbox.pending()
+        for event in replay:
+            self._work.put(event)
+        if replay:
+            log.info("replaying %d events left in the inbox", len(replay))
+        workers = max(2, sum(f.manifest.limits.instances for f in self.functions))
+        for i in range(workers):
+            self._spawn(self._work_loop, f"edgefn-worker-{i}")
+        self._spawn(self._housekeeping, "edgefn-housekeeping")
+        filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
+        self.connection = Connection(s, self._ingress, filters)
+        self._accepting = True
+        self.connection.start()
+        if s.metrics_port is not None:
+            self.observe = ObserveServer(self.metrics, self.health, s.metrics_port)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def health(self) -> dict:
+        connected = self.connection.connected.is_set()
+        return {
+            "status": "ok" if connected else "degraded",
+            "broker": "connected" if connected else (self.connection.last_error or "connecting"),
+            "inbox_events": len(self.inbox),
+            "functions": {f.manifest.name: f.manifest.version for f in self.functions},
+        }
+
+    def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop taking events, finish those in hand (within the deadline), then close."""
+        if self._stopping.is_set():
+            return
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and (self._work.unfinished_tasks or self._answers_pending()):
+            time.sleep(0.01)
+        self._stopping.set()
+        for _ in self._threads:
+            self._work.put(None)
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._flush_done()
+        self.connection.stop()
+        if self.observe:
+            self.observe.close()
+        for f in self.functions:
+            f.sandbox.close()
+        self.runtime.close()
+        self.inbox.close()
+
+    def _answers_pending(self) -> bool:
+        return len(self.inbox) - len(self._done) > 0
+
+    # -- ingress (paho's network thread) -----------------------------------------------------------
+    def _ingress(self, topic: str, payload: bytes, mid: int, dup: bool) -> None:
+        if not self._accepting:
+            return  # not acked: the broker keeps it for the next start
+        if len(self.inbox) >= self.settings.inbox_max_events or self._held:
+            self._held.append((topic, payload, mid))  # backpressure: the broker holds the rest
+            return
+        self._accept(topic, payload, mid)
+
+    def _accept(self, topic: str, payload: bytes, mid: int) -> None:
+        event = self.inbox.append(topic, payload)  # durable before the PUBACK
+        self.connection.ack(mid)
+        self.metrics.events_received.inc()
+        self._work.put(event)
+
+    # -- work --------------------------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        while True:
+            event = self._work.get()
+            try:
+                if event is None:
+                    return
+                self._process(event)
+            except Exception:  # a bug of ours must not kill the worker; the event stays journaled
+                log.exception("event %s could not be processed", event.id if event else "?")
+            finally:
+                self._work.task_done()
+
+    def _route(self, topic: str) -> list[LoadedFunction]:
+        hit = self._route_cache.get(topic)
+        if hit is None:
+            hit = [f for f in self.functions if matches_any(topic, f.manifest.trigger.topics)]
+            if len(self._route_cache) > 10_000:
+                self._route_cache.clear()
+            self._route_cache[topic] = hit
+        return hit
+
+    def _process(self, event: Event) -> None:
+        outputs: list[Message] = []
+        for fn in self._route(event.topic):
+            try:
+                messages = fn.sandbox.handle(event)
+                outcome = "ok"
+            except FunctionError as exc:
+                log.warning("%s: event %s: %s: %s", fn.manifest.name, event.id, exc.reason, exc)
+                messages = [error_message(fn.manifest, event, exc)]
+                outcome = exc.reason
+            outputs.extend(messages)
+            self.metrics.events_handled.labels(fn.manifest.name, outcome).inc()
+            self.metrics.event_seconds.labels(fn.manifest.name).observe(max(0.0, time.time() - event.received_ms / 1000))
+        if self._on_result is not None:
+            self._on_result(event, outputs)
+        if not outputs:
+            self._mark_done(event.id)
+            return
+        answer = _Answer(event.id, len(outputs))
+        for message in outputs:
+            self.connection.publish(message.topic, message.payload, lambda a=answer: self._output_acked(a))
+
+    def _output_acked(self, answer: _Answer) -> None:
+        self.metrics.messages_published.inc()
+        if answer.acked():
+            self._mark_done(answer.event_id)
+
+    def _mark_done(self, event_id: str) -> None:
+        with self._done_lock:
+            self._done.append(event_id)
+
+    # -- housekeeping --------------------------------------------------------------------------------
+    def _flush_done(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+        self.inbox.done(done)
+
+    def _housekeeping(self) -> None:
+        while not self._stopping.wait(_DONE_FLUSH_S):
+            self._flush_done()
+            self.metrics.inbox_depth.set(len(self.inbox))
+            self.metrics.broker_connected.set(1 if self.connection.connected.is_set() else 0)
+            self._release_held()
+
+    def _release_held(self) -> None:
+        while self._held and len(self.inbox) < self.settings.inbox_max_events and self._accepting:
+            topic, payload, mid = self._held.pop(0)
+            self._accept(topic, payload, mid)
+
+    def run_until(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()

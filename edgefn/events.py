@@ -1,0 +1,23 @@
+"""The two values that flow through the daemon: an event in, messages out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One sensor message, as received and journaled."""
+
+    id: str
+    topic: str
+    payload: bytes
+    received_ms: float  # host wall clock, milliseconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message a function asks to publish."""
+
+    topic: str
+    payload: bytes

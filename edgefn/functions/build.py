@@ -1,0 +1,89 @@
+"""Building functions: Python source -> WebAssembly component (componentize-py), and scaffolding.
+
+`build/<name>.wasm` inside the function folder is the portable artifact a device receives; the
+device compiles it for its own CPU once (see `sandbox.Runtime.load`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from edgefn.errors import BuildError, ManifestError
+from edgefn.functions.manifest import MANIFEST, Manifest, load_manifest
+
+WIT_DIR = Path(__file__).parent / "wit"
+WORLD = "function"
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def component_path(function_dir: Path, manifest: Manifest) -> Path:
+    return Path(function_dir) / "build" / f"{manifest.name}.wasm"
+
+
+def discover(paths: list[Path]) -> list[Path]:
+    """Function folders: each path is one (it holds edgefn.toml) or holds several."""
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if (path / MANIFEST).is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p.parent for p in path.glob(f"*/{MANIFEST}")))
+        else:
+            raise ManifestError(f"{path}: no such function folder")
+    if not found:
+        raise ManifestError(f"no function (no {MANIFEST}) under {', '.join(map(str, paths))}")
+    return found
+
+
+def needs_build(function_dir: Path, manifest: Manifest) -> bool:
+    """True when the component is missing or older than a source file or the WIT world."""
+    wasm = component_path(function_dir, manifest)
+    if not wasm.exists():
+        return True
+    built = wasm.stat().st_mtime
+    sources = [*Path(function_dir).rglob("*.py"), Path(function_dir) / MANIFEST, *WIT_DIR.glob("*.wit")]
+    return any(p.stat().st_mtime > built for p in sources if "build" not in p.parts)
+
+
+def build(function_dir: Path) -> Path:
+    """Compile a Python function to `build/<name>.wasm`; BuildError carries componentize-py's message."""
+    function_dir = Path(function_dir).resolve()
+    manifest = load_manifest(function_dir)
+    if not (function_dir / f"{manifest.function.module}.py").is_file():
+        raise BuildError(f"{function_dir}: no {manifest.function.module}.py (the manifest's function.module)")
+    out = component_path(function_dir, manifest)
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_suffix(".wasm.tmp")
+    cmd = [sys.executable, "-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; componentize_py.script()",
+           "-d", str(WIT_DIR), "-w", WORLD, "componentize", "-p", str(function_dir),
+           manifest.function.module, "-o", str(tmp)]
+    proc = subprocess.run(cmd, cwd=function_dir, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        detail = (proc.stderr or proc.stdout).strip()
+        raise BuildError(f"{manifest.name}: componentize-py failed:\n{detail}")
+    tmp.replace(out)
+    return out
+
+
+def scaffold(name: str, parent: Path) -> Path:
+    """Create `<parent>/<name>/` with a manifest, a handler and a sample event."""
+    target = Path(parent) / name
+    if target.exists():
+        raise BuildError(f"{target} already exists")
+    target.mkdir(parents=True)
+    for template in sorted(TEMPLATES.iterdir()):
+        if template.is_file():
+            text = template.read_text().replace("{{name}}", name)
+            (target / template.name.removesuffix(".tmpl")).write_text(text)
+    try:
+        load_manifest(target)
+    except ManifestError:
+        for child in target.iterdir():
+            child.unlink()
+        target.rmdir()
+        raise BuildError(f"{name!r} is not a valid function name (use a-z, 0-9, '-', '_')") from None
+    return target

@@ -1,0 +1,131 @@
+"""A function's manifest, `edgefn.toml`: what it is, what triggers it, what it may do.
+
+    [function]
+    name = "digits"
+    version = "1.0.0"
+    module = "app"                      # the Python module that defines WitWorld.handle
+
+    [trigger]
+    topics = ["sensors/+/digits"]       # MQTT filters, subscribed at QoS1
+
+    [publish]
+    topics = ["results/+/digits"]       # filters its outputs must match
+
+    [models]
+    use = ["digits"]                    # models it may call through host.infer
+
+    [limits]
+    memory_mb = 64                      # linear memory of one instance
+    timeout_ms = 500                    # wall-clock deadline per event (epoch interruption)
+    instances = 2                       # warm instances in its pool (events run concurrently)
+    max_messages = 16                   # outputs per event
+    max_output_bytes = 65536            # total payload bytes per event
+    recycle_after = 5000                # events before an instance is replaced by a fresh one
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgefn.errors import ManifestError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+MANIFEST = "edgefn.toml"
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+def _check_filter(topic: str) -> str:
+    levels = topic.split("/")
+    if not topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
+        raise ValueError(f"{topic!r} is not a valid MQTT topic filter")
+    return topic
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FunctionSection(_Section):
+    name: str = Field(description="Function name: lowercase letters, digits, '-' and '_'.")
+    version: str = Field(description="Version of this function, reported with every result.")
+    module: str = Field(default="app", description="Python module (file stem) that defines WitWorld.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must start with a lowercase letter and hold only a-z, 0-9, '-', '_'")
+        return value
+
+
+class TopicsSection(_Section):
+    topics: list[str] = Field(default_factory=list, description="MQTT topic filters.")
+
+    @field_validator("topics")
+    @classmethod
+    def _filters(cls, value: list[str]) -> list[str]:
+        return [_check_filter(t) for t in value]
+
+
+class ModelsSection(_Section):
+    use: list[str] = Field(default_factory=list, description="Models the function may call.")
+
+
+class LimitsSection(_Section):
+    memory_mb: int = Field(default=64, ge=8, le=4096, description="Linear memory of one instance, MiB.")
+    timeout_ms: int = Field(default=500, ge=1, le=600_000, description="Wall-clock deadline per event.")
+    instances: int = Field(default=2, ge=1, le=64, description="Warm instances (events run concurrently).")
+    max_messages: int = Field(default=16, ge=0, le=10_000, description="Output messages per event.")
+    max_output_bytes: int = Field(default=65_536, ge=0, description="Output payload bytes per event.")
+    recycle_after: int = Field(default=5_000, ge=1, description="Events before an instance is renewed.")
+
+
+class Manifest(_Section):
+    function: FunctionSection
+    trigger: TopicsSection
+    publish: TopicsSection = Field(default_factory=TopicsSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    latency_budget_ms: float = Field(default=100.0, gt=0, description="Target latency of one event.")
+    offload: Literal["never", "on-overload", "on-low-confidence", "always"] = Field(
+        default="never", description="When inference may be handed to the cloud endpoint.")
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+    @property
+    def version(self) -> str:
+        return self.function.version
+
+    @field_validator("trigger")
+    @classmethod
+    def _has_trigger(cls, value: TopicsSection) -> TopicsSection:
+        if not value.topics:
+            raise ValueError("at least one trigger topic is needed")
+        return value
+
+
+def load_manifest(function_dir: Path) -> Manifest:
+    """Read and validate `<function_dir>/edgefn.toml`; errors name the file and the field."""
+    path = Path(function_dir) / MANIFEST
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest (a function folder needs an {MANIFEST})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ManifestError(f"{path}: {problems}") from None

@@ -1,0 +1,198 @@
+"""The sandbox: one wasmtime engine per process, one pool of warm instances per function.
+
+A guest gets only what the `edgefn:function` world imports (host.infer, log, state, info) plus
+WASI with no preopened directory, no socket permission and no inherited stdio: no files, no
+network. Each instance has a memory limit; each event a wall-clock deadline enforced by epoch
+interruption. An instance that trapped, timed out or ran out of memory is thrown away, and the
+next event gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import wasmtime
+from wasmtime import component as wc
+
+from edgefn.errors import (BuildError, FunctionError, GuestError, GuestOutOfMemory, GuestTimeout,
+                           GuestTrap, OutputRejected)
+from edgefn.events import Event, Message
+from edgefn.functions._boundary import ExportCall, add_host_func
+from edgefn.functions.manifest import Manifest
+from edgefn.mqtt.topics import matches_any
+
+_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+HOST_INTERFACE = "edgefn:function/host@0.1.0"
+EPOCH_TICK_S = 0.01  # deadline granularity
+Tensor = tuple[str, list[int], bytes]  # (dtype, shape, raw little-endian bytes), as on the wire
+
+
+class Host(Protocol):
+    """What a guest can reach on the host side; one per function."""
+
+    def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]: ...
+    def log(self, level: int, message: str) -> None: ...
+
+
+class Runtime:
+    """The process-wide wasmtime engine, its epoch ticker and the compiled-component cache."""
+
+    def __init__(self, cache_dir: Path):
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self.engine = wasmtime.Engine(config)
+        self.cache_dir = Path(cache_dir)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="edgefn-epoch", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_S):
+            self.engine.increment_epoch()
+
+    def load(self, wasm: Path) -> wc.Component:
+        """The component for `wasm`, compiled for this CPU once and then mapped from the cache."""
+        digest = hashlib.sha256(Path(wasm).read_bytes()).hexdigest()[:32]
+        cached = self.cache_dir / f"{digest}-wasmtime{_WASMTIME_VERSION}.cwasm"
+        if cached.exists():
+            try:
+                return wc.Component.deserialize_file(self.engine, str(cached))
+            except wasmtime.WasmtimeError:
+                cached.unlink(missing_ok=True)  # stale or truncated: compile again
+        try:
+            component = wc.Component.from_file(self.engine, str(wasm))
+        except wasmtime.WasmtimeError as exc:
+            raise BuildError(f"{wasm}: not a loadable component: {exc}") from None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(component.serialize())
+        tmp.replace(cached)  # atomic: a reader never maps a half-written artifact
+        return component
+
+    def close(self) -> None:
+        self._stop.set()
+        self._ticker.join()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Instance:
+    store: wasmtime.Store
+    handle: ExportCall
+    events: int = 0
+
+
+def _classify(exc: wasmtime.WasmtimeError, timeout_ms: int, memory_mb: int) -> FunctionError:
+    text = str(exc)
+    if "interrupt" in text:
+        return GuestTimeout(f"ran past its {timeout_ms} ms deadline")
+    if "memory" in text.lower() or "alloc" in text.lower():
+        return GuestOutOfMemory(f"exceeded its {memory_mb} MiB memory limit")
+    if "stack overflow" in text or "call stack exhausted" in text:
+        return GuestTrap("stack overflow")
+    first = text.strip().splitlines()[0] if text.strip() else "trap"
+    return GuestTrap(f"trapped: {first}")
+
+
+class FunctionSandbox:
+    """A function's compiled component and its pool of warm instances."""
+
+    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host):
+        self.runtime, self.manifest, self.host = runtime, manifest, host
+        self.limits = manifest.limits
+        self.component = runtime.load(wasm)
+        self._linker = self._make_linker()
+        self._idle: queue.LifoQueue[_Instance] = queue.LifoQueue()
+        self._deadline_ticks = max(1, round(self.limits.timeout_ms / 1000 / EPOCH_TICK_S))
+        self._closed = False
+        for _ in range(self.limits.instances):
+            self._idle.put(self._new_instance())
+
+    def _make_linker(self) -> wc.Linker:
+        linker = wc.Linker(self.runtime.engine)
+        linker.add_wasip2()
+        info = (self.manifest.name, self.manifest.version)
+        allowed = set(self.manifest.models.use)
+        host = self.host
+
+        def infer(model: str, inputs: list[Tensor]) -> tuple[bool, Any]:
+            if model not in allowed:
+                return False, f"model {model!r} is not listed in [models] use of {info[0]}'s manifest"
+            try:
+                return True, host.infer(model, inputs)
+            except Exception as exc:  # the guest gets the reason as an error value
+                return False, str(exc)
+
+        with linker.root() as root, root.add_instance(HOST_INTERFACE) as iface:
+            add_host_func(iface, "infer", infer)
+            add_host_func(iface, "log", host.log)
+            add_host_func(iface, "state-get", lambda key: None)
+            add_host_func(iface, "state-set", lambda key, value: None)
+            add_host_func(iface, "info", lambda: info)
+        return linker
+
+    def _new_instance(self) -> _Instance:
+        store = wasmtime.Store(self.runtime.engine)
+        store.set_limits(memory_size=self.limits.memory_mb << 20)
+        store.set_wasi(wasmtime.WasiConfig())  # no preopens, no env, no stdio, no sockets
+        store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
+        try:
+            instance = self._linker.instantiate(store, self.component)
+        except wasmtime.WasmtimeError as exc:
+            raise BuildError(f"{self.manifest.name}: cannot instantiate: {exc}") from None
+        func = instance.get_func(store, "handle")
+        if func is None:
+            raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
+        return _Instance(store, ExportCall(store, func))
+
+    def handle(self, event: Event) -> list[Message]:
+        """Run one event on a warm instance; FunctionError says why it could not be handled."""
+        if self._closed:
+            raise FunctionError(f"{self.manifest.name} is closed")
+        inst = self._idle.get()
+        keep = True
+        try:
+            inst.store.set_epoch_deadline(self._deadline_ticks)
+            try:
+                ok, value = inst.handle((event.id, event.topic, event.payload, event.received_ms))
+            except wasmtime.WasmtimeError as exc:
+                keep = False
+                raise _classify(exc, self.limits.timeout_ms, self.limits.memory_mb) from None
+            inst.events += 1
+            if not ok:
+                raise GuestError(str(value))
+            return self._check_outputs([Message(t, p) for t, p in value])
+        finally:
+            # The guest's heap grows slowly even in a well-behaved function (componentize-py's
+            # runtime), so an instance is renewed after `recycle_after` events.
+            if keep and inst.events < self.limits.recycle_after:
+                self._idle.put(inst)
+            else:
+                self._idle.put(self._new_instance())
+
+    def _check_outputs(self, messages: list[Message]) -> list[Message]:
+        limits, allowed = self.limits, self.manifest.publish.topics
+        if len(messages) > limits.max_messages:
+            raise OutputRejected(f"{len(messages)} messages exceed the limit of {limits.max_messages}")
+        size = sum(len(m.payload) for m in messages)
+        if size > limits.max_output_bytes:
+            raise OutputRejected(f"{size} output bytes exceed the limit of {limits.max_output_bytes}")
+        for m in messages:
+            if not matches_any(m.topic, allowed):
+                raise OutputRejected(f"topic {m.topic!r} is not in the manifest's [publish] topics")
+        return messages
+
+    def close(self) -> None:
+        self._closed = True

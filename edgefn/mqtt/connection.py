@@ -1,0 +1,124 @@
+"""The daemon's one connection to the broker (paho-mqtt 2).
+
+Ingress is acknowledged by hand (`manual_ack=True`): the daemon calls `ack(mid)` only once the
+event is durable, so a crash before that means the broker redelivers it. The session is
+persistent (`clean_session=False`) so that the broker keeps the subscription and what it queued
+while the daemon was away. Egress is QoS1; `publish` calls back when the broker's PUBACK
+arrives (paho resends unacknowledged messages after a reconnect).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefn.config import Settings
+from edgefn.errors import BrokerError
+
+log = logging.getLogger("edgefn.mqtt")
+
+OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
+
+
+class Connection:
+    def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str]):
+        self._settings, self._on_message, self._filters = settings, on_message, list(filters)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+                             clean_session=False, protocol=mqtt.MQTTv311, manual_ack=True)
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)  # keep every unsent output while the broker is away
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if settings.tls:
+            try:
+                client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                               certfile=str(settings.cert_file) if settings.cert_file else None,
+                               keyfile=str(settings.key_file) if settings.key_file else None,
+                               cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise BrokerError(f"TLS settings: {exc}") from None
+        client.on_connect = self._connected
+        client.on_connect_fail = self._connect_failed
+        client.on_disconnect = self._disconnected
+        client.on_message = self._message
+        client.on_publish = self._published
+        self._client = client
+        self._acks: dict[int, Callable[[], None]] = {}
+        self._early: set[int] = set()  # PUBACKs that raced ahead of publish() returning
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self._settings
+        self._client.connect_async(s.broker_host, s.broker_port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def wait_connected(self, timeout: float) -> None:
+        if not self.connected.wait(timeout):
+            raise BrokerError(f"no connection to {self._settings.broker} within {timeout:g} s"
+                              + (f": {self.last_error}" if self.last_error else ""))
+
+    # -- ingress ---------------------------------------------------------------------------------
+    def _connected(self, client: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode, _p: object) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.error("%s (retrying with backoff)", self.last_error)
+            return
+        self.last_error = None
+        if self._filters:
+            client.subscribe([(f, 1) for f in self._filters])
+        self.connected.set()
+        log.info("connected to %s", self._settings.broker)
+
+    def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
+        self.last_error = f"cannot connect to {self._settings.broker}"
+        log.warning("%s (retrying with backoff)", self.last_error)
+
+    def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
+        self.connected.clear()
+        if reason.value != 0:
+            self.last_error = f"disconnected: {reason}"
+            log.warning("%s (reconnecting)", self.last_error)
+
+    def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self._on_message(msg.topic, msg.payload, msg.mid, bool(msg.dup))
+
+    def ack(self, mid: int) -> None:
+        self._client.ack(mid, 1)
+
+    # -- egress ----------------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, on_acked: Callable[[], None]) -> None:
+        # Not under self._lock: paho calls on_publish holding its own mutex, which publish() takes.
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {topic}: {mqtt.error_string(info.rc)}")
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                acked = True
+            else:
+                self._acks[info.mid] = on_acked
+                acked = False
+        if acked:
+            on_acked()
+
+    def _published(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+        with self._lock:
+            callback = self._acks.pop(mid, None)
+            if callback is None:
+                self._early.add(mid)
+        if callback is not None:
+            callback()

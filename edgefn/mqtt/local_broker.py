@@ -1,0 +1,87 @@
+"""A private mosquitto on a free loopback port, for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from edgefn.errors import BrokerError
+
+_SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next((p for p in _SEARCH if Path(p).exists()), None)
+    if found is None:
+        raise BrokerError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalBroker:
+    """`with LocalBroker() as broker: broker.url` -> mqtt://127.0.0.1:<port>; stopped on exit.
+
+    `extra_config` lines are appended to mosquitto.conf (listeners for TLS tests, limits, ...).
+    mosquitto's defaults are kept otherwise, so what runs here is what a stock broker does.
+    """
+
+    def __init__(self, port: int | None = None, extra_config: str = ""):
+        self.port = port or free_port()
+        self._extra = extra_config
+        self._dir = tempfile.TemporaryDirectory(prefix="edgefn-mosquitto-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> "LocalBroker":
+        conf = Path(self._dir.name) / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        f"persistence false\nlog_dest stderr\nlog_type error\n{self._extra}\n")
+        self._log = open(Path(self._dir.name) / "mosquitto.log", "wb")
+        self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited: {self.log_text()[-500:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise BrokerError(f"mosquitto did not listen on port {self.port} within 10 s")
+
+    def log_text(self) -> str:
+        return (Path(self._dir.name) / "mosquitto.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if hasattr(self, "_log"):
+            self._log.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

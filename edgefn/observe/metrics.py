@@ -1,0 +1,72 @@
+"""Prometheus metrics of one daemon, and the loopback HTTP server for /metrics and /healthz."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """The daemon's instruments, in a registry of its own (several daemons can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_received = Counter("edgefn_events_received", "Events journaled from the broker.", registry=r)
+        self.events_handled = Counter("edgefn_events_handled", "Events handled, by function and outcome.",
+                                      ["function", "outcome"], registry=r)
+        self.event_seconds = Histogram("edgefn_event_seconds", "Receive to outputs handed to the broker.",
+                                       ["function"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.messages_published = Counter("edgefn_messages_published", "Messages acknowledged by the broker.",
+                                          registry=r)
+        self.inbox_depth = Gauge("edgefn_inbox_events", "Events in the inbox, not yet answered.", registry=r)
+        self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
+        self.model_info = Gauge("edgefn_model_loaded", "Loaded models, with the variant and delegate chosen.",
+                                ["model", "variant", "delegate"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ObserveServer:
+    """GET /metrics (Prometheus text) and GET /healthz (JSON) on 127.0.0.1 only."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], dict], port: int):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, metrics.render())
+                elif self.path == "/healthz":
+                    state = health()
+                    self._send(200 if state.get("status") == "ok" else 503, "application/json",
+                               json.dumps(state).encode())
+                else:
+                    self._send(404, "text/plain", b"try /metrics or /healthz\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # keep the daemon's log for the daemon
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="edgefn-observe", daemon=True)
+        outer._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

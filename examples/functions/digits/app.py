@@ -1,0 +1,68 @@
+"""The `digits` example function: classify an 8x8 handwritten digit with the `digits` model.
+
+Input  (`sensors/<device>/digits`): {"id": "<event id>", "pixels": [64 numbers, 0..16]}
+Output (`results/<device>/digits`): {"event_id", "label", "score", "function", "version",
+                                     "ran_on", "latency_ms"}
+A payload it cannot use is answered with an error; the daemon publishes it on
+`edgefn/errors/digits`.
+"""
+
+import json
+import math
+import struct
+import time
+
+from componentize_py_types import Err
+from wit_world.imports import host
+from wit_world.imports.types import Dtype, Message, Tensor
+
+N_PIXELS = 64
+_PACK = struct.Struct("<64f")
+_INPUT_SHAPE = [1, N_PIXELS]
+_info = None  # (name, version), asked once per instance
+
+
+def _function_info():
+    global _info
+    if _info is None:
+        info = host.info()
+        _info = (info.name, info.version)
+    return _info
+
+
+def _pixels(payload: bytes):
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Err(f"payload is not JSON: {exc}")
+    if not isinstance(doc, dict):
+        raise Err("payload must be a JSON object")
+    pixels = doc.get("pixels")
+    if not isinstance(pixels, list) or len(pixels) != N_PIXELS:
+        raise Err(f"'pixels' must be a list of {N_PIXELS} numbers")
+    for p in pixels:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p <= 16:
+            raise Err(f"'pixels' must hold numbers from 0 to 16, got {p!r}")
+    return doc, pixels
+
+
+class WitWorld:
+    def handle(self, event):
+        doc, pixels = _pixels(event.payload)
+        event_id = str(doc.get("id", event.id))
+        result = host.infer("digits", [Tensor(Dtype.FLOAT32, _INPUT_SHAPE, _PACK.pack(*pixels))])
+        label_t, probs_t = result.outputs
+        label = struct.unpack_from("<q", label_t.data)[0]
+        probs = struct.unpack(f"<{len(probs_t.data) // 4}f", probs_t.data)
+        name, version = _function_info()
+        device = event.topic.split("/")[1]
+        out = {
+            "event_id": event_id,
+            "label": label,
+            "score": round(probs[label], 6),
+            "function": name,
+            "version": version,
+            "ran_on": result.ran_on,
+            "latency_ms": round(time.time() * 1000.0 - event.received_ms, 3),
+        }
+        return [Message(f"results/{device}/digits", json.dumps(out).encode())]
