@@ -1,0 +1,3 @@
+from edgefn.cli import app
+
+app()

@@ -1,0 +1,222 @@
+"""`edgefn`: run the daemon, build and try functions, and the demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgefn.errors import EdgefnError
+
+app = typer.Typer(help="edgefn: MQTT-triggered, sandboxed functions with on-device inference.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+fn_app = typer.Typer(help="Write, build and try functions.", no_args_is_help=True)
+app.add_typer(fn_app, name="fn")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def run(
+    broker: Annotated[Optional[str], typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGEFN_BROKER]")] = None,
+    functions: Annotated[Optional[list[Path]], typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable).")] = None,
+    models: Annotated[Optional[list[Path]], typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Journal and compiled-component cache.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT.")] = None,
+    username: Annotated[Optional[str], typer.Option(help="Broker user name [env EDGEFN_USERNAME].")] = None,
+    ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate of the broker (enables TLS).")] = None,
+    cert_file: Annotated[Optional[Path], typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="Client private key (PEM) for mutual TLS.")] = None,
+    client_id: Annotated[Optional[str], typer.Option(help="MQTT client id (the broker keeps its session).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these settings.")] = None,
+    build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM.
+
+    The broker password comes from EDGEFN_PASSWORD or the config file, never from a flag.
+    """
+    from edgefn.config import load_settings
+    from edgefn.daemon import Daemon
+
+    _setup_logging(log_level)
+    try:
+        settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
+                                 metrics_port=metrics_port, username=username, ca_file=ca_file,
+                                 cert_file=cert_file, key_file=key_file, client_id=client_id)
+        if build:
+            _build_stale(settings.functions)
+        daemon = Daemon(settings)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        daemon.start()
+        if daemon.observe:
+            logging.getLogger("edgefn").info("metrics on http://127.0.0.1:%d/metrics", daemon.observe.port)
+        stop.wait()
+        logging.getLogger("edgefn").info("stopping: draining events in hand")
+        daemon.stop()
+    except EdgefnError as exc:
+        _fail(exc)
+
+
+def _build_stale(paths: list[Path]) -> None:
+    from edgefn.functions.build import build as build_function
+    from edgefn.functions.build import discover, needs_build
+    from edgefn.functions.manifest import load_manifest
+
+    for folder in discover(paths):
+        if needs_build(folder, load_manifest(folder)):
+            with console.status(f"building {folder} (componentize-py, about 10 s)"):
+                build_function(folder)
+
+
+@fn_app.command("new")
+def fn_new(
+    name: Annotated[str, typer.Argument(help="Function name (a-z, 0-9, '-', '_').")],
+    parent: Annotated[Path, typer.Option("--dir", help="Folder to create it in.")] = Path("."),
+) -> None:
+    """Scaffold a Python function: edgefn.toml, app.py and a sample event.json."""
+    from edgefn.functions.build import scaffold
+
+    try:
+        target = scaffold(name, parent)
+    except EdgefnError as exc:
+        _fail(exc)
+    out.print(f"created {target}/ (edgefn.toml, app.py, event.json)\n"
+              f"next: edgefn fn build {target} && edgefn fn invoke {target} --topic sensors/dev1/{name} --payload @{target}/event.json")
+
+
+@fn_app.command("build")
+def fn_build(
+    folders: Annotated[list[Path], typer.Argument(help="Function folders.")],
+    state_dir: Annotated[Optional[Path], typer.Option(help="Where to cache the precompiled component.")] = None,
+) -> None:
+    """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
+    from edgefn.config import default_state_dir
+    from edgefn.functions.build import build as build_function
+    from edgefn.functions.sandbox import Runtime
+
+    try:
+        with Runtime((state_dir or default_state_dir()) / "components") as runtime:
+            for folder in folders:
+                t0 = time.perf_counter()
+                with console.status(f"componentize-py {folder}"):
+                    wasm = build_function(folder)
+                t1 = time.perf_counter()
+                with console.status(f"precompiling {wasm.name} for this CPU"):
+                    runtime.load(wasm)
+                t2 = time.perf_counter()
+                out.print(f"built {wasm} ({wasm.stat().st_size / 1e6:.1f} MB) in {t1 - t0:.1f} s, precompiled in {t2 - t1:.1f} s")
+    except EdgefnError as exc:
+        _fail(exc)
+
+
+def _read_payload(payload: str) -> bytes:
+    if payload.startswith("@"):
+        path = Path(payload[1:])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    return payload.encode()
+
+
+@fn_app.command("invoke")
+def fn_invoke(
+    folder: Annotated[Path, typer.Argument(help="Function folder.")],
+    topic: Annotated[str, typer.Option(help="Topic the event arrives on, e.g. sensors/dev1/digits.")],
+    payload: Annotated[str, typer.Option(help="Payload text, or @FILE to read it from a file.")],
+    models: Annotated[Optional[list[Path]], typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Compiled-component cache.")] = None,
+) -> None:
+    """Run one event through a function, with no broker, and print the messages it would publish."""
+    from edgefn.config import default_state_dir
+    from edgefn.daemon import FunctionHost, error_message
+    from edgefn.errors import FunctionError
+    from edgefn.events import Event
+    from edgefn.functions.build import component_path, needs_build
+    from edgefn.functions.manifest import load_manifest
+    from edgefn.functions.sandbox import FunctionSandbox, Runtime
+    from edgefn.inference.registry import ModelRegistry
+
+    body = _read_payload(payload)
+    try:
+        manifest = load_manifest(folder)
+        if needs_build(folder, manifest):
+            _build_stale([folder])
+        registry = ModelRegistry(models or [Path("models")])
+        with Runtime((state_dir or default_state_dir()) / "components") as runtime:
+            sandbox = FunctionSandbox(runtime, manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})}),
+                                      component_path(folder, manifest), FunctionHost(manifest.name, registry))
+            event = Event("invoke-1", topic, body, time.time() * 1000)
+            try:
+                messages, code = sandbox.handle(event), 0
+            except FunctionError as exc:
+                messages, code = [error_message(manifest, event, exc)], 1
+    except EdgefnError as exc:
+        _fail(exc)
+    for m in messages:
+        try:
+            shown = json.dumps(json.loads(m.payload))
+        except ValueError:
+            shown = repr(m.payload)
+        out.print(f"{m.topic} {shown}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    rate: Annotated[float, typer.Option(help="Sensor events per second.")] = 200.0,
+    devices: Annotated[int, typer.Option(help="Simulated sensor devices.")] = 4,
+) -> None:
+    """The main job on embedded defaults: a local mosquitto, the daemon with the digits function,
+    and simulated sensors publishing real handwritten-digit images; a live table shows how it goes."""
+    from edgefn.demo import run_demo
+
+    try:
+        sys.exit(run_demo(duration=duration, rate=rate, devices=devices, console=out))
+    except EdgefnError as exc:
+        _fail(exc)
+
+
+def _version_table() -> Table:
+    import importlib.metadata as md
+
+    table = Table(show_header=False, box=None)
+    for pkg in ("edgefn", "wasmtime", "onnxruntime", "paho-mqtt"):
+        try:
+            table.add_row(pkg, md.version(pkg))
+        except md.PackageNotFoundError:
+            table.add_row(pkg, "not installed")
+    return table
+
+
+@app.command()
+def version() -> None:
+    """Show the versions of edgefn and the runtimes it uses."""
+    out.print(_version_table())
+
+
+if __name__ == "__main__":
+    app()
