@@ -173,6 +173,8 @@ def fn_invoke(
                 messages, code = sandbox.handle(event), 0
             except FunctionError as exc:
                 messages, code = [error_message(manifest, event, exc)], 1
+            finally:
+                sandbox.close()
     except EdgefnError as exc:
         _fail(exc)
     for m in messages:

@@ -3,8 +3,8 @@
 wasmtime-py converts every component value element by element, asking the C API for the
 value's type again at each step; a `list<u8>` of a few hundred bytes then costs hundreds of
 microseconds. This module compiles, once per function type, a small codec tree that reads and
-writes `wasmtime_component_val_t` slots by address, and moves byte lists in bulk through a numpy
-view of the 32-byte slots. It depends on the C layout of wasmtime-py 50 (checked by
+writes `wasmtime_component_val_t` slots by address, and moves byte lists in bulk through a
+strided slice of the 32-byte slots. It depends on the C layout of wasmtime-py 50 (checked by
 `_check_layout` at import), so the wasmtime version is pinned in pyproject.toml.
 
 Python values on this side of the boundary:
@@ -20,7 +20,6 @@ import threading
 from ctypes import addressof, byref, c_size_t, c_uint8, c_void_p
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import wasmtime
 from wasmtime import _ffi as ffi
 from wasmtime.component import _types as wt
@@ -68,10 +67,6 @@ _u64_at = ctypes.c_uint64.from_address
 _ptr_at = c_void_p.from_address
 
 
-def _slots(addr: int, n: int, width: int) -> np.ndarray:
-    return np.ctypeslib.as_array((c_uint8 * (n * width)).from_address(addr)).reshape(n, width)
-
-
 class Codec:
     """Writes a Python value into a value slot (`lower`) and reads one back (`lift`)."""
 
@@ -114,7 +109,8 @@ class _String(Codec):
 
 
 class _Bytes(Codec):
-    """`list<u8>` moved in bulk: one numpy assignment fills every slot's tag and byte."""
+    """`list<u8>` moved in bulk: each byte sits at offset 8 of its 32-byte slot, so a strided
+    slice of a pre-tagged buffer fills (or reads) every slot in one C-level step."""
 
     def lower(self, value: Any, addr: int) -> None:
         if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -123,15 +119,28 @@ class _Bytes(Codec):
         _u8_at(addr).value = _K["LIST"]
         _vallist_new(addr + 8, n)
         if n:
-            slots = _slots(_ptr_at(addr + 16).value, n, _SLOT)
-            slots[:, 0] = _K["U8"]
-            slots[:, 8] = np.frombuffer(value, dtype=np.uint8)
+            slots = _u8_slots(n)
+            slots[8::_SLOT] = value
+            ctypes.memmove(_ptr_at(addr + 16).value, bytes(slots), n * _SLOT)
 
     def lift(self, addr: int) -> Any:
         n = _u64_at(addr + 8).value
         if not n:
             return b""
-        return _slots(_ptr_at(addr + 16).value, n, _SLOT)[:, 8].tobytes()
+        return ctypes.string_at(_ptr_at(addr + 16).value, n * _SLOT)[8::_SLOT]
+
+
+_U8_TEMPLATE = bytearray(_SLOT * 4096)
+_U8_TEMPLATE[0::_SLOT] = bytes([_K["U8"]]) * 4096
+
+
+def _u8_slots(n: int) -> bytearray:
+    """A fresh buffer of n slots, each already tagged U8 (callers fill offset 8)."""
+    if n <= 4096:
+        return _U8_TEMPLATE[: n * _SLOT]
+    slots = bytearray(n * _SLOT)
+    slots[0::_SLOT] = bytes([_K["U8"]]) * n
+    return slots
 
 
 class _List(Codec):

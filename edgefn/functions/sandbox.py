@@ -9,10 +9,12 @@ next event gets a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
 import queue
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,23 +89,66 @@ class Runtime:
         self.close()
 
 
+class _GuestStderr:
+    """Where an instance's stderr goes: a small private file, read only after a trap to name the
+    guest's exception. (A file, not a Python callback: wasmtime writes it from its own threads,
+    and may do so while the store is being dropped.)"""
+
+    LIMIT = 8192
+
+    def __init__(self, function: str):
+        fd, self.path = tempfile.mkstemp(prefix=f"edgefn-{function}-", suffix=".stderr")
+        os.close(fd)
+
+    def tail(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - self.LIMIT))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def last_exception(self) -> str | None:
+        """The `Type: message` line of the guest's last Python traceback, if it printed one."""
+        lines = self.tail().splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+        if not starts:
+            return None
+        for line in lines[starts[-1] + 1:]:
+            if line.startswith("object type name:"):  # CPython's report when it cannot print
+                return line.split(":", 1)[1].strip()
+            if line and not line.startswith((" ", "object ", "lost sys", "thread ")):
+                return line.strip()
+        return None
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 @dataclass
 class _Instance:
     store: wasmtime.Store
     handle: ExportCall
+    stderr: _GuestStderr
     events: int = 0
 
 
-def _classify(exc: wasmtime.WasmtimeError, timeout_ms: int, memory_mb: int) -> FunctionError:
+def _classify(exc: wasmtime.WasmtimeError, stderr: _GuestStderr, timeout_ms: int, memory_mb: int) -> FunctionError:
+    """Map a wasmtime error to why the event failed, from the trap kind and the guest's traceback."""
     text = str(exc)
-    if "interrupt" in text:
+    cause = text.rsplit("wasm trap:", 1)[-1].strip().splitlines()[0] if "wasm trap:" in text else ""
+    if cause == "interrupt":
         return GuestTimeout(f"ran past its {timeout_ms} ms deadline")
-    if "memory" in text.lower() or "alloc" in text.lower():
-        return GuestOutOfMemory(f"exceeded its {memory_mb} MiB memory limit")
-    if "stack overflow" in text or "call stack exhausted" in text:
+    if "call stack exhausted" in cause:
         return GuestTrap("stack overflow")
-    first = text.strip().splitlines()[0] if text.strip() else "trap"
-    return GuestTrap(f"trapped: {first}")
+    raised = stderr.last_exception()
+    if (raised and raised.startswith("MemoryError")) or "memory" in cause:
+        return GuestOutOfMemory(f"exceeded its {memory_mb} MiB memory limit")
+    if raised:
+        return GuestTrap(f"uncaught exception: {raised}")
+    return GuestTrap(f"trapped: {cause or text.strip().splitlines()[0]}")
 
 
 class FunctionSandbox:
@@ -146,7 +191,10 @@ class FunctionSandbox:
     def _new_instance(self) -> _Instance:
         store = wasmtime.Store(self.runtime.engine)
         store.set_limits(memory_size=self.limits.memory_mb << 20)
-        store.set_wasi(wasmtime.WasiConfig())  # no preopens, no env, no stdio, no sockets
+        wasi = wasmtime.WasiConfig()  # no preopened dirs, no env, no sockets: no files, no network
+        stderr = _GuestStderr(self.manifest.name)
+        wasi.stderr_file = stderr.path
+        store.set_wasi(wasi)
         store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
         try:
             instance = self._linker.instantiate(store, self.component)
@@ -155,7 +203,7 @@ class FunctionSandbox:
         func = instance.get_func(store, "handle")
         if func is None:
             raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
-        return _Instance(store, ExportCall(store, func))
+        return _Instance(store, ExportCall(store, func), stderr)
 
     def handle(self, event: Event) -> list[Message]:
         """Run one event on a warm instance; FunctionError says why it could not be handled."""
@@ -169,7 +217,7 @@ class FunctionSandbox:
                 ok, value = inst.handle((event.id, event.topic, event.payload, event.received_ms))
             except wasmtime.WasmtimeError as exc:
                 keep = False
-                raise _classify(exc, self.limits.timeout_ms, self.limits.memory_mb) from None
+                raise _classify(exc, inst.stderr, self.limits.timeout_ms, self.limits.memory_mb) from None
             inst.events += 1
             if not ok:
                 raise GuestError(str(value))
@@ -180,6 +228,7 @@ class FunctionSandbox:
             if keep and inst.events < self.limits.recycle_after:
                 self._idle.put(inst)
             else:
+                inst.stderr.remove()
                 self._idle.put(self._new_instance())
 
     def _check_outputs(self, messages: list[Message]) -> list[Message]:
@@ -195,4 +244,10 @@ class FunctionSandbox:
         return messages
 
     def close(self) -> None:
+        """Drop the warm instances (idempotent); events still running finish on theirs."""
         self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().stderr.remove()
+            except queue.Empty:
+                return

@@ -10,6 +10,7 @@ arrives (paho resends unacknowledged messages after a reconnect).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -23,6 +24,15 @@ from edgefn.errors import BrokerError
 log = logging.getLogger("edgefn.mqtt")
 
 OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
+
+
+def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
+    # The PUBACK of an event goes out just before its result: without TCP_NODELAY, Nagle holds
+    # the result until the broker's delayed ACK of the PUBACK, about 40 ms later.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        pass
 
 
 class Connection:
@@ -49,6 +59,7 @@ class Connection:
         client.on_disconnect = self._disconnected
         client.on_message = self._message
         client.on_publish = self._published
+        client.on_socket_open = _no_delay
         self._client = client
         self._acks: dict[int, Callable[[], None]] = {}
         self._early: set[int] = set()  # PUBACKs that raced ahead of publish() returning

@@ -47,7 +47,7 @@ class LocalBroker:
     def start(self) -> "LocalBroker":
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                        f"persistence false\nlog_dest stderr\nlog_type error\n{self._extra}\n")
+                        f"persistence false\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n{self._extra}\n")
         self._log = open(Path(self._dir.name) / "mosquitto.log", "wb")
         self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 10

@@ -1,0 +1,139 @@
+"""Shared fixtures: a real mosquitto per test, real components built once per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefn.config import Settings, load_settings
+from edgefn.functions.build import build
+from edgefn.functions.sandbox import Runtime
+from edgefn.mqtt.local_broker import LocalBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS_FN = ROOT / "examples" / "functions" / "digits"
+MODELS = ROOT / "models"
+GUESTS = Path(__file__).parent / "guests"
+
+
+@pytest.fixture(scope="session")
+def component_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compiled-component cache for the session: each component is compiled once."""
+    return tmp_path_factory.mktemp("components")
+
+
+@pytest.fixture(scope="session")
+def runtime(component_cache: Path) -> Iterator[Runtime]:
+    with Runtime(component_cache) as rt:
+        yield rt
+
+
+def _built_copy(src: Path, dest_root: Path) -> Path:
+    dest = dest_root / src.name
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("build", "__pycache__"))
+    build(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def digits_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits example, built from its source into a private folder."""
+    return _built_copy(DIGITS_FN, tmp_path_factory.mktemp("fn"))
+
+
+@pytest.fixture(scope="session")
+def hostile_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A guest that misbehaves on request (see tests/guests/hostile/app.py)."""
+    return _built_copy(GUESTS / "hostile", tmp_path_factory.mktemp("fn"))
+
+
+@pytest.fixture()
+def broker() -> Iterator[LocalBroker]:
+    with LocalBroker() as b:
+        yield b
+
+
+@pytest.fixture()
+def settings_for(tmp_path: Path, component_cache: Path):
+    """settings_for(broker, functions...) -> Settings with a private state dir and shared cache."""
+
+    def make(broker: LocalBroker, *functions: Path, **extra: object) -> Settings:
+        state = tmp_path / "state"
+        (state).mkdir(exist_ok=True)
+        components = state / "components"
+        if not components.exists():
+            components.symlink_to(component_cache, target_is_directory=True)
+        return load_settings(broker=broker.url, functions=list(functions), models=[MODELS], state_dir=state,
+                             client_id=f"edgefn-test-{time.monotonic_ns()}", **extra)
+
+    return make
+
+
+class Collector:
+    """Subscribes to topics and keeps every message as (topic, decoded JSON or raw bytes)."""
+
+    def __init__(self, port: int, *filters: str):
+        self.messages: list[tuple[str, object]] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{time.monotonic_ns()}")
+        self.client.on_message = self._on
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([(f, 1) for f in filters])
+        self.client.loop_start()
+        assert subscribed.wait(5), "collector could not subscribe"
+
+    def _on(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            body: object = json.loads(msg.payload)
+        except ValueError:
+            body = msg.payload
+        with self._cond:
+            self.messages.append((msg.topic, body))
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, object]]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.messages) < count and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture()
+def collector(broker: LocalBroker) -> Iterator[callable]:
+    made: list[Collector] = []
+
+    def make(*filters: str) -> Collector:
+        c = Collector(broker.port, *filters)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def publish(port: int, topic: str, payloads: list[bytes]) -> None:
+    """Publish at QoS1 and wait until the broker has acknowledged every message."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensor-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [client.publish(topic, p, qos=1) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()

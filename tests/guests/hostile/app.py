@@ -1,0 +1,60 @@
+"""A guest that misbehaves on request; the payload is the name of the misdeed.
+
+ok        one result on results/<device>/hostile
+loop      spins forever (stopped by the epoch deadline)
+alloc     allocates without bound (stopped by the memory limit)
+trap      raises an uncaught exception (a trap)
+stack     recurses without bound
+err       answers with an error value
+flood     publishes more messages than its manifest allows
+big       publishes more bytes than its manifest allows
+topic     publishes to a topic its manifest does not allow
+model     calls a model its manifest does not list
+infer-bad calls the digits model with a wrongly sized tensor
+"""
+
+import sys
+
+from componentize_py_types import Err
+from wit_world.imports import host
+from wit_world.imports.types import Dtype, Message, Tensor
+
+
+def _recurse(n):
+    return _recurse(n + 1) + 1
+
+
+class WitWorld:
+    def handle(self, event):
+        what = bytes(event.payload).decode(errors="replace").strip()
+        device = event.topic.split("/")[1]
+        ok = [Message(f"results/{device}/hostile", b"ok:" + event.id.encode())]
+        if what == "ok":
+            return ok
+        if what == "loop":
+            while True:
+                pass
+        if what == "alloc":
+            hoard = []
+            while True:
+                hoard.append(bytearray(1 << 20))
+        if what == "trap":
+            raise RuntimeError("guest bug")
+        if what == "stack":
+            sys.setrecursionlimit(10**9)
+            return [Message(f"results/{device}/hostile", str(_recurse(0)).encode())]
+        if what == "err":
+            raise Err("refused on purpose")
+        if what == "flood":
+            return ok * 10
+        if what == "big":
+            return [Message(f"results/{device}/hostile", b"x" * 10000)]
+        if what == "topic":
+            return [Message("elsewhere/secret", b"leak")]
+        if what == "model":
+            host.infer("not-mine", [])
+            return ok
+        if what == "infer-bad":
+            host.infer("digits", [Tensor(Dtype.FLOAT32, [1, 64], b"\x00" * 10)])
+            return ok
+        raise Err(f"unknown misdeed {what!r}")
