@@ -1,0 +1,215 @@
+"""The daemon against a real mosquitto: results, errors, neighbours, crash, restart, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_digits
+
+from edgefn.daemon import Daemon
+from tests.conftest import MODELS, publish
+
+pytestmark = pytest.mark.broker
+
+X, Y = load_digits(return_X_y=True)
+
+
+def digit_payloads(n: int, prefix: str, start: int = 1400) -> tuple[list[bytes], dict[str, int]]:
+    payloads, labels = [], {}
+    for k in range(n):
+        i = start + k % (len(Y) - start)
+        event_id = f"{prefix}-{k}"
+        payloads.append(json.dumps({"id": event_id, "pixels": X[i].astype(int).tolist()}).encode())
+        labels[event_id] = int(Y[i])
+    return payloads, labels
+
+
+@pytest.fixture()
+def daemon(broker, settings_for, digits_fn):
+    started: list[Daemon] = []
+
+    def make(*functions: Path, **extra: object) -> Daemon:
+        d = Daemon(settings_for(broker, *(functions or (digits_fn,)), **extra))
+        d.start()
+        d.connection.wait_connected(10)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop(drain_timeout=2)
+
+
+def test_daemon_answers_every_event_with_the_contract(broker, daemon, collector):
+    results = collector("results/+/digits")
+    daemon()
+    payloads, labels = digit_payloads(60, "contract")
+    publish(broker.port, "sensors/dev7/digits", payloads)
+    got = results.wait_for(60)
+    assert len(got) == 60
+    topics = {t for t, _ in got}
+    assert topics == {"results/dev7/digits"}
+    docs = [d for _, d in got]
+    assert {d["event_id"] for d in docs} == set(labels)
+    for d in docs:
+        assert set(d) == {"event_id", "label", "score", "function", "version", "ran_on", "latency_ms"}
+        assert (d["function"], d["version"], d["ran_on"]) == ("digits", "1.0.0", "local")
+        assert 0.0 <= d["score"] <= 1.0 and d["latency_ms"] >= 0
+    accuracy = sum(d["label"] == labels[d["event_id"]] for d in docs) / len(docs)
+    assert accuracy >= 0.85
+
+
+def test_daemon_bad_payload_goes_to_error_topic_and_keeps_serving(broker, daemon, collector):
+    errors = collector("edgefn/errors/#")
+    results = collector("results/#")
+    daemon()
+    good, _ = digit_payloads(3, "after-bad")
+    publish(broker.port, "sensors/dev1/digits", [b"{not json", b'{"id": "short", "pixels": [1, 2]}', b"\xff\xfe", *good])
+    errs = errors.wait_for(3)
+    assert len(errs) == 3
+    assert all(t == "edgefn/errors/digits" for t, _ in errs)
+    by_id = {d["event_id"]: d for _, d in errs}
+    assert "short" in by_id and "64" in by_id["short"]["error"]
+    assert all(d["reason"] == "guest-error" and d["error"] for d in by_id.values())
+    assert len(results.wait_for(3)) == 3
+
+
+def test_daemon_hostile_function_leaves_its_neighbour_serving(broker, daemon, collector, digits_fn, hostile_fn):
+    errors = collector("edgefn/errors/hostile")
+    results = collector("results/+/digits")
+    daemon(digits_fn, hostile_fn)
+    publish(broker.port, "sensors/dev1/hostile", [b"loop", b"alloc", b"trap"])
+    payloads, _ = digit_payloads(40, "neighbour")
+    publish(broker.port, "sensors/dev1/digits", payloads)
+    assert len(results.wait_for(40, timeout=20)) == 40
+    reasons = sorted(d["reason"] for _, d in errors.wait_for(3, timeout=20))
+    assert reasons == ["out-of-memory", "timeout", "trap"]
+
+
+def test_daemon_receives_what_was_published_while_it_was_stopped(broker, daemon, collector, settings_for, digits_fn):
+    results = collector("results/+/digits")
+    settings = settings_for(broker, digits_fn)
+    first = Daemon(settings)
+    first.start()
+    first.connection.wait_connected(10)
+    first.stop()
+    payloads, labels = digit_payloads(25, "offline")
+    publish(broker.port, "sensors/dev2/digits", payloads)  # the persistent session queues them
+    second = Daemon(settings)
+    second.start()
+    try:
+        got = results.wait_for(25)
+    finally:
+        second.stop()
+    assert {d["event_id"] for _, d in got} == set(labels)
+
+
+def test_daemon_backpressure_holds_events_past_the_inbox_bound(broker, daemon, collector):
+    results = collector("results/+/digits")
+    d = daemon(inbox_max_events=5)
+    payloads, labels = digit_payloads(80, "bounded")
+    peak = 0
+    publish(broker.port, "sensors/dev3/digits", payloads)
+    deadline = time.monotonic() + 20
+    while len(results.messages) < 80 and time.monotonic() < deadline:
+        peak = max(peak, len(d.inbox))
+        time.sleep(0.001)
+    assert {doc["event_id"] for _, doc in results.wait_for(80)} == set(labels)
+    assert peak <= 5
+
+
+def test_daemon_serves_metrics_and_health_on_loopback(broker, daemon):
+    d = daemon(metrics_port=0)
+    publish(broker.port, "sensors/dev1/digits", digit_payloads(5, "metrics")[0])
+    base = f"http://127.0.0.1:{d.observe.port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        if 'edgefn_events_handled_total{function="digits",outcome="ok"} 5.0' in text:
+            break
+        time.sleep(0.1)
+    assert "edgefn_events_received_total 5.0" in text
+    assert 'edgefn_events_handled_total{function="digits",outcome="ok"} 5.0' in text
+    health = json.loads(urllib.request.urlopen(f"{base}/healthz").read())
+    assert health["status"] == "ok" and health["functions"] == {"digits": "1.0.0"}
+
+
+def _run_cli(broker, digits_fn: Path, state: Path, client_id: str) -> subprocess.Popen[bytes]:
+    components = state / "components"
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url, "--functions", str(digits_fn),
+         "--models", str(MODELS), "--state-dir", str(state), "--client-id", client_id, "--no-build",
+         "--log-level", "warning"],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    ) if components.exists() else pytest.fail("state dir not prepared")
+
+
+def wait_serving(broker, results, device: str = "probe", timeout: float = 60) -> None:
+    """Publish probes until the daemon answers one: it has connected and subscribed."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        publish(broker.port, f"sensors/{device}/digits", digit_payloads(1, f"probe{n}")[0])
+        n += 1
+        if results.wait_for(1, timeout=0.5):
+            results.messages.clear()
+            return
+    pytest.fail("the daemon did not start serving")
+
+
+@pytest.fixture()
+def cli_state(tmp_path: Path, component_cache: Path) -> Path:
+    state = tmp_path / "cli-state"
+    state.mkdir()
+    (state / "components").symlink_to(component_cache, target_is_directory=True)
+    return state
+
+
+@pytest.mark.slow
+def test_run_sigkill_mid_stream_loses_nothing(broker, collector, digits_fn, cli_state):
+    results = collector("results/+/digits")
+    proc = _run_cli(broker, digits_fn, cli_state, "edgefn-kill-test")
+    payloads, labels = digit_payloads(400, "kill")
+    try:
+        wait_serving(broker, results)
+        sender = subprocess.Popen([sys.executable, "-c", (
+            "import sys, json, time, paho.mqtt.client as m\n"
+            "from paho.mqtt.enums import CallbackAPIVersion as V\n"
+            "c = m.Client(V.VERSION2, client_id='kill-sensor'); c.connect('127.0.0.1', int(sys.argv[1])); c.loop_start()\n"
+            "infos = [c.publish('sensors/dev9/digits', line.strip(), qos=1) for line in sys.stdin]\n"
+            "[i.wait_for_publish(30) for i in infos]\n"), str(broker.port)], stdin=subprocess.PIPE, text=True)
+        sender.stdin.write("\n".join(p.decode() for p in payloads) + "\n")
+        sender.stdin.close()
+        while len(results.messages) < 100:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert sender.wait(30) == 0
+        proc = _run_cli(broker, digits_fn, cli_state, "edgefn-kill-test")
+        answered: set[str] = set()
+        deadline = time.monotonic() + 60
+        while not set(labels) <= answered and time.monotonic() < deadline:
+            time.sleep(0.1)
+            answered = {d["event_id"] for _, d in results.messages}
+        assert set(labels) <= answered, f"lost {len(set(labels) - answered)} events"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def test_run_stops_cleanly_on_sigterm(broker, collector, digits_fn, cli_state):
+    results = collector("results/+/digits")
+    proc = _run_cli(broker, digits_fn, cli_state, "edgefn-term-test")
+    wait_serving(broker, results)
+    publish(broker.port, "sensors/dev1/digits", digit_payloads(3, "term")[0])
+    assert len(results.wait_for(3, timeout=30)) == 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
