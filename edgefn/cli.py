@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -37,17 +37,17 @@ def _setup_logging(level: str) -> None:
 
 @app.command()
 def run(
-    broker: Annotated[Optional[str], typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGEFN_BROKER]")] = None,
-    functions: Annotated[Optional[list[Path]], typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable).")] = None,
-    models: Annotated[Optional[list[Path]], typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Journal and compiled-component cache.")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT.")] = None,
-    username: Annotated[Optional[str], typer.Option(help="Broker user name [env EDGEFN_USERNAME].")] = None,
-    ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate of the broker (enables TLS).")] = None,
-    cert_file: Annotated[Optional[Path], typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
-    key_file: Annotated[Optional[Path], typer.Option(help="Client private key (PEM) for mutual TLS.")] = None,
-    client_id: Annotated[Optional[str], typer.Option(help="MQTT client id (the broker keeps its session).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these settings.")] = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGEFN_BROKER]")] = None,
+    functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Journal and compiled-component cache.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT.")] = None,
+    username: Annotated[str | None, typer.Option(help="Broker user name [env EDGEFN_USERNAME].")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA certificate of the broker (enables TLS).")] = None,
+    cert_file: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Client private key (PEM) for mutual TLS.")] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (the broker keeps its session).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with any of these settings.")] = None,
     build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -109,7 +109,7 @@ def fn_new(
 @fn_app.command("build")
 def fn_build(
     folders: Annotated[list[Path], typer.Argument(help="Function folders.")],
-    state_dir: Annotated[Optional[Path], typer.Option(help="Where to cache the precompiled component.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Where to cache the precompiled component.")] = None,
 ) -> None:
     """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
     from edgefn.config import default_state_dir
@@ -146,8 +146,8 @@ def fn_invoke(
     folder: Annotated[Path, typer.Argument(help="Function folder.")],
     topic: Annotated[str, typer.Option(help="Topic the event arrives on, e.g. sensors/dev1/digits.")],
     payload: Annotated[str, typer.Option(help="Payload text, or @FILE to read it from a file.")],
-    models: Annotated[Optional[list[Path]], typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Compiled-component cache.")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache.")] = None,
 ) -> None:
     """Run one event through a function, with no broker, and print the messages it would publish."""
     from edgefn.config import default_state_dir
@@ -188,7 +188,7 @@ def fn_invoke(
 
 @app.command()
 def demo(
-    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     rate: Annotated[float, typer.Option(help="Sensor events per second.")] = 200.0,
     devices: Annotated[int, typer.Option(help="Simulated sensor devices.")] = 4,
 ) -> None:

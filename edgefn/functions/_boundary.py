@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable, Sequence
 from ctypes import addressof, byref, c_size_t, c_uint8, c_void_p
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import wasmtime
 from wasmtime import _ffi as ffi
@@ -173,7 +174,7 @@ class _Record(Codec):
         _u8_at(addr).value = _K["RECORD"]
         _valrecord_new(addr + 8, len(self.codecs))
         base = _ptr_at(addr + 16).value
-        for i, (name, codec, item) in enumerate(zip(self.names, self.codecs, value)):
+        for i, (name, codec, item) in enumerate(zip(self.names, self.codecs, value, strict=True)):
             entry = base + i * _ENTRY
             _byte_vec_new(entry, len(name), name)
             codec.lower(item, entry + 16)
@@ -297,7 +298,7 @@ class ExportCall:
         base = addressof(params)
         lowered = 0
         try:
-            for i, (codec, arg) in enumerate(zip(self._params, args)):
+            for i, (codec, arg) in enumerate(zip(self._params, args, strict=True)):
                 codec.lower(arg, base + i * _SLOT)
                 lowered += 1
             result = ffi.wasmtime_component_val_t()

@@ -23,8 +23,15 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime import component as wc
 
-from edgefn.errors import (BuildError, FunctionError, GuestError, GuestOutOfMemory, GuestTimeout,
-                           GuestTrap, OutputRejected)
+from edgefn.errors import (
+    BuildError,
+    FunctionError,
+    GuestError,
+    GuestOutOfMemory,
+    GuestTimeout,
+    GuestTrap,
+    OutputRejected,
+)
 from edgefn.events import Event, Message
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
@@ -82,7 +89,7 @@ class Runtime:
         self._stop.set()
         self._ticker.join()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: object) -> None:

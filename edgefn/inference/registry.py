@@ -38,7 +38,7 @@ class ModelInfo:
     meta: dict
 
     @classmethod
-    def read(cls, folder: Path) -> "ModelInfo":
+    def read(cls, folder: Path) -> ModelInfo:
         meta_path = folder / "model.json"
         try:
             meta = json.loads(meta_path.read_text())
@@ -69,7 +69,7 @@ class OnnxBackend:
         if len(inputs) != len(self._inputs):
             raise ModelError(f"model {self.name} takes {len(self._inputs)} inputs, got {len(inputs)}")
         try:
-            return self._session.run(None, dict(zip(self._inputs, inputs)))
+            return self._session.run(None, dict(zip(self._inputs, inputs, strict=True)))
         except Exception as exc:
             raise ModelError(f"model {self.name}: {exc}") from None
 

@@ -75,7 +75,7 @@ class Inbox:
                 self._closed = True
                 self._db.close()
 
-    def __enter__(self) -> "Inbox":
+    def __enter__(self) -> Inbox:
         return self
 
     def __exit__(self, *exc: object) -> None:

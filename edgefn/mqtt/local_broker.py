@@ -44,7 +44,7 @@ class LocalBroker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalBroker":
+    def start(self) -> LocalBroker:
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                         f"persistence false\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n{self._extra}\n")
@@ -80,7 +80,7 @@ class LocalBroker:
             self._log.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
