@@ -281,30 +281,37 @@ def _raise_call_error(err_ptr: Any) -> None:
 
 
 class ExportCall:
-    """A component export bound to one store, with its codecs compiled once."""
+    """A component export bound to one store, with its codecs compiled once.
+
+    Not thread-safe, like the store it belongs to: one instance runs one event at a time."""
 
     def __init__(self, store: wasmtime.Store, func: Any):
-        self._store, self._func = store, func
         fty = func.type(store)
         self._params = [codec_for(ty) for _, ty in fty.params]
         result = fty.result
         self._result = None if result is None else codec_for(result)
+        # Everything a call passes to the C API is made once here, not per call.
+        self._store = store
+        self._context = store._context()
+        self._func_ref = byref(func._func)
+        self._n = len(self._params)
+        self._args = (ffi.wasmtime_component_val_t * max(self._n, 1))()
+        self._args_addr = addressof(self._args)
+        self._ret = ffi.wasmtime_component_val_t()
+        self._ret_addr = addressof(self._ret)
+        self._ret_ref = byref(self._ret) if self._result else None
 
     def __call__(self, *args: Any) -> Any:
-        n = len(self._params)
+        n, base = self._n, self._args_addr
         if len(args) != n:
             raise BoundaryError(f"expected {n} arguments, got {len(args)}")
-        params = (ffi.wasmtime_component_val_t * max(n, 1))()
-        base = addressof(params)
         lowered = 0
         try:
             for i, (codec, arg) in enumerate(zip(self._params, args, strict=True)):
                 codec.lower(arg, base + i * _SLOT)
                 lowered += 1
-            result = ffi.wasmtime_component_val_t()
-            err = ffi.wasmtime_component_func_call(
-                byref(self._func._func), self._store._context(), params, n,
-                byref(result) if self._result else None, 1 if self._result else 0)
+            err = ffi.wasmtime_component_func_call(self._func_ref, self._context, self._args, n,
+                                                   self._ret_ref, 1 if self._result else 0)
         finally:
             for i in range(lowered):
                 _val_delete(base + i * _SLOT)
@@ -313,9 +320,12 @@ class ExportCall:
         if self._result is None:
             return None
         try:
-            return self._result.lift(addressof(result))
+            return self._result.lift(self._ret_addr)
         finally:
-            _val_delete(addressof(result))
+            _val_delete(self._ret_addr)
+            # wasmtime assigns the next result over this slot, dropping what it holds first:
+            # leave a plain bool there, not the husk of the value just freed.
+            _u8_at(self._ret_addr).value = _K["BOOL"]
 
 
 class _HostErrors(threading.local):

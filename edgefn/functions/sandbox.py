@@ -169,6 +169,7 @@ class FunctionSandbox:
         self._idle: queue.LifoQueue[_Instance] = queue.LifoQueue()
         self._deadline_ticks = max(1, round(self.limits.timeout_ms / 1000 / EPOCH_TICK_S))
         self._closed = False
+        self._allowed_topics: dict[str, bool] = {}
         for _ in range(self.limits.instances):
             self._idle.put(self._new_instance())
 
@@ -246,7 +247,12 @@ class FunctionSandbox:
         if size > limits.max_output_bytes:
             raise OutputRejected(f"{size} output bytes exceed the limit of {limits.max_output_bytes}")
         for m in messages:
-            if not matches_any(m.topic, allowed):
+            ok = self._allowed_topics.get(m.topic)
+            if ok is None:
+                ok = matches_any(m.topic, allowed)
+                if len(self._allowed_topics) < 10_000:  # topics are per device: bounded, but be safe
+                    self._allowed_topics[m.topic] = ok
+            if not ok:
                 raise OutputRejected(f"topic {m.topic!r} is not in the manifest's [publish] topics")
         return messages
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgefn.errors import ModelError
@@ -21,7 +23,7 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 def from_wire(tensor: WireTensor) -> np.ndarray:
     dtype_name, shape, data = tensor
     dtype = DTYPES[dtype_name]
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if count * dtype.itemsize != len(data):
         raise ModelError(f"tensor of shape {list(shape)} and dtype {dtype_name} needs "
                          f"{count * dtype.itemsize} bytes, got {len(data)}")
