@@ -65,14 +65,15 @@ def broker() -> Iterator[LocalBroker]:
 def settings_for(tmp_path: Path, component_cache: Path):
     """settings_for(broker, functions...) -> Settings with a private state dir and shared cache."""
 
-    def make(broker: LocalBroker, *functions: Path, **extra: object) -> Settings:
+    def make(local: LocalBroker, *functions: Path, **extra: object) -> Settings:
         state = tmp_path / "state"
         (state).mkdir(exist_ok=True)
         components = state / "components"
         if not components.exists():
             components.symlink_to(component_cache, target_is_directory=True)
-        return load_settings(broker=broker.url, functions=list(functions), models=[MODELS], state_dir=state,
-                             client_id=f"edgefn-test-{time.monotonic_ns()}", **extra)
+        values = {"broker": local.url, "functions": list(functions), "models": [MODELS], "state_dir": state,
+                  "client_id": f"edgefn-test-{time.monotonic_ns()}", **extra}
+        return load_settings(**values)
 
     return make
 

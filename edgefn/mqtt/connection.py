@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -95,12 +96,16 @@ class Connection:
         log.info("connected to %s", self._settings.broker)
 
     def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
-        self.last_error = f"cannot connect to {self._settings.broker}"
+        # paho calls this from inside its `except OSError:`: the exception says why (refused,
+        # unreachable, certificate verify failed, ...).
+        reason = sys.exc_info()[1]
+        self.last_error = f"cannot connect to {self._settings.broker}" + (f": {reason}" if reason else "")
         log.warning("%s (retrying with backoff)", self.last_error)
 
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        if reason.value != 0:
+        if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
             self.last_error = f"disconnected: {reason}"
             log.warning("%s (reconnecting)", self.last_error)
 

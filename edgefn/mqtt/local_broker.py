@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -46,8 +47,12 @@ class LocalBroker:
 
     def start(self) -> LocalBroker:
         conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                        f"persistence false\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n{self._extra}\n")
+        # per_listener_settings: extra listeners (TLS, passwords) carry their own rules.
+        # `user`: run as whoever started it (as root, mosquitto would switch to its own user and
+        # lose access to the files named in extra_config).
+        conf.write_text(f"user {getpass.getuser()}\nper_listener_settings true\npersistence false\nset_tcp_nodelay true\n"
+                        f"log_dest stderr\nlog_type error\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        f"{self._extra}\n")
         self._log = open(Path(self._dir.name) / "mosquitto.log", "wb")
         self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 10
@@ -81,7 +86,11 @@ class LocalBroker:
         self._dir.cleanup()
 
     def __enter__(self) -> LocalBroker:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
