@@ -202,14 +202,23 @@ def test_run_sigkill_mid_stream_loses_nothing(broker, collector, digits_fn, cli_
         assert set(labels) <= answered, f"lost {len(set(labels) - answered)} events"
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_run_stops_cleanly_on_sigterm(broker, collector, digits_fn, cli_state):
     results = collector("results/+/digits")
     proc = _run_cli(broker, digits_fn, cli_state, "edgefn-term-test")
-    wait_serving(broker, results)
-    publish(broker.port, "sensors/dev1/digits", digit_payloads(3, "term")[0])
-    assert len(results.wait_for(3, timeout=30)) == 3
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(20) == 0
+    try:
+        wait_serving(broker, results)
+        publish(broker.port, "sensors/dev1/digits", digit_payloads(3, "term")[0])
+        assert len(results.wait_for(3, timeout=30)) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
