@@ -1,8 +1,9 @@
 """The daemon: wires broker, inbox, sandboxes, models and metrics, and owns their lifecycle.
 
-    broker --QoS1--> Connection._message -> Inbox.append (commit) -> PUBACK -> work queue
-      -> worker: route by trigger filter -> FunctionSandbox.handle -> host.infer -> ModelRegistry
-      -> publish outputs QoS1 -> every PUBACK in -> Inbox.done (batched)
+    broker --QoS1 (MQTT 5)--> Ingress.on_message -> Inbox.append_many (group commit) -> PUBACK
+      -> work queue -> worker: route by trigger filter -> FunctionSandbox.handle -> host.infer
+      -> ModelRegistry -> publish outputs QoS1 -> every PUBACK in -> Inbox.done (batched)
+      -> Ingress.answered (room in the inbox for held events)
 
 An event leaves the inbox only after each of its outputs (results or the error message) has been
 acknowledged by the broker; after a crash the inbox is replayed, so nothing is lost and a
@@ -29,12 +30,14 @@ from edgefn.functions.sandbox import FunctionSandbox, Runtime, Tensor
 from edgefn.inference.registry import ModelRegistry
 from edgefn.journal.inbox import Inbox
 from edgefn.mqtt.connection import Connection
+from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.topics import matches_any
 from edgefn.observe.metrics import Metrics, ObserveServer
 
 log = logging.getLogger("edgefn.daemon")
 ERRORS_TOPIC = "edgefn/errors/{function}"
-_DONE_FLUSH_S = 0.05
+_TICK_S = 0.005  # the longest a received event waits for its group's commit
+_DONE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
 
 
 class FunctionHost:
@@ -107,8 +110,6 @@ class Daemon:
         self._work: queue.Queue[Event | None] = queue.Queue()
         self._done: list[str] = []
         self._done_lock = threading.Lock()
-        self._held: list[tuple[str, bytes, int]] = []  # received while the inbox was full, not acked
-        self._accepting = False
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._route_cache: dict[str, list[LoadedFunction]] = {}
@@ -141,10 +142,11 @@ class Daemon:
         workers = max(2, sum(f.manifest.limits.instances for f in self.functions))
         for i in range(workers):
             self._spawn(self._work_loop, f"edgefn-worker-{i}")
-        self._spawn(self._housekeeping, "edgefn-housekeeping")
         filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
-        self.connection = Connection(s, self._ingress, filters)
-        self._accepting = True
+        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
+                               more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay))
+        self.connection = Connection(s, self.ingress.on_message, filters)
+        self._spawn(self._housekeeping, "edgefn-housekeeping")
         self.connection.start()
         if s.metrics_port is not None:
             self.observe = ObserveServer(self.metrics, self.health, s.metrics_port)
@@ -154,12 +156,23 @@ class Daemon:
         thread.start()
         self._threads.append(thread)
 
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected.is_set()
+
+    @property
+    def broker_error(self) -> str | None:
+        return self.connection.last_error
+
+    def wait_connected(self, timeout: float) -> None:
+        self.connection.wait_connected(timeout)
+
     def health(self) -> dict:
-        connected = self.connection.connected.is_set()
         return {
-            "status": "ok" if connected else "degraded",
-            "broker": "connected" if connected else (self.connection.last_error or "connecting"),
-            "inbox_events": len(self.inbox),
+            "status": "ok" if self.connected else "degraded",
+            "broker": "connected" if self.connected else (self.broker_error or "connecting"),
+            "inbox_events": self.ingress.outstanding,
+            "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
         }
 
@@ -167,7 +180,7 @@ class Daemon:
         """Stop taking events, finish those in hand (within the deadline), then close."""
         if self._stopping.is_set():
             return
-        self._accepting = False
+        self.ingress.close()
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline and (self._work.unfinished_tasks or self._answers_pending()):
             time.sleep(0.01)
@@ -186,22 +199,13 @@ class Daemon:
         self.inbox.close()
 
     def _answers_pending(self) -> bool:
-        return len(self.inbox) - len(self._done) > 0
+        with self._done_lock:
+            return self.ingress.outstanding - len(self._done) > 0
 
-    # -- ingress (paho's network thread) -----------------------------------------------------------
-    def _ingress(self, topic: str, payload: bytes, mid: int, dup: bool) -> None:
-        if not self._accepting:
-            return  # not acked: the broker keeps it for the next start
-        if len(self.inbox) >= self.settings.inbox_max_events or self._held:
-            self._held.append((topic, payload, mid))  # backpressure: the broker holds the rest
-            return
-        self._accept(topic, payload, mid)
-
-    def _accept(self, topic: str, payload: bytes, mid: int) -> None:
-        event = self.inbox.append(topic, payload)  # durable before the PUBACK
-        self.connection.ack(mid)
-        self.metrics.events_received.inc()
-        self._work.put(event)
+    def _deliver(self, events: list[Event]) -> None:
+        self.metrics.events_received.inc(len(events))
+        for event in events:
+            self._work.put(event)
 
     # -- work --------------------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -260,19 +264,19 @@ class Daemon:
     def _flush_done(self) -> None:
         with self._done_lock:
             done, self._done = self._done, []
-        self.inbox.done(done)
+        if done:
+            self.inbox.done(done)
+            self.ingress.answered(len(done))
 
     def _housekeeping(self) -> None:
-        while not self._stopping.wait(_DONE_FLUSH_S):
-            self._flush_done()
-            self.metrics.inbox_depth.set(len(self.inbox))
-            self.metrics.broker_connected.set(1 if self.connection.connected.is_set() else 0)
-            self._release_held()
-
-    def _release_held(self) -> None:
-        while self._held and len(self.inbox) < self.settings.inbox_max_events and self._accepting:
-            topic, payload, mid = self._held.pop(0)
-            self._accept(topic, payload, mid)
+        tick = 0
+        while not self._stopping.wait(_TICK_S):
+            self.ingress.flush()  # a group left behind by a non-event packet
+            tick += 1
+            if tick % _DONE_EVERY == 0:
+                self._flush_done()
+                self.metrics.inbox_depth.set(self.ingress.outstanding)
+                self.metrics.broker_connected.set(1 if self.connected else 0)
 
     def run_until(self, stop: threading.Event) -> None:
         self.start()

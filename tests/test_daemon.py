@@ -39,7 +39,7 @@ def daemon(broker, settings_for, digits_fn):
     def make(*functions: Path, **extra: object) -> Daemon:
         d = Daemon(settings_for(broker, *(functions or (digits_fn,)), **extra))
         d.start()
-        d.connection.wait_connected(10)
+        d.wait_connected(10)
         started.append(d)
         return d
 
@@ -99,7 +99,7 @@ def test_daemon_receives_what_was_published_while_it_was_stopped(broker, daemon,
     settings = settings_for(broker, digits_fn)
     first = Daemon(settings)
     first.start()
-    first.connection.wait_connected(10)
+    first.wait_connected(10)
     first.stop()
     payloads, labels = digit_payloads(25, "offline")
     publish(broker.port, "sensors/dev2/digits", payloads)  # the persistent session queues them

@@ -89,7 +89,7 @@ def test_tls_with_client_certificate_and_password_serves_events(tls_broker, pki,
     daemon = _daemon(settings_for, tls_broker, digits_fn, username="device", ca_file=pki["ca"],
                      cert_file=pki["client"], key_file=pki["client_key"])
     try:
-        daemon.connection.wait_connected(15)
+        daemon.wait_connected(15)
         publish(tls_broker.port, "sensors/secure/digits", digit_payloads(5, "tls")[0])
         assert len(results.wait_for(5)) == 5
     finally:
@@ -105,10 +105,10 @@ def test_tls_wrong_settings_fail_clearly_and_keep_retrying(case, tls_broker, pki
                      cert_file=pki["client"], key_file=pki["client_key"])
     try:
         deadline = time.monotonic() + 10
-        while daemon.connection.last_error is None and time.monotonic() < deadline:
+        while daemon.broker_error is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not daemon.connection.connected.is_set()
-        error = daemon.connection.last_error or ""
+        assert not daemon.connected
+        error = daemon.broker_error or ""
         if case == "wrong-ca":
             assert "certificate verify failed" in error
         else:

@@ -49,9 +49,15 @@ def _check_layout() -> None:
 _check_layout()
 
 
+# The same library loaded as a PyDLL: its calls keep the GIL. These helpers run for a few
+# nanoseconds each, dozens of times per event; through a CDLL each call would release the GIL and
+# then queue to get it back behind every other busy thread (up to the 5 ms switch interval).
+_HOLDING_GIL = ctypes.PyDLL(ffi.dll._name)
+
+
 def _cfunc(name: str, restype: Any, *argtypes: Any) -> Any:
     # A private function pointer, so wasmtime-py's own argtypes stay untouched.
-    fn = ffi.dll[name]
+    fn = _HOLDING_GIL[name]
     fn.restype, fn.argtypes = restype, list(argtypes)
     return fn
 
@@ -62,6 +68,7 @@ _valrecord_new = _cfunc("wasmtime_component_valrecord_new_uninit", None, c_void_
 _val_new = _cfunc("wasmtime_component_val_new", c_void_p, c_void_p)
 _val_delete = _cfunc("wasmtime_component_val_delete", None, c_void_p)
 _error_new = _cfunc("wasmtime_error_new", c_void_p, ctypes.c_char_p)
+_set_epoch_deadline = _cfunc("wasmtime_context_set_epoch_deadline", None, c_void_p, ctypes.c_uint64)
 
 _u8_at = c_uint8.from_address
 _u64_at = ctypes.c_uint64.from_address
@@ -300,6 +307,10 @@ class ExportCall:
         self._ret = ffi.wasmtime_component_val_t()
         self._ret_addr = addressof(self._ret)
         self._ret_ref = byref(self._ret) if self._result else None
+
+    def set_deadline(self, ticks: int) -> None:
+        """Trap the next call once the engine's epoch has advanced `ticks` times from now."""
+        _set_epoch_deadline(ctypes.cast(self._context, c_void_p), ticks)
 
     def __call__(self, *args: Any) -> Any:
         n, base = self._n, self._args_addr

@@ -220,7 +220,7 @@ class FunctionSandbox:
         inst = self._idle.get()
         keep = True
         try:
-            inst.store.set_epoch_deadline(self._deadline_ticks)
+            inst.handle.set_deadline(self._deadline_ticks)
             try:
                 ok, value = inst.handle((event.id, event.topic, event.payload, event.received_ms))
             except wasmtime.WasmtimeError as exc:

@@ -36,22 +36,34 @@ class Inbox:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=10000")  # the ingress process and the daemon both write
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        self._count = self._db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
         self._closed = False
 
     def __len__(self) -> int:
-        return self._count
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
 
     def append(self, topic: str, payload: bytes) -> Event:
         """Commit one received event; returns it with its journal id."""
-        received_ms = time.time() * 1000.0
+        return self.append_many([(topic, payload, time.time() * 1000.0)])[0]
+
+    def append_many(self, items: list[tuple[str, bytes, float]]) -> list[Event]:
+        """Commit received events (topic, payload, received_ms) in one transaction."""
+        events = []
         with self._lock:
-            cur = self._db.execute("INSERT INTO inbox (topic, payload, received_ms) VALUES (?, ?, ?)",
-                                   (topic, payload, received_ms))
-            self._count += 1
-        return Event(str(cur.lastrowid), topic, payload, received_ms)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for topic, payload, received_ms in items:
+                    cur = self._db.execute("INSERT INTO inbox (topic, payload, received_ms) VALUES (?, ?, ?)",
+                                           (topic, payload, received_ms))
+                    events.append(Event(str(cur.lastrowid), topic, payload, received_ms))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return events
 
     def done(self, event_ids: Iterable[str]) -> None:
         """Forget answered events (one transaction for the batch)."""
@@ -59,10 +71,9 @@ class Inbox:
         if not rows:
             return
         with self._lock:
-            self._db.execute("BEGIN")
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("DELETE FROM inbox WHERE seq = ?", rows)
             self._db.execute("COMMIT")
-            self._count -= len(rows)
 
     def pending(self) -> list[Event]:
         with self._lock:

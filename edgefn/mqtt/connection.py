@@ -1,15 +1,20 @@
 """The daemon's one connection to the broker (paho-mqtt 2).
 
-Ingress is acknowledged by hand (`manual_ack=True`): the daemon calls `ack(mid)` only once the
-event is durable, so a crash before that means the broker redelivers it. The session is
-persistent (`clean_session=False`) so that the broker keeps the subscription and what it queued
-while the daemon was away. Egress is QoS1; `publish` calls back when the broker's PUBACK
-arrives (paho resends unacknowledged messages after a reconnect).
+MQTT 5. Ingress is acknowledged by hand (`manual_ack=True`): the daemon calls `ack(mid)` only
+once the event is durable, so a crash before that means the broker redelivers it. The session
+is persistent (clean start off, a session expiry) so that the broker keeps the subscription and
+what it queued while the daemon was away. The CONNECT asks for a large Receive Maximum: the
+broker may then send that many QoS1 messages before our acknowledgements, instead of the 20 it
+allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against its
+`max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
+from being lost at the broker while the inbox catches up. Egress is QoS1; `publish` calls back
+when the broker's PUBACK arrives (paho resends unacknowledged messages after a reconnect).
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import sys
@@ -18,12 +23,16 @@ from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
 
 log = logging.getLogger("edgefn.mqtt")
 
+RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
+SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
 
 
@@ -40,7 +49,7 @@ class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str]):
         self._settings, self._on_message, self._filters = settings, on_message, list(filters)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                             clean_session=False, protocol=mqtt.MQTTv311, manual_ack=True)
+                             protocol=mqtt.MQTTv5, manual_ack=True)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)  # keep every unsent output while the broker is away
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -71,7 +80,10 @@ class Connection:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         s = self._settings
-        self._client.connect_async(s.broker_host, s.broker_port, keepalive=30)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        self._client.connect_async(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -109,8 +121,22 @@ class Connection:
             self.last_error = f"disconnected: {reason}"
             log.warning("%s (reconnecting)", self.last_error)
 
+
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self._on_message(msg.topic, msg.payload, msg.mid, bool(msg.dup))
+
+    def has_more_to_read(self) -> bool:
+        """True when bytes of a next packet are already waiting (used to group commits)."""
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes held by the SSL layer
+        if pending is not None and pending():
+            return True
+        try:
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def ack(self, mid: int) -> None:
         self._client.ack(mid, 1)

@@ -1,0 +1,83 @@
+"""Ingress: events from the broker into the inbox. Commit first, then acknowledge, then hand over.
+
+Runs on paho's network thread. Events that arrive together are committed in one transaction:
+a group is flushed as soon as the socket has no more bytes waiting (or at 256 events), so a
+lone event is committed at once and a burst costs one commit per group instead of one per event.
+A group that ends while the socket still looked readable (a ping response, say) is flushed by
+`flush()`, which the daemon calls every few milliseconds.
+
+Backpressure: when the inbox holds `max_events` unanswered events, new ones are held in memory
+unacknowledged; the broker keeps sending up to the session's Receive Maximum and then keeps the
+rest queued. They are journaled and acknowledged as answers make room (`answered`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from edgefn.events import Event
+from edgefn.journal.inbox import Inbox
+
+GROUP = 256
+
+_Received = tuple[str, bytes, int, float]  # topic, payload, mid, received_ms
+
+
+class Ingress:
+    def __init__(self, inbox: Inbox, max_events: int, deliver: Callable[[list[Event]], None],
+                 ack: Callable[[int], None], more_waiting: Callable[[], bool], outstanding: int = 0):
+        self._inbox, self._max, self._deliver = inbox, max_events, deliver
+        self._ack, self._more_waiting = ack, more_waiting
+        self.outstanding = outstanding  # journaled and not yet answered
+        self.accepting = True
+        self._pending: list[_Received] = []  # received, not yet committed
+        self._held: deque[_Received] = deque()  # past the bound: not journaled, not acknowledged
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def on_message(self, topic: str, payload: bytes, mid: int, _dup: bool) -> None:
+        with self._lock:
+            if not self.accepting:
+                return  # not acknowledged: the broker keeps it for the next start
+            item = (topic, payload, mid, time.time() * 1000.0)
+            if self._held or self.outstanding + len(self._pending) >= self._max:
+                self._held.append(item)
+                return
+            self._pending.append(item)
+            if len(self._pending) >= GROUP or not self._more_waiting():
+                self._flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        group, self._pending = self._pending, []
+        events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received in group])
+        self.outstanding += len(events)
+        for _, _, mid, _ in group:
+            self._ack(mid)  # only now, with the group durable
+        self._deliver(events)
+
+    def answered(self, n: int) -> None:
+        """n events left the inbox: take held ones in their place."""
+        with self._lock:
+            self.outstanding -= n
+            while self._held and self.outstanding + len(self._pending) < self._max:
+                self._pending.append(self._held.popleft())
+            self._flush()
+
+    def close(self) -> None:
+        """Stop taking events; what is pending is committed and acknowledged, what is held is not."""
+        with self._lock:
+            self.accepting = False
+            self._flush()
+            self._held.clear()

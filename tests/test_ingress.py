@@ -1,0 +1,74 @@
+"""Ingress: commit before acknowledging, group commits, backpressure past the bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgefn.journal.inbox import Inbox
+from edgefn.mqtt.ingress import GROUP, Ingress
+
+
+class Wire:
+    """What the broker connection offers ingress: acknowledgements and a peek at the socket."""
+
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+        self.acked: list[int] = []
+        self.durable_when_acked: list[int] = []
+        self.waiting = False
+
+    def ack(self, mid: int) -> None:
+        self.acked.append(mid)
+        self.durable_when_acked.append(len(self.inbox))
+
+
+def make(tmp_path: Path, max_events: int = 100) -> tuple[Ingress, Wire, list]:
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, delivered = Wire(inbox), []
+    ingress = Ingress(inbox, max_events, delivered.extend, wire.ack, lambda: wire.waiting)
+    return ingress, wire, delivered
+
+
+def test_ingress_acknowledges_only_what_is_committed(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path)
+    ingress.on_message("sensors/a/x", b"1", 11, False)
+    assert wire.acked == [11] and wire.durable_when_acked == [1]
+    assert [e.payload for e in delivered] == [b"1"]
+
+
+def test_ingress_groups_events_that_arrive_together(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path, max_events=10_000)
+    wire.waiting = True  # more bytes on the socket: keep the group open
+    for mid in range(1, 6):
+        ingress.on_message("t", b"x", mid, False)
+    assert wire.acked == [] and delivered == []
+    wire.waiting = False
+    ingress.on_message("t", b"x", 6, False)
+    assert wire.acked == [1, 2, 3, 4, 5, 6] and len(delivered) == 6
+    wire.waiting = True
+    for mid in range(GROUP):
+        ingress.on_message("t", b"y", 100 + mid, False)
+    assert len(wire.acked) == 6 + GROUP  # a full group is flushed even while more is waiting
+    ingress.on_message("t", b"z", 999, False)
+    ingress.flush()  # the timer's flush
+    assert wire.acked[-1] == 999
+
+
+def test_ingress_holds_events_past_the_bound_unacknowledged(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path, max_events=3)
+    for mid in range(1, 7):
+        ingress.on_message("t", str(mid).encode(), mid, False)
+    assert wire.acked == [1, 2, 3] and ingress.held == 3
+    ingress.answered(2)
+    assert wire.acked == [1, 2, 3, 4, 5] and ingress.held == 1
+    assert [e.payload for e in delivered] == [b"1", b"2", b"3", b"4", b"5"]
+
+
+def test_ingress_after_close_takes_nothing_and_leaves_held_to_the_broker(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path, max_events=1)
+    ingress.on_message("t", b"a", 1, False)
+    ingress.on_message("t", b"b", 2, False)  # held
+    ingress.close()
+    ingress.on_message("t", b"c", 3, False)
+    ingress.answered(1)
+    assert wire.acked == [1] and len(delivered) == 1
