@@ -88,10 +88,18 @@ class Codec:
 class _Scalar(Codec):
     def __init__(self, kind: str, ctype: Any, pytype: type | tuple[type, ...]):
         self.kind, self.ctype, self.pytype = _K[kind], ctype, pytype
+        # ctypes silently wraps an integer that does not fit; the boundary must refuse it.
+        self.bounds: tuple[int, int] | None = None
+        if pytype is int and kind != "BOOL":
+            bits = 8 * ctypes.sizeof(ctype)
+            self.bounds = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if kind[0] == "S" else (0, (1 << bits) - 1)
 
     def lower(self, value: Any, addr: int) -> None:
         if not isinstance(value, self.pytype):
             raise BoundaryError(f"expected {self.pytype}, got {type(value).__name__}")
+        bounds = self.bounds
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise BoundaryError(f"{value} is out of range for {ctypes.sizeof(self.ctype) * 8}-bit integers")
         _u8_at(addr).value = self.kind
         self.ctype.from_address(addr + 8).value = value
 
@@ -129,7 +137,8 @@ class _Bytes(Codec):
         if n:
             slots = _u8_slots(n)
             slots[8::_SLOT] = value
-            ctypes.memmove(_ptr_at(addr + 16).value, bytes(slots), n * _SLOT)
+            # A c_char array's .raw copies with the GIL held (ctypes.memmove would drop it).
+            (ctypes.c_char * (n * _SLOT)).from_address(_ptr_at(addr + 16).value).raw = bytes(slots)
 
     def lift(self, addr: int) -> Any:
         n = _u64_at(addr + 8).value
@@ -231,6 +240,8 @@ class _Result(Codec):
         self.ok, self.err = ok, err
 
     def lower(self, value: Any, addr: int) -> None:
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise BoundaryError(f"expected an (is_ok, value) pair, got {value!r:.80}")
         is_ok, payload = value
         codec = self.ok if is_ok else self.err
         _u8_at(addr).value = _K["RESULT"]

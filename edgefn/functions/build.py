@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from edgefn.errors import BuildError, ManifestError
-from edgefn.functions.manifest import MANIFEST, Manifest, load_manifest
+from edgefn.functions.manifest import FUNCTION_NAME, MANIFEST, Manifest, load_manifest
 
 WIT_DIR = Path(__file__).parent / "wit"
 WORLD = "function"
@@ -71,6 +71,8 @@ def build(function_dir: Path) -> Path:
 
 def scaffold(name: str, parent: Path) -> Path:
     """Create `<parent>/<name>/` with a manifest, a handler and a sample event."""
+    if not FUNCTION_NAME.match(name):  # before touching the disk: "a/b" or "../x" would make folders
+        raise BuildError(f"{name!r} is not a valid function name (use a-z, 0-9, '-', '_')")
     target = Path(parent) / name
     if target.exists():
         raise BuildError(f"{target} already exists")

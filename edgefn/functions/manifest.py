@@ -40,7 +40,7 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 MANIFEST = "edgefn.toml"
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+FUNCTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 
 def _check_filter(topic: str) -> str:
@@ -62,7 +62,7 @@ class FunctionSection(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not FUNCTION_NAME.match(value):
             raise ValueError("must start with a lowercase letter and hold only a-z, 0-9, '-', '_'")
         return value
 

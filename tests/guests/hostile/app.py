@@ -11,6 +11,8 @@ big       publishes more bytes than its manifest allows
 topic     publishes to a topic its manifest does not allow
 model     calls a model its manifest does not list
 infer-bad calls the digits model with a wrongly sized tensor
+file      reads /etc/hostname and publishes its content (there is no file system to read)
+socket    opens a TCP connection to 127.0.0.1:1 (there is no network to reach)
 """
 
 import sys
@@ -56,5 +58,14 @@ class WitWorld:
             return ok
         if what == "infer-bad":
             host.infer("digits", [Tensor(Dtype.FLOAT32, [1, 64], b"\x00" * 10)])
+            return ok
+        if what == "file":
+            with open("/etc/hostname") as f:
+                content = f.read()
+            return [Message(f"results/{device}/hostile", content.encode())]
+        if what == "socket":
+            import socket
+
+            socket.create_connection(("127.0.0.1", 1))
             return ok
         raise Err(f"unknown misdeed {what!r}")

@@ -1,0 +1,217 @@
+"""The `edgefn` command line, through typer's CliRunner on the real app (real components, real models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_digits
+from typer.testing import CliRunner
+
+from edgefn.cli import app
+from edgefn.functions.manifest import load_manifest
+from tests.conftest import MODELS
+
+# Wide, so that rich does not wrap long paths and messages in the middle of what is checked.
+runner = CliRunner(env={"COLUMNS": "400"})
+
+COMMANDS = [[], ["run"], ["demo"], ["version"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"]]
+
+
+def lines_on(output: str, topic: str) -> list[dict]:
+    """The JSON bodies of the `<topic> <json>` lines that `fn invoke` printed."""
+    found = []
+    for line in output.splitlines():
+        name, _, body = line.partition(" ")
+        if name == topic:
+            found.append(json.loads(body))
+    return found
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture()
+def state_dir(tmp_path: Path, component_cache: Path) -> Path:
+    """A private state dir whose compiled-component cache is the session's: nothing is recompiled."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "components").symlink_to(component_cache, target_is_directory=True)
+    return state
+
+
+@pytest.fixture(scope="module")
+def digit() -> tuple[list[int], int]:
+    x, y = load_digits(return_X_y=True)
+    return [int(v) for v in x[1500]], int(y[1500])
+
+
+# --- help ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "edgefn")
+def test_help_every_command(command: list[str]):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    assert "--help" in result.output
+
+
+def test_help_lists_commands():
+    top = runner.invoke(app, ["--help"]).output
+    assert all(name in top for name in ("run", "fn", "demo", "version"))
+    fn = runner.invoke(app, ["fn", "--help"]).output
+    assert all(name in fn for name in ("new", "build", "invoke"))
+
+
+def test_help_describes_options():
+    assert "mqtt://HOST:PORT" in runner.invoke(app, ["run", "--help"]).output
+    invoke = runner.invoke(app, ["fn", "invoke", "--help"]).output
+    assert "--topic" in invoke and "--payload" in invoke and "@FILE" in invoke
+
+
+def test_no_args_shows_help():
+    result = runner.invoke(app, [])
+    assert "Usage:" in result.output
+    assert "fn" in result.output
+
+
+def test_version_exits_zero():
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0, result.output
+    for pkg in ("edgefn", "wasmtime", "onnxruntime", "paho-mqtt"):
+        assert pkg in result.output
+    assert "50.0.1" in result.output
+
+
+# --- fn new --------------------------------------------------------------------------------------
+
+
+def test_new_creates_a_loadable_function(tmp_path: Path):
+    result = runner.invoke(app, ["fn", "new", "probe", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "probe"
+    assert sorted(p.name for p in folder.iterdir()) == ["app.py", "edgefn.toml", "event.json"]
+    manifest = load_manifest(folder)
+    assert manifest.name == "probe"
+    assert manifest.trigger.topics == ["sensors/+/probe"]
+    assert manifest.publish.topics == ["results/+/probe"]
+    assert json.loads((folder / "event.json").read_text())["id"] == "sample-1"
+    compile((folder / "app.py").read_text(), "app.py", "exec")
+    assert "created" in result.output and "edgefn fn build" in flat(result.output)
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "a/b", "../escape", "1st", "UPPER", ""])
+def test_new_bad_name_fails_and_leaves_nothing(tmp_path: Path, name: str):
+    parent = tmp_path / "fns"
+    parent.mkdir()
+    result = runner.invoke(app, ["fn", "new", name, "--dir", str(parent)])
+    assert result.exit_code == 2
+    assert f"{name!r} is not a valid function name" in flat(result.output)
+    assert list(tmp_path.rglob("*")) == [parent]
+
+
+def test_new_twice_fails(tmp_path: Path):
+    assert runner.invoke(app, ["fn", "new", "probe", "--dir", str(tmp_path)]).exit_code == 0
+    before = (tmp_path / "probe" / "app.py").read_text()
+    (tmp_path / "probe" / "app.py").write_text(before + "# edited\n")
+    result = runner.invoke(app, ["fn", "new", "probe", "--dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "already exists" in result.output
+    assert (tmp_path / "probe" / "app.py").read_text() == before + "# edited\n"  # untouched
+
+
+# --- fn build + fn invoke --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_build_then_invoke_scaffolded_function(tmp_path: Path):
+    state = tmp_path / "state"  # its own cache: this component is new anyway
+    assert runner.invoke(app, ["fn", "new", "probe", "--dir", str(tmp_path)]).exit_code == 0
+    folder = tmp_path / "probe"
+    built = runner.invoke(app, ["fn", "build", str(folder), "--state-dir", str(state)])
+    assert built.exit_code == 0, built.output
+    assert "built" in built.output and "precompiled" in built.output
+    assert (folder / "build" / "probe.wasm").is_file()
+    assert len(list((state / "components").glob("*.cwasm"))) == 1
+
+    result = runner.invoke(app, ["fn", "invoke", str(folder), "--topic", "sensors/dev1/probe",
+                                 "--payload", f"@{folder / 'event.json'}", "--state-dir", str(state),
+                                 "--models", str(MODELS)])
+    assert result.exit_code == 0, result.output
+    assert lines_on(result.stdout, "results/dev1/probe") == [{"event_id": "invoke-1", "keys": ["id", "value"]}]
+    assert len(list((state / "components").glob("*.cwasm"))) == 1  # reused, not compiled again
+
+
+def test_invoke_digits_classifies_a_real_digit(tmp_path: Path, digits_fn: Path, state_dir: Path,
+                                               digit: tuple[list[int], int]):
+    pixels, label = digit
+    payload = tmp_path / "digit.json"
+    payload.write_text(json.dumps({"id": "cli-1", "pixels": pixels}))
+    result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--topic", "sensors/dev1/digits",
+                                 "--payload", f"@{payload}", "--state-dir", str(state_dir),
+                                 "--models", str(MODELS)])
+    assert result.exit_code == 0, result.output
+    [out] = lines_on(result.stdout, "results/dev1/digits")
+    assert out["event_id"] == "cli-1"
+    assert out["label"] == label
+    assert 0.0 < out["score"] <= 1.0
+    assert (out["function"], out["version"], out["ran_on"]) == ("digits", "1.0.0", "local")
+
+
+def test_invoke_inline_payload(digits_fn: Path, state_dir: Path, digit: tuple[list[int], int]):
+    result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--topic", "sensors/dev7/digits",
+                                 "--payload", json.dumps({"pixels": digit[0]}), "--state-dir", str(state_dir),
+                                 "--models", str(MODELS)])
+    assert result.exit_code == 0, result.output
+    [out] = lines_on(result.stdout, "results/dev7/digits")
+    assert out["event_id"] == "invoke-1"  # no id in the payload: the event's own
+    assert out["label"] == digit[1]
+
+
+def test_invoke_bad_payload_prints_error_message(digits_fn: Path, state_dir: Path):
+    result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--topic", "sensors/dev1/digits",
+                                 "--payload", '{"id": "bad-1", "pixels": [1, 2, 3]}', "--state-dir", str(state_dir),
+                                 "--models", str(MODELS)])
+    assert result.exit_code == 1, result.output
+    assert lines_on(result.stdout, "results/dev1/digits") == []
+    [err] = lines_on(result.stdout, "edgefn/errors/digits")
+    assert err["event_id"] == "bad-1"
+    assert err["reason"] == "guest-error"
+    assert (err["function"], err["version"], err["topic"]) == ("digits", "1.0.0", "sensors/dev1/digits")
+    assert "64 numbers" in err["error"]
+    assert err["journal_id"] == "invoke-1"
+
+
+def test_invoke_missing_payload_file(tmp_path: Path, digits_fn: Path, state_dir: Path):
+    missing = tmp_path / "missing.json"
+    result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--topic", "sensors/dev1/digits",
+                                 "--payload", f"@{missing}", "--state-dir", str(state_dir)])
+    assert result.exit_code == 2
+    assert f"cannot read {missing}: No such file or directory" in flat(result.output)
+    assert "Traceback" not in result.output
+
+
+def test_invoke_folder_without_manifest(tmp_path: Path, state_dir: Path):
+    # A path that looks like rich markup must be printed as written, not parsed (nor crash).
+    folder = tmp_path / "[" / "fn]"
+    folder.mkdir(parents=True)
+    result = runner.invoke(app, ["fn", "invoke", str(folder), "--topic", "sensors/dev1/x",
+                                 "--payload", "{}", "--state-dir", str(state_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"{folder / 'edgefn.toml'}: no manifest" in flat(result.output)
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "127.0.0.1:1883", "mqtt://"])
+def test_run_invalid_broker_url(tmp_path: Path, url: str):
+    result = runner.invoke(app, ["run", "--broker", url, "--state-dir", str(tmp_path / "state"),
+                                 "--functions", str(tmp_path), "--no-build"])
+    assert result.exit_code == 2, result.output
+    assert "mqtt://" in result.output
+    assert "broker" in result.output
+    assert "Traceback" not in result.output

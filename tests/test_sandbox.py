@@ -1,0 +1,318 @@
+"""FunctionSandbox with real components: the hostile guest and the digits example, real models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_digits
+
+from edgefn.daemon import FunctionHost
+from edgefn.errors import (
+    FunctionError,
+    GuestError,
+    GuestOutOfMemory,
+    GuestTimeout,
+    GuestTrap,
+    OutputRejected,
+)
+from edgefn.events import Event
+from edgefn.functions.build import component_path
+from edgefn.functions.manifest import Manifest, load_manifest
+from edgefn.functions.sandbox import FunctionSandbox, Runtime
+from edgefn.inference.registry import ModelRegistry
+from tests.conftest import MODELS
+
+OUTPUT_KEYS = {"event_id", "label", "score", "function", "version", "ran_on", "latency_ms"}
+
+
+@pytest.fixture(scope="module")
+def registry() -> ModelRegistry:
+    return ModelRegistry([MODELS])
+
+
+def _sandbox(runtime: Runtime, folder: Path, registry: ModelRegistry, manifest: Manifest | None = None) -> FunctionSandbox:
+    manifest = manifest or load_manifest(folder)
+    return FunctionSandbox(runtime, manifest, component_path(folder, manifest), FunctionHost(manifest.name, registry))
+
+
+@pytest.fixture(scope="module")
+def hostile(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry) -> Iterator[FunctionSandbox]:
+    sandbox = _sandbox(runtime, hostile_fn, registry)
+    yield sandbox
+    sandbox.close()
+
+
+@pytest.fixture(scope="module")
+def digits(runtime: Runtime, digits_fn: Path, registry: ModelRegistry) -> Iterator[FunctionSandbox]:
+    sandbox = _sandbox(runtime, digits_fn, registry)
+    yield sandbox
+    sandbox.close()
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[tuple[list[int], int]]:
+    """Digits the model never saw in training (it was fit on images 0..1399)."""
+    x, y = load_digits(return_X_y=True)
+    return [([int(v) for v in x[i]], int(y[i])) for i in range(1400, len(x))]
+
+
+def _event(topic: str, payload: bytes, event_id: str = "e1") -> Event:
+    return Event(event_id, topic, payload, time.time() * 1000)
+
+
+def misdeed(sandbox: FunctionSandbox, what: str, event_id: str = "e1"):
+    return sandbox.handle(_event("sensors/dev1/hostile", what.encode(), event_id))
+
+
+def digit_event(pixels: list[int], event_id: str = "d1") -> Event:
+    return _event("sensors/dev1/digits", json.dumps({"id": event_id, "pixels": pixels}).encode(), event_id)
+
+
+def assert_ok(sandbox: FunctionSandbox, event_id: str = "after") -> None:
+    messages = misdeed(sandbox, "ok", event_id)
+    assert [(m.topic, m.payload) for m in messages] == [("results/dev1/hostile", f"ok:{event_id}".encode())]
+
+
+# --- the hostile guest -------------------------------------------------------------------------
+
+
+def test_hostile_ok_publishes_one_message(hostile: FunctionSandbox):
+    assert_ok(hostile, "first")
+
+
+def test_timeout_endless_loop_is_stopped_near_deadline(hostile: FunctionSandbox):
+    t0 = time.monotonic()
+    with pytest.raises(GuestTimeout, match="300 ms deadline") as info:
+        misdeed(hostile, "loop")
+    elapsed = time.monotonic() - t0
+    assert 0.25 <= elapsed < 2.0
+    assert info.value.reason == "timeout"
+    assert_ok(hostile)
+
+
+def test_memory_unbounded_allocation_is_out_of_memory(hostile: FunctionSandbox):
+    with pytest.raises(GuestOutOfMemory, match="48 MiB") as info:
+        misdeed(hostile, "alloc")
+    assert info.value.reason == "out-of-memory"
+    assert_ok(hostile)
+
+
+def test_trap_uncaught_exception_names_it(hostile: FunctionSandbox):
+    with pytest.raises(GuestTrap) as info:
+        misdeed(hostile, "trap")
+    assert "RuntimeError: guest bug" in str(info.value)
+    assert info.value.reason == "trap"
+    assert_ok(hostile)
+
+
+def test_trap_unbounded_recursion_is_stack_overflow(hostile: FunctionSandbox):
+    with pytest.raises(GuestTrap, match="stack overflow"):
+        misdeed(hostile, "stack")
+    assert_ok(hostile)
+
+
+def test_guest_error_value_is_guest_error(hostile: FunctionSandbox):
+    with pytest.raises(GuestError, match="refused on purpose") as info:
+        misdeed(hostile, "err")
+    assert info.value.reason == "guest-error"
+    assert_ok(hostile)
+
+
+@pytest.mark.parametrize(("what", "expected"), [
+    ("flood", "10 messages exceed the limit of 4"),
+    ("big", "10000 output bytes exceed the limit of 4096"),
+    ("topic", "topic 'elsewhere/secret' is not in the manifest's [publish] topics"),
+])
+def test_output_over_limits_is_rejected(hostile: FunctionSandbox, what: str, expected: str):
+    with pytest.raises(OutputRejected) as info:
+        misdeed(hostile, what)
+    assert str(info.value) == expected
+    assert info.value.reason == "output-rejected"
+    assert_ok(hostile)
+
+
+def test_infer_model_not_in_manifest_is_guest_error(hostile: FunctionSandbox):
+    with pytest.raises(GuestError, match="'not-mine' is not listed in \\[models\\] use of hostile's manifest"):
+        misdeed(hostile, "model")
+    assert_ok(hostile)
+
+
+def test_infer_bad_tensor_size_is_guest_error(hostile: FunctionSandbox):
+    with pytest.raises(GuestError, match="needs 256 bytes, got 10"):
+        misdeed(hostile, "infer-bad")
+    assert_ok(hostile)
+
+
+def test_isolation_guest_cannot_read_host_files(hostile: FunctionSandbox):
+    content = Path("/etc/hostname").read_text().strip()
+    # No preopened directory: the guest's open() fails with WASI's ENOENT (errno 44), uncaught.
+    with pytest.raises(GuestTrap) as info:
+        misdeed(hostile, "file")
+    assert str(info.value) == ("uncaught exception: FileNotFoundError: [Errno 44] "
+                               "No such file or directory: '/etc/hostname'")
+    assert not content or content not in str(info.value).replace("/etc/hostname", "")
+    assert_ok(hostile)
+
+
+def test_isolation_guest_cannot_open_sockets(hostile: FunctionSandbox):
+    # componentize-py's CPython has no `socket` module at all; the component does import
+    # wasi:sockets, which the host links without any socket permission (WasiConfig default).
+    with pytest.raises(GuestTrap) as info:
+        misdeed(hostile, "socket")
+    assert str(info.value) == "uncaught exception: ModuleNotFoundError: No module named 'socket'"
+    assert_ok(hostile)
+
+
+def test_hostile_unknown_misdeed_is_guest_error(hostile: FunctionSandbox):
+    with pytest.raises(GuestError, match="unknown misdeed 'nothing'"):
+        misdeed(hostile, "nothing")
+
+
+def test_isolation_hostile_loop_does_not_disturb_neighbour(hostile: FunctionSandbox, digits: FunctionSandbox,
+                                                           held_out: list[tuple[list[int], int]]):
+    done, started = threading.Event(), threading.Event()
+    hostile_results: list[str] = []
+
+    def attack() -> None:
+        while not done.is_set():
+            started.set()
+            try:
+                misdeed(hostile, "loop")
+                hostile_results.append("ok?!")
+            except GuestTimeout:
+                hostile_results.append("timeout")
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    assert started.wait(5)
+    try:
+        outputs = [digits.handle(digit_event(pixels, f"n{i}")) for i, (pixels, _) in enumerate(held_out[:200])]
+    finally:
+        done.set()
+        attacker.join(5)
+    assert not attacker.is_alive()
+    assert len(outputs) == 200
+    assert all(len(m) == 1 and m[0].topic == "results/dev1/digits" for m in outputs)
+    assert hostile_results and set(hostile_results) == {"timeout"}
+    assert_ok(hostile)
+
+
+# --- the digits function -----------------------------------------------------------------------
+
+
+def test_digits_held_out_images_are_classified(digits: FunctionSandbox, held_out: list[tuple[list[int], int]]):
+    correct = 0
+    for i, (pixels, label) in enumerate(held_out):
+        messages = digits.handle(digit_event(pixels, f"h{i}"))
+        assert len(messages) == 1
+        assert messages[0].topic == "results/dev1/digits"
+        out = json.loads(messages[0].payload)
+        assert set(out) == OUTPUT_KEYS
+        assert out["event_id"] == f"h{i}"
+        assert (out["function"], out["version"], out["ran_on"]) == ("digits", "1.0.0", "local")
+        assert 0.0 <= out["score"] <= 1.0
+        assert out["latency_ms"] >= 0
+        correct += out["label"] == label
+    assert correct / len(held_out) >= 0.90
+
+
+NAN_PIXELS = b'{"pixels": [NaN' + b", 0" * 63 + b"]}"
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b"not json", "payload is not JSON"),
+    (b"\xff\xfe", "payload is not JSON"),
+    (json.dumps({"pixels": [0] * 63}).encode(), "a list of 64 numbers"),
+    (json.dumps({"pixels": [0] * 63 + [17]}).encode(), "numbers from 0 to 16"),
+    (json.dumps({"pixels": [-1] + [0] * 63}).encode(), "numbers from 0 to 16"),
+    (json.dumps({"pixels": ["a"] * 64}).encode(), "numbers from 0 to 16"),
+    (NAN_PIXELS, "numbers from 0 to 16"),
+    (json.dumps([[0] * 64]).encode(), "must be a JSON object"),
+], ids=["not-json", "invalid-utf8", "wrong-length", "above-16", "negative", "strings", "nan", "list"])
+def test_digits_bad_payload_is_guest_error(digits: FunctionSandbox, payload: bytes, expected: str):
+    with pytest.raises(GuestError, match=expected):
+        digits.handle(_event("sensors/dev1/digits", payload))
+
+
+def test_recycle_instances_renewed_after_recycle_after(runtime: Runtime, digits_fn: Path, registry: ModelRegistry,
+                                                      held_out: list[tuple[list[int], int]]):
+    manifest = load_manifest(digits_fn)
+    manifest = manifest.model_copy(update={"limits": manifest.limits.model_copy(
+        update={"recycle_after": 3, "instances": 1})})
+    sandbox = _sandbox(runtime, digits_fn, registry, manifest)
+    created: list[object] = []
+    new_instance = sandbox._new_instance
+
+    def counting_new_instance():
+        inst = new_instance()
+        created.append(inst)
+        return inst
+
+    sandbox._new_instance = counting_new_instance  # a spy: instances are still real
+    try:
+        for i, (pixels, _) in enumerate(held_out[:7]):
+            out = json.loads(sandbox.handle(digit_event(pixels, f"r{i}"))[0].payload)
+            assert out["event_id"] == f"r{i}"
+    finally:
+        sandbox.close()
+    assert len(created) == 2  # renewed after events 3 and 6
+    assert len({id(inst) for inst in created}) == 2
+
+
+def test_close_is_idempotent_and_handle_after_close_fails(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry):
+    sandbox = _sandbox(runtime, hostile_fn, registry)
+    assert_ok(sandbox)
+    sandbox.close()
+    sandbox.close()
+    with pytest.raises(FunctionError, match="hostile is closed"):
+        misdeed(sandbox, "ok")
+
+
+# --- the compiled-component cache --------------------------------------------------------------
+
+
+def _cached(cache: Path, wasm: Path) -> list[Path]:
+    digest = hashlib.sha256(wasm.read_bytes()).hexdigest()[:32]
+    return sorted(cache.glob(f"{digest}-*.cwasm"))
+
+
+def test_component_cache_reuses_compiled_file(runtime: Runtime, hostile_fn: Path, component_cache: Path):
+    wasm = component_path(hostile_fn, load_manifest(hostile_fn))
+    runtime.load(wasm)  # compiled by the session runtime at the latest here
+    [cwasm] = _cached(component_cache, wasm)
+    before = cwasm.stat()
+    with Runtime(component_cache) as fresh:
+        fresh.load(wasm)
+        fresh.load(wasm)
+    [again] = _cached(component_cache, wasm)
+    after = again.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert not list(component_cache.glob("*.tmp"))
+
+
+def test_component_cache_corrupted_file_is_recompiled(tmp_path: Path, hostile_fn: Path, component_cache: Path,
+                                                      registry: ModelRegistry):
+    manifest = load_manifest(hostile_fn)
+    wasm = component_path(hostile_fn, manifest)
+    [good] = _cached(component_cache, wasm) or [None]
+    assert good is not None, "the session cache should hold the hostile component"
+    cache = tmp_path / "components"
+    cache.mkdir()
+    junk = cache / good.name
+    junk.write_bytes(b"not a compiled component" * 100)
+    with Runtime(cache) as fresh:
+        sandbox = FunctionSandbox(fresh, manifest, wasm, FunctionHost(manifest.name, registry))
+        try:
+            assert_ok(sandbox)
+        finally:
+            sandbox.close()
+    [recompiled] = _cached(cache, wasm)
+    assert recompiled.name == good.name
+    assert recompiled.stat().st_size > 1_000_000
+    assert not recompiled.read_bytes().startswith(b"not a compiled")
