@@ -8,6 +8,7 @@ a monitor that subscribes to the results and errors and measures what a user wou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,6 +92,7 @@ class Monitor:
         with self.lock:
             now = time.perf_counter()
             recent = sum(1 for t in self.done_times if now - t <= 2.0) / min(2.0, max(elapsed, 1e-3))
+            answered = self.results + self.errors
             lat = np.array(self.latencies) if self.latencies else None
             valid_sent = len(self.sent)
             table = Table(title="edgefn demo: digits on sensors/+/digits", show_header=False, min_width=56)
@@ -100,7 +102,10 @@ class Monitor:
             table.add_row("events sent (valid + malformed)", f"{valid_sent} + {self.bad_sent}")
             table.add_row("results received", str(self.results))
             table.add_row("errors reported (edgefn/errors/digits)", str(self.errors))
-            table.add_row("events/s (last 2 s)", f"{recent:,.0f}")
+            if final:
+                table.add_row("events/s (whole run)", f"{answered / max(elapsed, 1e-3):,.0f}")
+            else:
+                table.add_row("events/s (last 2 s)", f"{recent:,.0f}")
             table.add_row("latency p50 / p99", "-" if lat is None else f"{np.percentile(lat, 50):.2f} / {np.percentile(lat, 99):.2f} ms")
             table.add_row("accuracy so far", f"{self.correct / self.results:.3f}" if self.results else "-")
             table.add_row("ran on", ", ".join(f"{k}: {v}" for k, v in sorted(self.ran_on.items())) or "-")
@@ -168,7 +173,7 @@ def run_demo(duration: float | None, rate: float, devices: int, console: Console
         cmd = [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url, "--functions", str(FUNCTION),
                "--models", str(MODELS), "--state-dir", state, "--metrics-port", str(metrics_port),
                "--client-id", f"edgefn-demo-{os.getpid()}", "--no-build", "--log-level", "error"]
-        daemon = subprocess.Popen(cmd)
+        daemon = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C stops it in order, through us
         monitor = Monitor(broker.port)
         stop = threading.Event()
         try:
@@ -179,10 +184,18 @@ def run_demo(duration: float | None, rate: float, devices: int, console: Console
             start = time.perf_counter()
             sensor.start()
             try:
-                with Live(monitor.table(0.0), console=console, refresh_per_second=4) as live:
+                # A terminal gets the live table; a log (CI, a pipe) gets a table every 10 s.
+                live = Live(monitor.table(0.0), console=console, refresh_per_second=4) if console.is_terminal else None
+                with live or contextlib.nullcontext():
+                    last_print = start
                     while duration is None or time.perf_counter() - start < duration:
                         time.sleep(0.25)
-                        live.update(monitor.table(time.perf_counter() - start))
+                        now = time.perf_counter()
+                        if live is not None:
+                            live.update(monitor.table(now - start))
+                        elif now - last_print >= 10:
+                            console.print(monitor.table(now - start))
+                            last_print = now
                         if daemon.poll() is not None:
                             raise EdgefnError(f"the daemon exited with status {daemon.returncode}")
             except KeyboardInterrupt:

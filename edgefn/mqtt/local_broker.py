@@ -54,7 +54,9 @@ class LocalBroker:
                         f"log_dest stderr\nlog_type error\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
                         f"{self._extra}\n")
         self._log = open(Path(self._dir.name) / "mosquitto.log", "wb")
-        self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self._log, stderr=self._log)
+        # Its own session: a Ctrl-C meant for the demo must not take the broker down first.
+        self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self._log, stderr=self._log,
+                                      start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
