@@ -103,10 +103,9 @@ def _payload_id(payload: bytes) -> str | None:
 class Daemon:
     """One edgefn daemon. `start()`, then `stop()`; `run_until(stop_event)` in the foreground."""
 
-    def __init__(self, settings: Settings, on_result: Callable[[Event, list[Message]], None] | None = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self._on_result = on_result
         self._work: queue.Queue[Event | None] = queue.Queue()
         self._done: list[str] = []
         self._done_lock = threading.Lock()
@@ -139,6 +138,7 @@ class Daemon:
             self._work.put(event)
         if replay:
             log.info("replaying %d events left in the inbox", len(replay))
+        self._max_batch = max(f.manifest.limits.max_batch for f in self.functions)
         workers = max(2, sum(f.manifest.limits.instances for f in self.functions))
         for i in range(workers):
             self._spawn(self._work_loop, f"edgefn-worker-{i}")
@@ -185,8 +185,7 @@ class Daemon:
         while time.monotonic() < deadline and (self._work.unfinished_tasks or self._answers_pending()):
             time.sleep(0.01)
         self._stopping.set()
-        for _ in self._threads:
-            self._work.put(None)
+        self._work.put(None)  # each worker that takes it puts it back for the next
         for thread in self._threads:
             thread.join(timeout=2)
         self._flush_done()
@@ -210,15 +209,37 @@ class Daemon:
     # -- work --------------------------------------------------------------------------------------
     def _work_loop(self) -> None:
         while True:
-            event = self._work.get()
+            batch = self._take()
             try:
-                if event is None:
-                    return
-                self._process(event)
-            except Exception:  # a bug of ours must not kill the worker; the event stays journaled
-                log.exception("event %s could not be processed", event.id if event else "?")
+                if batch:
+                    self._process(batch)
+            except Exception:  # a bug of ours must not kill the worker; the events stay journaled
+                log.exception("events %s could not be processed", [e.id for e in batch])
             finally:
+                for _ in batch:
+                    self._work.task_done()
+            if self._stopping.is_set() and not batch:
+                return
+
+    def _take(self) -> list[Event]:
+        """The next event, and whatever queued up behind it (up to the largest max_batch)."""
+        first = self._work.get()
+        if first is None:  # stopping: pass it on to the next worker
+            self._work.task_done()
+            self._work.put(None)
+            return []
+        batch = [first]
+        while len(batch) < self._max_batch:
+            try:
+                event = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if event is None:
                 self._work.task_done()
+                self._work.put(None)  # for the next worker; this one stops after its batch
+                break
+            batch.append(event)
+        return batch
 
     def _route(self, topic: str) -> list[LoadedFunction]:
         hit = self._route_cache.get(topic)
@@ -229,21 +250,34 @@ class Daemon:
             self._route_cache[topic] = hit
         return hit
 
-    def _process(self, event: Event) -> None:
-        outputs: list[Message] = []
-        for fn in self._route(event.topic):
-            try:
-                messages = fn.sandbox.handle(event)
-                outcome = "ok"
-            except FunctionError as exc:
-                log.warning("%s: event %s: %s: %s", fn.manifest.name, event.id, exc.reason, exc)
-                messages = [error_message(fn.manifest, event, exc)]
-                outcome = exc.reason
-            outputs.extend(messages)
-            self.metrics.events_handled.labels(fn.manifest.name, outcome).inc()
-            self.metrics.event_seconds.labels(fn.manifest.name).observe(max(0.0, time.time() - event.received_ms / 1000))
-        if self._on_result is not None:
-            self._on_result(event, outputs)
+    def _process(self, events: list[Event]) -> None:
+        outputs: dict[str, list[Message]] = {e.id: [] for e in events}
+        by_function: dict[int, tuple[LoadedFunction, list[Event]]] = {}
+        for event in events:
+            for fn in self._route(event.topic):
+                by_function.setdefault(id(fn), (fn, []))[1].append(event)
+        for fn, routed in by_function.values():
+            for start in range(0, len(routed), fn.manifest.limits.max_batch):
+                chunk = routed[start:start + fn.manifest.limits.max_batch]
+                self.metrics.batch_events.labels(fn.manifest.name).observe(len(chunk))
+                for event, answer in zip(chunk, fn.sandbox.handle_batch(chunk), strict=True):
+                    outputs[event.id].extend(self._settle(fn, event, answer))
+        for event in events:
+            self._publish(event, outputs[event.id])
+
+    def _settle(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
+        """The messages an answer publishes (its results, or its error), with the metrics."""
+        name = fn.manifest.name
+        if isinstance(answer, FunctionError):
+            log.warning("%s: event %s: %s: %s", name, event.id, answer.reason, answer)
+            self.metrics.events_handled.labels(name, answer.reason).inc()
+            answer = [error_message(fn.manifest, event, answer)]
+        else:
+            self.metrics.events_handled.labels(name, "ok").inc()
+        self.metrics.event_seconds.labels(name).observe(max(0.0, time.time() - event.received_ms / 1000))
+        return answer
+
+    def _publish(self, event: Event, outputs: list[Message]) -> None:
         if not outputs:
             self._mark_done(event.id)
             return

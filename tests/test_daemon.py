@@ -67,6 +67,23 @@ def test_daemon_answers_every_event_with_the_contract(broker, daemon, collector)
     assert accuracy >= 0.85
 
 
+def test_daemon_batches_a_burst_and_answers_every_event(broker, daemon, collector):
+    results = collector("results/+/digits")
+    d = daemon()
+    payloads, labels = digit_payloads(400, "burst")
+    publish(broker.port, "sensors/dev5/digits", payloads)
+    got = results.wait_for(400, timeout=30)
+    assert {doc["event_id"] for _, doc in got} == set(labels)
+    accuracy = sum(labels[doc["event_id"]] == doc["label"] for _, doc in got) / len(got)
+    assert accuracy >= 0.85
+    text = d.metrics.render().decode()
+    count = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith('edgefn_batch_events_count{function="digits"}')))
+    total = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith('edgefn_batch_events_sum{function="digits"}')))
+    assert total == 400 and count < total  # events that queued up went over in batches
+
+
 def test_daemon_bad_payload_goes_to_error_topic_and_keeps_serving(broker, daemon, collector):
     errors = collector("edgefn/errors/#")
     results = collector("results/#")

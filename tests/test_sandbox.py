@@ -316,3 +316,42 @@ def test_component_cache_corrupted_file_is_recompiled(tmp_path: Path, hostile_fn
     assert recompiled.name == good.name
     assert recompiled.stat().st_size > 1_000_000
     assert not recompiled.read_bytes().startswith(b"not a compiled")
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def _comparable(answer) -> object:
+    if isinstance(answer, FunctionError):
+        return (type(answer).__name__, str(answer))
+    return [(m.topic, {k: v for k, v in json.loads(m.payload).items() if k != "latency_ms"}) for m in answer]
+
+
+def test_batch_answers_equal_one_by_one_answers(digits: FunctionSandbox, held_out: list[tuple[list[int], int]]):
+    events = [digit_event(pixels, f"b{i}") for i, (pixels, _) in enumerate(held_out[:40])]
+    events[3] = _event("sensors/dev1/digits", b"not json", "bad-json")
+    events[17] = _event("sensors/dev1/digits", b'{"id": "short", "pixels": [1]}', "short")
+    batched = digits.handle_batch(events)
+    alone = [digits._one(e) for e in events]
+    assert [_comparable(a) for a in batched] == [_comparable(a) for a in alone]
+    assert isinstance(batched[3], GuestError) and isinstance(batched[17], GuestError)
+    labels = [json.loads(a[0].payload)["label"] for i, a in enumerate(batched) if i not in (3, 17)]
+    truth = [label for i, (_, label) in enumerate(held_out[:40]) if i not in (3, 17)]
+    assert sum(p == t for p, t in zip(labels, truth, strict=True)) / len(truth) >= 0.85
+
+
+def test_batch_with_a_trap_pins_the_error_on_its_event(hostile: FunctionSandbox):
+    payloads = ["ok", "ok", "trap", "ok", "loop", "err", "ok"]
+    events = [_event("sensors/dev1/hostile", p.encode(), f"h{i}") for i, p in enumerate(payloads)]
+    answers = hostile.handle_batch(events)
+    kinds = [type(a).__name__ if isinstance(a, FunctionError) else "ok" for a in answers]
+    assert kinds == ["ok", "ok", "GuestTrap", "ok", "GuestTimeout", "GuestError", "ok"]
+    assert [m.payload for m in answers[6]] == [b"ok:h6"]
+    assert_ok(hostile)
+
+
+def test_batch_output_limits_apply_per_event(hostile: FunctionSandbox):
+    answers = hostile.handle_batch([_event("sensors/dev1/hostile", p.encode(), f"l{i}")
+                                    for i, p in enumerate(["ok", "topic", "ok"])])
+    assert isinstance(answers[1], OutputRejected)
+    assert [m.payload for m in answers[0]] == [b"ok:l0"] and [m.payload for m in answers[2]] == [b"ok:l2"]

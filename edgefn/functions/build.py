@@ -14,6 +14,7 @@ from edgefn.errors import BuildError, ManifestError
 from edgefn.functions.manifest import FUNCTION_NAME, MANIFEST, Manifest, load_manifest
 
 WIT_DIR = Path(__file__).parent / "wit"
+GUEST_DIR = Path(__file__).parent / "guest"  # edgefn_guest.py, importable by every function
 WORLD = "function"
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -44,7 +45,8 @@ def needs_build(function_dir: Path, manifest: Manifest) -> bool:
     if not wasm.exists():
         return True
     built = wasm.stat().st_mtime
-    sources = [*Path(function_dir).rglob("*.py"), Path(function_dir) / MANIFEST, *WIT_DIR.glob("*.wit")]
+    sources = [*Path(function_dir).rglob("*.py"), Path(function_dir) / MANIFEST, *WIT_DIR.glob("*.wit"),
+               *GUEST_DIR.glob("*.py")]
     return any(p.stat().st_mtime > built for p in sources if "build" not in p.parts)
 
 
@@ -58,7 +60,7 @@ def build(function_dir: Path) -> Path:
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".wasm.tmp")
     cmd = [sys.executable, "-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; componentize_py.script()",
-           "-d", str(WIT_DIR), "-w", WORLD, "componentize", "-p", str(function_dir),
+           "-d", str(WIT_DIR), "-w", WORLD, "componentize", "-p", str(function_dir), "-p", str(GUEST_DIR),
            manifest.function.module, "-o", str(tmp)]
     proc = subprocess.run(cmd, cwd=function_dir, capture_output=True, text=True)
     if proc.returncode != 0:

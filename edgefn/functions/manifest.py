@@ -21,6 +21,7 @@
     max_messages = 16                   # outputs per event
     max_output_bytes = 65536            # total payload bytes per event
     recycle_after = 5000                # events before an instance is replaced by a fresh one
+    max_batch = 32                      # queued events handed to handle-batch in one call
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class LimitsSection(_Section):
     max_messages: int = Field(default=16, ge=0, le=10_000, description="Output messages per event.")
     max_output_bytes: int = Field(default=65_536, ge=0, description="Output payload bytes per event.")
     recycle_after: int = Field(default=5_000, ge=1, description="Events before an instance is renewed.")
+    max_batch: int = Field(default=32, ge=1, le=1024, description="Queued events handed over in one call (1: never batch).")
 
 
 class Manifest(_Section):

@@ -138,6 +138,7 @@ class _GuestStderr:
 class _Instance:
     store: wasmtime.Store
     handle: ExportCall
+    handle_batch: ExportCall | None  # absent from components built against an older world
     stderr: _GuestStderr
     events: int = 0
 
@@ -156,6 +157,10 @@ def _classify(exc: wasmtime.WasmtimeError, stderr: _GuestStderr, timeout_ms: int
     if raised:
         return GuestTrap(f"uncaught exception: {raised}")
     return GuestTrap(f"trapped: {cause or text.strip().splitlines()[0]}")
+
+
+def _lowered(event: Event) -> tuple[str, str, bytes, float]:
+    return event.id, event.topic, event.payload, event.received_ms
 
 
 class FunctionSandbox:
@@ -211,25 +216,60 @@ class FunctionSandbox:
         func = instance.get_func(store, "handle")
         if func is None:
             raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
-        return _Instance(store, ExportCall(store, func), stderr)
+        batch = instance.get_func(store, "handle-batch")
+        return _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr)
 
     def handle(self, event: Event) -> list[Message]:
         """Run one event on a warm instance; FunctionError says why it could not be handled."""
+        ok, value = self._call(lambda inst: inst.handle(_lowered(event)), 1)
+        if not ok:
+            raise GuestError(str(value))
+        return self._check_outputs([Message(t, p) for t, p in value])
+
+    def handle_batch(self, events: list[Event]) -> list[list[Message] | FunctionError]:
+        """Run events that queued up together in one call; one answer (messages or the error) each.
+
+        If the batch traps or runs out of time, the culprit is unknown: each event then runs
+        alone, on a fresh instance, so the error lands on the event that caused it."""
+        if len(events) > 1:
+            try:
+                answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events])
+                                     if inst.handle_batch else None, len(events))
+            except FunctionError:
+                answers = None
+            if answers is not None and len(answers) == len(events):
+                return [self._answer(ok, value) for ok, value in answers]
+        return [self._one(e) for e in events]
+
+    def _one(self, event: Event) -> list[Message] | FunctionError:
+        try:
+            return self.handle(event)
+        except FunctionError as exc:
+            return exc
+
+    def _answer(self, ok: bool, value: Any) -> list[Message] | FunctionError:
+        if not ok:
+            return GuestError(str(value))
+        try:
+            return self._check_outputs([Message(t, p) for t, p in value])
+        except FunctionError as exc:
+            return exc
+
+    def _call(self, call: Any, events: int) -> Any:
+        """`call(instance)` on a warm instance under a deadline of `events` times the per-event one."""
         if self._closed:
             raise FunctionError(f"{self.manifest.name} is closed")
         inst = self._idle.get()
         keep = True
         try:
-            inst.handle.set_deadline(self._deadline_ticks)
+            inst.handle.set_deadline(self._deadline_ticks * events)
             try:
-                ok, value = inst.handle((event.id, event.topic, event.payload, event.received_ms))
+                result = call(inst)
             except wasmtime.WasmtimeError as exc:
                 keep = False
                 raise _classify(exc, inst.stderr, self.limits.timeout_ms, self.limits.memory_mb) from None
-            inst.events += 1
-            if not ok:
-                raise GuestError(str(value))
-            return self._check_outputs([Message(t, p) for t, p in value])
+            inst.events += events
+            return result
         finally:
             # The guest's heap grows slowly even in a well-behaved function (componentize-py's
             # runtime), so an instance is renewed after `recycle_after` events.

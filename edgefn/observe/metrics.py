@@ -23,6 +23,8 @@ class Metrics:
                                       ["function", "outcome"], registry=r)
         self.event_seconds = Histogram("edgefn_event_seconds", "Receive to outputs handed to the broker.",
                                        ["function"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_events = Histogram("edgefn_batch_events", "Events handed to a function in one call.",
+                                      ["function"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.messages_published = Counter("edgefn_messages_published", "Messages acknowledged by the broker.",
                                           registry=r)
         self.inbox_depth = Gauge("edgefn_inbox_events", "Events in the inbox, not yet answered.", registry=r)

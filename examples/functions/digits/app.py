@@ -12,13 +12,13 @@ import math
 import struct
 import time
 
-from componentize_py_types import Err
+from componentize_py_types import Err, Ok
+from edgefn_guest import Function
 from wit_world.imports import host
 from wit_world.imports.types import Dtype, Message, Tensor
 
 N_PIXELS = 64
 _PACK = struct.Struct("<64f")
-_INPUT_SHAPE = [1, N_PIXELS]
 _info = None  # (name, version), asked once per instance
 
 
@@ -49,23 +49,50 @@ def _pixels(payload: bytes):
     return doc, packed
 
 
-class WitWorld:
+def _answer(event, doc, label, probs, ran_on):
+    name, version = _function_info()
+    out = {
+        "event_id": str(doc.get("id", event.id)),
+        "label": label,
+        "score": round(probs[label], 6),
+        "function": name,
+        "version": version,
+        "ran_on": ran_on,
+        "latency_ms": round(time.time() * 1000.0 - event.received_ms, 3),
+    }
+    device = event.topic.split("/")[1]
+    return [Message(f"results/{device}/digits", json.dumps(out).encode())]
+
+
+class WitWorld(Function):
     def handle(self, event):
-        doc, packed = _pixels(event.payload)
-        event_id = str(doc.get("id", event.id))
-        result = host.infer("digits", [Tensor(Dtype.FLOAT32, _INPUT_SHAPE, packed)])
-        label_t, probs_t = result.outputs
-        label = struct.unpack_from("<q", label_t.data)[0]
-        probs = struct.unpack(f"<{len(probs_t.data) // 4}f", probs_t.data)
-        name, version = _function_info()
-        device = event.topic.split("/")[1]
-        out = {
-            "event_id": event_id,
-            "label": label,
-            "score": round(probs[label], 6),
-            "function": name,
-            "version": version,
-            "ran_on": result.ran_on,
-            "latency_ms": round(time.time() * 1000.0 - event.received_ms, 3),
-        }
-        return [Message(f"results/{device}/digits", json.dumps(out).encode())]
+        answer = self.handle_batch([event])[0]
+        if isinstance(answer, Err):
+            raise answer
+        return answer.value
+
+    def handle_batch(self, events):
+        """One `infer` for every usable event of the batch; the others get their error."""
+        answers, usable = [None] * len(events), []
+        for i, event in enumerate(events):
+            try:
+                doc, packed = _pixels(event.payload)
+                usable.append((i, doc, packed))
+            except Err as err:
+                answers[i] = err
+        if usable:
+            batch = b"".join(packed for _, _, packed in usable)
+            try:
+                result = host.infer("digits", [Tensor(Dtype.FLOAT32, [len(usable), N_PIXELS], batch)])
+            except Err as err:
+                for i, _, _ in usable:
+                    answers[i] = err
+                return answers
+            label_t, probs_t = result.outputs
+            labels = struct.unpack(f"<{len(usable)}q", label_t.data)
+            probs = struct.unpack(f"<{len(probs_t.data) // 4}f", probs_t.data)
+            classes = len(probs) // len(usable)
+            for k, (i, doc, _) in enumerate(usable):
+                row = probs[k * classes:(k + 1) * classes]
+                answers[i] = Ok(_answer(events[i], doc, labels[k], row, result.ran_on))
+        return answers

@@ -18,6 +18,7 @@ socket    opens a TCP connection to 127.0.0.1:1 (there is no network to reach)
 import sys
 
 from componentize_py_types import Err
+from edgefn_guest import Function
 from wit_world.imports import host
 from wit_world.imports.types import Dtype, Message, Tensor
 
@@ -26,7 +27,7 @@ def _recurse(n):
     return _recurse(n + 1) + 1
 
 
-class WitWorld:
+class WitWorld(Function):
     def handle(self, event):
         what = bytes(event.payload).decode(errors="replace").strip()
         device = event.topic.split("/")[1]
