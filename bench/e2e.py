@@ -54,6 +54,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefn.childproc import stop_gracefully
+
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTION = ROOT / "examples" / "functions" / "digits"
 MODELS = ROOT / "models"
@@ -214,14 +216,7 @@ class System:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return stop_gracefully(proc)
 
 
 def _payload(event_id: str, pixels: list[int]) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from edgefn.childproc import stop_gracefully
 from edgefn.errors import EdgefnError
 from edgefn.functions.build import build, needs_build
 from edgefn.functions.manifest import load_manifest
@@ -208,12 +208,7 @@ def run_demo(duration: float | None, rate: float, devices: int, console: Console
             elapsed = time.perf_counter() - start
         finally:
             stop.set()
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(15)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
+            stop_gracefully(daemon)
             monitor.close()
         console.print(monitor.table(elapsed, final=True))
         lost = len(monitor.sent) - monitor.results

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sklearn.datasets import load_digits
 
+from edgefn.childproc import stop_gracefully
 from edgefn.daemon import Daemon
 from tests.conftest import MODELS, publish
 
@@ -218,12 +219,7 @@ def test_run_sigkill_mid_stream_loses_nothing(broker, collector, digits_fn, cli_
             answered = {d["event_id"] for _, d in results.messages}
         assert set(labels) <= answered, f"lost {len(set(labels) - answered)} events"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_gracefully(proc, 20)
 
 
 def test_run_stops_cleanly_on_sigterm(broker, collector, digits_fn, cli_state):

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgefn.childproc import stop_gracefully
 from edgefn.errors import BrokerError
 
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
@@ -72,13 +73,8 @@ class LocalBroker:
         return (Path(self._dir.name) / "mosquitto.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            stop_gracefully(self._proc, 5)
         self._proc = None
 
     def close(self) -> None:
