@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=default_state_dir, description="Journal and compiled-component cache.")
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1, description="Larger events go to the error topic, unseen by the function.")
     inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
     config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefn.config import Settings
-from edgefn.errors import EdgefnError, FunctionError
+from edgefn.errors import EdgefnError, FunctionError, PayloadTooLarge
 from edgefn.events import Event, Message
 from edgefn.functions.build import component_path, discover
 from edgefn.functions.manifest import Manifest, load_manifest
@@ -67,6 +67,7 @@ class _Answer:
 
     event_id: str
     remaining: int
+    failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def acked(self) -> bool:
@@ -138,14 +139,15 @@ class Daemon:
             self._work.put(event)
         if replay:
             log.info("replaying %d events left in the inbox", len(replay))
+        filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
+        # Ingress and the connection exist before any worker can publish (replayed events).
+        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
+                               more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay))
+        self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected)
         self._max_batch = max(f.manifest.limits.max_batch for f in self.functions)
         workers = max(2, sum(f.manifest.limits.instances for f in self.functions))
         for i in range(workers):
             self._spawn(self._work_loop, f"edgefn-worker-{i}")
-        filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
-        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
-                               more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay))
-        self.connection = Connection(s, self.ingress.on_message, filters)
         self._spawn(self._housekeeping, "edgefn-housekeeping")
         self.connection.start()
         if s.metrics_port is not None:
@@ -253,8 +255,13 @@ class Daemon:
     def _process(self, events: list[Event]) -> None:
         outputs: dict[str, list[Message]] = {e.id: [] for e in events}
         by_function: dict[int, tuple[LoadedFunction, list[Event]]] = {}
+        limit = self.settings.max_payload_bytes
         for event in events:
             for fn in self._route(event.topic):
+                if len(event.payload) > limit:  # refused before it costs the sandbox anything
+                    too_big = PayloadTooLarge(f"payload of {len(event.payload)} bytes exceeds max_payload_bytes ({limit})")
+                    outputs[event.id].extend(self._settle(fn, event, too_big))
+                    continue
                 by_function.setdefault(id(fn), (fn, []))[1].append(event)
         for fn, routed in by_function.values():
             for start in range(0, len(routed), fn.manifest.limits.max_batch):
@@ -283,11 +290,22 @@ class Daemon:
             return
         answer = _Answer(event.id, len(outputs))
         for message in outputs:
-            self.connection.publish(message.topic, message.payload, lambda a=answer: self._output_acked(a))
+            try:
+                self.connection.publish(message.topic, message.payload,
+                                        lambda refused, a=answer, t=message.topic: self._output_acked(a, t, refused))
+            except Exception:  # the event stays in the inbox and is answered again after a restart
+                log.exception("event %s: could not publish to %r", event.id, message.topic)
 
-    def _output_acked(self, answer: _Answer) -> None:
-        self.metrics.messages_published.inc()
-        if answer.acked():
+    def _output_acked(self, answer: _Answer, topic: str, refused: str | None) -> None:
+        if refused is not None:
+            # The broker said no (not authorized, quota, too large): the event stays in the inbox,
+            # to be answered again after a restart, rather than counted as delivered.
+            answer.failed = True
+            self.metrics.messages_refused.inc()
+            log.error("event %s: the broker refused the message on %r: %s", answer.event_id, topic, refused)
+        else:
+            self.metrics.messages_published.inc()
+        if answer.acked() and not answer.failed:
             self._mark_done(answer.event_id)
 
     def _mark_done(self, event_id: str) -> None:
@@ -298,19 +316,29 @@ class Daemon:
     def _flush_done(self) -> None:
         with self._done_lock:
             done, self._done = self._done, []
-        if done:
+        if not done:
+            return
+        try:
             self.inbox.done(done)
-            self.ingress.answered(len(done))
+        except Exception:
+            with self._done_lock:
+                self._done[:0] = done  # try again next time
+            raise
+        self.ingress.answered(len(done))
 
     def _housekeeping(self) -> None:
         tick = 0
         while not self._stopping.wait(_TICK_S):
-            self.ingress.flush()  # a group left behind by a non-event packet
-            tick += 1
-            if tick % _DONE_EVERY == 0:
-                self._flush_done()
-                self.metrics.inbox_depth.set(self.ingress.outstanding)
-                self.metrics.broker_connected.set(1 if self.connected else 0)
+            try:
+                self.ingress.flush()  # a group left behind by a non-event packet
+                tick += 1
+                if tick % _DONE_EVERY == 0:
+                    self._flush_done()
+                    self.metrics.inbox_depth.set(self.ingress.outstanding)
+                    self.metrics.broker_connected.set(1 if self.connected else 0)
+            except Exception:  # e.g. the disk is full: keep trying, loudly
+                log.exception("housekeeping failed; retrying")
+                time.sleep(0.5)
 
     def run_until(self, stop: threading.Event) -> None:
         self.start()

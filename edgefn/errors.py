@@ -12,7 +12,8 @@ at the module that talks to that layer.
         ├── GuestTrap        the guest trapped (a bug, a stack overflow)
         ├── GuestTimeout     the guest ran past its per-event deadline
         ├── GuestOutOfMemory the guest exceeded its memory limit
-        └── OutputRejected   the guest asked to publish what its manifest does not allow
+        ├── OutputRejected   the guest asked to publish what its manifest does not allow
+        └── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
 """
 
 from __future__ import annotations
@@ -66,3 +67,7 @@ class GuestOutOfMemory(FunctionError):
 
 class OutputRejected(FunctionError):
     reason = "output-rejected"
+
+
+class PayloadTooLarge(FunctionError):
+    reason = "payload-too-large"

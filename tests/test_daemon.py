@@ -16,7 +16,8 @@ from sklearn.datasets import load_digits
 
 from edgefn.childproc import stop_gracefully
 from edgefn.daemon import Daemon
-from tests.conftest import MODELS, publish
+from edgefn.mqtt.local_broker import LocalBroker
+from tests.conftest import MODELS, Collector, publish
 
 pytestmark = pytest.mark.broker
 
@@ -142,6 +143,40 @@ def test_daemon_backpressure_holds_events_past_the_inbox_bound(broker, daemon, c
         time.sleep(0.001)
     assert {doc["event_id"] for _, doc in results.wait_for(80)} == set(labels)
     assert peak <= 5
+
+
+def test_daemon_refuses_a_payload_past_the_bound_without_running_it(broker, daemon, collector):
+    errors = collector("edgefn/errors/#")
+    results = collector("results/+/digits")
+    daemon(max_payload_bytes=1000)
+    big = json.dumps({"id": "big", "pixels": [0] * 64, "padding": "x" * 2000}).encode()
+    publish(broker.port, "sensors/dev1/digits", [big, *digit_payloads(2, "small")[0]])
+    (topic, doc), = errors.wait_for(1)
+    assert doc["reason"] == "payload-too-large" and doc["event_id"] == "big" and "1000" in doc["error"]
+    assert len(results.wait_for(2)) == 2
+
+
+def test_daemon_keeps_an_event_whose_result_the_broker_refuses(tmp_path, settings_for, digits_fn):
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite sensors/#\ntopic readwrite results/allowed/#\ntopic readwrite edgefn/#\n")
+    with LocalBroker(extra_config=f"acl_file {acl}\n") as acl_broker:
+        results = Collector(acl_broker.port, "results/#")
+        d = Daemon(settings_for(acl_broker, digits_fn))
+        d.start()
+        try:
+            d.wait_connected(10)
+            publish(acl_broker.port, "sensors/denied/digits", digit_payloads(1, "denied")[0])
+            publish(acl_broker.port, "sensors/allowed/digits", digit_payloads(1, "allowed")[0])
+            assert [doc["event_id"] for _, doc in results.wait_for(1)] == ["allowed-0"]
+            deadline = time.monotonic() + 10
+            while "edgefn_messages_refused_total 1.0" not in d.metrics.render().decode() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)  # past a housekeeping flush: a delivered event would have left the inbox
+            assert "edgefn_messages_refused_total 1.0" in d.metrics.render().decode()
+            assert [e.topic for e in d.inbox.pending()] == ["sensors/denied/digits"]
+        finally:
+            d.stop(drain_timeout=0.5)
+            results.close()
 
 
 def test_daemon_serves_metrics_and_health_on_loopback(broker, daemon):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from edgefn.journal.inbox import Inbox
@@ -72,3 +73,35 @@ def test_ingress_after_close_takes_nothing_and_leaves_held_to_the_broker(tmp_pat
     ingress.on_message("t", b"c", 3, False)
     ingress.answered(1)
     assert wire.acked == [1] and len(delivered) == 1
+
+
+def test_ingress_disconnect_forgets_what_the_broker_will_redeliver(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path, max_events=1)
+    ingress.on_message("t", b"a", 1, False)
+    ingress.on_message("t", b"b", 2, False)  # held: past the bound
+    ingress.disconnected()
+    ingress.answered(1)
+    assert wire.acked == [1] and ingress.held == 0 and len(delivered) == 1
+
+
+class FailingOnce:
+    """An inbox whose first commit fails (a full disk), then recovers."""
+
+    def __init__(self, inbox: Inbox):
+        self.inbox, self.failed = inbox, False
+
+    def append_many(self, items):
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.inbox.append_many(items)
+
+
+def test_ingress_journal_failure_acknowledges_nothing_and_retries(tmp_path: Path):
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, delivered = Wire(inbox), []
+    ingress = Ingress(FailingOnce(inbox), 100, delivered.extend, wire.ack, lambda: False)
+    ingress.on_message("t", b"a", 7, False)
+    assert wire.acked == [] and delivered == [] and len(inbox) == 0
+    ingress.flush()
+    assert wire.acked == [7] and [e.payload for e in delivered] == [b"a"] and len(inbox) == 1

@@ -355,3 +355,10 @@ def test_batch_output_limits_apply_per_event(hostile: FunctionSandbox):
                                     for i, p in enumerate(["ok", "topic", "ok"])])
     assert isinstance(answers[1], OutputRejected)
     assert [m.payload for m in answers[0]] == [b"ok:l0"] and [m.payload for m in answers[2]] == [b"ok:l2"]
+
+
+@pytest.mark.parametrize(("what", "expected"), [("badtopic", "control character"), ("wildtopic", "wildcard")])
+def test_output_topic_a_broker_would_refuse_is_rejected(hostile: FunctionSandbox, what: str, expected: str):
+    with pytest.raises(OutputRejected, match=expected):
+        misdeed(hostile, what)
+    assert_ok(hostile)

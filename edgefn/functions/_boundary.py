@@ -27,6 +27,7 @@ from wasmtime.component import _types as wt
 
 __all__ = ["BoundaryError", "ExportCall", "add_host_func", "codec_for"]
 
+MAX_BYTES = 16 << 20  # the largest byte list lifted from a guest
 _SLOT = 32  # sizeof(wasmtime_component_val_t): a tag byte, then an 8-aligned union at +8
 _ENTRY = 48  # sizeof(wasmtime_component_valrecord_entry_t): name vec (16 bytes), then the value
 _K = {name: getattr(ffi, f"WASMTIME_COMPONENT_{name}").value for name in (
@@ -144,6 +145,8 @@ class _Bytes(Codec):
         n = _u64_at(addr + 8).value
         if not n:
             return b""
+        if n > MAX_BYTES:  # each byte is a 32-byte slot on this side: refuse before copying
+            raise BoundaryError(f"a byte list of {n} bytes exceeds the boundary's {MAX_BYTES} bytes")
         return ctypes.string_at(_ptr_at(addr + 16).value, n * _SLOT)[8::_SLOT]
 
 

@@ -35,7 +35,7 @@ from edgefn.errors import (
 from edgefn.events import Event, Message
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
-from edgefn.mqtt.topics import matches_any
+from edgefn.mqtt.topics import matches_any, topic_problem
 
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 HOST_INTERFACE = "edgefn:function/host@0.1.0"
@@ -268,6 +268,9 @@ class FunctionSandbox:
             except wasmtime.WasmtimeError as exc:
                 keep = False
                 raise _classify(exc, inst.stderr, self.limits.timeout_ms, self.limits.memory_mb) from None
+            except Exception as exc:  # a host function or the boundary failed mid-call
+                keep = False
+                raise GuestTrap(f"host side failed during the call: {type(exc).__name__}: {exc}") from exc
             inst.events += events
             return result
         finally:
@@ -289,6 +292,9 @@ class FunctionSandbox:
         for m in messages:
             ok = self._allowed_topics.get(m.topic)
             if ok is None:
+                problem = topic_problem(m.topic)
+                if problem:
+                    raise OutputRejected(f"topic {m.topic!r:.80} {problem}")
                 ok = matches_any(m.topic, allowed)
                 if len(self._allowed_topics) < 10_000:  # topics are per device: bounded, but be safe
                     self._allowed_topics[m.topic] = ok

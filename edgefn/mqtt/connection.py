@@ -33,6 +33,8 @@ log = logging.getLogger("edgefn.mqtt")
 
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
+MAX_AWAITING_ACK = 60_000
+OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
 OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
 
 
@@ -45,9 +47,14 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
         pass
 
 
+_NOT_YET = object()
+
+
 class Connection:
-    def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str]):
+    def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
+                 on_disconnect: Callable[[], None] | None = None):
         self._settings, self._on_message, self._filters = settings, on_message, list(filters)
+        self._on_disconnect = on_disconnect
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
         client.max_inflight_messages_set(100)
@@ -71,8 +78,9 @@ class Connection:
         client.on_publish = self._published
         client.on_socket_open = _no_delay
         self._client = client
-        self._acks: dict[int, Callable[[], None]] = {}
-        self._early: set[int] = set()  # PUBACKs that raced ahead of publish() returning
+        self._acks: dict[int, OnAcked] = {}
+        self._room = threading.Condition()  # mids wrap at 65,535: bound what awaits a PUBACK
+        self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of publish() returning
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self.last_error: str | None = None
@@ -117,6 +125,8 @@ class Connection:
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        if self._on_disconnect is not None:
+            self._on_disconnect()
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
             self.last_error = f"disconnected: {reason}"
             log.warning("%s (reconnecting)", self.last_error)
@@ -142,25 +152,32 @@ class Connection:
         self._client.ack(mid, 1)
 
     # -- egress ----------------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, on_acked: Callable[[], None]) -> None:
+    def publish(self, topic: str, payload: bytes, on_acked: OnAcked) -> None:
+        """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused.
+
+        Blocks while MAX_AWAITING_ACK messages await their PUBACK (a long broker outage), since
+        paho's message ids wrap at 65,535 and a reused id would overwrite a queued message."""
+        with self._room:
+            while len(self._acks) >= MAX_AWAITING_ACK:
+                self._room.wait(1.0)
         # Not under self._lock: paho calls on_publish holding its own mutex, which publish() takes.
         info = self._client.publish(topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {topic}: {mqtt.error_string(info.rc)}")
         with self._lock:
-            if info.mid in self._early:
-                self._early.discard(info.mid)
-                acked = True
-            else:
+            early = self._early.pop(info.mid, _NOT_YET)
+            if early is _NOT_YET:
                 self._acks[info.mid] = on_acked
-                acked = False
-        if acked:
-            on_acked()
+        if early is not _NOT_YET:
+            on_acked(early)
 
-    def _published(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+    def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
+        refused = str(reason) if reason.is_failure else None
         with self._lock:
             callback = self._acks.pop(mid, None)
             if callback is None:
-                self._early.add(mid)
+                self._early[mid] = refused
         if callback is not None:
-            callback()
+            with self._room:
+                self._room.notify_all()
+            callback(refused)

@@ -13,6 +13,7 @@ rest queued. They are journaled and acknowledged as answers make room (`answered
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -22,6 +23,7 @@ from edgefn.events import Event
 from edgefn.journal.inbox import Inbox
 
 GROUP = 256
+log = logging.getLogger("edgefn.ingress")
 
 _Received = tuple[str, bytes, int, float]  # topic, payload, mid, received_ms
 
@@ -61,7 +63,12 @@ class Ingress:
         if not self._pending:
             return
         group, self._pending = self._pending, []
-        events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received in group])
+        try:
+            events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received in group])
+        except Exception:  # disk full, I/O error: nothing acknowledged, try again on the next flush
+            self._pending[:0] = group
+            log.exception("cannot journal %d events; they stay unacknowledged", len(group))
+            return
         self.outstanding += len(events)
         for _, _, mid, _ in group:
             self._ack(mid)  # only now, with the group durable
@@ -74,6 +81,12 @@ class Ingress:
             while self._held and self.outstanding + len(self._pending) < self._max:
                 self._pending.append(self._held.popleft())
             self._flush()
+
+    def disconnected(self) -> None:
+        """The broker redelivers what was never acknowledged: forget the held copies."""
+        with self._lock:
+            self._held.clear()
+            self._pending.clear()  # not journaled, not acknowledged: redelivered too
 
     def close(self) -> None:
         """Stop taking events; what is pending is committed and acknowledged, what is held is not."""

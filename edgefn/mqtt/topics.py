@@ -16,3 +16,20 @@ def level(topic: str, index: int) -> str:
     """The `index`-th level of a topic ('' when it has fewer levels)."""
     parts = topic.split("/")
     return parts[index] if index < len(parts) else ""
+
+
+_FORBIDDEN = {chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0), 0xFFFE, 0xFFFF)}
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (None when it can): a broker drops the connection of a
+    client that sends a control character, and wildcards are for filters, not topics."""
+    if not topic:
+        return "is empty"
+    if "+" in topic or "#" in topic:
+        return "contains a wildcard (+ or #)"
+    if any(ch in _FORBIDDEN for ch in topic):
+        return "contains a control character"
+    if len(topic.encode()) > 65_535:
+        return "is longer than 65,535 bytes"
+    return None

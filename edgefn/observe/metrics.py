@@ -27,6 +27,8 @@ class Metrics:
                                       ["function"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.messages_published = Counter("edgefn_messages_published", "Messages acknowledged by the broker.",
                                           registry=r)
+        self.messages_refused = Counter("edgefn_messages_refused", "Messages the broker refused (PUBACK failure).",
+                                        registry=r)
         self.inbox_depth = Gauge("edgefn_inbox_events", "Events in the inbox, not yet answered.", registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
         self.model_info = Gauge("edgefn_model_loaded", "Loaded models, with the variant and delegate chosen.",

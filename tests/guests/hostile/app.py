@@ -13,6 +13,8 @@ model     calls a model its manifest does not list
 infer-bad calls the digits model with a wrongly sized tensor
 file      reads /etc/hostname and publishes its content (there is no file system to read)
 socket    opens a TCP connection to 127.0.0.1:1 (there is no network to reach)
+badtopic  publishes to a topic with a control character (a broker would drop the connection)
+wildtopic publishes to a topic with a wildcard
 """
 
 import sys
@@ -69,4 +71,8 @@ class WitWorld(Function):
 
             socket.create_connection(("127.0.0.1", 1))
             return ok
+        if what == "badtopic":
+            return [Message(f"results/{device}\x01/hostile", b"x")]
+        if what == "wildtopic":
+            return [Message("results/+/hostile", b"x")]
         raise Err(f"unknown misdeed {what!r}")
