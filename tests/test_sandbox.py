@@ -362,3 +362,21 @@ def test_output_topic_a_broker_would_refuse_is_rejected(hostile: FunctionSandbox
     with pytest.raises(OutputRejected, match=expected):
         misdeed(hostile, what)
     assert_ok(hostile)
+
+
+def test_pool_slot_survives_a_failed_renewal(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry,
+                                             monkeypatch: pytest.MonkeyPatch):
+    sandbox = _sandbox(runtime, hostile_fn, registry)  # one instance (the hostile manifest)
+    real = sandbox._new_instance
+    failures = iter([OSError("no space left on device")])
+
+    def flaky():
+        for exc in failures:
+            raise exc
+        return real()
+
+    monkeypatch.setattr(sandbox, "_new_instance", flaky)
+    with pytest.raises(GuestTrap):
+        misdeed(sandbox, "trap")  # the trapped instance goes, its renewal fails once
+    assert_ok(sandbox, "recovered")  # the slot is filled again instead of blocking forever
+    sandbox.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import logging
 import os
 import queue
 import tempfile
@@ -37,6 +38,7 @@ from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
 from edgefn.mqtt.topics import matches_any, topic_problem
 
+log = logging.getLogger("edgefn.sandbox")
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 HOST_INTERFACE = "edgefn:function/host@0.1.0"
 EPOCH_TICK_S = 0.01  # deadline granularity
@@ -175,6 +177,8 @@ class FunctionSandbox:
         self._deadline_ticks = max(1, round(self.limits.timeout_ms / 1000 / EPOCH_TICK_S))
         self._closed = False
         self._allowed_topics: dict[str, bool] = {}
+        self._missing = 0  # pool slots whose instance could not be renewed yet
+        self._missing_lock = threading.Lock()
         for _ in range(self.limits.instances):
             self._idle.put(self._new_instance())
 
@@ -259,7 +263,7 @@ class FunctionSandbox:
         """`call(instance)` on a warm instance under a deadline of `events` times the per-event one."""
         if self._closed:
             raise FunctionError(f"{self.manifest.name} is closed")
-        inst = self._idle.get()
+        inst = self._take()
         keep = True
         try:
             inst.handle.set_deadline(self._deadline_ticks * events)
@@ -280,7 +284,30 @@ class FunctionSandbox:
                 self._idle.put(inst)
             else:
                 inst.stderr.remove()
-                self._idle.put(self._new_instance())
+                self._renew()
+
+    def _renew(self) -> None:
+        """Put a fresh instance in the pool; if that fails now (no memory, /tmp full), the slot is
+        remembered and filled by a later `_take` instead of being lost for good."""
+        if self._closed:
+            return
+        try:
+            self._idle.put(self._new_instance())
+        except Exception:
+            log.exception("%s: cannot create an instance; will retry", self.manifest.name)
+            with self._missing_lock:
+                self._missing += 1
+
+    def _take(self) -> _Instance:
+        while True:
+            try:
+                return self._idle.get(timeout=1.0)
+            except queue.Empty:
+                with self._missing_lock:
+                    if not self._missing:
+                        continue
+                    self._missing -= 1
+                self._renew()
 
     def _check_outputs(self, messages: list[Message]) -> list[Message]:
         limits, allowed = self.limits, self.manifest.publish.topics
