@@ -159,6 +159,7 @@ def fn_invoke(
     from edgefn.functions.build import component_path, needs_build
     from edgefn.functions.manifest import load_manifest
     from edgefn.functions.sandbox import FunctionSandbox, Runtime
+    from edgefn.functions.state import StateStore
     from edgefn.inference.registry import ModelRegistry
 
     body = _read_payload(payload)
@@ -167,9 +168,10 @@ def fn_invoke(
         if needs_build(folder, manifest):
             _build_stale([folder])
         registry = ModelRegistry(models or [Path("models")])
+        state = StateStore((state_dir or default_state_dir()) / "state.sqlite")
         with Runtime((state_dir or default_state_dir()) / "components") as runtime:
             sandbox = FunctionSandbox(runtime, manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})}),
-                                      component_path(folder, manifest), FunctionHost(manifest.name, registry))
+                                      component_path(folder, manifest), FunctionHost(manifest.name, registry, state))
             event = Event("invoke-1", topic, body, time.time() * 1000)
             try:
                 messages, code = sandbox.handle(event), 0
@@ -177,6 +179,7 @@ def fn_invoke(
                 messages, code = [error_message(manifest, event, exc)], 1
             finally:
                 sandbox.close()
+                state.close()
     except EdgefnError as exc:
         _fail(exc)
     for m in messages:

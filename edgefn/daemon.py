@@ -27,6 +27,7 @@ from edgefn.events import Event, Message
 from edgefn.functions.build import component_path, discover
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime, Tensor
+from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
 from edgefn.journal.inbox import Inbox
 from edgefn.mqtt.connection import Connection
@@ -41,11 +42,17 @@ _DONE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transact
 
 
 class FunctionHost:
-    """The host side of one function's sandbox: its models and its log."""
+    """The host side of one function's sandbox: its models, its state and its log."""
 
-    def __init__(self, name: str, registry: ModelRegistry):
-        self.name, self.registry = name, registry
+    def __init__(self, name: str, registry: ModelRegistry, state: StateStore):
+        self.name, self.registry, self.state = name, registry, state
         self._log = logging.getLogger(f"edgefn.fn.{name}")
+
+    def state_get(self, key: str) -> bytes | None:
+        return self.state.get(self.name, key)
+
+    def state_set(self, key: str, value: bytes) -> None:
+        self.state.set(self.name, key, value)
 
     def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
         return self.registry.infer(model, inputs), "local"
@@ -122,12 +129,13 @@ class Daemon:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = Runtime(s.state_dir / "components")
         self.registry = ModelRegistry(s.models)
+        self.state = StateStore(s.state_dir / "state.sqlite")
         for folder in discover(s.functions):
             manifest = load_manifest(folder)
             wasm = component_path(folder, manifest)
             if not wasm.exists():
                 raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
-            host = FunctionHost(manifest.name, self.registry)
+            host = FunctionHost(manifest.name, self.registry, self.state)
             for model in manifest.models.use:
                 backend = self.registry.get(model)  # load now: a missing model fails the start, not an event
                 self.metrics.model_info.labels(model, "fp32-onnx", backend.delegate).set(1)
@@ -198,6 +206,7 @@ class Daemon:
             f.sandbox.close()
         self.runtime.close()
         self.inbox.close()
+        self.state.close()
 
     def _answers_pending(self) -> bool:
         with self._done_lock:

@@ -25,6 +25,7 @@ from edgefn.events import Event
 from edgefn.functions.build import component_path
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
+from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
 from tests.conftest import MODELS
 
@@ -38,7 +39,7 @@ def registry() -> ModelRegistry:
 
 def _sandbox(runtime: Runtime, folder: Path, registry: ModelRegistry, manifest: Manifest | None = None) -> FunctionSandbox:
     manifest = manifest or load_manifest(folder)
-    return FunctionSandbox(runtime, manifest, component_path(folder, manifest), FunctionHost(manifest.name, registry))
+    return FunctionSandbox(runtime, manifest, component_path(folder, manifest), FunctionHost(manifest.name, registry, StateStore(":memory:")))
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +308,7 @@ def test_component_cache_corrupted_file_is_recompiled(tmp_path: Path, hostile_fn
     junk = cache / good.name
     junk.write_bytes(b"not a compiled component" * 100)
     with Runtime(cache) as fresh:
-        sandbox = FunctionSandbox(fresh, manifest, wasm, FunctionHost(manifest.name, registry))
+        sandbox = FunctionSandbox(fresh, manifest, wasm, FunctionHost(manifest.name, registry, StateStore(":memory:")))
         try:
             assert_ok(sandbox)
         finally:
@@ -380,3 +381,29 @@ def test_pool_slot_survives_a_failed_renewal(runtime: Runtime, hostile_fn: Path,
         misdeed(sandbox, "trap")  # the trapped instance goes, its renewal fails once
     assert_ok(sandbox, "recovered")  # the slot is filled again instead of blocking forever
     sandbox.close()
+
+
+def test_state_outlives_instances_and_restarts(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry,
+                                               tmp_path: Path):
+    def counts(store: StateStore, n: int) -> list[bytes]:
+        manifest = load_manifest(hostile_fn)
+        sandbox = FunctionSandbox(runtime, manifest, component_path(hostile_fn, manifest),
+                                  FunctionHost(manifest.name, registry, store))
+        try:
+            got = [misdeed(sandbox, "count")[0].payload for _ in range(n)]
+            with pytest.raises(GuestTrap):
+                misdeed(sandbox, "trap")  # a fresh instance afterwards: the state is not in it
+            got.append(misdeed(sandbox, "count")[0].payload)
+            return got
+        finally:
+            sandbox.close()
+            store.close()
+
+    assert counts(StateStore(tmp_path / "state.sqlite"), 2) == [b"1", b"2", b"3"]
+    assert counts(StateStore(tmp_path / "state.sqlite"), 1) == [b"4", b"5"]  # as after a restart
+
+
+def test_state_past_its_bound_traps_with_the_reason(hostile: FunctionSandbox):
+    with pytest.raises(GuestTrap, match="64 KiB"):
+        misdeed(hostile, "bigstate")
+    assert_ok(hostile)

@@ -50,6 +50,8 @@ class Host(Protocol):
 
     def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]: ...
     def log(self, level: int, message: str) -> None: ...
+    def state_get(self, key: str) -> bytes | None: ...
+    def state_set(self, key: str, value: bytes) -> None: ...
 
 
 class Runtime:
@@ -200,8 +202,8 @@ class FunctionSandbox:
         with linker.root() as root, root.add_instance(HOST_INTERFACE) as iface:
             add_host_func(iface, "infer", infer)
             add_host_func(iface, "log", host.log)
-            add_host_func(iface, "state-get", lambda key: None)
-            add_host_func(iface, "state-set", lambda key, value: None)
+            add_host_func(iface, "state-get", host.state_get)
+            add_host_func(iface, "state-set", host.state_set)
             add_host_func(iface, "info", lambda: info)
         return linker
 

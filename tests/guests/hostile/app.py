@@ -15,6 +15,8 @@ file      reads /etc/hostname and publishes its content (there is no file system
 socket    opens a TCP connection to 127.0.0.1:1 (there is no network to reach)
 badtopic  publishes to a topic with a control character (a broker would drop the connection)
 wildtopic publishes to a topic with a wildcard
+count     adds one to the counter "n" in its state and publishes the new value
+bigstate  stores a 100 KiB state value (past the 64 KiB bound)
 """
 
 import sys
@@ -75,4 +77,11 @@ class WitWorld(Function):
             return [Message(f"results/{device}\x01/hostile", b"x")]
         if what == "wildtopic":
             return [Message("results/+/hostile", b"x")]
+        if what == "count":
+            n = int(host.state_get("n") or b"0") + 1
+            host.state_set("n", str(n).encode())
+            return [Message(f"results/{device}/hostile", str(n).encode())]
+        if what == "bigstate":
+            host.state_set("big", b"x" * 100 * 1024)
+            return ok
         raise Err(f"unknown misdeed {what!r}")
