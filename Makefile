@@ -40,7 +40,7 @@ bench: setup
 	$(BIN)/python bench/e2e.py
 
 lint: setup
-	$(BIN)/ruff check edgefn tests bench models
+	$(BIN)/ruff check edgefn tests bench models examples
 
 models: setup
 	$(BIN)/python models/digits/build.py

@@ -32,17 +32,17 @@ def _function_info():
 
 def _pixels(payload: bytes):
     """The parsed document and its pixels packed as float32; Err says what is wrong."""
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Err(f"payload is not JSON: {exc}")
+    try:  # MQTT JSON is UTF-8; json.loads(bytes) would guess UTF-16/32, codecs this Python lacks
+        doc = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise Err(f"payload is not JSON: {exc}") from None
     pixels = doc.get("pixels") if isinstance(doc, dict) else None
     if not isinstance(pixels, list) or len(pixels) != N_PIXELS:
         raise Err(f"payload must be a JSON object with 'pixels': a list of {N_PIXELS} numbers")
-    try:
-        packed = _PACK.pack(*pixels)  # C-level checks: each element must be a number
+    try:  # builtins do the per-pixel checks in C; a non-number raises TypeError
         in_range = 0 <= min(pixels) and max(pixels) <= 16 and math.isfinite(math.fsum(pixels))
-    except (struct.error, TypeError):
+        packed = _PACK.pack(*pixels) if in_range else b""
+    except (struct.error, TypeError, OverflowError):
         in_range = False
     if not in_range:
         raise Err("'pixels' must hold numbers from 0 to 16")

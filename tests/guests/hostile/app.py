@@ -17,14 +17,25 @@ badtopic  publishes to a topic with a control character (a broker would drop the
 wildtopic publishes to a topic with a wildcard
 count     adds one to the counter "n" in its state and publishes the new value
 bigstate  stores a 100 KiB state value (past the 64 KiB bound)
+infer:{json}  calls host.infer with the model, dtype, shape and hex data of the JSON after the colon
+              (for fuzzing the host side of infer); publishes the output shapes, or its error
 """
 
+import json
 import sys
 
 from componentize_py_types import Err
 from edgefn_guest import Function
 from wit_world.imports import host
 from wit_world.imports.types import Dtype, Message, Tensor
+
+
+def _infer_args(text, device):
+    args = json.loads(text)
+    tensors = [Tensor(Dtype[t["dtype"].upper()], t["shape"], bytes.fromhex(t["data"])) for t in args["inputs"]]
+    result = host.infer(args["model"], tensors)  # an error value raises Err: the event's error
+    shapes = json.dumps([list(t.shape) for t in result.outputs])
+    return [Message(f"results/{device}/hostile", shapes.encode())]
 
 
 def _recurse(n):
@@ -35,6 +46,8 @@ class WitWorld(Function):
     def handle(self, event):
         what = bytes(event.payload).decode(errors="replace").strip()
         device = event.topic.split("/")[1]
+        if what.startswith("infer:"):
+            return _infer_args(what[len("infer:"):], device)
         ok = [Message(f"results/{device}/hostile", b"ok:" + event.id.encode())]
         if what == "ok":
             return ok
