@@ -11,7 +11,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from sklearn.datasets import load_digits
 
 from edgefn.childproc import stop_gracefully
@@ -177,6 +181,55 @@ def test_daemon_keeps_an_event_whose_result_the_broker_refuses(tmp_path, setting
         finally:
             d.stop(drain_timeout=0.5)
             results.close()
+
+
+class SessionClient:
+    """A test client with a persistent MQTT 5 session that survives a broker restart."""
+
+    def __init__(self, port: int, name: str, subscribe: str | None = None):
+        self.ids: set[str] = set()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda _c, _u, m: self.ids.add(json.loads(m.payload)["event_id"])
+        if subscribe:
+            self.client.on_connect = lambda c, *_a: c.subscribe(subscribe, qos=1)
+        self.client.reconnect_delay_set(0.2, 1)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        props.ReceiveMaximum = 65535
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.mark.slow
+def test_daemon_broker_restart_mid_stream_loses_nothing(settings_for, digits_fn):
+    with LocalBroker(persistent=True) as b:
+        results = SessionClient(b.port, "results", subscribe="results/+/digits")
+        sensor = SessionClient(b.port, "sensor")
+        d = Daemon(settings_for(b, digits_fn))
+        d.start()
+        try:
+            d.wait_connected(10)
+            time.sleep(0.3)
+            payloads, labels = digit_payloads(600, "restart")
+            for i, p in enumerate(payloads):
+                sensor.client.publish("sensors/dev4/digits", p, qos=1)
+                if i == 200:
+                    b.restart(down_for=1.0)  # mid-stream: results in flight, events unacknowledged
+                time.sleep(0.002)
+            deadline = time.monotonic() + 60
+            while not set(labels) <= results.ids and time.monotonic() < deadline:
+                time.sleep(0.1)
+            missing = set(labels) - results.ids
+            assert not missing, f"{len(missing)} of {len(labels)} events got no result"
+        finally:
+            d.stop(drain_timeout=2)
+            results.close()
+            sensor.close()
 
 
 def test_daemon_serves_metrics_and_health_on_loopback(broker, daemon):

@@ -36,9 +36,10 @@ class LocalBroker:
     mosquitto's defaults are kept otherwise, so what runs here is what a stock broker does.
     """
 
-    def __init__(self, port: int | None = None, extra_config: str = ""):
+    def __init__(self, port: int | None = None, extra_config: str = "", persistent: bool = False):
         self.port = port or free_port()
         self._extra = extra_config
+        self._persistent = persistent  # sessions and queued messages survive a restart()
         self._dir = tempfile.TemporaryDirectory(prefix="edgefn-mosquitto-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -51,10 +52,14 @@ class LocalBroker:
         # per_listener_settings: extra listeners (TLS, passwords) carry their own rules.
         # `user`: run as whoever started it (as root, mosquitto would switch to its own user and
         # lose access to the files named in extra_config).
-        conf.write_text(f"user {getpass.getuser()}\nper_listener_settings true\npersistence false\nset_tcp_nodelay true\n"
+        persistence = (f"persistence true\npersistence_location {self._dir.name}/\n" if self._persistent
+                       else "persistence false\n")
+        conf.write_text(f"user {getpass.getuser()}\nper_listener_settings true\n{persistence}set_tcp_nodelay true\n"
                         f"log_dest stderr\nlog_type error\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
                         f"{self._extra}\n")
-        self._log = open(Path(self._dir.name) / "mosquitto.log", "wb")
+        if hasattr(self, "_log"):
+            self._log.close()  # a restart
+        self._log = open(Path(self._dir.name) / "mosquitto.log", "ab")
         # Its own session: a Ctrl-C meant for the demo must not take the broker down first.
         self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self._log, stderr=self._log,
                                       start_new_session=True)
@@ -68,6 +73,12 @@ class LocalBroker:
             except OSError:
                 time.sleep(0.05)
         raise BrokerError(f"mosquitto did not listen on port {self.port} within 10 s")
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the broker (cleanly: a persistent one saves its state) and start it again."""
+        self.stop()
+        time.sleep(down_for)
+        self.start()
 
     def log_text(self) -> str:
         return (Path(self._dir.name) / "mosquitto.log").read_text(errors="replace")
