@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -308,6 +310,49 @@ def test_run_sigkill_mid_stream_loses_nothing(broker, collector, digits_fn, cli_
         assert set(labels) <= answered, f"lost {len(set(labels) - answered)} events"
     finally:
         stop_gracefully(proc, 20)
+
+
+@pytest.mark.slow
+def test_run_sigkilled_ten_times_in_a_stream_of_10000_loses_nothing(digits_fn, cli_state):
+    # While the daemon is down, the broker queues its events; mosquitto's default of 1000 per
+    # client would drop the rest of a 2,000/s stream, so this broker (as a deployment should)
+    # keeps more.
+    rng = random.Random(7)
+    with LocalBroker(extra_config="max_queued_messages 100000\n") as b:
+        results = SessionClient(b.port, "results", subscribe="results/+/digits")
+        sensor = SessionClient(b.port, "sensor")
+        payloads, labels = digit_payloads(10_000, "k10")
+        proc = _run_cli(b, digits_fn, cli_state, "edgefn-kill10")
+        sending = threading.Thread(target=lambda: [
+            (sensor.client.publish("sensors/dev9/digits", p, qos=1), time.sleep(0.0005)) for p in payloads])
+        try:
+            for n in range(200):  # until the daemon's session (and so its subscription) exists
+                sensor.client.publish("sensors/probe/digits", digit_payloads(1, f"probe{n}")[0][0], qos=1)
+                wait_until(lambda: results.ids, 0.3)
+                if results.ids:
+                    break
+            sending.start()
+            for _ in range(10):
+                seen = len(results.ids)
+                wait_until(lambda seen=seen: len(results.ids) > seen + 20, 60)  # it is serving again
+                time.sleep(rng.uniform(0, 0.3))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                proc = _run_cli(b, digits_fn, cli_state, "edgefn-kill10")
+            sending.join()
+            wait_until(lambda: set(labels) <= results.ids, 120)
+            missing = set(labels) - results.ids
+            assert not missing, f"lost {len(missing)} of {len(labels)} events"
+        finally:
+            stop_gracefully(proc, 20)
+            results.close()
+            sensor.close()
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def test_run_stops_cleanly_on_sigterm(broker, collector, digits_fn, cli_state):
