@@ -14,7 +14,8 @@ help:
 	@echo "make demo   - local broker + daemon + digits function + simulated sensors, live table"
 	@echo "              (make demo DEMO_ARGS=\"--duration 30\" stops by itself)"
 	@echo "make test   - the whole test suite (real mosquitto, real models, real components)"
-	@echo "make bench  - bench/e2e.py: edgefn against a plain paho + onnxruntime script"
+	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script)"
+	@echo "              and bench/reliability.py (journal cost, SIGKILL loop)"
 	@echo "make models - rebuild models/digits from scikit-learn's digits data"
 
 setup: $(BIN)/.installed mosquitto
@@ -38,6 +39,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/reliability.py
 
 lint: setup
 	$(BIN)/ruff check edgefn tests bench models examples

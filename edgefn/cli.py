@@ -49,6 +49,7 @@ def run(
     cert_file: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Client private key (PEM) for mutual TLS.")] = None,
     client_id: Annotated[str | None, typer.Option(help="MQTT client id (the broker keeps its session).")] = None,
+    journal: Annotated[str | None, typer.Option(help="disk (default: events survive a crash) or memory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with any of these settings.")] = None,
     build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
@@ -64,7 +65,7 @@ def run(
     try:
         settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
-                                 cert_file=cert_file, key_file=key_file, client_id=client_id)
+                                 cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal)
         if build:
             _build_stale(settings.functions)
         daemon = Daemon(settings)

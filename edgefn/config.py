@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, description="Larger events go to the error topic, unseen by the function.")
+    journal: Literal["disk", "memory"] = Field(
+        default="disk", description="disk: events survive a crash; memory: they do not (for measuring the journal's cost).")
     inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
     config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
 

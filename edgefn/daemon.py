@@ -141,7 +141,7 @@ class Daemon:
                 self.metrics.model_info.labels(model, "fp32-onnx", backend.delegate).set(1)
             self.functions.append(LoadedFunction(manifest, folder, FunctionSandbox(self.runtime, manifest, wasm, host)))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
-        self.inbox = Inbox(s.state_dir / "inbox.sqlite")
+        self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay = self.inbox.pending()
         for event in replay:
             self._work.put(event)

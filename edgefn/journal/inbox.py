@@ -31,8 +31,9 @@ CREATE TABLE IF NOT EXISTS inbox (
 class Inbox:
     """Events received and not yet answered; one writer connection shared under a lock."""
 
-    def __init__(self, path: Path, durability: Literal["process", "full"] = "process"):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path | str, durability: Literal["process", "full"] = "process"):
+        if str(path) != ":memory:":  # ":memory:" keeps nothing across a crash (--journal memory)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")

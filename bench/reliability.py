@@ -1,0 +1,157 @@
+"""Reliability benchmark: what the journal costs, and what a crash loop loses.
+
+One private mosquitto (its per-client queue raised to 100,000: while the daemon is down the
+broker must hold what arrives, and mosquitto's default of 1000 would drop it), the digits
+function and model, `edgefn run` as a child process:
+
+  journal cost   a burst of --burst QoS1 events (default 5,000) against `edgefn run --journal disk`
+                 (events committed before their PUBACK: the default) and against `--journal memory`
+                 (nothing survives a crash), one after the other; throughput of each and the ratio.
+                 Target: the journal costs at most 20 %.
+  SIGKILL loop   --stream events (default 10,000) published at about 2,000/s while the daemon is
+                 SIGKILLed --kills times (default 10) at random moments, each time once it is
+                 serving again, then restarted on the same state dir; events sent, answered,
+                 lost, duplicated. Target: zero lost.
+
+The broker-restart case is covered by tests/test_daemon.py (a persistent mosquitto restarted
+mid-stream); its figures are not repeated here.
+
+    .venv/bin/python bench/reliability.py [--burst N] [--stream N] [--kills N] [--json-only]
+
+Results also go to bench/results/reliability.json. Exit status 0 whatever the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import e2e  # noqa: E402  (the e2e benchmark's clients and child-process handling)
+
+from edgefn.mqtt.local_broker import LocalBroker  # noqa: E402
+
+RESULTS = e2e.ROOT / "bench" / "results" / "reliability.json"
+
+
+def _edgefn(name: str, broker: LocalBroker, workdir: Path, journal: str) -> e2e.System:
+    return e2e.System(name, [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url,
+                             "--functions", str(e2e.FUNCTION), "--models", str(e2e.MODELS),
+                             "--state-dir", str(workdir / name), "--client-id", f"bench-{name}",
+                             "--journal", journal, "--no-build", "--log-level", "error"], workdir)
+
+
+def journal_cost(broker: LocalBroker, clients: e2e.Clients, workdir: Path, n: int, images, labels) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for journal in ("disk", "memory"):
+        system = _edgefn(f"journal-{journal}", broker, workdir, journal)
+        system.start()
+        try:
+            topic = f"sensors/{system.name}/digits"
+            e2e._wait_ready(clients, system, topic, images)
+            out[journal] = e2e._burst(clients, system, topic, images, labels, n, {})
+        finally:
+            system.stop()
+            clients.reset()
+    out["throughput_ratio_disk_over_memory"] = (out["disk"]["throughput_eps"] / out["memory"]["throughput_eps"]
+                                                if out["memory"]["throughput_eps"] else float("nan"))
+    return out
+
+
+def kill_loop(broker: LocalBroker, clients: e2e.Clients, workdir: Path, n: int, kills: int, images,
+              labels) -> dict[str, Any]:
+    rng = random.Random(11)
+    system = _edgefn("killed", broker, workdir, "disk")
+    topic = f"sensors/{system.name}/digits"
+    system.start()
+    e2e._wait_ready(clients, system, topic, images)
+    ids = [f"kill-{i}" for i in range(n)]
+    with clients.lock:
+        for i, event_id in enumerate(ids):
+            clients.expected[event_id] = labels[i % len(labels)]
+
+    def send() -> None:
+        for i, event_id in enumerate(ids):
+            clients.pub.publish(topic, e2e._payload(event_id, images[i % len(images)]), qos=1)
+            time.sleep(0.0005)
+
+    sender = threading.Thread(target=send)
+    t0 = time.perf_counter()
+    sender.start()
+    killed_at = []
+    try:
+        for _ in range(kills):
+            with clients.lock:
+                seen = len(clients.arrived)
+            while True:  # serving again: some new answers since the last start
+                time.sleep(0.02)
+                with clients.lock:
+                    if len(clients.arrived) > seen + 20 or len(clients.arrived) >= n:
+                        break
+            time.sleep(rng.uniform(0, 0.3))
+            with clients.lock:
+                killed_at.append(len(clients.arrived))
+            if system.proc is not None:
+                system.proc.send_signal(signal.SIGKILL)
+                system.proc.wait()
+            system.start()
+        sender.join()
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline:
+            with clients.lock:
+                if len(clients.arrived) >= n:
+                    break
+            time.sleep(0.1)
+        time.sleep(1.0)  # late duplicates
+    finally:
+        system.stop()
+    with clients.lock:
+        answered, duplicates = len(clients.arrived), clients.duplicates
+    clients.reset()
+    return {"events": n, "kills": kills, "answered_at_each_kill": killed_at, "answered": answered,
+            "lost": n - answered, "duplicates": duplicates, "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--burst", type=int, default=5000, help="events in each journal-cost burst")
+    parser.add_argument("--stream", type=int, default=10_000, help="events in the SIGKILL loop")
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs during the stream")
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
+    args = parser.parse_args(argv)
+    images, labels = e2e._digits()
+    with LocalBroker(extra_config="max_queued_messages 100000\n") as broker, \
+            tempfile.TemporaryDirectory(prefix="edgefn-reliability-") as tmp:
+        clients = e2e.Clients(broker.port)
+        try:
+            doc = {"benchmark": "bench/reliability.py", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "journal_cost": journal_cost(broker, clients, Path(tmp), args.burst, images, labels),
+                   "sigkill_loop": kill_loop(broker, clients, Path(tmp), args.stream, args.kills, images, labels)}
+        finally:
+            clients.close()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.json_only:
+        print(json.dumps(doc, indent=2))
+        return 0
+    jc, kl = doc["journal_cost"], doc["sigkill_loop"]
+    cost = 1 - jc["throughput_ratio_disk_over_memory"]
+    print(f"journal cost: disk {jc['disk']['throughput_eps']:,.0f} events/s (lost {jc['disk']['lost']}) vs "
+          f"memory {jc['memory']['throughput_eps']:,.0f} events/s (lost {jc['memory']['lost']}): "
+          f"{cost:+.1%} throughput  [target <= 20 %: {'met' if cost <= 0.20 else 'missed'}]")
+    print(f"SIGKILL x{kl['kills']} during {kl['events']:,} events: answered {kl['answered']:,}, lost {kl['lost']}, "
+          f"duplicates {kl['duplicates']}  [target 0 lost: {'met' if kl['lost'] == 0 else 'missed'}]")
+    print(f"results written to {RESULTS.relative_to(e2e.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
