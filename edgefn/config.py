@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, description="Larger events go to the error topic, unseen by the function.")
     journal: Literal["disk", "memory"] = Field(
         default="disk", description="disk: events survive a crash; memory: they do not (for measuring the journal's cost).")
+    inbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Payload bytes held in the inbox before ingress stops acknowledging.")
     inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
     config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
 

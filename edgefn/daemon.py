@@ -73,6 +73,7 @@ class _Answer:
     """Outputs of one event still waiting for the broker's PUBACK."""
 
     event_id: str
+    size: int  # payload bytes, for the inbox's byte bound
     remaining: int
     failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,7 +116,7 @@ class Daemon:
         self.settings = settings
         self.metrics = Metrics()
         self._work: queue.Queue[Event | None] = queue.Queue()
-        self._done: list[str] = []
+        self._done: list[tuple[str, int]] = []  # (event id, payload bytes) answered, not yet forgotten
         self._done_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -150,7 +151,8 @@ class Daemon:
         filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
-                               more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay))
+                               more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
+                               max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(len(e.payload) for e in replay))
         self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected)
         self._max_batch = max(f.manifest.limits.max_batch for f in self.functions)
         workers = max(2, sum(f.manifest.limits.instances for f in self.functions))
@@ -295,9 +297,9 @@ class Daemon:
 
     def _publish(self, event: Event, outputs: list[Message]) -> None:
         if not outputs:
-            self._mark_done(event.id)
+            self._mark_done(event.id, len(event.payload))
             return
-        answer = _Answer(event.id, len(outputs))
+        answer = _Answer(event.id, len(event.payload), len(outputs))
         for message in outputs:
             try:
                 self.connection.publish(message.topic, message.payload,
@@ -315,11 +317,11 @@ class Daemon:
         else:
             self.metrics.messages_published.inc()
         if answer.acked() and not answer.failed:
-            self._mark_done(answer.event_id)
+            self._mark_done(answer.event_id, answer.size)
 
-    def _mark_done(self, event_id: str) -> None:
+    def _mark_done(self, event_id: str, size: int) -> None:
         with self._done_lock:
-            self._done.append(event_id)
+            self._done.append((event_id, size))
 
     # -- housekeeping --------------------------------------------------------------------------------
     def _flush_done(self) -> None:
@@ -328,12 +330,12 @@ class Daemon:
         if not done:
             return
         try:
-            self.inbox.done(done)
+            self.inbox.done([event_id for event_id, _ in done])
         except Exception:
             with self._done_lock:
                 self._done[:0] = done  # try again next time
             raise
-        self.ingress.answered(len(done))
+        self.ingress.answered(len(done), sum(size for _, size in done))
 
     def _housekeeping(self) -> None:
         tick = 0

@@ -105,3 +105,22 @@ def test_ingress_journal_failure_acknowledges_nothing_and_retries(tmp_path: Path
     assert wire.acked == [] and delivered == [] and len(inbox) == 0
     ingress.flush()
     assert wire.acked == [7] and [e.payload for e in delivered] == [b"a"] and len(inbox) == 1
+
+
+def test_ingress_holds_events_past_the_byte_bound(tmp_path: Path):
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, delivered = Wire(inbox), []
+    ingress = Ingress(inbox, 1000, delivered.extend, wire.ack, lambda: False, max_bytes=250)
+    for mid in range(1, 5):
+        ingress.on_message("t", b"x" * 100, mid, False)
+    assert wire.acked == [1, 2] and ingress.held == 2 and ingress.outstanding_bytes == 200
+    ingress.answered(1, 100)
+    assert wire.acked == [1, 2, 3] and ingress.held == 1
+
+
+def test_ingress_takes_one_event_larger_than_the_byte_bound_when_empty(tmp_path: Path):
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, delivered = Wire(inbox), []
+    ingress = Ingress(inbox, 1000, delivered.extend, wire.ack, lambda: False, max_bytes=10)
+    ingress.on_message("t", b"x" * 100, 1, False)  # never stuck behind its own size
+    assert wire.acked == [1]

@@ -6,7 +6,8 @@ lone event is committed at once and a burst costs one commit per group instead o
 A group that ends while the socket still looked readable (a ping response, say) is flushed by
 `flush()`, which the daemon calls every few milliseconds.
 
-Backpressure: when the inbox holds `max_events` unanswered events, new ones are held in memory
+Backpressure: when the inbox holds `max_events` unanswered events or `max_bytes` of their
+payloads, new ones are held in memory
 unacknowledged; the broker keeps sending up to the session's Receive Maximum and then keeps the
 rest queued. They are journaled and acknowledged as answers make room (`answered`).
 """
@@ -30,10 +31,13 @@ _Received = tuple[str, bytes, int, float]  # topic, payload, mid, received_ms
 
 class Ingress:
     def __init__(self, inbox: Inbox, max_events: int, deliver: Callable[[list[Event]], None],
-                 ack: Callable[[int], None], more_waiting: Callable[[], bool], outstanding: int = 0):
-        self._inbox, self._max, self._deliver = inbox, max_events, deliver
+                 ack: Callable[[int], None], more_waiting: Callable[[], bool], outstanding: int = 0,
+                 max_bytes: int = 1 << 62, outstanding_bytes: int = 0):
+        self._inbox, self._max, self._max_bytes, self._deliver = inbox, max_events, max_bytes, deliver
         self._ack, self._more_waiting = ack, more_waiting
         self.outstanding = outstanding  # journaled and not yet answered
+        self.outstanding_bytes = outstanding_bytes  # their payload bytes
+        self._pending_bytes = 0
         self.accepting = True
         self._pending: list[_Received] = []  # received, not yet committed
         self._held: deque[_Received] = deque()  # past the bound: not journaled, not acknowledged
@@ -48,12 +52,23 @@ class Ingress:
             if not self.accepting:
                 return  # not acknowledged: the broker keeps it for the next start
             item = (topic, payload, mid, time.time() * 1000.0)
-            if self._held or self.outstanding + len(self._pending) >= self._max:
+            if self._held or self._full(len(payload)):
                 self._held.append(item)
                 return
-            self._pending.append(item)
+            self._take(item)
             if len(self._pending) >= GROUP or not self._more_waiting():
                 self._flush()
+
+    def _full(self, size: int) -> bool:
+        """No room for one more event of `size` bytes (an empty inbox always has room)."""
+        events = self.outstanding + len(self._pending)
+        if events == 0:
+            return False
+        return events >= self._max or self.outstanding_bytes + self._pending_bytes + size > self._max_bytes
+
+    def _take(self, item: _Received) -> None:
+        self._pending.append(item)
+        self._pending_bytes += len(item[1])
 
     def flush(self) -> None:
         with self._lock:
@@ -70,16 +85,19 @@ class Ingress:
             log.exception("cannot journal %d events; they stay unacknowledged", len(group))
             return
         self.outstanding += len(events)
+        self.outstanding_bytes += self._pending_bytes
+        self._pending_bytes = 0
         for _, _, mid, _ in group:
             self._ack(mid)  # only now, with the group durable
         self._deliver(events)
 
-    def answered(self, n: int) -> None:
-        """n events left the inbox: take held ones in their place."""
+    def answered(self, n: int, nbytes: int = 0) -> None:
+        """n events (nbytes of payload) left the inbox: take held ones in their place."""
         with self._lock:
             self.outstanding -= n
-            while self._held and self.outstanding + len(self._pending) < self._max:
-                self._pending.append(self._held.popleft())
+            self.outstanding_bytes -= nbytes
+            while self._held and not self._full(len(self._held[0][1])):
+                self._take(self._held.popleft())
             self._flush()
 
     def disconnected(self) -> None:
@@ -87,6 +105,7 @@ class Ingress:
         with self._lock:
             self._held.clear()
             self._pending.clear()  # not journaled, not acknowledged: redelivered too
+            self._pending_bytes = 0
 
     def close(self) -> None:
         """Stop taking events; what is pending is committed and acknowledged, what is held is not."""
