@@ -63,25 +63,39 @@ class FunctionHost:
 
 @dataclass
 class LoadedFunction:
+    """A function, its sandbox, and its own queue: a slow or hostile function backs up only its
+    own queue, never its neighbours' (its workers are as many as its instances)."""
+
     manifest: Manifest
     folder: Path
     sandbox: FunctionSandbox
+    queue: queue.Queue[tuple[Event, _Pending] | None] = field(default_factory=queue.Queue)
 
 
 @dataclass
-class _Answer:
-    """Outputs of one event still waiting for the broker's PUBACK."""
+class _Pending:
+    """An event until every function it went to has answered and the broker has every output."""
 
-    event_id: str
-    size: int  # payload bytes, for the inbox's byte bound
-    remaining: int
-    failed: bool = False
+    event: Event
+    functions: int  # functions still working on it
+    outputs: int = 0  # outputs awaiting the broker's PUBACK
+    failed: bool = False  # an output could not be delivered: keep the event in the inbox
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def acked(self) -> bool:
+    def answered(self) -> bool:
+        """One function has answered (its outputs already counted and being published)."""
         with self.lock:
-            self.remaining -= 1
-            return self.remaining == 0
+            self.functions -= 1
+            return self._complete()
+
+    def acked(self, refused: bool) -> bool:
+        with self.lock:
+            self.outputs -= 1
+            self.failed = self.failed or refused
+            return self._complete()
+
+    def _complete(self) -> bool:
+        return self.functions == 0 and self.outputs == 0 and not self.failed
 
 
 def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
@@ -115,7 +129,6 @@ class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self._work: queue.Queue[Event | None] = queue.Queue()
         self._done: list[tuple[str, int]] = []  # (event id, payload bytes) answered, not yet forgotten
         self._done_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -144,8 +157,6 @@ class Daemon:
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay = self.inbox.pending()
-        for event in replay:
-            self._work.put(event)
         if replay:
             log.info("replaying %d events left in the inbox", len(replay))
         filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
@@ -154,10 +165,10 @@ class Daemon:
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(len(e.payload) for e in replay))
         self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected)
-        self._max_batch = max(f.manifest.limits.max_batch for f in self.functions)
-        workers = max(2, sum(f.manifest.limits.instances for f in self.functions))
-        for i in range(workers):
-            self._spawn(self._work_loop, f"edgefn-worker-{i}")
+        for fn in self.functions:
+            for i in range(fn.manifest.limits.instances):
+                self._spawn(lambda fn=fn: self._work_loop(fn), f"edgefn-{fn.manifest.name}-{i}")
+        self._deliver(replay, replayed=True)
         self._spawn(self._housekeeping, "edgefn-housekeeping")
         self.connection.start()
         if s.metrics_port is not None:
@@ -194,10 +205,12 @@ class Daemon:
             return
         self.ingress.close()
         deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and (self._work.unfinished_tasks or self._answers_pending()):
+        while time.monotonic() < deadline and (any(f.queue.unfinished_tasks for f in self.functions)
+                                               or self._answers_pending()):
             time.sleep(0.01)
         self._stopping.set()
-        self._work.put(None)  # each worker that takes it puts it back for the next
+        for fn in self.functions:
+            fn.queue.put(None)  # each worker that takes it puts it back for the next
         for thread in self._threads:
             thread.join(timeout=2)
         self._flush_done()
@@ -214,45 +227,18 @@ class Daemon:
         with self._done_lock:
             return self.ingress.outstanding - len(self._done) > 0
 
-    def _deliver(self, events: list[Event]) -> None:
-        self.metrics.events_received.inc(len(events))
+    def _deliver(self, events: list[Event], replayed: bool = False) -> None:
+        """Hand journaled events to the queue of each function they trigger."""
+        if not replayed:
+            self.metrics.events_received.inc(len(events))
         for event in events:
-            self._work.put(event)
-
-    # -- work --------------------------------------------------------------------------------------
-    def _work_loop(self) -> None:
-        while True:
-            batch = self._take()
-            try:
-                if batch:
-                    self._process(batch)
-            except Exception:  # a bug of ours must not kill the worker; the events stay journaled
-                log.exception("events %s could not be processed", [e.id for e in batch])
-            finally:
-                for _ in batch:
-                    self._work.task_done()
-            if self._stopping.is_set() and not batch:
-                return
-
-    def _take(self) -> list[Event]:
-        """The next event, and whatever queued up behind it (up to the largest max_batch)."""
-        first = self._work.get()
-        if first is None:  # stopping: pass it on to the next worker
-            self._work.task_done()
-            self._work.put(None)
-            return []
-        batch = [first]
-        while len(batch) < self._max_batch:
-            try:
-                event = self._work.get_nowait()
-            except queue.Empty:
-                break
-            if event is None:
-                self._work.task_done()
-                self._work.put(None)  # for the next worker; this one stops after its batch
-                break
-            batch.append(event)
-        return batch
+            routes = self._route(event.topic)
+            if not routes:
+                self._mark_done(event.id, len(event.payload))
+                continue
+            pending = _Pending(event, len(routes))
+            for fn in routes:
+                fn.queue.put((event, pending))
 
     def _route(self, topic: str) -> list[LoadedFunction]:
         hit = self._route_cache.get(topic)
@@ -263,25 +249,52 @@ class Daemon:
             self._route_cache[topic] = hit
         return hit
 
-    def _process(self, events: list[Event]) -> None:
-        outputs: dict[str, list[Message]] = {e.id: [] for e in events}
-        by_function: dict[int, tuple[LoadedFunction, list[Event]]] = {}
+    # -- work (each function's own workers) ------------------------------------------------------------
+    def _work_loop(self, fn: LoadedFunction) -> None:
+        while True:
+            batch = self._take(fn)
+            if batch is None:
+                return
+            try:
+                self._process(fn, batch)
+            except Exception:  # a bug of ours must not kill the worker; the events stay journaled
+                log.exception("%s: events %s could not be processed", fn.manifest.name, [e.id for e, _ in batch])
+            finally:
+                for _ in batch:
+                    fn.queue.task_done()
+
+    def _take(self, fn: LoadedFunction) -> list[tuple[Event, _Pending]] | None:
+        """The function's next event and what queued up behind it (up to its max_batch); None: stop."""
+        first = fn.queue.get()
+        if first is None:
+            fn.queue.task_done()
+            fn.queue.put(None)  # for the function's next worker
+            return None
+        batch = [first]
+        while len(batch) < fn.manifest.limits.max_batch:
+            try:
+                item = fn.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                fn.queue.task_done()
+                fn.queue.put(None)  # this worker stops after its batch, the next one too
+                break
+            batch.append(item)
+        return batch
+
+    def _process(self, fn: LoadedFunction, batch: list[tuple[Event, _Pending]]) -> None:
         limit = self.settings.max_payload_bytes
-        for event in events:
-            for fn in self._route(event.topic):
-                if len(event.payload) > limit:  # refused before it costs the sandbox anything
-                    too_big = PayloadTooLarge(f"payload of {len(event.payload)} bytes exceeds max_payload_bytes ({limit})")
-                    outputs[event.id].extend(self._settle(fn, event, too_big))
-                    continue
-                by_function.setdefault(id(fn), (fn, []))[1].append(event)
-        for fn, routed in by_function.values():
-            for start in range(0, len(routed), fn.manifest.limits.max_batch):
-                chunk = routed[start:start + fn.manifest.limits.max_batch]
-                self.metrics.batch_events.labels(fn.manifest.name).observe(len(chunk))
-                for event, answer in zip(chunk, fn.sandbox.handle_batch(chunk), strict=True):
-                    outputs[event.id].extend(self._settle(fn, event, answer))
-        for event in events:
-            self._publish(event, outputs[event.id])
+        runnable = [(e, p) for e, p in batch if len(e.payload) <= limit]
+        answers: dict[str, list[Message] | FunctionError] = {
+            e.id: PayloadTooLarge(f"payload of {len(e.payload)} bytes exceeds max_payload_bytes ({limit})")
+            for e, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
+        if runnable:
+            self.metrics.batch_events.labels(fn.manifest.name).observe(len(runnable))
+            events = [e for e, _ in runnable]
+            answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
+        for event, pending in batch:
+            self._publish(pending, self._settle(fn, event, answers[event.id]))
 
     def _settle(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""
@@ -295,29 +308,29 @@ class Daemon:
         self.metrics.event_seconds.labels(name).observe(max(0.0, time.time() - event.received_ms / 1000))
         return answer
 
-    def _publish(self, event: Event, outputs: list[Message]) -> None:
-        if not outputs:
-            self._mark_done(event.id, len(event.payload))
-            return
-        answer = _Answer(event.id, len(event.payload), len(outputs))
+    def _publish(self, pending: _Pending, outputs: list[Message]) -> None:
+        with pending.lock:
+            pending.outputs += len(outputs)  # before publishing: a PUBACK may come back at once
         for message in outputs:
             try:
                 self.connection.publish(message.topic, message.payload,
-                                        lambda refused, a=answer, t=message.topic: self._output_acked(a, t, refused))
+                                        lambda refused, t=message.topic: self._output_acked(pending, t, refused))
             except Exception:  # the event stays in the inbox and is answered again after a restart
-                log.exception("event %s: could not publish to %r", event.id, message.topic)
+                log.exception("event %s: could not publish to %r", pending.event.id, message.topic)
+                self._output_acked(pending, message.topic, "not published")
+        if pending.answered():
+            self._mark_done(pending.event.id, len(pending.event.payload))
 
-    def _output_acked(self, answer: _Answer, topic: str, refused: str | None) -> None:
+    def _output_acked(self, pending: _Pending, topic: str, refused: str | None) -> None:
         if refused is not None:
             # The broker said no (not authorized, quota, too large): the event stays in the inbox,
             # to be answered again after a restart, rather than counted as delivered.
-            answer.failed = True
             self.metrics.messages_refused.inc()
-            log.error("event %s: the broker refused the message on %r: %s", answer.event_id, topic, refused)
+            log.error("event %s: the message on %r was not delivered: %s", pending.event.id, topic, refused)
         else:
             self.metrics.messages_published.inc()
-        if answer.acked() and not answer.failed:
-            self._mark_done(answer.event_id, answer.size)
+        if pending.acked(refused is not None):
+            self._mark_done(pending.event.id, len(pending.event.payload))
 
     def _mark_done(self, event_id: str, size: int) -> None:
         with self._done_lock:
