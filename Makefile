@@ -15,7 +15,7 @@ help:
 	@echo "              (make demo DEMO_ARGS=\"--duration 30\" stops by itself)"
 	@echo "make test   - the whole test suite (real mosquitto, real models, real components)"
 	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script)"
-	@echo "              and bench/reliability.py (journal cost, SIGKILL loop)"
+	@echo "              bench/reliability.py (journal cost, SIGKILL loop), bench/containment.py"
 	@echo "make models - rebuild models/digits from scikit-learn's digits data"
 
 setup: $(BIN)/.installed mosquitto
@@ -40,6 +40,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/reliability.py
+	$(BIN)/python bench/containment.py
 
 lint: setup
 	$(BIN)/ruff check edgefn tests bench models examples
