@@ -124,7 +124,7 @@ def _payload_id(payload: bytes) -> str | None:
 
 
 class Daemon:
-    """One edgefn daemon. `start()`, then `stop()`; `run_until(stop_event)` in the foreground."""
+    """One edgefn daemon: `start()`, then `stop()` (the CLI's `run` does both around a signal)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -363,10 +363,3 @@ class Daemon:
             except Exception:  # e.g. the disk is full: keep trying, loudly
                 log.exception("housekeeping failed; retrying")
                 time.sleep(0.5)
-
-    def run_until(self, stop: threading.Event) -> None:
-        self.start()
-        try:
-            stop.wait()
-        finally:
-            self.stop()

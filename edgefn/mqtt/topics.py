@@ -12,12 +12,6 @@ def matches_any(topic: str, filters: Iterable[str]) -> bool:
     return any(topic_matches_sub(f, topic) for f in filters)
 
 
-def level(topic: str, index: int) -> str:
-    """The `index`-th level of a topic ('' when it has fewer levels)."""
-    parts = topic.split("/")
-    return parts[index] if index < len(parts) else ""
-
-
 _FORBIDDEN = {chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0), 0xFFFE, 0xFFFF)}
 
 
