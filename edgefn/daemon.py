@@ -26,9 +26,10 @@ from edgefn.errors import EdgefnError, FunctionError, PayloadTooLarge
 from edgefn.events import Event, Message
 from edgefn.functions.build import component_path, discover
 from edgefn.functions.manifest import Manifest, load_manifest
-from edgefn.functions.sandbox import FunctionSandbox, Runtime, Tensor
+from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
+from edgefn.inference.tensors import WireTensor as Tensor
 from edgefn.journal.inbox import Inbox
 from edgefn.mqtt.connection import Connection
 from edgefn.mqtt.ingress import Ingress

@@ -36,13 +36,13 @@ from edgefn.errors import (
 from edgefn.events import Event, Message
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
+from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
 from edgefn.mqtt.topics import matches_any, topic_problem
 
 log = logging.getLogger("edgefn.sandbox")
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 HOST_INTERFACE = "edgefn:function/host@0.1.0"
 EPOCH_TICK_S = 0.01  # deadline granularity
-Tensor = tuple[str, list[int], bytes]  # (dtype, shape, raw little-endian bytes), as on the wire
 
 
 class Host(Protocol):
@@ -183,6 +183,8 @@ class FunctionSandbox:
         self._missing_lock = threading.Lock()
         for _ in range(self.limits.instances):
             self._idle.put(self._new_instance())
+        # Components built against an older world have no handle-batch: they get events one by one.
+        self._batches = self._idle.queue[0].handle_batch is not None
 
     def _make_linker(self) -> wc.Linker:
         linker = wc.Linker(self.runtime.engine)
@@ -227,20 +229,19 @@ class FunctionSandbox:
 
     def handle(self, event: Event) -> list[Message]:
         """Run one event on a warm instance; FunctionError says why it could not be handled."""
-        ok, value = self._call(lambda inst: inst.handle(_lowered(event)), 1)
-        if not ok:
-            raise GuestError(str(value))
-        return self._check_outputs([Message(t, p) for t, p in value])
+        answer = self._one(event)
+        if isinstance(answer, FunctionError):
+            raise answer
+        return answer
 
     def handle_batch(self, events: list[Event]) -> list[list[Message] | FunctionError]:
         """Run events that queued up together in one call; one answer (messages or the error) each.
 
         If the batch traps or runs out of time, the culprit is unknown: each event then runs
         alone, on a fresh instance, so the error lands on the event that caused it."""
-        if len(events) > 1:
+        if len(events) > 1 and self._batches:
             try:
-                answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events])
-                                     if inst.handle_batch else None, len(events))
+                answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events]), len(events))
             except FunctionError:
                 answers = None
             if answers is not None and len(answers) == len(events):
@@ -249,7 +250,7 @@ class FunctionSandbox:
 
     def _one(self, event: Event) -> list[Message] | FunctionError:
         try:
-            return self.handle(event)
+            return self._answer(*self._call(lambda inst: inst.handle(_lowered(event)), 1))
         except FunctionError as exc:
             return exc
 
