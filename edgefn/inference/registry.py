@@ -1,7 +1,7 @@
 """Models by name: find `<models dir>/<name>/model.json`, load the file it names, run it.
 
-A model folder holds `model.json` (name, file, format, inputs, outputs, accuracy, sha256) and
-the model file. Sessions are loaded on first use and shared by every function and thread.
+A model folder holds `model.json` (name, inputs, outputs, and `variants`: each a file with its
+format, precision, sparsity, accuracy, size and sha256) and the model files. Sessions are loaded on first use and shared by every function and thread.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class ModelInfo:
         meta_path = folder / "model.json"
         try:
             meta = json.loads(meta_path.read_text())
-            return cls(meta["name"], folder / meta["file"], meta.get("format", "onnx"), meta["sha256"], meta)
-        except (OSError, ValueError, KeyError) as exc:
+            variant = meta["variants"][0]
+            return cls(meta["name"], folder / variant["file"], variant["format"], variant["sha256"], meta)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
             raise ModelError(f"{meta_path}: unreadable model metadata: {exc}") from None
 
 

@@ -48,8 +48,6 @@ def build(out: Path) -> dict:
     (out / "model.onnx").write_bytes(raw)
     meta = {
         "name": "digits",
-        "file": "model.onnx",
-        "format": "onnx",
         "inputs": [{"name": "pixels", "dtype": "float32", "shape": [-1, 64]}],
         "outputs": [
             {"name": "label", "dtype": "int64", "shape": [-1]},
@@ -58,10 +56,18 @@ def build(out: Path) -> dict:
         "dataset": "sklearn.datasets.load_digits",
         "train": f"images 0..{TRAIN - 1}",
         "validation": f"images {TRAIN}..{len(y) - 1}",
-        "accuracy": round(accuracy, 4),
-        "sha256": hashlib.sha256(raw).hexdigest(),
+        # Other variants (int8, pruned, TFLite) are made from this one and merged in by name.
+        "variants": [{
+            "name": "fp32", "file": "model.onnx", "format": "onnx", "precision": "fp32", "sparsity": 0.0,
+            "accuracy": round(accuracy, 4), "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+            "made_by": "models/digits/build.py",
+        }],
     }
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta_path = out / "model.json"
+    if meta_path.exists():
+        kept = [v for v in json.loads(meta_path.read_text()).get("variants", []) if v["name"] != "fp32"]
+        meta["variants"] += kept
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -69,7 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="output folder (default: beside this script)")
     meta = build(parser.parse_args().out)
-    print(f"digits: accuracy {meta['accuracy']:.4f} on {meta['validation']}, sha256 {meta['sha256'][:16]}...")
+    fp32 = meta["variants"][0]
+    print(f"digits: accuracy {fp32['accuracy']:.4f} on {meta['validation']}, sha256 {fp32['sha256'][:16]}...")
 
 
 if __name__ == "__main__":
