@@ -103,12 +103,14 @@ def _cpu_seconds(pid: int | None) -> float | None:
 class Clients:
     """The sensor (publisher) and the subscriber of results, both in this process."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, persistent: bool = False):
+        """persistent: both clients keep MQTT 5 sessions that survive a broker restart."""
         self.lock = threading.Lock()
         self.expected: dict[str, int] = {}  # event id -> true label, for the ids we wait for
         self.arrived: dict[str, float] = {}  # event id -> perf_counter at its first result
         self.correct = 0
         self.duplicates = 0
+        self.marked_duplicates = 0  # of those: marked `edgefn-duplicate: possible`, or sent again by the broker
         self.unknown = 0
         self.last_arrival = 0.0
         self.waiting_for: str | None = None
@@ -128,15 +130,23 @@ class Clients:
         self.sub.on_connect = lambda c, *_a: c.subscribe("results/+/digits", qos=1)
         props = Properties(PacketTypes.CONNECT)
         props.ReceiveMaximum = 65535
-        self.sub.connect("127.0.0.1", port, properties=props)
+        if persistent:
+            props.SessionExpiryInterval = 3600
+        self.sub.connect("127.0.0.1", port, properties=props, clean_start=not persistent)
         self.sub.loop_start()
 
         connected = threading.Event()
-        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-e2e-sensor-{os.getpid()}")
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-e2e-sensor-{os.getpid()}",
+                               protocol=mqtt.MQTTv5 if persistent else mqtt.MQTTv311)
         self.pub.on_socket_open = _no_delay
         self.pub.on_connect = lambda *_a: connected.set()
         self.pub.on_publish = self._published
-        self.pub.connect("127.0.0.1", port)
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            self.pub.connect("127.0.0.1", port, properties=props, clean_start=False)
+        else:
+            self.pub.connect("127.0.0.1", port)
         self.pub.loop_start()
         if not (subscribed.wait(10) and connected.wait(10)):
             self.close()
@@ -157,6 +167,8 @@ class Clients:
                 return
             if event_id in self.arrived:
                 self.duplicates += 1
+                props = dict(getattr(msg.properties, "UserProperty", None) or [])
+                self.marked_duplicates += int(props.get("edgefn-duplicate") == "possible" or bool(msg.dup))
                 return
             self.arrived[event_id] = now
             self.last_arrival = now
@@ -174,7 +186,7 @@ class Clients:
         with self.lock:
             self.expected.clear()
             self.arrived.clear()
-            self.correct = self.duplicates = self.unknown = self.acked = 0
+            self.correct = self.duplicates = self.marked_duplicates = self.unknown = self.acked = 0
             self.last_arrival = self.last_ack = 0.0
             self.waiting_for = None
             self.answer.clear()

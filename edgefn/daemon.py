@@ -1,13 +1,16 @@
 """The daemon: wires broker, inbox, sandboxes, models and metrics, and owns their lifecycle.
 
     broker --QoS1 (MQTT 5)--> Ingress.on_message -> Inbox.append_many (group commit) -> PUBACK
-      -> work queue -> worker: route by trigger filter -> FunctionSandbox.handle -> host.infer
-      -> ModelRegistry -> publish outputs QoS1 -> every PUBACK in -> Inbox.done (batched)
+      -> each triggered function's queue -> its workers: FunctionSandbox.handle_batch -> host.infer
+      -> ModelRegistry -> publish outputs QoS1, in arrival order per function
+      -> every 50 ms, one transaction: answered events leave the inbox, their outputs still
+         awaiting a PUBACK enter the outbox, acknowledged outbox rows leave it
       -> Ingress.answered (room in the inbox for held events)
 
-An event leaves the inbox only after each of its outputs (results or the error message) has been
-acknowledged by the broker; after a crash the inbox is replayed, so nothing is lost and a
-consumer may see a result twice (same `event_id`).
+After a crash the outbox is published again and the inbox replayed, so nothing is lost; a
+consumer may see an output twice, and every output published again carries the MQTT 5 user
+property `edgefn-duplicate: possible`. Every output carries `edgefn-event` (the event's journal id,
+never reused on this device), so duplicates can be dropped without reading the payload.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import WireTensor as Tensor
 from edgefn.journal.inbox import Inbox
-from edgefn.mqtt.connection import Connection
+from edgefn.mqtt.connection import POSSIBLE_DUPLICATE, Connection
 from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.topics import matches_any
 from edgefn.observe.metrics import Metrics, ObserveServer
@@ -39,7 +42,7 @@ from edgefn.observe.metrics import Metrics, ObserveServer
 log = logging.getLogger("edgefn.daemon")
 ERRORS_TOPIC = "edgefn/errors/{function}"
 _TICK_S = 0.005  # the longest a received event waits for its group's commit
-_DONE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
+_SETTLE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
 
 
 class FunctionHost:
@@ -62,6 +65,36 @@ class FunctionHost:
         self._log.log(level if level in (10, 20, 30, 40, 50) else 20, "%s", message[:4096])
 
 
+class _InOrder:
+    """Publishes a function's answers in the order its events arrived, whichever of its workers
+    finishes first: tickets are handed out as events are queued, and an answer waits for the
+    answers of the tickets before it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._issued = 0
+        self._next = 0
+        self._ready: dict[int, Callable[[], None]] = {}
+
+    def queue(self, into: queue.Queue, item: tuple) -> None:
+        with self._lock:
+            into.put((*item, self._issued))
+            self._issued += 1
+
+    def release(self, ticket: int, publish: Callable[[], None] = lambda: None) -> None:
+        """Run `publish` when every ticket before this one has run; each ticket at most once."""
+        with self._lock:
+            if ticket < self._next or ticket in self._ready:
+                return
+            self._ready[ticket] = publish
+            while self._next in self._ready:
+                try:
+                    self._ready.pop(self._next)()
+                except Exception:  # a bug of ours must not stall the function's later answers
+                    log.exception("publishing answer %d failed", self._next)
+                self._next += 1
+
+
 @dataclass
 class LoadedFunction:
     """A function, its sandbox, and its own queue: a slow or hostile function backs up only its
@@ -70,33 +103,35 @@ class LoadedFunction:
     manifest: Manifest
     folder: Path
     sandbox: FunctionSandbox
-    queue: queue.Queue[tuple[Event, _Pending] | None] = field(default_factory=queue.Queue)
+    queue: queue.Queue[tuple[Event, _Pending, int] | None] = field(default_factory=queue.Queue)
+    order: _InOrder = field(default_factory=_InOrder)
+
+
+@dataclass(eq=False)
+class _Output:
+    """A message on its way to the broker; in the outbox (`row`) if its event settles first."""
+
+    event_id: str
+    message: Message
+    acked: bool = False
+    row: int | None = None
 
 
 @dataclass
 class _Pending:
-    """An event until every function it went to has answered and the broker has every output."""
+    """An event until every function it went to has answered."""
 
     event: Event
     functions: int  # functions still working on it
-    outputs: int = 0  # outputs awaiting the broker's PUBACK
-    failed: bool = False  # an output could not be delivered: keep the event in the inbox
+    outputs: list[_Output] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def answered(self) -> bool:
-        """One function has answered (its outputs already counted and being published)."""
+    def answered(self, outputs: list[_Output]) -> bool:
+        """One function has answered with these outputs; True when it was the last one."""
         with self.lock:
+            self.outputs += outputs
             self.functions -= 1
-            return self._complete()
-
-    def acked(self, refused: bool) -> bool:
-        with self.lock:
-            self.outputs -= 1
-            self.failed = self.failed or refused
-            return self._complete()
-
-    def _complete(self) -> bool:
-        return self.functions == 0 and self.outputs == 0 and not self.failed
+            return self.functions == 0
 
 
 def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
@@ -130,8 +165,12 @@ class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self._done: list[tuple[str, int]] = []  # (event id, payload bytes) answered, not yet forgotten
-        self._done_lock = threading.Lock()
+        # What the next settle writes, under _journal_lock: events answered, outbox rows delivered.
+        self._answered: list[_Pending] = []
+        self._delivered: list[int] = []
+        self._awaiting_ack = 0  # outputs published and not yet acknowledged (nor refused)
+        self._outbox_rows = 0
+        self._journal_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._route_cache: dict[str, list[LoadedFunction]] = {}
@@ -157,15 +196,18 @@ class Daemon:
             self.functions.append(LoadedFunction(manifest, folder, FunctionSandbox(self.runtime, manifest, wasm, host)))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
-        replay = self.inbox.pending()
-        if replay:
-            log.info("replaying %d events left in the inbox", len(replay))
+        replay, unsent = self.inbox.pending(), self.inbox.outbox()
+        if replay or unsent:
+            log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
+        self._outbox_rows = len(unsent)
         filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(len(e.payload) for e in replay))
         self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected)
+        for row, event_id, message in unsent:  # queued by paho until connected, before any new answer
+            self._send(_Output(event_id, message, row=row), replayed=True)
         for fn in self.functions:
             for i in range(fn.manifest.limits.instances):
                 self._spawn(lambda fn=fn: self._work_loop(fn), f"edgefn-{fn.manifest.name}-{i}")
@@ -196,6 +238,7 @@ class Daemon:
             "status": "ok" if self.connected else "degraded",
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
             "inbox_events": self.ingress.outstanding,
+            "outbox_messages": self._outbox_rows,
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
         }
@@ -207,14 +250,14 @@ class Daemon:
         self.ingress.close()
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline and (any(f.queue.unfinished_tasks for f in self.functions)
-                                               or self._answers_pending()):
+                                               or self._unfinished()):
             time.sleep(0.01)
         self._stopping.set()
         for fn in self.functions:
             fn.queue.put(None)  # each worker that takes it puts it back for the next
         for thread in self._threads:
             thread.join(timeout=2)
-        self._flush_done()
+        self._settle()  # what the broker has not acknowledged yet waits in the outbox
         self.connection.stop()
         if self.observe:
             self.observe.close()
@@ -224,9 +267,11 @@ class Daemon:
         self.inbox.close()
         self.state.close()
 
-    def _answers_pending(self) -> bool:
-        with self._done_lock:
-            return self.ingress.outstanding - len(self._done) > 0
+    def _unfinished(self) -> bool:
+        """Events not answered yet, or (while the broker is there to take them) answers unacknowledged."""
+        with self._journal_lock:
+            unanswered = self.ingress.outstanding - len(self._answered) > 0
+            return unanswered or (self._awaiting_ack > 0 and self.connected)
 
     def _deliver(self, events: list[Event], replayed: bool = False) -> None:
         """Hand journaled events to the queue of each function they trigger."""
@@ -234,12 +279,12 @@ class Daemon:
             self.metrics.events_received.inc(len(events))
         for event in events:
             routes = self._route(event.topic)
-            if not routes:
-                self._mark_done(event.id, len(event.payload))
-                continue
             pending = _Pending(event, len(routes))
+            if not routes:
+                with self._journal_lock:
+                    self._answered.append(pending)
             for fn in routes:
-                fn.queue.put((event, pending))
+                fn.order.queue(fn.queue, (event, pending))
 
     def _route(self, topic: str) -> list[LoadedFunction]:
         hit = self._route_cache.get(topic)
@@ -259,12 +304,14 @@ class Daemon:
             try:
                 self._process(fn, batch)
             except Exception:  # a bug of ours must not kill the worker; the events stay journaled
-                log.exception("%s: events %s could not be processed", fn.manifest.name, [e.id for e, _ in batch])
+                log.exception("%s: events %s could not be processed", fn.manifest.name, [e.id for e, _, _ in batch])
+                for _, _, ticket in batch:
+                    fn.order.release(ticket)  # unanswered: they run again after a restart
             finally:
                 for _ in batch:
                     fn.queue.task_done()
 
-    def _take(self, fn: LoadedFunction) -> list[tuple[Event, _Pending]] | None:
+    def _take(self, fn: LoadedFunction) -> list[tuple[Event, _Pending, int]] | None:
         """The function's next event and what queued up behind it (up to its max_batch); None: stop."""
         first = fn.queue.get()
         if first is None:
@@ -284,20 +331,20 @@ class Daemon:
             batch.append(item)
         return batch
 
-    def _process(self, fn: LoadedFunction, batch: list[tuple[Event, _Pending]]) -> None:
+    def _process(self, fn: LoadedFunction, batch: list[tuple[Event, _Pending, int]]) -> None:
         limit = self.settings.max_payload_bytes
-        runnable = [(e, p) for e, p in batch if len(e.payload) <= limit]
+        events = [e for e, _, _ in batch if len(e.payload) <= limit]
         answers: dict[str, list[Message] | FunctionError] = {
             e.id: PayloadTooLarge(f"payload of {len(e.payload)} bytes exceeds max_payload_bytes ({limit})")
-            for e, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
-        if runnable:
-            self.metrics.batch_events.labels(fn.manifest.name).observe(len(runnable))
-            events = [e for e, _ in runnable]
+            for e, _, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
+        if events:
+            self.metrics.batch_events.labels(fn.manifest.name).observe(len(events))
             answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
-        for event, pending in batch:
-            self._publish(pending, self._settle(fn, event, answers[event.id]))
+        for event, pending, ticket in batch:
+            outputs = self._outputs(fn, event, answers[event.id])
+            fn.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o))
 
-    def _settle(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
+    def _outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""
         name = fn.manifest.name
         if isinstance(answer, FunctionError):
@@ -309,47 +356,66 @@ class Daemon:
         self.metrics.event_seconds.labels(name).observe(max(0.0, time.time() - event.received_ms / 1000))
         return answer
 
-    def _publish(self, pending: _Pending, outputs: list[Message]) -> None:
-        with pending.lock:
-            pending.outputs += len(outputs)  # before publishing: a PUBACK may come back at once
-        for message in outputs:
-            try:
-                self.connection.publish(message.topic, message.payload,
-                                        lambda refused, t=message.topic: self._output_acked(pending, t, refused))
-            except Exception:  # the event stays in the inbox and is answered again after a restart
-                log.exception("event %s: could not publish to %r", pending.event.id, message.topic)
-                self._output_acked(pending, message.topic, "not published")
-        if pending.answered():
-            self._mark_done(pending.event.id, len(pending.event.payload))
+    def _publish(self, pending: _Pending, messages: list[Message]) -> None:
+        outputs = [_Output(pending.event.id, m) for m in messages]
+        for out in outputs:
+            self._send(out, pending.event.replayed)
+        if pending.answered(outputs):
+            with self._journal_lock:
+                self._answered.append(pending)
 
-    def _output_acked(self, pending: _Pending, topic: str, refused: str | None) -> None:
-        if refused is not None:
-            # The broker said no (not authorized, quota, too large): the event stays in the inbox,
-            # to be answered again after a restart, rather than counted as delivered.
-            self.metrics.messages_refused.inc()
-            log.error("event %s: the message on %r was not delivered: %s", pending.event.id, topic, refused)
-        else:
+    def _send(self, out: _Output, replayed: bool) -> None:
+        props = [("edgefn-event", out.event_id)]
+        if replayed:
+            props.append(POSSIBLE_DUPLICATE)
+        with self._journal_lock:
+            self._awaiting_ack += 1
+        try:
+            self.connection.publish(out.message.topic, out.message.payload, lambda r: self._acked(out, r), props)
+        except Exception:  # kept: it waits in the outbox and is published again after a restart
+            log.exception("event %s: could not publish to %r", out.event_id, out.message.topic)
+            self._acked(out, "not published")
+
+    def _acked(self, out: _Output, refused: str | None) -> None:
+        with self._journal_lock:
+            self._awaiting_ack -= 1
+            if refused is None:
+                out.acked = True
+                if out.row is not None:
+                    self._delivered.append(out.row)
+        if refused is None:
             self.metrics.messages_published.inc()
-        if pending.acked(refused is not None):
-            self._mark_done(pending.event.id, len(pending.event.payload))
-
-    def _mark_done(self, event_id: str, size: int) -> None:
-        with self._done_lock:
-            self._done.append((event_id, size))
+        else:
+            # The broker said no (not authorized, quota, too large): the output stays in the
+            # outbox, to be published again after a restart, rather than counted as delivered.
+            self.metrics.messages_refused.inc()
+            log.error("event %s: the message on %r was not delivered: %s", out.event_id, out.message.topic, refused)
 
     # -- housekeeping --------------------------------------------------------------------------------
-    def _flush_done(self) -> None:
-        with self._done_lock:
-            done, self._done = self._done, []
-        if not done:
+    def _settle(self) -> None:
+        """One transaction: answered events leave the inbox, their unacknowledged outputs enter the
+        outbox, and outbox rows acknowledged since the last settle leave it."""
+        with self._journal_lock:
+            answered, self._answered = self._answered, []
+            delivered, self._delivered = self._delivered, []
+            undelivered = [out for p in answered for out in p.outputs if not out.acked]
+        if not answered and not delivered:
             return
         try:
-            self.inbox.done([event_id for event_id, _ in done])
+            rows = self.inbox.settle([p.event.id for p in answered],
+                                     [(out.event_id, out.message) for out in undelivered], delivered)
         except Exception:
-            with self._done_lock:
-                self._done[:0] = done  # try again next time
+            with self._journal_lock:  # try again next time
+                self._answered[:0] = answered
+                self._delivered[:0] = delivered
             raise
-        self.ingress.answered(len(done), sum(size for _, size in done))
+        with self._journal_lock:
+            for out, row in zip(undelivered, rows, strict=True):
+                out.row = row
+                if out.acked:  # acknowledged while the transaction ran
+                    self._delivered.append(row)
+            self._outbox_rows += len(rows) - len(delivered)
+        self.ingress.answered(len(answered), sum(len(p.event.payload) for p in answered))
 
     def _housekeeping(self) -> None:
         tick = 0
@@ -357,9 +423,10 @@ class Daemon:
             try:
                 self.ingress.flush()  # a group left behind by a non-event packet
                 tick += 1
-                if tick % _DONE_EVERY == 0:
-                    self._flush_done()
+                if tick % _SETTLE_EVERY == 0:
+                    self._settle()
                     self.metrics.inbox_depth.set(self.ingress.outstanding)
+                    self.metrics.outbox_depth.set(self._outbox_rows)
                     self.metrics.broker_connected.set(1 if self.connected else 0)
             except Exception:  # e.g. the disk is full: keep trying, loudly
                 log.exception("housekeeping failed; retrying")

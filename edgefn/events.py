@@ -13,6 +13,7 @@ class Event:
     topic: str
     payload: bytes
     received_ms: float  # host wall clock, milliseconds since the epoch
+    replayed: bool = False  # run again after a restart: its outputs may have been delivered before
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from sklearn.datasets import load_digits
 
 from edgefn.childproc import stop_gracefully
 from edgefn.daemon import Daemon
+from edgefn.journal.inbox import Inbox
 from edgefn.mqtt.local_broker import LocalBroker
 from tests.conftest import MODELS, Collector, publish
 
@@ -75,13 +76,13 @@ def test_daemon_answers_every_event_with_the_contract(broker, daemon, collector)
     assert accuracy >= 0.85
 
 
-def test_daemon_batches_a_burst_and_answers_every_event(broker, daemon, collector):
+def test_daemon_batches_a_burst_and_answers_every_event_in_order(broker, daemon, collector):
     results = collector("results/+/digits")
-    d = daemon()
+    d = daemon()  # two instances: batches run concurrently, answers still go out in arrival order
     payloads, labels = digit_payloads(400, "burst")
     publish(broker.port, "sensors/dev5/digits", payloads)
     got = results.wait_for(400, timeout=30)
-    assert {doc["event_id"] for _, doc in got} == set(labels)
+    assert [doc["event_id"] for _, doc in got] == list(labels)
     accuracy = sum(labels[doc["event_id"]] == doc["label"] for _, doc in got) / len(got)
     assert accuracy >= 0.85
     text = d.metrics.render().decode()
@@ -169,7 +170,7 @@ def test_daemon_refuses_a_payload_past_the_bound_without_running_it(broker, daem
     assert len(results.wait_for(2)) == 2
 
 
-def test_daemon_keeps_an_event_whose_result_the_broker_refuses(tmp_path, settings_for, digits_fn):
+def test_daemon_keeps_a_result_the_broker_refuses_in_the_outbox(tmp_path, settings_for, digits_fn):
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite sensors/#\ntopic readwrite results/allowed/#\ntopic readwrite edgefn/#\n")
     with LocalBroker(extra_config=f"acl_file {acl}\n") as acl_broker:
@@ -184,9 +185,10 @@ def test_daemon_keeps_an_event_whose_result_the_broker_refuses(tmp_path, setting
             deadline = time.monotonic() + 10
             while "edgefn_messages_refused_total 1.0" not in d.metrics.render().decode() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.2)  # past a housekeeping flush: a delivered event would have left the inbox
+            time.sleep(0.2)  # past a settle: the answered events have left the inbox
             assert "edgefn_messages_refused_total 1.0" in d.metrics.render().decode()
-            assert [e.topic for e in d.inbox.pending()] == ["sensors/denied/digits"]
+            assert d.inbox.pending() == []
+            assert [m.topic for _, _, m in d.inbox.outbox()] == ["results/denied/digits"]  # sent again at restart
         finally:
             d.stop(drain_timeout=0.5)
             results.close()
@@ -197,9 +199,12 @@ class SessionClient:
 
     def __init__(self, port: int, name: str, subscribe: str | None = None):
         self.ids: set[str] = set()
+        # (event_id, marked by edgefn as a possible duplicate, sent again by the broker), in arrival order
+        self.received: list[tuple[str, bool, bool]] = []
+        self.journal_ids: list[int] = []  # each result's `edgefn-event`: its event's arrival order at the daemon
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}",
                                   protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, m: self.ids.add(json.loads(m.payload)["event_id"])
+        self.client.on_message = self._on
         if subscribe:
             self.client.on_connect = lambda c, *_a: c.subscribe(subscribe, qos=1)
         self.client.reconnect_delay_set(0.2, 1)
@@ -209,13 +214,32 @@ class SessionClient:
         self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.client.loop_start()
 
+    def _on(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        event_id = json.loads(msg.payload)["event_id"]
+        props = dict(getattr(msg.properties, "UserProperty", []))
+        self.received.append((event_id, props.get("edgefn-duplicate") == "possible", bool(msg.dup)))
+        self.journal_ids.append(int(props["edgefn-event"]))
+        self.ids.add(event_id)
+
+    def wait_for(self, ids: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ids <= self.ids and time.monotonic() < deadline:
+            time.sleep(0.1)
+        missing = ids - self.ids
+        assert not missing, f"{len(missing)} of {len(ids)} events got no result"
+
+    def first_seen_order(self) -> list[int]:
+        """The journal ids of the events (their arrival order at the daemon) in the order their
+        first result arrived here."""
+        return list(dict.fromkeys(self.journal_ids))
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
 
 
 @pytest.mark.slow
-def test_daemon_broker_restart_mid_stream_loses_nothing(settings_for, digits_fn):
+def test_daemon_broker_restart_mid_stream_loses_nothing_and_keeps_order(settings_for, digits_fn):
     with LocalBroker(persistent=True) as b:
         results = SessionClient(b.port, "results", subscribe="results/+/digits")
         sensor = SessionClient(b.port, "sensor")
@@ -230,11 +254,48 @@ def test_daemon_broker_restart_mid_stream_loses_nothing(settings_for, digits_fn)
                 if i == 200:
                     b.restart(down_for=1.0)  # mid-stream: results in flight, events unacknowledged
                 time.sleep(0.002)
-            deadline = time.monotonic() + 60
-            while not set(labels) <= results.ids and time.monotonic() < deadline:
-                time.sleep(0.1)
-            missing = set(labels) - results.ids
-            assert not missing, f"{len(missing)} of {len(labels)} events got no result"
+            results.wait_for(set(labels), timeout=60)
+            order = results.first_seen_order()  # the sensor's own resends may reorder events on the way in
+            assert order == sorted(order), "results of one function left in another order than their events came"
+        finally:
+            d.stop(drain_timeout=2)
+            results.close()
+            sensor.close()
+
+
+@pytest.mark.slow
+def test_answers_made_while_the_broker_is_down_survive_a_daemon_restart(settings_for, digits_fn):
+    """Answers the broker never acknowledged wait in the outbox; the next daemon publishes them
+    first, marked as possible duplicates, without running the function again."""
+    with LocalBroker(persistent=True) as b:
+        results = SessionClient(b.port, "results", subscribe="results/+/digits")
+        sensor = SessionClient(b.port, "sensor")
+        d = Daemon(settings_for(b, digits_fn, client_id="edgefn-outbox"))  # the same session both times
+        d.start()
+        d.wait_connected(10)
+        payloads, labels = digit_payloads(3000, "outbox")
+        for p in payloads:
+            sensor.client.publish("sensors/dev5/digits", p, qos=1)
+        deadline = time.monotonic() + 30
+        while not results.received and time.monotonic() < deadline:
+            time.sleep(0.001)
+        b.stop()  # the daemon answers the rest of what it has with no broker to take the answers
+        d.stop(drain_timeout=5)
+        with Inbox(d.settings.state_dir / "inbox.sqlite") as journal:
+            outbox = [json.loads(m.payload)["event_id"] for _, _, m in journal.outbox()]
+        assert outbox, "the broker went away after every answer was acknowledged: nothing to test"
+
+        before_restart = len(results.received)
+        b.start()
+        d = Daemon(settings_for(b, digits_fn, client_id="edgefn-outbox"))
+        d.start()
+        try:
+            results.wait_for(set(labels), timeout=60)
+            after = results.received[before_restart:]
+            assert {e for e, ours, _ in after if ours} >= set(outbox), "the outbox was not published again"
+            # A copy neither we nor the broker marked as sent again is the first one.
+            unmarked = [e for e, ours, again in results.received if not (ours or again)]
+            assert len(unmarked) == len(set(unmarked)), "an unmarked result arrived twice"
         finally:
             d.stop(drain_timeout=2)
             results.close()

@@ -1,9 +1,13 @@
-"""The durable inbox: what is appended survives a reopen until it is marked done."""
+"""The durable journal: events survive a reopen until answered, undelivered outputs until acknowledged."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import pytest
+
+from edgefn.events import Message
 from edgefn.journal.inbox import Inbox
 
 
@@ -13,7 +17,7 @@ def test_inbox_keeps_pending_events_across_reopen(tmp_path: Path):
         a = inbox.append("sensors/a/x", b"one")
         b = inbox.append("sensors/b/x", b"\x00two")
         c = inbox.append("sensors/c/x", b"")
-        inbox.done([b.id])
+        inbox.settle([b.id], [])
         assert len(inbox) == 2
     with Inbox(path) as inbox:
         pending = inbox.pending()
@@ -26,14 +30,35 @@ def test_inbox_ids_are_never_reused(tmp_path: Path):
     path = tmp_path / "inbox.sqlite"
     with Inbox(path) as inbox:
         first = inbox.append("t", b"x")
-        inbox.done([first.id])
+        inbox.settle([first.id], [])
     with Inbox(path) as inbox:
         assert int(inbox.append("t", b"y").id) > int(first.id)
 
 
 def test_inbox_done_with_nothing_is_a_no_op_and_close_is_idempotent(tmp_path: Path):
     inbox = Inbox(tmp_path / "inbox.sqlite")
-    inbox.done([])
+    inbox.settle([], [])
     assert len(inbox) == 0
     inbox.close()
     inbox.close()
+
+
+def test_settle_moves_undelivered_outputs_to_the_outbox_atomically(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    with Inbox(path) as inbox:
+        a, b = inbox.append("sensors/a/x", b"one"), inbox.append("sensors/b/x", b"two")
+        rows = inbox.settle([a.id], [(a.id, Message("results/a", b"r1")), (a.id, Message("edgefn/errors/f", b"e"))])
+        assert len(rows) == 2
+        inbox.settle([], [], delivered=[rows[1]])
+    with Inbox(path) as inbox:  # what a restart sees: one output to send again, one event to run again
+        assert inbox.outbox() == [(rows[0], a.id, Message("results/a", b"r1"))]
+        assert [(e.id, e.replayed) for e in inbox.pending()] == [(b.id, True)]
+
+
+def test_settle_that_fails_changes_nothing(tmp_path: Path):
+    with Inbox(tmp_path / "inbox.sqlite") as inbox:
+        a = inbox.append("sensors/a/x", b"one")
+        unstorable = Message("results/a", object())  # fails on the second insert, after the first
+        with pytest.raises(sqlite3.Error):
+            inbox.settle([a.id], [(a.id, Message("results/a", b"r1")), (a.id, unstorable)])
+        assert len(inbox) == 1 and inbox.outbox() == []

@@ -1,10 +1,17 @@
-"""The durable inbox: an event is committed here before the broker gets its PUBACK, and leaves
-only after every output it produced has been acknowledged by the broker.
+"""The durable journal: an inbox of events received and an outbox of results not yet delivered.
+
+An event is committed to the inbox before the broker gets its PUBACK. Once every function it
+triggered has answered, it leaves the inbox in the same transaction that puts those of its
+outputs the broker has not acknowledged yet into the outbox (`settle`); an output leaves the
+outbox when its PUBACK comes. Most outputs are acknowledged before the daemon settles (it does so
+every 50 ms), so the outbox is written only while the broker is slow or away, and a crash after
+an answer re-sends that answer instead of running the function again.
 
 SQLite in WAL mode. `synchronous=NORMAL` makes a commit durable against a crash of the process
 (SIGKILL) at the cost of a few microseconds; `durability="full"` also survives power loss at the
-cost of an fsync per commit. After a restart, `pending()` returns every event not yet done, in
-arrival order, and the daemon runs them again (consumers drop duplicates by `event_id`).
+cost of an fsync per commit. After a restart, `outbox()` returns the undelivered outputs in the
+order they were answered, and `pending()` every event not yet answered, in arrival order: the
+daemon publishes the first again and runs the second again, marking both as possible duplicates.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from edgefn.events import Event
+from edgefn.events import Event, Message
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -24,6 +31,12 @@ CREATE TABLE IF NOT EXISTS inbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     received_ms REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL
 );
 """
 
@@ -66,20 +79,40 @@ class Inbox:
                 raise
         return events
 
-    def done(self, event_ids: Iterable[str]) -> None:
-        """Forget answered events (one transaction for the batch)."""
-        rows = [(int(e),) for e in event_ids]
-        if not rows:
-            return
+    def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
+               delivered: Iterable[int] = ()) -> list[int]:
+        """In one transaction: forget the answered events, keep their undelivered outputs (event id,
+        message) in the outbox, and forget outbox rows since delivered. Returns the new rows' ids."""
+        done = [(int(e),) for e in answered]
+        gone = [(int(o),) for o in delivered]
+        ids = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM inbox WHERE seq = ?", rows)
-            self._db.execute("COMMIT")
+            try:
+                for event_id, message in undelivered:
+                    cur = self._db.execute("INSERT INTO outbox (event, topic, payload) VALUES (?, ?, ?)",
+                                           (event_id, message.topic, message.payload))
+                    ids.append(cur.lastrowid)
+                self._db.executemany("DELETE FROM inbox WHERE seq = ?", done)
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return ids
 
     def pending(self) -> list[Event]:
+        """Events not yet answered, in arrival order (after a restart: to run again)."""
         with self._lock:
             rows = self._db.execute("SELECT seq, topic, payload, received_ms FROM inbox ORDER BY seq").fetchall()
-        return [Event(str(seq), topic, bytes(payload), received_ms) for seq, topic, payload, received_ms in rows]
+        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True)
+                for seq, topic, payload, received_ms in rows]
+
+    def outbox(self) -> list[tuple[int, str, Message]]:
+        """Outputs not yet delivered (row id, event id, message), in the order they were answered."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, event, topic, payload FROM outbox ORDER BY seq").fetchall()
+        return [(seq, event, Message(topic, bytes(payload))) for seq, event, topic, payload in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -7,8 +7,13 @@ what it queued while the daemon was away. The CONNECT asks for a large Receive M
 broker may then send that many QoS1 messages before our acknowledgements, instead of the 20 it
 allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against its
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
-from being lost at the broker while the inbox catches up. Egress is QoS1; `publish` calls back
-when the broker's PUBACK arrives (paho resends unacknowledged messages after a reconnect).
+from being lost at the broker while the inbox catches up.
+
+Egress is QoS1; `publish` calls back when the broker's PUBACK arrives, and keeps the order of
+its calls across a reconnect: paho resends what it had unacknowledged in the CONNACK handler
+(in order, since its in-flight window is unbounded and so never holds one message back while a
+later one goes), and what is published from the disconnect until our resubscription's SUBACK
+(which paho handles after that resend) is held here and sent after it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import ssl
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
@@ -34,6 +40,8 @@ log = logging.getLogger("edgefn.mqtt")
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 MAX_AWAITING_ACK = 60_000
+# The MQTT 5 user property on a message that may have reached subscribers before.
+POSSIBLE_DUPLICATE = ("edgefn-duplicate", "possible")
 OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
 OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
 
@@ -57,7 +65,9 @@ class Connection:
         self._on_disconnect = on_disconnect
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
-        client.max_inflight_messages_set(100)
+        # Unbounded: a bounded window makes paho queue messages past it and send a later publish
+        # before them once room frees up (it does after a reconnect), and results would reorder.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)  # keep every unsent output while the broker is away
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         if settings.username is not None:
@@ -76,12 +86,17 @@ class Connection:
         client.on_disconnect = self._disconnected
         client.on_message = self._message
         client.on_publish = self._published
+        client.on_subscribe = self._resubscribed
         client.on_socket_open = _no_delay
         self._client = client
-        self._acks: dict[int, OnAcked] = {}
+        self._acks: dict[int, tuple[OnAcked, Properties]] = {}  # by mid: awaiting the broker's PUBACK
         self._room = threading.Condition()  # mids wrap at 65,535: bound what awaits a PUBACK
         self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of publish() returning
         self._lock = threading.Lock()
+        # Published while disconnected and until paho has resent the session's messages; None
+        # while messages go straight out.
+        self._held: deque[tuple[str, bytes, OnAcked, Sequence[tuple[str, str]]]] | None = deque()
+        self._held_lock = threading.Lock()
         self.connected = threading.Event()
         self.last_error: str | None = None
 
@@ -111,7 +126,9 @@ class Connection:
             return
         self.last_error = None
         if self._filters:
-            client.subscribe([(f, 1) for f in self._filters])
+            client.subscribe([(f, 1) for f in self._filters])  # its SUBACK releases the held messages
+        else:
+            self._release_held()
         self.connected.set()
         log.info("connected to %s", self._settings.broker)
 
@@ -125,6 +142,15 @@ class Connection:
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        with self._held_lock:
+            if self._held is None:
+                self._held = deque()
+        with self._lock:
+            # paho sends these again after the reconnect, packing their properties afresh: the
+            # broker may have passed them on already, so the copies say so.
+            for _, props in self._acks.values():
+                if POSSIBLE_DUPLICATE not in props.UserProperty:
+                    props.UserProperty.append(POSSIBLE_DUPLICATE)
         if self._on_disconnect is not None:
             self._on_disconnect()
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
@@ -152,32 +178,58 @@ class Connection:
         self._client.ack(mid, 1)
 
     # -- egress ----------------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, on_acked: OnAcked) -> None:
+    def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
+                user_properties: Sequence[tuple[str, str]] = ()) -> None:
         """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused.
 
-        Blocks while MAX_AWAITING_ACK messages await their PUBACK (a long broker outage), since
-        paho's message ids wrap at 65,535 and a reused id would overwrite a queued message."""
+        Blocks while MAX_AWAITING_ACK messages await their PUBACK, since paho's message ids wrap
+        at 65,535 and a reused id would overwrite a queued message."""
+        with self._held_lock:
+            if self._held is not None:
+                self._held.append((topic, payload, on_acked, user_properties))
+                return
         with self._room:
             while len(self._acks) >= MAX_AWAITING_ACK:
                 self._room.wait(1.0)
+        self._send(topic, payload, on_acked, user_properties)
+
+    def _resubscribed(self, *_a: object) -> None:
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Send what was held, in order, then let publish() send directly (paho's thread)."""
+        while True:
+            with self._held_lock:
+                if not self._held:
+                    self._held = None
+                    return
+                item = self._held.popleft()
+            try:
+                self._send(*item)
+            except Exception as exc:  # the caller's callback hears of it; the rest still go out
+                item[2](f"not published: {exc}")
+
+    def _send(self, topic: str, payload: bytes, on_acked: OnAcked, user_properties: Sequence[tuple[str, str]]) -> None:
         # Not under self._lock: paho calls on_publish holding its own mutex, which publish() takes.
-        info = self._client.publish(topic, payload, qos=1)
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = list(user_properties)
+        info = self._client.publish(topic, payload, qos=1, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {topic}: {mqtt.error_string(info.rc)}")
         with self._lock:
             early = self._early.pop(info.mid, _NOT_YET)
             if early is _NOT_YET:
-                self._acks[info.mid] = on_acked
+                self._acks[info.mid] = (on_acked, props)
         if early is not _NOT_YET:
             on_acked(early)
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
         refused = str(reason) if reason.is_failure else None
         with self._lock:
-            callback = self._acks.pop(mid, None)
-            if callback is None:
+            entry = self._acks.pop(mid, None)
+            if entry is None:
                 self._early[mid] = refused
-        if callback is not None:
+        if entry is not None:
             with self._room:
                 self._room.notify_all()
-            callback(refused)
+            entry[0](refused)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 from edgefn.events import Event
 from edgefn.journal.inbox import Inbox
@@ -26,7 +27,7 @@ from edgefn.journal.inbox import Inbox
 GROUP = 256
 log = logging.getLogger("edgefn.ingress")
 
-_Received = tuple[str, bytes, int, float]  # topic, payload, mid, received_ms
+_Received = tuple[str, bytes, int, float, bool]  # topic, payload, mid, received_ms, redelivered
 
 
 class Ingress:
@@ -47,11 +48,12 @@ class Ingress:
     def held(self) -> int:
         return len(self._held)
 
-    def on_message(self, topic: str, payload: bytes, mid: int, _dup: bool) -> None:
+    def on_message(self, topic: str, payload: bytes, mid: int, dup: bool) -> None:
         with self._lock:
             if not self.accepting:
                 return  # not acknowledged: the broker keeps it for the next start
-            item = (topic, payload, mid, time.time() * 1000.0)
+            # dup: the broker sent it before (to a daemon that may have answered it, then crashed)
+            item = (topic, payload, mid, time.time() * 1000.0, dup)
             if self._held or self._full(len(payload)):
                 self._held.append(item)
                 return
@@ -79,7 +81,7 @@ class Ingress:
             return
         group, self._pending = self._pending, []
         try:
-            events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received in group])
+            events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received, _ in group])
         except Exception:  # disk full, I/O error: nothing acknowledged, try again on the next flush
             self._pending[:0] = group
             log.exception("cannot journal %d events; they stay unacknowledged", len(group))
@@ -87,9 +89,9 @@ class Ingress:
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
-        for _, _, mid, _ in group:
+        for _, _, mid, _, _ in group:
             self._ack(mid)  # only now, with the group durable
-        self._deliver(events)
+        self._deliver([replace(e, replayed=True) if item[4] else e for e, item in zip(events, group, strict=True)])
 
     def answered(self, n: int, nbytes: int = 0) -> None:
         """n events (nbytes of payload) left the inbox: take held ones in their place."""

@@ -30,6 +30,8 @@ class Metrics:
         self.messages_refused = Counter("edgefn_messages_refused", "Messages the broker refused (PUBACK failure).",
                                         registry=r)
         self.inbox_depth = Gauge("edgefn_inbox_events", "Events in the inbox, not yet answered.", registry=r)
+        self.outbox_depth = Gauge("edgefn_outbox_messages", "Answers in the outbox, not yet acknowledged by the broker.",
+                                  registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
         self.model_info = Gauge("edgefn_model_loaded", "Loaded models, with the variant and delegate chosen.",
                                 ["model", "variant", "delegate"], registry=r)
