@@ -17,11 +17,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgefn.errors import EdgefnError
+from edgefn.model_cli import model_app
 
 app = typer.Typer(help="edgefn: MQTT-triggered, sandboxed functions with on-device inference.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 fn_app = typer.Typer(help="Write, build and try functions.", no_args_is_help=True)
 app.add_typer(fn_app, name="fn")
+app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 out = Console()
 
@@ -52,6 +54,8 @@ def run(
     journal: Annotated[str | None, typer.Option(help="disk (default: events survive a crash) or memory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with any of these settings.")] = None,
     build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
+    model_variant: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT: run MODEL as this variant of its "
+                                                                 "model.json (repeatable; default: the best one that runs here).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
@@ -65,7 +69,8 @@ def run(
     try:
         settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
-                                 cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal)
+                                 cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
+                                 model_variants=_pairs("--model-variant", model_variant))
         if build:
             _build_stale(settings.functions)
         daemon = Daemon(settings)
@@ -80,6 +85,17 @@ def run(
         daemon.stop()
     except EdgefnError as exc:
         _fail(exc)
+
+
+def _pairs(flag: str, values: list[str] | None) -> dict[str, str] | None:
+    """["a=b", ...] -> {"a": "b", ...}; None when the flag was not given."""
+    if not values:
+        return None
+    pairs = [v.split("=", 1) for v in values]
+    bad = [v for v, p in zip(values, pairs, strict=True) if len(p) != 2 or not all(p)]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not NAME=VALUE", param_hint=flag)
+    return dict(pairs)
 
 
 def _build_stale(paths: list[Path]) -> None:

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     functions: list[Path] = Field(default_factory=lambda: [Path("functions")],
                                   description="Function folders, or folders of function folders.")
     models: list[Path] = Field(default_factory=lambda: [Path("models")], description="Folders of models.")
+    model_variants: dict[str, str] = Field(default_factory=dict, description="Model name -> the variant of its "
+                                           "model.json to run (default: the best one that runs here).")
     state_dir: Path = Field(default_factory=default_state_dir, description="Journal and compiled-component cache.")
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")

@@ -103,6 +103,7 @@ class LoadedFunction:
     manifest: Manifest
     folder: Path
     sandbox: FunctionSandbox
+    properties: list[tuple[str, str]]  # MQTT 5 user properties on every output
     queue: queue.Queue[tuple[Event, _Pending, int] | None] = field(default_factory=queue.Queue)
     order: _InOrder = field(default_factory=_InOrder)
 
@@ -182,7 +183,8 @@ class Daemon:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = Runtime(s.state_dir / "components")
-        self.registry = ModelRegistry(s.models)
+        self.registry = ModelRegistry(s.models, variants=s.model_variants, on_load=lambda c: self.metrics.set_model_variant(
+            c.model, c.variant, c.format, c.delegate))
         self.state = StateStore(s.state_dir / "state.sqlite")
         for folder in discover(s.functions):
             manifest = load_manifest(folder)
@@ -190,10 +192,12 @@ class Daemon:
             if not wasm.exists():
                 raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
             host = FunctionHost(manifest.name, self.registry, self.state)
-            for model in manifest.models.use:
-                backend = self.registry.get(model)  # load now: a missing model fails the start, not an event
-                self.metrics.model_info.labels(model, "fp32-onnx", backend.delegate).set(1)
-            self.functions.append(LoadedFunction(manifest, folder, FunctionSandbox(self.runtime, manifest, wasm, host)))
+            # Load now: a missing model fails the start, not an event. What each runs as goes out
+            # with every output of the function (user property edgefn-models).
+            choices = [self.registry.choice(model) for model in manifest.models.use]
+            models = ",".join(f"{c.model}={c.variant}/{c.format}/{c.delegate}" for c in choices)
+            sandbox = FunctionSandbox(self.runtime, manifest, wasm, host)
+            self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else []))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay, unsent = self.inbox.pending(), self.inbox.outbox()
@@ -241,7 +245,11 @@ class Daemon:
             "outbox_messages": self._outbox_rows,
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
+            "models": {name: self.registry.choice(name).variant for name in self._models_in_use()},
         }
+
+    def _models_in_use(self) -> list[str]:
+        return sorted({m for f in self.functions for m in f.manifest.models.use})
 
     def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop taking events, finish those in hand (within the deadline), then close."""
@@ -342,7 +350,7 @@ class Daemon:
             answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
         for event, pending, ticket in batch:
             outputs = self._outputs(fn, event, answers[event.id])
-            fn.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o))
+            fn.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o, fn.properties))
 
     def _outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""
@@ -356,16 +364,16 @@ class Daemon:
         self.metrics.event_seconds.labels(name).observe(max(0.0, time.time() - event.received_ms / 1000))
         return answer
 
-    def _publish(self, pending: _Pending, messages: list[Message]) -> None:
+    def _publish(self, pending: _Pending, messages: list[Message], properties: list[tuple[str, str]]) -> None:
         outputs = [_Output(pending.event.id, m) for m in messages]
         for out in outputs:
-            self._send(out, pending.event.replayed)
+            self._send(out, pending.event.replayed, properties)
         if pending.answered(outputs):
             with self._journal_lock:
                 self._answered.append(pending)
 
-    def _send(self, out: _Output, replayed: bool) -> None:
-        props = [("edgefn-event", out.event_id)]
+    def _send(self, out: _Output, replayed: bool, properties: list[tuple[str, str]] = ()) -> None:
+        props = [("edgefn-event", out.event_id), *properties]
         if replayed:
             props.append(POSSIBLE_DUPLICATE)
         with self._journal_lock:

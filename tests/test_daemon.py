@@ -201,7 +201,8 @@ class SessionClient:
         self.ids: set[str] = set()
         # (event_id, marked by edgefn as a possible duplicate, sent again by the broker), in arrival order
         self.received: list[tuple[str, bool, bool]] = []
-        self.journal_ids: list[int] = []  # each result's `edgefn-event`: its event's arrival order at the daemon
+        self.journal_ids: list[int] = []
+        self.models: set[str] = set()  # the `edgefn-models` user properties seen  # each result's `edgefn-event`: its event's arrival order at the daemon
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}",
                                   protocol=mqtt.MQTTv5)
         self.client.on_message = self._on
@@ -219,6 +220,7 @@ class SessionClient:
         props = dict(getattr(msg.properties, "UserProperty", []))
         self.received.append((event_id, props.get("edgefn-duplicate") == "possible", bool(msg.dup)))
         self.journal_ids.append(int(props["edgefn-event"]))
+        self.models.add(props.get("edgefn-models", ""))
         self.ids.add(event_id)
 
     def wait_for(self, ids: set[str], timeout: float) -> None:
@@ -255,6 +257,7 @@ def test_daemon_broker_restart_mid_stream_loses_nothing_and_keeps_order(settings
                     b.restart(down_for=1.0)  # mid-stream: results in flight, events unacknowledged
                 time.sleep(0.002)
             results.wait_for(set(labels), timeout=60)
+            assert results.models == {"digits=int8/onnx/cpu"}
             order = results.first_seen_order()  # the sensor's own resends may reorder events on the way in
             assert order == sorted(order), "results of one function left in another order than their events came"
         finally:
@@ -316,6 +319,8 @@ def test_daemon_serves_metrics_and_health_on_loopback(broker, daemon):
     assert 'edgefn_events_handled_total{function="digits",outcome="ok"} 5.0' in text
     health = json.loads(urllib.request.urlopen(f"{base}/healthz").read())
     assert health["status"] == "ok" and health["functions"] == {"digits": "1.0.0"}
+    assert health["models"] == {"digits": "int8"} and health["outbox_messages"] == 0
+    assert 'edgefn_model_variant_info{delegate="cpu",format="onnx",model="digits",variant="int8"} 1.0' in text
 
 
 def _run_cli(broker, digits_fn: Path, state: Path, client_id: str) -> subprocess.Popen[bytes]:

@@ -33,8 +33,12 @@ class Metrics:
         self.outbox_depth = Gauge("edgefn_outbox_messages", "Answers in the outbox, not yet acknowledged by the broker.",
                                   registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
-        self.model_info = Gauge("edgefn_model_loaded", "Loaded models, with the variant and delegate chosen.",
-                                ["model", "variant", "delegate"], registry=r)
+        self.model_variant = Gauge("edgefn_model_variant_info", "1 for the variant each model runs as, its format and "
+                                   "delegate.", ["model", "variant", "format", "delegate"], registry=r)
+
+    def set_model_variant(self, model: str, variant: str, fmt: str, delegate: str) -> None:
+        """Record the variant a model was loaded as (the registry's on_load)."""
+        self.model_variant.labels(model, variant, fmt, delegate).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
