@@ -15,16 +15,20 @@ inputs and outputs as model.json names them) and records why each other one was 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
 from edgefn.errors import ModelError
+from edgefn.inference import delegates
+from edgefn.inference.delegates import DEFAULT_CHAINS, ONNX_CPU, XNNPACK, Delegate
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
 
 FORMATS = ("onnx", "tflite")
@@ -161,22 +165,24 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(
 
 
 class OnnxBackend:
-    """onnxruntime on the CPU execution provider, one thread (tiny models: threads cost more than they give)."""
+    """onnxruntime on the delegate's execution provider (the CPU by default), one thread on the CPU
+    (tiny models: threads cost more than they give)."""
 
     format = "onnx"
-    delegate = "cpu"
 
     def __init__(self, path: Path, name: str | None = None, inputs: Sequence[TensorSpec] | None = None,
-                 outputs: Sequence[str] | None = None, content: bytes | None = None):
-        import onnxruntime as ort
-
+                 outputs: Sequence[str] | None = None, content: bytes | None = None,
+                 delegate: Delegate = ONNX_CPU, search: Sequence[Path] = ()):
+        ort = delegates.onnxruntime()
         self.name = name or path.stem
+        self.delegate = delegate.name
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         try:
-            self._session = ort.InferenceSession(content if content is not None else str(path), options,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = delegates.ort_session(content if content is not None else str(path), options, delegate)
+        except ModelError:
+            raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
             raise ModelError(f"{path}: onnxruntime cannot load it: {_first_line(exc)}") from None
         own = {i.name: TensorSpec(i.name, _ORT_DTYPES.get(i.type, i.type),
@@ -209,20 +215,27 @@ def _agree(path: Path, declared: Sequence[TensorSpec] | None, own: Mapping[str, 
 
 def litert_interpreter() -> type:
     """LiteRT's Interpreter class: ai-edge-litert, else tflite-runtime where only it is installed."""
+    return litert_module().Interpreter
+
+
+def litert_module() -> ModuleType:
+    """LiteRT's interpreter module (Interpreter, load_delegate): ai-edge-litert, else tflite-runtime."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        module = importlib.import_module("ai_edge_litert.interpreter")
     except ImportError:
         pass
     else:
-        return Interpreter
+        return module
     try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        module = importlib.import_module("tflite_runtime.interpreter")
+
+        _ = module.Interpreter  # its native part may fail only now (tflite-runtime 2.14 under numpy 2)
     except ModuleNotFoundError:
         raise ModelError("LiteRT is not installed (pip install ai-edge-litert)") from None
     except Exception as exc:  # tflite-runtime 2.14 under numpy 2: "numpy.core.multiarray failed to import"
         raise ModelError(f"tflite-runtime cannot be imported ({_first_line(exc)}); "
                          "install ai-edge-litert, its maintained successor") from None
-    return Interpreter
+    return module
 
 
 class LiteRtBackend:
@@ -232,13 +245,18 @@ class LiteRtBackend:
     of the GIL, so threads run in parallel instead of queueing on a lock)."""
 
     format = "tflite"
-    delegate = "cpu"
 
     def __init__(self, path: Path, name: str | None = None, inputs: Sequence[TensorSpec] | None = None,
-                 outputs: Sequence[str] | None = None, content: bytes | None = None):
+                 outputs: Sequence[str] | None = None, content: bytes | None = None,
+                 delegate: Delegate = XNNPACK, search: Sequence[Path] = ()):
         self.name = name or path.stem
+        self.delegate = delegate.name
         self._path = path
-        self._interpreter_class = litert_interpreter()
+        module = litert_module()
+        self._interpreter_class = module.Interpreter
+        load_delegate = getattr(module, "load_delegate", None)
+        # Each thread's interpreter gets its own instance of the delegate.
+        self._delegate_options = lambda: delegates.litert_options(delegate, search, load_delegate)
         try:
             self._content = content if content is not None else path.read_bytes()
         except OSError as exc:
@@ -257,8 +275,9 @@ class LiteRtBackend:
     def _runner(self) -> Any:
         runner = getattr(self._local, "runner", None)
         if runner is None:
+            options = self._delegate_options()  # a delegate that does not load is a ModelError of its own
             try:
-                interpreter = self._interpreter_class(model_content=self._content, num_threads=1)
+                interpreter = self._interpreter_class(model_content=self._content, num_threads=1, **options)
                 keys = list(interpreter.get_signature_list())
                 if not keys:
                     raise ValueError("the file has no signature (convert it from a SavedModel with one)")
@@ -282,8 +301,10 @@ class LiteRtBackend:
 BACKENDS: dict[str, type] = {"onnx": OnnxBackend, "tflite": LiteRtBackend}
 
 
-def open_variant(info: ModelInfo, variant: Variant, verify: bool = True) -> Backend:
-    """Load one variant of a model, or say in a ModelError why it cannot run here."""
+def open_variant(info: ModelInfo, variant: Variant, verify: bool = True, delegate: Delegate | None = None,
+                 search: Sequence[Path] = ()) -> Backend:
+    """Load one variant of a model on a delegate (its format's first default one if none), or say in a
+    ModelError why it cannot run here."""
     backend = BACKENDS.get(variant.format)
     if backend is None:
         raise ModelError(f"format {variant.format!r} has no backend here (known: {', '.join(BACKENDS)})")
@@ -296,10 +317,11 @@ def open_variant(info: ModelInfo, variant: Variant, verify: bool = True) -> Back
         raise ModelError(f"{path}: cannot read it: {exc.strerror}") from None
     if verify and hashlib.sha256(content).hexdigest() != variant.sha256:
         raise ModelError(f"{path}: sha256 does not match model.json (truncated or changed since it was recorded)")
-    return backend(path, info.name, info.inputs, [o.name for o in info.outputs], content)
+    delegate = delegate or DEFAULT_CHAINS[variant.format][0]
+    return backend(path, info.name, info.inputs, [o.name for o in info.outputs], content, delegate, search)
 
 
-# The default preference, "int8 on CPU":
+# The default preference (a device profile can give another order of precisions), "int8 on CPU":
 # 1. int8 before fp32: on the CPUs of edge boards (Cortex-A, x86 with VNNI) int8 kernels are faster and
 #    the file is a quarter of the size; `edgefn model optimize` registers no variant that lost more
 #    than its --max-drop. (On a tiny model and a desktop CPU int8 can be slower; pin fp32 there.)
@@ -309,17 +331,19 @@ def open_variant(info: ModelInfo, variant: Variant, verify: bool = True) -> Back
 #    precision can.
 # 3. ONNX before TFLite: onnxruntime is always installed, and it is the runtime the benchmarks measure.
 # 4. higher validation accuracy first; then the order of model.json.
-_PRECISION_RANK = {"int8": 0, "uint8": 0, "fp16": 1, "fp32": 2}
+DEFAULT_PRECISIONS = ("int8", "fp16", "fp32")
 _FORMAT_RANK = {"onnx": 0, "tflite": 1}
 
 
-def preference(variant: Variant) -> tuple:
-    return (_PRECISION_RANK.get(variant.precision, 1), variant.sparsity, _FORMAT_RANK.get(variant.format, 2),
-            -(variant.accuracy or 0.0))
+def preference(variant: Variant, precisions: Sequence[str] = DEFAULT_PRECISIONS) -> tuple:
+    """Sort key: the earlier in `precisions` (a device profile's order), dense, ONNX, more accurate."""
+    precision = "int8" if variant.precision == "uint8" else variant.precision
+    rank = precisions.index(precision) if precision in precisions else len(precisions)
+    return (rank, variant.sparsity, _FORMAT_RANK.get(variant.format, 2), -(variant.accuracy or 0.0))
 
 
 def _ranked_below(loser: Variant, winner: Variant) -> str:
-    """Why `loser` comes after `winner` in the default preference, in words."""
+    """Why `loser` comes after `winner` in the preference, in words."""
     if loser.precision != winner.precision:
         return f"{winner.precision} before {loser.precision}"
     if loser.sparsity != winner.sparsity:
@@ -333,49 +357,93 @@ def _ranked_below(loser: Variant, winner: Variant) -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    """The variant a model runs as here, and why each other variant was passed over."""
+    """The variant and delegate a model runs on here, and why each other one was passed over."""
 
     model: str
     variant: str
     format: str
     delegate: str
-    passed_over: tuple[tuple[str, str], ...]  # (variant, reason), best-ranked first
+    # (what, reason), best-ranked first; `what` is a variant, or `variant@delegate` for what failed
+    # on one delegate only.
+    passed_over: tuple[tuple[str, str], ...]
 
 
-def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True) -> tuple[Backend, Choice]:
-    """Open the pinned variant, or else the best-ranked one that runs here; say why the others were not."""
-    if pinned is not None:
-        variant = info.variant(pinned)
+def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
+           chains: Mapping[str, Sequence[Delegate]] | None = None,
+           precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = ()) -> tuple[Backend, Choice]:
+    """Open the best (variant, delegate) that runs here and say why the others were not used.
+
+    `chains` is the device profile's delegate chain per format. Accelerated delegates are tried
+    first, each with the variants it can run in the order of `precisions`; then the CPU delegates
+    the same way. A pinned variant is the only one tried (on each delegate of its chain)."""
+    chains = chains or DEFAULT_CHAINS
+    rank = lambda v: preference(v, precisions)  # noqa: E731
+    ranked = [info.variant(pinned)] if pinned is not None else sorted(info.variants, key=rank)
+    # Delegates that run only a variant made for them (an Edge TPU's compiled file) the model lacks.
+    missing = [(f"{d.requires_variant}@{d.name}", f"{d.name} runs only a {d.requires_variant} variant, and "
+                f"model {info.name} has none")
+               for chain in chains.values() for d in chain
+               if d.requires_variant is not None and d.requires_variant not in info.variant_names()]
+    attempts: list[tuple[Variant, Delegate | None]] = []
+    for accelerated in (True, False):
+        for variant in ranked:
+            if variant.format not in BACKENDS or not chains.get(variant.format):
+                if not accelerated:
+                    attempts.append((variant, None))  # open_variant (or the loop below) says why
+                continue
+            attempts += [(variant, d) for d in chains[variant.format]
+                         if d.accelerated == accelerated and d.requires_variant in (None, variant.name)]
+    failures: dict[str, list[tuple[str, str]]] = {v.name: [] for v in ranked}
+    for variant, delegate in attempts:
         try:
-            backend = open_variant(info, variant, verify)
+            if delegate is None and variant.format in BACKENDS:
+                raise ModelError(f"the device profile has no delegate for {variant.format}")
+            backend = open_variant(info, variant, verify, delegate, search)
         except ModelError as exc:
-            raise ModelError(f"model {info.name}: pinned variant {pinned} cannot run here: {exc}") from None
-        others = tuple((v.name, f"not pinned (pinned: {pinned})") for v in info.variants if v.name != pinned)
-        return backend, Choice(info.name, pinned, variant.format, backend.delegate, others)
-    ranked = sorted(info.variants, key=preference)
-    passed: list[tuple[str, str]] = []
-    for i, variant in enumerate(ranked):
-        try:
-            backend = open_variant(info, variant, verify)
-        except ModelError as exc:
-            passed.append((variant.name, str(exc)))
+            failures[variant.name].append((delegate.name if delegate else "-", str(exc)))
             continue
-        passed += [(v.name, f"ranked below {variant.name}: {_ranked_below(v, variant)}") for v in ranked[i + 1:]]
+        passed = missing + _passed_over(ranked, variant, failures, attempts)
+        if pinned is not None:
+            passed += [(v.name, f"not pinned (pinned: {pinned})") for v in info.variants if v.name != pinned]
         return backend, Choice(info.name, variant.name, variant.format, backend.delegate, tuple(passed))
-    reasons = "; ".join(f"{v}: {why}" for v, why in passed)
+    if pinned is not None:
+        reasons = "; ".join(f"{why}" for _, why in _passed_over(ranked, None, failures, attempts))
+        raise ModelError(f"model {info.name}: pinned variant {pinned} cannot run here: {reasons}")
+    reasons = "; ".join(f"{what}: {why}" for what, why in missing + _passed_over(ranked, None, failures, attempts))
     raise ModelError(f"model {info.name}: no variant can run here: {reasons}")
+
+
+def _passed_over(ranked: Sequence[Variant], winner: Variant | None, failures: Mapping[str, list[tuple[str, str]]],
+                 attempts: Sequence[tuple[Variant, Delegate | None]]) -> list[tuple[str, str]]:
+    """Per variant: one reason where every delegate it was tried on failed alike (or it was not reached),
+    else a reason per delegate."""
+    out: list[tuple[str, str]] = []
+    for variant in ranked:
+        failed = failures[variant.name]
+        tried_all = len(failed) == sum(1 for v, _ in attempts if v is variant)
+        if variant is not winner and failed and tried_all and len({why for _, why in failed}) == 1:
+            out.append((variant.name, failed[0][1]))
+            continue
+        out += [(f"{variant.name}@{delegate}", why) for delegate, why in failed]
+        if variant is not winner and winner is not None and not failed:
+            out.append((variant.name, f"ranked below {winner.name}: {_ranked_below(variant, winner)}"))
+    return out
 
 
 class ModelRegistry:
     """Every model under the given folders, each loaded on first use as its best runnable variant.
 
     `variants` pins a model to a variant by name (model -> variant): the pin wins, and a pinned variant
-    that cannot run is an error rather than a silent fallback. `on_load(choice)` is called once per
-    model, when it is loaded.
+    that cannot run is an error rather than a silent fallback. `chains` (delegates per format) and
+    `precisions` come from the device profile; `search` holds folders to find delegate libraries in
+    before the system loader's path. `on_load(choice)` is called once per model, when it is loaded.
     """
 
     def __init__(self, folders: Sequence[Path], verify: bool = True, variants: Mapping[str, str] | None = None,
-                 on_load: Callable[[Choice], None] | None = None):
+                 on_load: Callable[[Choice], None] | None = None,
+                 chains: Mapping[str, Sequence[Delegate]] | None = None,
+                 precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = ()):
+        self._chains, self._precisions, self._search = chains, tuple(precisions), tuple(search)
         self._infos: dict[str, ModelInfo] = {}
         for folder in folders:
             for meta in sorted(Path(folder).glob("*/model.json")):
@@ -419,7 +487,8 @@ class ModelRegistry:
         return self._choices[name]
 
     def _load(self, name: str) -> tuple[Backend, Choice]:
-        return choose(self.info(name), self._pins.get(name), self._verify)
+        return choose(self.info(name), self._pins.get(name), self._verify, self._chains, self._precisions,
+                      self._search)
 
     def infer(self, name: str, inputs: list[WireTensor]) -> list[WireTensor]:
         backend = self.get(name)
