@@ -58,6 +58,42 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
 _NOT_YET = object()
 
 
+class UserProperties:
+    """The MQTT 5 user properties of one PUBLISH, packed once. paho asks only for `pack()`; its own
+    Properties class packs in Python at about 25 µs a message, a fifth of the daemon's time per event."""
+
+    __slots__ = ("pairs", "_packed")
+
+    def __init__(self, pairs: Sequence[tuple[str, str]] = ()):
+        self.pairs = list(pairs)
+        self._packed: bytes | None = None
+
+    def add(self, pair: tuple[str, str]) -> None:
+        if pair not in self.pairs:
+            self.pairs.append(pair)
+            self._packed = None
+
+    def pack(self) -> bytes:
+        if self._packed is None:
+            body = b"".join(b"\x26" + _utf8(key) + _utf8(value) for key, value in self.pairs)
+            self._packed = _variable_byte_integer(len(body)) + body
+        return self._packed
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _variable_byte_integer(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
                  on_disconnect: Callable[[], None] | None = None):
@@ -89,7 +125,7 @@ class Connection:
         client.on_subscribe = self._resubscribed
         client.on_socket_open = _no_delay
         self._client = client
-        self._acks: dict[int, tuple[OnAcked, Properties]] = {}  # by mid: awaiting the broker's PUBACK
+        self._acks: dict[int, tuple[OnAcked, UserProperties]] = {}  # by mid: awaiting the broker's PUBACK
         self._room = threading.Condition()  # mids wrap at 65,535: bound what awaits a PUBACK
         self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of publish() returning
         self._lock = threading.Lock()
@@ -149,8 +185,7 @@ class Connection:
             # paho sends these again after the reconnect, packing their properties afresh: the
             # broker may have passed them on already, so the copies say so.
             for _, props in self._acks.values():
-                if POSSIBLE_DUPLICATE not in props.UserProperty:
-                    props.UserProperty.append(POSSIBLE_DUPLICATE)
+                props.add(POSSIBLE_DUPLICATE)
         if self._on_disconnect is not None:
             self._on_disconnect()
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
@@ -211,9 +246,8 @@ class Connection:
 
     def _send(self, topic: str, payload: bytes, on_acked: OnAcked, user_properties: Sequence[tuple[str, str]]) -> None:
         # Not under self._lock: paho calls on_publish holding its own mutex, which publish() takes.
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = list(user_properties)
-        info = self._client.publish(topic, payload, qos=1, properties=props)
+        props = UserProperties(user_properties)
+        info = self._client.publish(topic, payload, qos=1, properties=props)  # type: ignore[arg-type]
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {topic}: {mqtt.error_string(info.rc)}")
         with self._lock:
