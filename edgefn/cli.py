@@ -16,14 +16,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgefn.cloud_cli import cloud_app
 from edgefn.errors import EdgefnError
 from edgefn.model_cli import model_app
+from edgefn.profile_cli import profile_app
 
 app = typer.Typer(help="edgefn: MQTT-triggered, sandboxed functions with on-device inference.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 fn_app = typer.Typer(help="Write, build and try functions.", no_args_is_help=True)
 app.add_typer(fn_app, name="fn")
 app.add_typer(model_app, name="model")
+app.add_typer(cloud_app, name="cloud")
+app.add_typer(profile_app, name="profile")
 console = Console(stderr=True)
 out = Console()
 
@@ -56,6 +60,12 @@ def run(
     build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
     model_variant: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT: run MODEL as this variant of its "
                                                                  "model.json (repeatable; default: the best one that runs here).")] = None,
+    profile: Annotated[str | None, typer.Option(help="Device profile by name (see `edgefn profile list`; "
+                                                     "default: detected).")] = None,
+    device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
+                                                          "(detection and sensors; default /).")] = None,
+    delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "
+                                                              "libraries in first (repeatable).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
@@ -70,7 +80,8 @@ def run(
         settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
-                                 model_variants=_pairs("--model-variant", model_variant))
+                                 model_variants=_pairs("--model-variant", model_variant), profile=profile,
+                                 device_root=device_root, delegate_dirs=delegate_dirs)
         if build:
             _build_stale(settings.functions)
         daemon = Daemon(settings)
@@ -206,6 +217,42 @@ def fn_invoke(
             shown = repr(m.payload)
         out.print(f"{m.topic} {shown}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    port: Annotated[int, typer.Option(help="The running daemon's --metrics-port.")] = 9108,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the daemon's /healthz document as JSON.")] = False,
+) -> None:
+    """What the running daemon says of itself: broker, journal, device profile, and per model the
+    variant and delegate it runs on and why the others were passed over."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            doc = json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        _fail(EdgefnError(f"no daemon answers on {url} ({getattr(exc, 'reason', exc)}); "
+                          "start it with --metrics-port"))
+    if as_json:
+        out.print_json(data=doc)
+        return
+    table = Table(title="edgefn status", show_header=False)
+    for key in ("status", "broker", "profile", "inbox_events", "outbox_messages", "held_unacknowledged"):
+        if key in doc:
+            table.add_row(key.replace("_", " "), escape(str(doc[key])))
+    table.add_row("functions", escape(", ".join(f"{n} {v}" for n, v in doc.get("functions", {}).items())))
+    out.print(table)
+    models = Table(title="models")
+    for column in ("model", "variant", "delegate", "passed over"):
+        models.add_column(column)
+    for name, m in doc.get("models", {}).items():
+        passed = "\n".join(f"{what}: {why}" for what, why in m.get("passed_over", []))
+        models.add_row(name, m.get("variant", "?"), m.get("delegate", "?"), escape(passed) or "-")
+    out.print(models)
 
 
 @app.command()

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     models: list[Path] = Field(default_factory=lambda: [Path("models")], description="Folders of models.")
     model_variants: dict[str, str] = Field(default_factory=dict, description="Model name -> the variant of its "
                                            "model.json to run (default: the best one that runs here).")
+    profile: str | None = Field(default=None, description="Device profile by name (default: detected from the device).")
+    device_root: Path = Field(default=Path("/"), description="Where the device's /proc, /sys, /dev and /etc are "
+                              "read from, for detection and sensor readings.")
+    delegate_dirs: list[Path] = Field(default_factory=list, description="Folders to look for delegate libraries "
+                                      "in before the system loader's path.")
     state_dir: Path = Field(default_factory=default_state_dir, description="Journal and compiled-component cache.")
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")

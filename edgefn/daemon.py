@@ -31,6 +31,7 @@ from edgefn.functions.build import component_path, discover
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
+from edgefn.inference.delegates import chains_from_profile
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import WireTensor as Tensor
 from edgefn.journal.inbox import Inbox
@@ -38,11 +39,14 @@ from edgefn.mqtt.connection import POSSIBLE_DUPLICATE, Connection
 from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.topics import matches_any
 from edgefn.observe.metrics import Metrics, ObserveServer
+from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
 
 log = logging.getLogger("edgefn.daemon")
 ERRORS_TOPIC = "edgefn/errors/{function}"
 _TICK_S = 0.005  # the longest a received event waits for its group's commit
 _SETTLE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
+_SENSORS_EVERY = 1000  # temperatures and free memory are read every 5 s
+_PRESSURE_STATES = {"thermal": ("ok", "throttle", "critical", "unknown"), "memory": ("ok", "low", "unknown")}
 
 
 class FunctionHost:
@@ -177,15 +181,21 @@ class Daemon:
         self._route_cache: dict[str, list[LoadedFunction]] = {}
         self.functions: list[LoadedFunction] = []
         self.observe: ObserveServer | None = None
+        self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = Runtime(s.state_dir / "components")
-        self.registry = ModelRegistry(s.models, variants=s.model_variants, on_load=lambda c: self.metrics.set_model_variant(
-            c.model, c.variant, c.format, c.delegate))
+        self.profile = self._device_profile()
+        self.registry = ModelRegistry(
+            s.models, variants=s.model_variants,
+            on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
+            chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
+            search=s.delegate_dirs)
         self.state = StateStore(s.state_dir / "state.sqlite")
+        self._read_sensors()
         for folder in discover(s.functions):
             manifest = load_manifest(folder)
             wasm = component_path(folder, manifest)
@@ -221,6 +231,30 @@ class Daemon:
         if s.metrics_port is not None:
             self.observe = ObserveServer(self.metrics, self.health, s.metrics_port)
 
+    def _device_profile(self) -> Profile:
+        """--profile, else what the device's /proc, /etc and /dev say it is."""
+        if self.settings.profile:
+            profile = get_profile(self.settings.profile)
+            log.info("device profile %s (chosen with --profile)", profile.name)
+        else:
+            found = detect(self.settings.device_root)
+            profile = found.profile
+            log.info("device profile %s (detected%s): %s", profile.name, ", a fallback" if found.fallback else "",
+                     "; ".join(found.evidence))
+        self.metrics.profile.labels(profile.name).set(1)
+        return profile
+
+    def _read_sensors(self) -> None:
+        now = pressure(self.profile, self.settings.device_root)
+        for zone in read_thermal(self.settings.device_root):
+            self.metrics.temperature.labels(zone.type).set(zone.celsius)
+        if now.mem is not None:
+            self.metrics.memory_available.set(now.mem.available_mb * 1024 * 1024)
+        for kind, state in (("thermal", now.thermal), ("memory", now.memory)):
+            for value in _PRESSURE_STATES[kind]:
+                self.metrics.pressure.labels(kind, value).set(1 if state == value else 0)
+        self.pressure = now
+
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
@@ -243,10 +277,18 @@ class Daemon:
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self._outbox_rows,
+            "profile": self.profile.name,
+            "pressure": {"thermal": self.pressure.thermal, "memory": self.pressure.memory,
+                         "reasons": self.pressure.reasons} if self.pressure else None,
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
-            "models": {name: self.registry.choice(name).variant for name in self._models_in_use()},
+            "models": {name: self._model_status(name) for name in self._models_in_use()},
         }
+
+    def _model_status(self, name: str) -> dict:
+        choice = self.registry.choice(name)
+        return {"variant": choice.variant, "format": choice.format, "delegate": choice.delegate,
+                "passed_over": [list(p) for p in choice.passed_over]}
 
     def _models_in_use(self) -> list[str]:
         return sorted({m for f in self.functions for m in f.manifest.models.use})
@@ -431,6 +473,8 @@ class Daemon:
             try:
                 self.ingress.flush()  # a group left behind by a non-event packet
                 tick += 1
+                if tick % _SENSORS_EVERY == 0:
+                    self._read_sensors()
                 if tick % _SETTLE_EVERY == 0:
                     self._settle()
                     self.metrics.inbox_depth.set(self.ingress.outstanding)

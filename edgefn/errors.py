@@ -4,9 +4,12 @@ at the module that talks to that layer.
     EdgefnError
     ├── ConfigError          bad flags, config file or environment
     ├── ManifestError        an edgefn.toml that does not validate
+    ├── ProfileError         a device profile that does not validate, or none by that name
     ├── BuildError           componentize-py could not build a function
     ├── ModelError           a model that cannot be found, loaded or run
     ├── BrokerError          the MQTT broker refused or dropped the connection
+    ├── CloudError           the cloud inference endpoint refused a request or answered nonsense
+    │   └── CloudUnavailable the endpoint gave no answer: circuit breaker open, unreachable, timed out, 5xx
     └── FunctionError        an event the function could not handle (goes to edgefn/errors/<fn>)
         ├── GuestError       the guest answered with an error (bad payload, ...)
         ├── GuestTrap        the guest trapped (a bug, a stack overflow)
@@ -31,6 +34,10 @@ class ManifestError(EdgefnError):
     pass
 
 
+class ProfileError(EdgefnError):
+    pass
+
+
 class BuildError(EdgefnError):
     pass
 
@@ -41,6 +48,18 @@ class ModelError(EdgefnError):
 
 class BrokerError(EdgefnError):
     pass
+
+
+class CloudError(EdgefnError):
+    """The cloud endpoint (OIP v2) refused a request or answered nonsense; `status` is its HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class CloudUnavailable(CloudError):
+    """No answer from the cloud endpoint (breaker open, connection failed, timed out, 5xx): run it here instead."""
 
 
 class FunctionError(EdgefnError):

@@ -16,7 +16,7 @@ from tests.conftest import MODELS
 # Wide, so that rich does not wrap long paths and messages in the middle of what is checked.
 runner = CliRunner(env={"COLUMNS": "400"})
 
-COMMANDS = [[], ["run"], ["demo"], ["version"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"]]
+COMMANDS = [[], ["run"], ["demo"], ["version"], ["status"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"]]
 
 
 def lines_on(output: str, topic: str) -> list[dict]:
@@ -214,4 +214,16 @@ def test_run_invalid_broker_url(tmp_path: Path, url: str):
     assert result.exit_code == 2, result.output
     assert "mqtt://" in result.output
     assert "broker" in result.output
+    assert "Traceback" not in result.output
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+def test_status_without_a_daemon_says_how_to_get_one():
+    from edgefn.mqtt.local_broker import free_port
+
+    result = runner.invoke(app, ["status", "--port", str(free_port())])
+    assert result.exit_code == 2, result.output
+    assert "no daemon answers on http://127.0.0.1:" in result.output and "--metrics-port" in result.output
     assert "Traceback" not in result.output

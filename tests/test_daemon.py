@@ -319,8 +319,50 @@ def test_daemon_serves_metrics_and_health_on_loopback(broker, daemon):
     assert 'edgefn_events_handled_total{function="digits",outcome="ok"} 5.0' in text
     health = json.loads(urllib.request.urlopen(f"{base}/healthz").read())
     assert health["status"] == "ok" and health["functions"] == {"digits": "1.0.0"}
-    assert health["models"] == {"digits": "int8"} and health["outbox_messages"] == 0
+    assert health["outbox_messages"] == 0
+    digits = health["models"]["digits"]
+    assert (digits["variant"], digits["format"], digits["delegate"]) == ("int8", "onnx", "cpu")
+    assert ["fp32", "ranked below int8: int8 before fp32"] in digits["passed_over"]
+    status = subprocess.run([sys.executable, "-m", "edgefn.cli", "status", "--port", str(d.observe.port)],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "int8" in status.stdout and "ranked below int8" in status.stdout
     assert 'edgefn_model_variant_info{delegate="cpu",format="onnx",model="digits",variant="int8"} 1.0' in text
+
+
+DEVICES = Path(__file__).parent / "devices"
+
+
+def health_of(d: Daemon) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/healthz").read())
+
+
+def test_daemon_runs_digits_as_a_jetson_profile_says(broker, daemon, collector):
+    """On a Jetson profile: fp32 first (TensorRT makes its own fp16), TensorRT then CUDA, then the CPU;
+    this onnxruntime has neither GPU provider, so the CPU runs fp32 and says why."""
+    results = collector("results/+/digits")
+    d = daemon(metrics_port=0, profile="jetson-orin-nano")
+    publish(broker.port, "sensors/jetson/digits", digit_payloads(3, "jetson")[0])
+    assert len(results.wait_for(3)) == 3
+    digits = health_of(d)["models"]["digits"]
+    assert (digits["variant"], digits["delegate"]) == ("fp32", "cpu")
+    reasons = dict(digits["passed_over"])
+    assert reasons["fp32@tensorrt"].startswith("TensorrtExecutionProvider is not in this onnxruntime build")
+    assert reasons["fp32@cuda"].startswith("CUDAExecutionProvider is not in this onnxruntime build")
+    assert health_of(d)["profile"] == "jetson-orin-nano"
+
+
+def test_daemon_detects_a_raspberry_pi_5_and_reads_its_sensors(broker, daemon, collector):
+    results = collector("results/+/digits")
+    d = daemon(metrics_port=0, device_root=DEVICES / "raspberry-pi-5")
+    publish(broker.port, "sensors/pi5/digits", digit_payloads(3, "pi5")[0])
+    assert len(results.wait_for(3)) == 3
+    health = health_of(d)
+    assert health["profile"] == "raspberry-pi-5" and health["pressure"]["thermal"] == "ok"
+    assert (health["models"]["digits"]["variant"], health["models"]["digits"]["delegate"]) == ("int8", "cpu")
+    text = d.metrics.render().decode()
+    assert 'edgefn_device_profile_info{profile="raspberry-pi-5"} 1.0' in text
+    assert 'edgefn_device_temperature_celsius{zone="cpu-thermal"}' in text
+    assert 'edgefn_device_pressure{kind="thermal",state="ok"} 1.0' in text
 
 
 def _run_cli(broker, digits_fn: Path, state: Path, client_id: str) -> subprocess.Popen[bytes]:

@@ -109,3 +109,15 @@ def _resolver_without_default_delegates() -> Any:
     except ImportError:
         from tflite_runtime.interpreter import OpResolverType  # type: ignore[no-redef]
     return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+
+
+def chains_from_profile(profile: Any, state_dir: Path) -> dict[str, tuple[Delegate, ...]]:
+    """A device profile's delegate chains (edgefn.profiles.Profile), by the format each backend runs.
+
+    Formats without a backend here (RKNN's .rknn files) are left out: no variant of theirs can load."""
+    chains: dict[str, tuple[Delegate, ...]] = {}
+    for fmt in DEFAULT_CHAINS:
+        chains[fmt] = tuple(Delegate(spec.name, fmt, provider=spec.provider, library=spec.library,
+                                     requires_variant=spec.requires_variant, options=spec.options_in(state_dir))
+                            for spec in profile.delegates_for(fmt))
+    return chains

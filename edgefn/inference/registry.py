@@ -425,7 +425,7 @@ def _passed_over(ranked: Sequence[Variant], winner: Variant | None, failures: Ma
             out.append((variant.name, failed[0][1]))
             continue
         out += [(f"{variant.name}@{delegate}", why) for delegate, why in failed]
-        if variant is not winner and winner is not None and not failed:
+        if variant is not winner and winner is not None and not tried_all:
             out.append((variant.name, f"ranked below {winner.name}: {_ranked_below(variant, winner)}"))
     return out
 

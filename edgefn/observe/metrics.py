@@ -32,6 +32,12 @@ class Metrics:
         self.inbox_depth = Gauge("edgefn_inbox_events", "Events in the inbox, not yet answered.", registry=r)
         self.outbox_depth = Gauge("edgefn_outbox_messages", "Answers in the outbox, not yet acknowledged by the broker.",
                                   registry=r)
+        self.profile = Gauge("edgefn_device_profile_info", "1 for the device profile in use.", ["profile"], registry=r)
+        self.temperature = Gauge("edgefn_device_temperature_celsius", "Thermal zones, by their type.", ["zone"],
+                                 registry=r)
+        self.memory_available = Gauge("edgefn_device_memory_available_bytes", "MemAvailable.", registry=r)
+        self.pressure = Gauge("edgefn_device_pressure", "1 for the current state of each kind of pressure, against "
+                              "the profile's limits.", ["kind", "state"], registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
         self.model_variant = Gauge("edgefn_model_variant_info", "1 for the variant each model runs as, its format and "
                                    "delegate.", ["model", "variant", "format", "delegate"], registry=r)

@@ -1,0 +1,167 @@
+"""A circuit breaker for the cloud endpoint: when it fails, stop calling it for a while and run work here.
+
+    closed ──(N consecutive failures, or a failure rate over the window)──> open
+    open ──(cool-down elapsed)──> half-open: up to `trial_calls` calls let through at once
+    half-open ──(a trial succeeds)──> closed          half-open ──(a trial fails)──> open
+
+A caller asks for a `Permit` before each call (None: the breaker is open, do not call) and tells the
+permit how the call went. Outcomes of calls let through before the state last changed are ignored, so a
+slow call that fails after the breaker opened does not extend the cool-down, and one that succeeds does
+not close it. Thread-safe; the clock is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+
+class BreakerState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@dataclass(frozen=True)
+class BreakerStats:
+    """What the breaker knows now, for metrics and /healthz."""
+
+    state: BreakerState
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    opened_total: int  # how many times it has opened
+
+
+class Permit:
+    """Leave to make one call; report its outcome once (later reports are ignored)."""
+
+    __slots__ = ("_breaker", "_generation", "_trial", "_done")
+
+    def __init__(self, breaker: CircuitBreaker, generation: int, trial: bool):
+        self._breaker, self._generation, self._trial, self._done = breaker, generation, trial, False
+
+    def succeeded(self) -> None:
+        self._report(True)
+
+    def failed(self) -> None:
+        self._report(False)
+
+    def _report(self, ok: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._breaker._record(self._generation, self._trial, ok)
+
+
+class CircuitBreaker:
+    """Opens after `failure_threshold` consecutive failures, or when at least `min_calls` calls in the last
+    `window_s` seconds failed at `failure_rate` or more; lets `trial_calls` through after `cooldown_s`.
+
+    `on_change(old, new)` is called after each change of state, outside the lock."""
+
+    def __init__(self, *, failure_threshold: int = 5, failure_rate: float = 0.5, min_calls: int = 20,
+                 window_s: float = 30.0, cooldown_s: float = 10.0, trial_calls: int = 1,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[BreakerState, BreakerState], None] | None = None):
+        if failure_threshold < 1 or min_calls < 1 or trial_calls < 1:
+            raise ValueError("failure_threshold, min_calls and trial_calls must be at least 1")
+        if not 0 < failure_rate <= 1 or window_s <= 0 or cooldown_s < 0:
+            raise ValueError("failure_rate must be in (0, 1], window_s positive, cooldown_s not negative")
+        self.failure_threshold, self.failure_rate, self.min_calls = failure_threshold, failure_rate, min_calls
+        self.window_s, self.cooldown_s, self.trial_calls = window_s, cooldown_s, trial_calls
+        self._clock, self._on_change = clock, on_change
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._generation = 0  # bumped at every change of state
+        self._opened_at = 0.0
+        self._opened_total = 0
+        self._consecutive = 0
+        self._trials = 0  # trial calls out now (half-open)
+        # The window in ten buckets of [start, calls, failures], so memory stays small at any call rate.
+        self._bucket_s = window_s / 10
+        self._buckets: deque[list] = deque()
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            change = self._cool_down()
+            state = self._state
+        self._notify(change)
+        return state
+
+    def stats(self) -> BreakerStats:
+        with self._lock:
+            change = self._cool_down()
+            calls, failures = self._window()
+            stats = BreakerStats(self._state, self._consecutive, calls, failures, self._opened_total)
+        self._notify(change)
+        return stats
+
+    def acquire(self) -> Permit | None:
+        """A permit for one call, or None while the breaker is open (or every trial call is out)."""
+        with self._lock:
+            change = self._cool_down()
+            if self._state is BreakerState.CLOSED:
+                permit: Permit | None = Permit(self, self._generation, trial=False)
+            elif self._state is BreakerState.HALF_OPEN and self._trials < self.trial_calls:
+                self._trials += 1
+                permit = Permit(self, self._generation, trial=True)
+            else:
+                permit = None
+        self._notify(change)
+        return permit
+
+    def _record(self, generation: int, trial: bool, ok: bool) -> None:
+        with self._lock:
+            change = None
+            if generation == self._generation:  # else: let through before the last change; stale
+                if self._state is BreakerState.HALF_OPEN:
+                    self._trials -= trial
+                    change = self._move(BreakerState.CLOSED if ok else BreakerState.OPEN)
+                elif self._state is BreakerState.CLOSED:
+                    change = self._count(ok)
+        self._notify(change)
+
+    def _count(self, ok: bool) -> tuple[BreakerState, BreakerState] | None:
+        now = self._clock()
+        self._consecutive = 0 if ok else self._consecutive + 1
+        if not self._buckets or now - self._buckets[-1][0] >= self._bucket_s:
+            self._buckets.append([now, 0, 0])
+        self._buckets[-1][1] += 1
+        self._buckets[-1][2] += not ok
+        calls, failures = self._window()
+        if self._consecutive >= self.failure_threshold or (
+                calls >= self.min_calls and failures >= self.failure_rate * calls):
+            return self._move(BreakerState.OPEN)
+        return None
+
+    def _window(self) -> tuple[int, int]:
+        horizon = self._clock() - self.window_s
+        while self._buckets and self._buckets[0][0] + self._bucket_s <= horizon:
+            self._buckets.popleft()
+        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+
+    def _cool_down(self) -> tuple[BreakerState, BreakerState] | None:
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
+            return self._move(BreakerState.HALF_OPEN)
+        return None
+
+    def _move(self, new: BreakerState) -> tuple[BreakerState, BreakerState]:
+        old, self._state = self._state, new
+        self._generation += 1
+        self._trials = 0
+        if new is BreakerState.OPEN:
+            self._opened_at = self._clock()
+            self._opened_total += 1
+        elif new is BreakerState.CLOSED:
+            self._consecutive = 0
+            self._buckets.clear()
+        return old, new
+
+    def _notify(self, change: tuple[BreakerState, BreakerState] | None) -> None:
+        if change is not None and self._on_change is not None:
+            self._on_change(*change)
