@@ -17,6 +17,7 @@ help:
 	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script)"
 	@echo "              bench/reliability.py (journal cost, SIGKILL loop), bench/containment.py"
 	@echo "              bench/models.py (every model variant against its fp32 ONNX)"
+	@echo "              bench/overload.py (capacity, hand-off to the cloud endpoint, cloud killed)"
 	@echo "make models - rebuild models/digits from scikit-learn's digits data, and its int8/pruned variants"
 
 setup: $(BIN)/.installed mosquitto
@@ -43,6 +44,7 @@ bench: setup
 	$(BIN)/python bench/reliability.py
 	$(BIN)/python bench/containment.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/overload.py
 
 lint: setup
 	$(BIN)/ruff check edgefn tests bench models examples

@@ -62,6 +62,10 @@ def run(
                                                                  "model.json (repeatable; default: the best one that runs here).")] = None,
     profile: Annotated[str | None, typer.Option(help="Device profile by name (see `edgefn profile list`; "
                                                      "default: detected).")] = None,
+    cloud: Annotated[str | None, typer.Option(help="Cloud inference endpoint (Open Inference Protocol v2), "
+                                                   "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
+    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: never, "
+                                                     "on-overload, on-low-confidence or always.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
                                                           "(detection and sensors; default /).")] = None,
     delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "
@@ -81,7 +85,8 @@ def run(
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
                                  model_variants=_pairs("--model-variant", model_variant), profile=profile,
-                                 device_root=device_root, delegate_dirs=delegate_dirs)
+                                 device_root=device_root, delegate_dirs=delegate_dirs, cloud_url=cloud,
+                                 offload=offload)
         if build:
             _build_stale(settings.functions)
         daemon = Daemon(settings)

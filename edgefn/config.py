@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     models: list[Path] = Field(default_factory=lambda: [Path("models")], description="Folders of models.")
     model_variants: dict[str, str] = Field(default_factory=dict, description="Model name -> the variant of its "
                                            "model.json to run (default: the best one that runs here).")
+    cloud_url: str | None = Field(default=None, description="The cloud inference endpoint (Open Inference Protocol "
+                                  "v2, http:// or https://).")
+    cloud_model_map: dict[str, str] = Field(default_factory=dict, description="Model name here -> its name there.")
+    cloud_auth_header: str | None = Field(default=None, description="Header that carries the endpoint's credential.")
+    cloud_auth_env: str | None = Field(default=None, description="Environment variable holding that credential.")
+    cloud_timeout_s: float = Field(default=2.0, gt=0, description="Per cloud call: connect, send, answer.")
+    cloud_retries: int = Field(default=2, ge=0, description="Retries of a cloud call on a connection error or 5xx.")
+    cloud_cooldown_s: float = Field(default=5.0, ge=0, description="After the endpoint failed: seconds before "
+                                    "one trial call may close the circuit breaker again.")
+    offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
+        default=None, description="Overrides every function's offload policy.")
     profile: str | None = Field(default=None, description="Device profile by name (default: detected from the device).")
     device_root: Path = Field(default=Path("/"), description="Where the device's /proc, /sys, /dev and /etc are "
                               "read from, for detection and sensor readings.")

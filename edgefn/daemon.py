@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgefn.config import Settings
-from edgefn.errors import EdgefnError, FunctionError, PayloadTooLarge
+from edgefn.errors import CloudError, EdgefnError, FunctionError, PayloadTooLarge
 from edgefn.events import Event, Message
 from edgefn.functions.build import component_path, discover
 from edgefn.functions.manifest import Manifest, load_manifest
@@ -39,6 +41,9 @@ from edgefn.mqtt.connection import POSSIBLE_DUPLICATE, Connection
 from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.topics import matches_any
 from edgefn.observe.metrics import Metrics, ObserveServer
+from edgefn.offload.breaker import BreakerState, CircuitBreaker
+from edgefn.offload.client import CloudClient
+from edgefn.offload.planner import Planner, Policy, Where
 from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
 
 log = logging.getLogger("edgefn.daemon")
@@ -50,11 +55,19 @@ _PRESSURE_STATES = {"thermal": ("ok", "throttle", "critical", "unknown"), "memor
 
 
 class FunctionHost:
-    """The host side of one function's sandbox: its models, its state and its log."""
+    """The host side of one function's sandbox: its models (here or on the cloud endpoint), its state
+    and its log."""
 
-    def __init__(self, name: str, registry: ModelRegistry, state: StateStore):
+    def __init__(self, name: str, registry: ModelRegistry, state: StateStore, cloud: CloudClient | None = None,
+                 policy: Policy = "never", confidence: float = 0.5, metrics: Metrics | None = None):
         self.name, self.registry, self.state = name, registry, state
+        self.cloud, self.policy, self.confidence, self.metrics = cloud, policy, confidence, metrics
         self._log = logging.getLogger(f"edgefn.fn.{name}")
+        self._plan = threading.local()  # where this worker's current batch runs its inference
+
+    def plan(self, where: Where) -> None:
+        """Where the inference of the batch this worker runs next goes (the planner's decision)."""
+        self._plan.where = where
 
     def state_get(self, key: str) -> bytes | None:
         return self.state.get(self.name, key)
@@ -63,10 +76,45 @@ class FunctionHost:
         self.state.set(self.name, key, value)
 
     def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
-        return self.registry.infer(model, inputs), "local"
+        if self.cloud is not None and getattr(self._plan, "where", "local") == "cloud":
+            answer = self._on_cloud(model, inputs, "handed-off")
+            if answer is not None:
+                return answer, "cloud"
+        outputs = self.registry.infer(model, inputs)
+        if self.cloud is not None and self.policy == "on-low-confidence" and _unsure(outputs, self.confidence):
+            answer = self._on_cloud(model, inputs, "asked-again")  # joint inference: the cloud's model decides
+            if answer is not None:
+                return answer, "cloud"
+        return outputs, "local"
+
+    def _on_cloud(self, model: str, inputs: list[Tensor], why: str) -> list[Tensor] | None:
+        """The cloud's answer, or None (breaker open, endpoint away or refusing): then it runs here."""
+        assert self.cloud is not None
+        try:
+            answer = self.cloud.infer(model, inputs)
+        except CloudError as exc:
+            self._count("ran-here-instead")
+            self._log.debug("cloud inference of %s failed, running it here: %s", model, exc)
+            return None
+        self._count(why)
+        return answer
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.offload.labels(self.name, outcome).inc()
 
     def log(self, level: int, message: str) -> None:
         self._log.log(level if level in (10, 20, 30, 40, 50) else 20, "%s", message[:4096])
+
+
+def _unsure(outputs: list[Tensor], threshold: float) -> bool:
+    """Whether a local answer's top score is below `threshold` for any row (the first [N, classes]
+    float32 output holds the scores)."""
+    for dtype, shape, data in outputs:
+        if dtype == "float32" and len(shape) == 2 and shape[0] > 0 and shape[1] > 0:
+            scores = np.frombuffer(data, dtype="<f4").reshape(shape)
+            return bool(scores.max(axis=1).min() < threshold)
+    return False
 
 
 class _InOrder:
@@ -108,6 +156,8 @@ class LoadedFunction:
     folder: Path
     sandbox: FunctionSandbox
     properties: list[tuple[str, str]]  # MQTT 5 user properties on every output
+    host: FunctionHost
+    planner: Planner
     queue: queue.Queue[tuple[Event, _Pending, int] | None] = field(default_factory=queue.Queue)
     order: _InOrder = field(default_factory=_InOrder)
 
@@ -195,19 +245,24 @@ class Daemon:
             chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
             search=s.delegate_dirs)
         self.state = StateStore(s.state_dir / "state.sqlite")
+        self.cloud = self._cloud_client()
         self._read_sensors()
         for folder in discover(s.functions):
             manifest = load_manifest(folder)
             wasm = component_path(folder, manifest)
             if not wasm.exists():
                 raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
-            host = FunctionHost(manifest.name, self.registry, self.state)
+            policy = self._policy(manifest)
+            host = FunctionHost(manifest.name, self.registry, self.state, self.cloud, policy,
+                                manifest.confidence_threshold, self.metrics)
             # Load now: a missing model fails the start, not an event. What each runs as goes out
             # with every output of the function (user property edgefn-models).
             choices = [self.registry.choice(model) for model in manifest.models.use]
             models = ",".join(f"{c.model}={c.variant}/{c.format}/{c.delegate}" for c in choices)
             sandbox = FunctionSandbox(self.runtime, manifest, wasm, host)
-            self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else []))
+            planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances)
+            self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else [],
+                                                 host, planner))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay, unsent = self.inbox.pending(), self.inbox.outbox()
@@ -231,6 +286,33 @@ class Daemon:
         if s.metrics_port is not None:
             self.observe = ObserveServer(self.metrics, self.health, s.metrics_port)
 
+    def _cloud_client(self) -> CloudClient | None:
+        s = self.settings
+        if not s.cloud_url:
+            return None
+        breaker = CircuitBreaker(cooldown_s=s.cloud_cooldown_s, on_change=lambda _old, new: self._breaker_state(new))
+        client = CloudClient(s.cloud_url, model_map=s.cloud_model_map, auth_header=s.cloud_auth_header,
+                             auth_env=s.cloud_auth_env, timeout_s=s.cloud_timeout_s, retries=s.cloud_retries,
+                             breaker=breaker)
+        self._breaker_state(breaker.state)
+        log.info("cloud endpoint %s", client.url)
+        return client
+
+    def _breaker_state(self, state: BreakerState) -> None:
+        for value in BreakerState:
+            self.metrics.breaker.labels(value.value).set(1 if value == state else 0)
+        if state != BreakerState.CLOSED:
+            log.warning("cloud endpoint circuit breaker %s: inference runs here", state.value)
+
+    def _policy(self, manifest: Manifest) -> Policy:
+        """--offload, else the manifest's, else on-overload where an endpoint is configured."""
+        policy = self.settings.offload or manifest.offload or ("on-overload" if self.cloud else "never")
+        if self.cloud is None and policy != "never":
+            log.warning("%s: offload %s needs a cloud endpoint (--cloud); everything runs here",
+                        manifest.name, policy)
+            return "never"
+        return policy
+
     def _device_profile(self) -> Profile:
         """--profile, else what the device's /proc, /etc and /dev say it is."""
         if self.settings.profile:
@@ -243,6 +325,10 @@ class Daemon:
                      "; ".join(found.evidence))
         self.metrics.profile.labels(profile.name).set(1)
         return profile
+
+    def _under_pressure(self) -> bool:
+        now = self.pressure
+        return now is not None and (now.thermal == "critical" or now.memory == "low")
 
     def _read_sensors(self) -> None:
         now = pressure(self.profile, self.settings.device_root)
@@ -314,6 +400,8 @@ class Daemon:
         for f in self.functions:
             f.sandbox.close()
         self.runtime.close()
+        if self.cloud is not None:
+            self.cloud.close()
         self.inbox.close()
         self.state.close()
 
@@ -389,7 +477,12 @@ class Daemon:
             for e, _, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
         if events:
             self.metrics.batch_events.labels(fn.manifest.name).observe(len(events))
+            where = fn.planner.where(len(events), fn.queue.qsize(), self._under_pressure())
+            fn.host.plan(where)
+            started = time.perf_counter()
             answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
+            if where == "local":
+                fn.planner.served_here(len(events), time.perf_counter() - started)
         for event, pending, ticket in batch:
             outputs = self._outputs(fn, event, answers[event.id])
             fn.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o, fn.properties))

@@ -25,18 +25,19 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def fail(breaker: CircuitBreaker, times: int = 1) -> None:
+def calls(breaker: CircuitBreaker, ok: bool, times: int) -> None:
     for _ in range(times):
         permit = breaker.acquire()
         assert permit is not None
-        permit.failed()
+        permit.succeeded() if ok else permit.failed()
+
+
+def fail(breaker: CircuitBreaker, times: int = 1) -> None:
+    calls(breaker, False, times)
 
 
 def succeed(breaker: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        permit = breaker.acquire()
-        assert permit is not None
-        permit.succeeded()
+    calls(breaker, True, times)
 
 
 def test_breaker_opens_after_consecutive_failures(clock: FakeClock):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,27 @@ def test_build_then_invoke_scaffolded_function(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert lines_on(result.stdout, "results/dev1/probe") == [{"event_id": "invoke-1", "keys": ["id", "value"]}]
     assert len(list((state / "components").glob("*.cwasm"))) == 1  # reused, not compiled again
+
+
+@pytest.mark.slow
+def test_a_function_sharing_its_source_by_a_link_builds_and_runs_its_own_model(tmp_path: Path,
+                                                                               digit: tuple[list[int], int]):
+    """examples/functions/digits-cnn: app.py links to the digits example's; the model is named like the
+    function, so the same code runs digits-cnn and answers on results/<device>/digits-cnn."""
+    examples = Path(__file__).parent.parent / "examples" / "functions"
+    for name in ("digits", "digits-cnn"):
+        shutil.copytree(examples / name, tmp_path / name, symlinks=True, ignore=shutil.ignore_patterns("build"))
+    assert (tmp_path / "digits-cnn" / "app.py").is_symlink()
+    state = tmp_path / "state"
+    built = runner.invoke(app, ["fn", "build", str(tmp_path / "digits-cnn"), "--state-dir", str(state)])
+    assert built.exit_code == 0, built.output
+    pixels, label = digit
+    result = runner.invoke(app, ["fn", "invoke", str(tmp_path / "digits-cnn"), "--topic", "sensors/d9/digits-cnn",
+                                 "--payload", json.dumps({"id": "cnn-1", "pixels": pixels}),
+                                 "--state-dir", str(state), "--models", str(MODELS)])
+    assert result.exit_code == 0, result.output
+    [doc] = lines_on(result.stdout, "results/d9/digits-cnn")
+    assert (doc["event_id"], doc["label"], doc["function"]) == ("cnn-1", label, "digits-cnn")
 
 
 def test_invoke_digits_classifies_a_real_digit(tmp_path: Path, digits_fn: Path, state_dir: Path,

@@ -6,8 +6,12 @@ device compiles it for its own CPU once (see `sandbox.Runtime.load`).
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgefn.errors import BuildError, ManifestError
@@ -59,16 +63,30 @@ def build(function_dir: Path) -> Path:
     out = component_path(function_dir, manifest)
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".wasm.tmp")
-    cmd = [sys.executable, "-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; componentize_py.script()",
-           "-d", str(WIT_DIR), "-w", WORLD, "componentize", "-p", str(function_dir), "-p", str(GUEST_DIR),
-           manifest.function.module, "-o", str(tmp)]
-    proc = subprocess.run(cmd, cwd=function_dir, capture_output=True, text=True)
+    with _sources(function_dir) as sources:
+        cmd = [sys.executable, "-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; "
+               "componentize_py.script()", "-d", str(WIT_DIR), "-w", WORLD, "componentize", "-p", str(sources),
+               "-p", str(GUEST_DIR), manifest.function.module, "-o", str(tmp)]
+        proc = subprocess.run(cmd, cwd=sources, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         detail = (proc.stderr or proc.stdout).strip()
         raise BuildError(f"{manifest.name}: componentize-py failed:\n{detail}")
     tmp.replace(out)
     return out
+
+
+@contextlib.contextmanager
+def _sources(function_dir: Path) -> Iterator[Path]:
+    """The folder componentize-py reads: the function's own, or, where a source file is a symbolic link
+    (two functions sharing code), a copy with the links followed, which its sandbox cannot do."""
+    if not any(p.is_symlink() for p in function_dir.rglob("*.py")):
+        yield function_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="edgefn-build-") as tmp:
+        copy = Path(tmp) / function_dir.name
+        shutil.copytree(function_dir, copy, symlinks=False, ignore=shutil.ignore_patterns("build", "__pycache__"))
+        yield copy
 
 
 def scaffold(name: str, parent: Path) -> Path:

@@ -98,8 +98,11 @@ class Manifest(_Section):
     models: ModelsSection = Field(default_factory=ModelsSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     latency_budget_ms: float = Field(default=100.0, gt=0, description="Target latency of one event.")
-    offload: Literal["never", "on-overload", "on-low-confidence", "always"] = Field(
-        default="never", description="When inference may be handed to the cloud endpoint.")
+    offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
+        default=None, description="When inference may be handed to the cloud endpoint (default: on-overload "
+        "where an endpoint is configured, else never).")
+    confidence_threshold: float = Field(default=0.5, ge=0, le=1, description="on-low-confidence: a top score "
+                                        "below this asks the cloud's model.")
 
     @property
     def name(self) -> str:

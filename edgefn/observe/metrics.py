@@ -38,6 +38,11 @@ class Metrics:
         self.memory_available = Gauge("edgefn_device_memory_available_bytes", "MemAvailable.", registry=r)
         self.pressure = Gauge("edgefn_device_pressure", "1 for the current state of each kind of pressure, against "
                               "the profile's limits.", ["kind", "state"], registry=r)
+        self.offload = Counter("edgefn_offload", "Inference calls sent to the cloud endpoint, by outcome: handed-off "
+                               "(overload or always), asked-again (low confidence), ran-here-instead (it failed).",
+                               ["function", "outcome"], registry=r)
+        self.breaker = Gauge("edgefn_cloud_breaker", "1 for the state of the cloud endpoint's circuit breaker.",
+                             ["state"], registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
         self.model_variant = Gauge("edgefn_model_variant_info", "1 for the variant each model runs as, its format and "
                                    "delegate.", ["model", "variant", "format", "delegate"], registry=r)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Generator, Mapping
@@ -75,7 +76,8 @@ class CloudClient:
 
     Each call has `timeout_s` to connect, to send and to get its answer; connection failures and 5xx are
     tried `retries` more times, `backoff_s` apart at first, doubling up to `max_backoff_s` (with jitter).
-    `breaker` guards the endpoint (a default one if none is given); `transport` is httpx's seam for tests.
+    `breaker` guards the endpoint (a default one if none is given); `transport` is httpx's seam for tests
+    (it brings its own connection limits and socket options).
     """
 
     def __init__(self, url: str, *, model_map: Mapping[str, str] | None = None, auth_header: str | None = None,
@@ -94,9 +96,12 @@ class CloudClient:
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.binary_threshold = binary_threshold
         self.breaker = breaker or CircuitBreaker()
+        # TCP_NODELAY: httpx writes a request's headers and body apart, and Nagle's algorithm may hold the body
+        # back until the server ACKs the headers (up to 40 ms where it delays its ACKs).
+        transport = transport or httpx.HTTPTransport(
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, auth=_secret(auth_header, auth_env, environ),
-                                  limits=httpx.Limits(max_connections=max_connections,
-                                                      max_keepalive_connections=max_connections),
                                   transport=transport)
         self._input_names: dict[str, list[str]] = {}
         self._lock = threading.Lock()

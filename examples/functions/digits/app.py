@@ -1,10 +1,11 @@
-"""The `digits` example function: classify an 8x8 handwritten digit with the `digits` model.
+"""The `digits` example function: classify an 8x8 handwritten digit with the model named like the
+function (`digits`, an MLP; `examples/functions/digits-cnn` runs this same file with `digits-cnn`).
 
-Input  (`sensors/<device>/digits`): {"id": "<event id>", "pixels": [64 numbers, 0..16]}
-Output (`results/<device>/digits`): {"event_id", "label", "score", "function", "version",
-                                     "ran_on", "latency_ms"}
+Input  (`sensors/<device>/<function>`): {"id": "<event id>", "pixels": [64 numbers, 0..16]}
+Output (`results/<device>/<function>`): {"event_id", "label", "score", "function", "version",
+                                         "ran_on", "latency_ms"}
 A payload it cannot use is answered with an error; the daemon publishes it on
-`edgefn/errors/digits`.
+`edgefn/errors/<function>`.
 """
 
 import json
@@ -61,7 +62,7 @@ def _answer(event, doc, label, probs, ran_on):
         "latency_ms": round(time.time() * 1000.0 - event.received_ms, 3),
     }
     device = event.topic.split("/")[1]
-    return [Message(f"results/{device}/digits", json.dumps(out).encode())]
+    return [Message(f"results/{device}/{name}", json.dumps(out).encode())]
 
 
 class WitWorld(Function):
@@ -83,7 +84,8 @@ class WitWorld(Function):
         if usable:
             batch = b"".join(packed for _, _, packed in usable)
             try:
-                result = host.infer("digits", [Tensor(Dtype.FLOAT32, [len(usable), N_PIXELS], batch)])
+                model = _function_info()[0]  # the model is named like the function
+                result = host.infer(model, [Tensor(Dtype.FLOAT32, [len(usable), N_PIXELS], batch)])
             except Err as err:
                 for i, _, _ in usable:
                     answers[i] = err

@@ -1,0 +1,273 @@
+"""Overload benchmark: local capacity, hand-off to the cloud past it, and a cloud that dies mid-run.
+
+One private mosquitto, `edgefn cloud serve --delay-ms D` as the cloud endpoint (a child process on
+this machine: it shares its cores with the daemon), and `edgefn run` with the digits-cnn function
+pinned to the fp32 CNN (about 1 ms an image), all on loopback:
+
+  capacity C      a burst of --burst events with hand-off off: events answered per second.
+  unloaded        --serial events one at a time: the p50/p99 latency of a lone event.
+  3C offered      --factor x C events/s for --seconds with hand-off on (on-overload): goodput, the p99
+                  of the events served here against the unloaded p99 (target within 2x), where each
+                  ran, lost (target 0; goodput target 2.5 C).
+  cloud killed    the same load; the endpoint is SIGKILLed a third of the way in and started again at
+                  two thirds: lost (target 0), and answers from the cloud after the restart.
+
+Micro-batching (coalescing concurrent infer calls) is not implemented: there is no on/off figure.
+
+    .venv/bin/python bench/overload.py [--delay-ms 20] [--seconds 10] [--factor 3] [--json-only]
+
+Results also go to bench/results/overload.json. Exit status 0 whatever the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+sys.path.insert(0, str(Path(__file__).parent))
+import e2e  # noqa: E402  (child processes, payloads, digits images)
+
+from edgefn.mqtt.local_broker import LocalBroker, free_port  # noqa: E402
+
+RESULTS = e2e.ROOT / "bench" / "results" / "overload.json"
+FUNCTION = e2e.ROOT / "examples" / "functions" / "digits-cnn"
+TOPIC = "sensors/bench/digits-cnn"
+
+
+class Results:
+    """The subscriber of results (MQTT 5, large Receive Maximum: it must not be where results get lost)."""
+
+    def __init__(self, port: int):
+        self.lock = threading.Lock()
+        self.sent: dict[str, float] = {}
+        self.got: dict[str, tuple[float, str]] = {}  # event id -> (latency s, ran_on)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-overload-{os.getpid()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_socket_open = e2e._no_delay
+        self.client.on_message = self._message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: subscribed.set()
+        self.client.on_connect = lambda c, *_a: c.subscribe("results/+/digits-cnn", qos=1)
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = 65535
+        self.client.connect("127.0.0.1", port, properties=props)
+        self.client.loop_start()
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-overload-pub-{os.getpid()}",
+                               protocol=mqtt.MQTTv5)
+        self.pub.max_inflight_messages_set(0)
+        self.pub.connect("127.0.0.1", port)
+        self.pub.loop_start()
+        if not subscribed.wait(10):
+            raise e2e.BenchError("the benchmark's subscriber did not subscribe")
+
+    def _message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        doc = json.loads(msg.payload)
+        with self.lock:
+            sent = self.sent.get(doc["event_id"])
+            if sent is not None and doc["event_id"] not in self.got:
+                self.got[doc["event_id"]] = (now - sent, doc["ran_on"])
+
+    def send(self, event_id: str, pixels: list[int]) -> None:
+        with self.lock:
+            self.sent[event_id] = time.perf_counter()
+        self.pub.publish(TOPIC, e2e._payload(event_id, pixels), qos=1)
+
+    def wait(self, ids: list[str], timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            with self.lock:
+                if all(i in self.got for i in ids):
+                    return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for client in (self.client, self.pub):
+            client.loop_stop()
+            client.disconnect()
+
+
+def _daemon(name: str, broker: LocalBroker, workdir: Path, *extra: str) -> e2e.System:
+    return e2e.System(name, [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url,
+                             "--functions", str(FUNCTION), "--models", str(e2e.MODELS),
+                             "--state-dir", str(workdir / name), "--client-id", f"bench-{name}",
+                             "--model-variant", "digits-cnn=fp32", "--no-build", "--log-level", "error", *extra],
+                      workdir)
+
+
+def _cloud(workdir: Path, port: int, delay_ms: float) -> e2e.System:
+    return e2e.System("cloud", [sys.executable, "-m", "edgefn.cli", "cloud", "serve", "--models", str(e2e.MODELS),
+                                "--port", str(port), "--delay-ms", str(delay_ms), "--log-level", "warning"], workdir)
+
+
+def _ready(results: Results, images: list[list[int]], prefix: str) -> None:
+    for n in range(600):
+        event_id = f"{prefix}-probe-{n}"
+        results.send(event_id, images[0])
+        results.wait([event_id], 0.5)
+        with results.lock:
+            if event_id in results.got:
+                return
+    raise e2e.BenchError(f"{prefix}: the daemon never answered")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+
+def _offer(results: Results, images: list[list[int]], prefix: str, rate: float, seconds: float,
+           during: list[tuple[float, Any]] = ()) -> list[str]:
+    """Publish at `rate` events/s for `seconds`, calling each `during` action at its fraction of the run."""
+    ids, start, pending = [], time.perf_counter(), sorted(during, key=lambda a: a[0])
+    n = int(rate * seconds)
+    for i in range(n):
+        due = start + i / rate
+        while pending and time.perf_counter() - start >= pending[0][0] * seconds:
+            pending.pop(0)[1]()
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        event_id = f"{prefix}-{i}"
+        results.send(event_id, images[i % len(images)])
+        ids.append(event_id)
+    return ids
+
+
+def _summary(results: Results, ids: list[str], seconds: float) -> dict[str, Any]:
+    with results.lock:
+        got = {i: results.got[i] for i in ids if i in results.got}
+    local = [lat for lat, where in got.values() if where == "local"]
+    cloud = [lat for lat, where in got.values() if where == "cloud"]
+    return {"sent": len(ids), "answered": len(got), "lost": len(ids) - len(got), "ran_local": len(local),
+            "ran_cloud": len(cloud), "goodput_eps": len(got) / seconds,
+            "local_p50_ms": _percentile(local, 50), "local_p99_ms": _percentile(local, 99),
+            "cloud_p50_ms": _percentile(cloud, 50), "cloud_p99_ms": _percentile(cloud, 99)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from edgefn.functions.build import build, needs_build
+    from edgefn.functions.manifest import load_manifest
+
+    if needs_build(FUNCTION, load_manifest(FUNCTION)):
+        print(f"building {FUNCTION.relative_to(e2e.ROOT)} ...", file=sys.stderr)
+        build(FUNCTION)
+    images, _labels = e2e._digits()
+    doc: dict[str, Any] = {"benchmark": "bench/overload.py", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "config": {"delay_ms": args.delay_ms, "seconds": args.seconds, "factor": args.factor}}
+    with LocalBroker(extra_config="max_queued_messages 100000\n") as broker, \
+            tempfile.TemporaryDirectory(prefix="edgefn-overload-") as tmp:
+        workdir, results = Path(tmp), Results(broker.port)
+        port = free_port()
+        cloud = _cloud(workdir, port, args.delay_ms)
+        try:
+            # 1. local capacity and the unloaded latency, hand-off off
+            local = _daemon("local", broker, workdir, "--offload", "never")
+            local.start()
+            try:
+                _ready(results, images, "local")
+                ids = [f"serial-{i}" for i in range(args.serial)]
+                for i, event_id in enumerate(ids):
+                    results.send(event_id, images[i % len(images)])
+                    results.wait([event_id], 5)
+                doc["unloaded"] = _summary(results, ids, 1.0)
+                start = time.perf_counter()
+                ids = [f"burst-{i}" for i in range(args.burst)]
+                for i, event_id in enumerate(ids):
+                    results.send(event_id, images[i % len(images)])
+                results.wait(ids, 120)
+                with results.lock:
+                    last = max((results.sent[i] + results.got[i][0] for i in ids if i in results.got), default=start)
+                capacity = len([i for i in ids if i in results.got]) / max(last - start, 1e-9)
+                doc["capacity_eps"] = capacity
+            finally:
+                local.stop()
+            # 2. offered load factor x C, hand-off on
+            cloud.start()
+            daemon = _daemon("handoff", broker, workdir, "--cloud", f"http://127.0.0.1:{port}")
+            daemon.start()
+            try:
+                _ready(results, images, "handoff")
+                rate = args.factor * capacity
+                ids = _offer(results, images, "load", rate, args.seconds)
+                results.wait(ids, 120)
+                doc["overload"] = {"offered_eps": rate, **_summary(results, ids, args.seconds)}
+                # 3. the same with the cloud killed a third of the way in, started again at two thirds
+                restarted_at: list[float] = []
+
+                def kill() -> None:
+                    if cloud.proc is not None:
+                        cloud.proc.send_signal(signal.SIGKILL)
+                        cloud.proc.wait()
+                        cloud.proc = None
+
+                def restart() -> None:
+                    cloud.start()
+                    restarted_at.append(time.perf_counter())
+
+                ids = _offer(results, images, "kill", rate, args.seconds, [(1 / 3, kill), (2 / 3, restart)])
+                results.wait(ids, 180)
+                with results.lock:
+                    after = sum(1 for i in ids if i in results.got and results.got[i][1] == "cloud"
+                                and restarted_at and results.sent[i] > restarted_at[0])
+                doc["cloud_killed"] = {**_summary(results, ids, args.seconds), "cloud_answers_after_restart": after}
+            finally:
+                daemon.stop()
+        finally:
+            cloud.stop()
+            results.close()
+    unloaded_p99 = doc["unloaded"]["local_p99_ms"]
+    over = doc["overload"]
+    doc["summary"] = {
+        "capacity_eps": doc["capacity_eps"],
+        "local_p99_over_unloaded_p99": over["local_p99_ms"] / unloaded_p99 if unloaded_p99 else float("nan"),
+        "goodput_over_capacity": over["goodput_eps"] / doc["capacity_eps"],
+        "lost": over["lost"] + doc["cloud_killed"]["lost"],
+        "targets": {"local_p99_ratio_max": 2.0, "goodput_ratio_min": 2.5, "lost_max": 0},
+    }
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="added delay of the cloud endpoint")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each loaded run")
+    parser.add_argument("--factor", type=float, default=3.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--burst", type=int, default=2000, help="events in the capacity burst")
+    parser.add_argument("--serial", type=int, default=200, help="lone events for the unloaded latency")
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
+    args = parser.parse_args(argv)
+    doc = run(args)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.json_only:
+        print(json.dumps(doc, indent=2))
+        return 0
+    s, over, killed = doc["summary"], doc["overload"], doc["cloud_killed"]
+    print(f"capacity here: {s['capacity_eps']:,.0f} events/s; unloaded p50/p99 "
+          f"{doc['unloaded']['local_p50_ms']:.2f}/{doc['unloaded']['local_p99_ms']:.2f} ms")
+    print(f"offered {over['offered_eps']:,.0f}/s for {args.seconds:g} s: goodput {over['goodput_eps']:,.0f}/s "
+          f"({s['goodput_over_capacity']:.2f} C, target >= 2.5), ran here {over['ran_local']}, on the cloud "
+          f"{over['ran_cloud']}, lost {over['lost']}; local p99 {over['local_p99_ms']:.1f} ms "
+          f"({s['local_p99_over_unloaded_p99']:.1f}x unloaded, target <= 2)")
+    print(f"cloud SIGKILLed at 1/3 and restarted at 2/3: answered {killed['answered']}/{killed['sent']}, lost "
+          f"{killed['lost']}, cloud answers after the restart {killed['cloud_answers_after_restart']}")
+    print(f"results written to {RESULTS.relative_to(e2e.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Hand-off to the cloud endpoint: the planner's decision, and the daemon against a real OIP v2 server
+(`edgefn cloud serve`, in this process) and a real mosquitto: handed-off results say so, a cloud
+that is gone costs nothing but the hand-off, low confidence asks the cloud's model."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from cloud_sync.serve import start_server
+from edgefn.daemon import Daemon, _unsure
+from edgefn.offload.planner import Planner
+from tests.conftest import MODELS, publish
+from tests.test_daemon import digit_payloads
+
+# --- the decision ---------------------------------------------------------------------------------
+
+
+def test_never_and_always_do_not_look_at_the_load():
+    assert Planner("never", 10, 1).where(10_000, 10_000, under_pressure=True) == "local"
+    assert Planner("always", 10, 1).where(1, 0) == "cloud"
+    assert Planner("on-low-confidence", 10, 1).where(10_000, 10_000) == "local"  # asked again after, if unsure
+
+
+def test_on_overload_hands_off_what_cannot_meet_the_budget_here():
+    planner = Planner("on-overload", budget_ms=100, workers=2)
+    planner.served_here(10, 0.010)  # 1 ms an event
+    for _ in range(50):
+        planner.served_here(10, 0.010)
+    assert planner.per_event_s == pytest.approx(0.001, rel=0.01)
+    assert planner.where(batch=10, queued_behind=100) == "local"  # 110 events / 2 workers: 55 ms
+    assert planner.where(batch=10, queued_behind=250) == "cloud"  # 130 ms of work ahead
+    assert planner.where(batch=1, queued_behind=0, under_pressure=True) == "cloud"  # too hot: out
+
+
+def test_the_service_time_follows_a_slower_device():
+    planner = Planner("on-overload", budget_ms=50, workers=1, initial_s=0.001)
+    assert planner.where(10, 20) == "local"
+    for _ in range(20):
+        planner.served_here(4, 0.040)  # 10 ms an event now (throttled)
+    assert planner.where(10, 20) == "cloud"
+
+
+def test_a_bad_policy_is_refused():
+    with pytest.raises(ValueError, match="offload policy must be one of"):
+        Planner("sometimes", 10, 1)  # type: ignore[arg-type]
+
+
+def test_unsure_reads_the_top_score_of_each_row():
+    sure = np.array([[0.9, 0.1], [0.2, 0.8]], dtype="<f4")
+    unsure = np.array([[0.9, 0.1], [0.55, 0.45]], dtype="<f4")
+    label = ("int64", [2], np.zeros(2, dtype="<i8").tobytes())
+    assert not _unsure([label, ("float32", [2, 2], sure.tobytes())], 0.6)
+    assert _unsure([label, ("float32", [2, 2], unsure.tobytes())], 0.6)
+    assert not _unsure([label], 0.6)  # no scores: nothing to be unsure of
+
+
+# --- the daemon against a real endpoint ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def cloud():
+    with start_server(MODELS) as server:
+        yield server
+
+
+def results_of(collector, n: int) -> list[dict]:
+    got = collector.wait_for(n, timeout=30)
+    assert len(got) == n, f"{len(got)} of {n} results"
+    return [doc for _, doc in got]
+
+
+def offload_count(d: Daemon, outcome: str) -> float:
+    prefix = f'edgefn_offload_total{{function="digits",outcome="{outcome}"}} '
+    return next((float(line.split()[-1]) for line in d.metrics.render().decode().splitlines()
+                 if line.startswith(prefix)), 0.0)
+
+
+@pytest.mark.broker
+def test_always_runs_inference_on_the_cloud_and_results_say_so(broker, collector, settings_for, digits_fn, cloud):
+    results = collector("results/+/digits")
+    d = Daemon(settings_for(broker, digits_fn, cloud_url=cloud.url, offload="always"))
+    d.start()
+    try:
+        d.wait_connected(10)
+        payloads, labels = digit_payloads(40, "cloud")
+        publish(broker.port, "sensors/dev1/digits", payloads)
+        docs = results_of(results, 40)
+        assert {doc["ran_on"] for doc in docs} == {"cloud"}
+        assert sum(doc["label"] == labels[doc["event_id"]] for doc in docs) / 40 >= 0.85
+        assert offload_count(d, "handed-off") >= 1
+    finally:
+        d.stop(drain_timeout=2)
+
+
+@pytest.mark.broker
+def test_a_cloud_that_is_gone_costs_no_event(broker, collector, settings_for, digits_fn, cloud):
+    results = collector("results/+/digits")
+    cloud.close()  # the endpoint is configured, and nobody answers there
+    d = Daemon(settings_for(broker, digits_fn, cloud_url=cloud.url, offload="always", cloud_timeout_s=0.5))
+    d.start()
+    try:
+        d.wait_connected(10)
+        payloads, _ = digit_payloads(60, "gone")
+        for k in range(0, 60, 6):  # rounds apart: each batch tries the cloud once, until the breaker opens
+            publish(broker.port, "sensors/dev2/digits", payloads[k:k + 6])
+            results_of(results, k + 6)
+        docs = results_of(results, 60)
+        assert {doc["ran_on"] for doc in docs} == {"local"}
+        assert offload_count(d, "ran-here-instead") >= 1
+        text = d.metrics.render().decode()
+        assert 'edgefn_cloud_breaker{state="open"} 1.0' in text  # after a few failures it stops trying
+    finally:
+        d.stop(drain_timeout=2)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(("threshold", "ran_on"), [(1.0, {"cloud"}), (0.0, {"local"})])
+def test_low_confidence_asks_the_clouds_model(broker, collector, settings_for, digits_fn, cloud, tmp_path,
+                                              threshold, ran_on):
+    fn = tmp_path / "digits"
+    fn.mkdir()
+    for item in digits_fn.iterdir():
+        (fn / item.name).symlink_to(item)
+    (fn / "edgefn.toml").unlink()
+    manifest = (digits_fn / "edgefn.toml").read_text()
+    # Top-level keys go before the first table.
+    (fn / "edgefn.toml").write_text(f'offload = "on-low-confidence"\nconfidence_threshold = {threshold}\n' + manifest)
+    results = collector("results/+/digits")
+    d = Daemon(settings_for(broker, fn, cloud_url=cloud.url))
+    d.start()
+    try:
+        d.wait_connected(10)
+        publish(broker.port, "sensors/dev3/digits", digit_payloads(10, "joint")[0])
+        assert {doc["ran_on"] for doc in results_of(results, 10)} == ran_on
+        assert (offload_count(d, "asked-again") > 0) == (ran_on == {"cloud"})
+    finally:
+        d.stop(drain_timeout=2)
+
+
+
+@pytest.mark.broker
+def test_hand_off_resumes_when_the_cloud_comes_back(broker, collector, settings_for, digits_fn):
+    from urllib.parse import urlsplit
+
+    first = start_server(MODELS)
+    port = urlsplit(first.url).port
+    first.close()  # away from the start: the breaker opens, work runs here
+    results = collector("results/+/digits")
+    d = Daemon(settings_for(broker, digits_fn, cloud_url=f"http://127.0.0.1:{port}", offload="always",
+                            cloud_timeout_s=0.5, cloud_cooldown_s=0.3))
+    d.start()
+    try:
+        d.wait_connected(10)
+        payloads, _ = digit_payloads(1000, "back")
+        sent = 0
+        for _ in range(8):  # until the breaker has opened
+            publish(broker.port, "sensors/dev4/digits", payloads[sent:sent + 5])
+            sent += 5
+            results_of(results, sent)
+        assert {doc["ran_on"] for doc in results_of(results, sent)} == {"local"}
+        with start_server(MODELS, port=port):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and "cloud" not in {doc["ran_on"] for doc in results_of(results, sent)}:
+                publish(broker.port, "sensors/dev4/digits", payloads[sent:sent + 5])
+                sent += 5
+                results_of(results, sent)
+                time.sleep(0.1)
+            assert "cloud" in {doc["ran_on"] for doc in results_of(results, sent)}, "hand-off never resumed"
+    finally:
+        d.stop(drain_timeout=2)
