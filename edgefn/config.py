@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     cloud_retries: int = Field(default=2, ge=0, description="Retries of a cloud call on a connection error or 5xx.")
     cloud_cooldown_s: float = Field(default=5.0, ge=0, description="After the endpoint failed: seconds before "
                                     "one trial call may close the circuit breaker again.")
+    cloud_workers: int = Field(default=4, ge=0, le=64, description="Extra instances per function that run the "
+                               "batches handed to the cloud (on-overload, always).")
     offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
         default=None, description="Overrides every function's offload policy.")
     profile: str | None = Field(default=None, description="Device profile by name (default: detected from the device).")

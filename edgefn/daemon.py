@@ -148,9 +148,23 @@ class _InOrder:
 
 
 @dataclass
+@dataclass
+class Lane:
+    """A queue of a function's events, the workers that take from it, and where their inference runs.
+    Answers leave a lane in the order its events came in."""
+
+    where: Where
+    workers: int
+    queue: queue.Queue[tuple[Event, _Pending, int] | None] = field(default_factory=queue.Queue)
+    order: _InOrder = field(default_factory=_InOrder)
+
+
+@dataclass
 class LoadedFunction:
-    """A function, its sandbox, and its own queue: a slow or hostile function backs up only its
-    own queue, never its neighbours' (its workers are as many as its instances)."""
+    """A function, its sandbox, and its own lanes: a slow or hostile function backs up only its own
+    queues, never its neighbours'. The local lane has as many workers as the function's instances;
+    with a cloud endpoint, a cloud lane takes what the local one cannot serve within its latency
+    budget (its workers' instances wait for the cloud's answers, not for the CPU)."""
 
     manifest: Manifest
     folder: Path
@@ -158,8 +172,11 @@ class LoadedFunction:
     properties: list[tuple[str, str]]  # MQTT 5 user properties on every output
     host: FunctionHost
     planner: Planner
-    queue: queue.Queue[tuple[Event, _Pending, int] | None] = field(default_factory=queue.Queue)
-    order: _InOrder = field(default_factory=_InOrder)
+    lanes: dict[str, Lane]
+
+    @property
+    def local(self) -> Lane:
+        return self.lanes["local"]
 
 
 @dataclass(eq=False)
@@ -259,10 +276,15 @@ class Daemon:
             # with every output of the function (user property edgefn-models).
             choices = [self.registry.choice(model) for model in manifest.models.use]
             models = ",".join(f"{c.model}={c.variant}/{c.format}/{c.delegate}" for c in choices)
-            sandbox = FunctionSandbox(self.runtime, manifest, wasm, host)
+            # `always`: the function's own lane hands every batch off; `on-overload`: a cloud lane of its own.
+            lanes = {"local": Lane("cloud" if policy == "always" else "local", manifest.limits.instances)}
+            if policy == "on-overload" and s.cloud_workers:
+                lanes["cloud"] = Lane("cloud", s.cloud_workers)
+            sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
+                                      instances=sum(lane.workers for lane in lanes.values()))
             planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances)
             self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else [],
-                                                 host, planner))
+                                                 host, planner, lanes))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay, unsent = self.inbox.pending(), self.inbox.outbox()
@@ -278,8 +300,10 @@ class Daemon:
         for row, event_id, message in unsent:  # queued by paho until connected, before any new answer
             self._send(_Output(event_id, message, row=row), replayed=True)
         for fn in self.functions:
-            for i in range(fn.manifest.limits.instances):
-                self._spawn(lambda fn=fn: self._work_loop(fn), f"edgefn-{fn.manifest.name}-{i}")
+            for lane in fn.lanes.values():
+                for i in range(lane.workers):
+                    self._spawn(lambda fn=fn, lane=lane: self._work_loop(fn, lane),
+                                f"edgefn-{fn.manifest.name}-{lane.where}-{i}")
         self._deliver(replay, replayed=True)
         self._spawn(self._housekeeping, "edgefn-housekeeping")
         self.connection.start()
@@ -385,12 +409,13 @@ class Daemon:
             return
         self.ingress.close()
         deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and (any(f.queue.unfinished_tasks for f in self.functions)
+        while time.monotonic() < deadline and (any(lane.queue.unfinished_tasks for lane in self._lanes())
                                                or self._unfinished()):
             time.sleep(0.01)
         self._stopping.set()
         for fn in self.functions:
-            fn.queue.put(None)  # each worker that takes it puts it back for the next
+            for lane in fn.lanes.values():
+                lane.queue.put(None)  # each worker that takes it puts it back for the next
         for thread in self._threads:
             thread.join(timeout=2)
         self._settle()  # what the broker has not acknowledged yet waits in the outbox
@@ -422,7 +447,8 @@ class Daemon:
                 with self._journal_lock:
                     self._answered.append(pending)
             for fn in routes:
-                fn.order.queue(fn.queue, (event, pending))
+                lane = fn.lanes.get(fn.planner.admit(fn.local.queue.qsize(), self._under_pressure()), fn.local)
+                lane.order.queue(lane.queue, (event, pending))
 
     def _route(self, topic: str) -> list[LoadedFunction]:
         hit = self._route_cache.get(topic)
@@ -434,42 +460,45 @@ class Daemon:
         return hit
 
     # -- work (each function's own workers) ------------------------------------------------------------
-    def _work_loop(self, fn: LoadedFunction) -> None:
+    def _lanes(self) -> list[Lane]:
+        return [lane for fn in self.functions for lane in fn.lanes.values()]
+
+    def _work_loop(self, fn: LoadedFunction, lane: Lane) -> None:
         while True:
-            batch = self._take(fn)
+            batch = self._take(fn, lane.queue)
             if batch is None:
                 return
             try:
-                self._process(fn, batch)
+                self._process(fn, lane, batch)
             except Exception:  # a bug of ours must not kill the worker; the events stay journaled
                 log.exception("%s: events %s could not be processed", fn.manifest.name, [e.id for e, _, _ in batch])
                 for _, _, ticket in batch:
-                    fn.order.release(ticket)  # unanswered: they run again after a restart
+                    lane.order.release(ticket)  # unanswered: they run again after a restart
             finally:
                 for _ in batch:
-                    fn.queue.task_done()
+                    lane.queue.task_done()
 
-    def _take(self, fn: LoadedFunction) -> list[tuple[Event, _Pending, int]] | None:
-        """The function's next event and what queued up behind it (up to its max_batch); None: stop."""
-        first = fn.queue.get()
+    def _take(self, fn: LoadedFunction, q: queue.Queue) -> list[tuple[Event, _Pending, int]] | None:
+        """The lane's next event and what queued up behind it (up to max_batch); None: stop."""
+        first = q.get()
         if first is None:
-            fn.queue.task_done()
-            fn.queue.put(None)  # for the function's next worker
+            q.task_done()
+            q.put(None)  # for the lane's next worker
             return None
         batch = [first]
         while len(batch) < fn.manifest.limits.max_batch:
             try:
-                item = fn.queue.get_nowait()
+                item = q.get_nowait()
             except queue.Empty:
                 break
             if item is None:
-                fn.queue.task_done()
-                fn.queue.put(None)  # this worker stops after its batch, the next one too
+                q.task_done()
+                q.put(None)  # this worker stops after its batch, the next one too
                 break
             batch.append(item)
         return batch
 
-    def _process(self, fn: LoadedFunction, batch: list[tuple[Event, _Pending, int]]) -> None:
+    def _process(self, fn: LoadedFunction, lane: Lane, batch: list[tuple[Event, _Pending, int]]) -> None:
         limit = self.settings.max_payload_bytes
         events = [e for e, _, _ in batch if len(e.payload) <= limit]
         answers: dict[str, list[Message] | FunctionError] = {
@@ -477,15 +506,14 @@ class Daemon:
             for e, _, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
         if events:
             self.metrics.batch_events.labels(fn.manifest.name).observe(len(events))
-            where = fn.planner.where(len(events), fn.queue.qsize(), self._under_pressure())
-            fn.host.plan(where)
+            fn.host.plan(lane.where)
             started = time.perf_counter()
             answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
-            if where == "local":
+            if lane.where == "local":
                 fn.planner.served_here(len(events), time.perf_counter() - started)
         for event, pending, ticket in batch:
             outputs = self._outputs(fn, event, answers[event.id])
-            fn.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o, fn.properties))
+            lane.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o, fn.properties))
 
     def _outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""

@@ -19,28 +19,27 @@ from tests.test_daemon import digit_payloads
 
 
 def test_never_and_always_do_not_look_at_the_load():
-    assert Planner("never", 10, 1).where(10_000, 10_000, under_pressure=True) == "local"
-    assert Planner("always", 10, 1).where(1, 0) == "cloud"
-    assert Planner("on-low-confidence", 10, 1).where(10_000, 10_000) == "local"  # asked again after, if unsure
+    assert Planner("never", 10, 1).admit(10_000, under_pressure=True) == "local"
+    assert Planner("always", 10, 1).admit(0) == "cloud"
+    assert Planner("on-low-confidence", 10, 1).admit(10_000) == "local"  # asked again after, if unsure
 
 
-def test_on_overload_hands_off_what_cannot_meet_the_budget_here():
+def test_on_overload_queues_here_only_what_meets_the_budget():
     planner = Planner("on-overload", budget_ms=100, workers=2)
-    planner.served_here(10, 0.010)  # 1 ms an event
     for _ in range(50):
-        planner.served_here(10, 0.010)
+        planner.served_here(10, 0.010)  # 1 ms an event
     assert planner.per_event_s == pytest.approx(0.001, rel=0.01)
-    assert planner.where(batch=10, queued_behind=100) == "local"  # 110 events / 2 workers: 55 ms
-    assert planner.where(batch=10, queued_behind=250) == "cloud"  # 130 ms of work ahead
-    assert planner.where(batch=1, queued_behind=0, under_pressure=True) == "cloud"  # too hot: out
+    assert planner.admit(queued_here=150) == "local"  # 151 events / 2 workers: 76 ms
+    assert planner.admit(queued_here=250) == "cloud"  # 126 ms of work ahead: out
+    assert planner.admit(queued_here=0, under_pressure=True) == "cloud"  # too hot: out
 
 
 def test_the_service_time_follows_a_slower_device():
     planner = Planner("on-overload", budget_ms=50, workers=1, initial_s=0.001)
-    assert planner.where(10, 20) == "local"
+    assert planner.admit(20) == "local"
     for _ in range(20):
         planner.served_here(4, 0.040)  # 10 ms an event now (throttled)
-    assert planner.where(10, 20) == "cloud"
+    assert planner.admit(20) == "cloud"
 
 
 def test_a_bad_policy_is_refused():

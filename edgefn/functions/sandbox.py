@@ -170,9 +170,10 @@ def _lowered(event: Event) -> tuple[str, str, bytes, float]:
 class FunctionSandbox:
     """A function's compiled component and its pool of warm instances."""
 
-    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host):
+    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host, instances: int | None = None):
         self.runtime, self.manifest, self.host = runtime, manifest, host
         self.limits = manifest.limits
+        self.instances = instances or self.limits.instances  # the pool's size
         self.component = runtime.load(wasm)
         self._linker = self._make_linker()
         self._idle: queue.LifoQueue[_Instance] = queue.LifoQueue()
@@ -181,7 +182,7 @@ class FunctionSandbox:
         self._allowed_topics: dict[str, bool] = {}
         self._missing = 0  # pool slots whose instance could not be renewed yet
         self._missing_lock = threading.Lock()
-        for _ in range(self.limits.instances):
+        for _ in range(self.instances):
             self._idle.put(self._new_instance())
         # Components built against an older world have no handle-batch: they get events one by one.
         self._batches = self._idle.queue[0].handle_batch is not None

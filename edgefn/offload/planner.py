@@ -1,12 +1,14 @@
 """Where a function's inference runs: here, or on the cloud endpoint (the hand-off decision).
 
 Per function, the planner keeps the measured service time of one event here (an exponentially
-weighted mean over the batches its workers ran) and decides, for each batch a worker takes:
+weighted mean over the batches its workers ran) and decides, for each event as it arrives:
 
 - `never`: here. `always`: the cloud (the device only pre- and post-processes).
-- `on-overload`: the cloud when the work queued here, this batch included, cannot be served within
-  the latency budget by the function's workers, or when the device is under thermal (critical) or
-  memory pressure; else here. Surplus goes out, the rest keeps its local latency.
+- `on-overload`: an event joins the local queue while the work queued there, itself included, can
+  be served within the latency budget by the function's instances; else (or when the device is at
+  its critical temperature or short of memory) the cloud lane, whose own workers and instances
+  (`cloud_workers`) wait for the cloud's answers. So the local queue never holds more than a budget's
+  worth of work: its events keep their local latency, and only the surplus goes out.
 - `on-low-confidence`: here; the host asks the cloud again when the local answer's top score is
   below the function's threshold (joint inference).
 
@@ -47,13 +49,11 @@ class Planner:
         with self._lock:
             self._per_event_s += _WEIGHT * (seconds / events - self._per_event_s)
 
-    def where(self, batch: int, queued_behind: int, under_pressure: bool = False) -> Where:
-        """Where the inference of a batch just taken runs, given what waits behind it."""
+    def admit(self, queued_here: int, under_pressure: bool = False) -> Where:
+        """The lane a new event joins, given the events already queued here."""
         if self.policy == "always":
             return "cloud"
         if self.policy != "on-overload":
             return "local"
-        if under_pressure:
-            return "cloud"
-        backlog_s = (batch + queued_behind) * self._per_event_s / self.workers
-        return "cloud" if backlog_s > self.budget_s else "local"
+        backlog_s = (queued_here + 1) * self._per_event_s / self.workers
+        return "cloud" if under_pressure or backlog_s > self.budget_s else "local"
