@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         hostile = workdir / "hostile"
         shutil.copytree(HOSTILE, hostile, ignore=shutil.ignore_patterns("build", "__pycache__"))
         build(hostile)
-        system = e2e.System("contained", [
-            sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url, "--functions", str(e2e.FUNCTION),
-            "--functions", str(hostile), "--models", str(e2e.MODELS), "--state-dir", str(workdir / "state"),
-            "--client-id", "bench-containment", "--no-build", "--log-level", "error"], workdir)
+        system = e2e.edgefn_run("containment", broker.url, workdir, [e2e.FUNCTION, hostile])
         clients = e2e.Clients(broker.port)
         endings: Counter[str] = Counter()
         watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-containment-errors")

@@ -231,6 +231,24 @@ class System:
         return stop_gracefully(proc)
 
 
+def edgefn_run(name: str, broker_url: str, workdir: Path, functions: list[Path], *extra: str,
+               log_level: str = "error") -> System:
+    """`edgefn run` as a system under test: its own state dir and client id, components built already."""
+    return System(name, [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker_url,
+                         *(arg for f in functions for arg in ("--functions", str(f))), "--models", str(MODELS),
+                         "--state-dir", str(workdir / name), "--client-id", f"bench-{name}", "--no-build",
+                         "--log-level", log_level, *extra], workdir)
+
+
+def ensure_built(function: Path) -> None:
+    from edgefn.functions.build import build, needs_build
+    from edgefn.functions.manifest import load_manifest
+
+    if needs_build(function, load_manifest(function)):
+        print(f"building {function.relative_to(ROOT)} (componentize-py, about 10 s) ...", file=sys.stderr)
+        build(function)
+
+
 def _payload(event_id: str, pixels: list[int]) -> bytes:
     return json.dumps({"id": event_id, "pixels": pixels}).encode()
 
@@ -417,8 +435,6 @@ def _print_table(doc: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edgefn.functions.build import build, needs_build
-    from edgefn.functions.manifest import load_manifest
     from edgefn.mqtt.local_broker import LocalBroker, mosquitto_binary
 
     quiet = args.json_only
@@ -431,9 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not MODEL.exists():
         raise BenchError(f"{MODEL} is missing (make models)")
-    if needs_build(FUNCTION, load_manifest(FUNCTION)):
-        say("building the digits function (componentize-py, about 10 s)")
-        build(FUNCTION)
+    ensure_built(FUNCTION)
     images, labels = _digits()
     mosquitto_version = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout.split("\n")[0]
 
@@ -442,10 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         broker_pid = broker._proc.pid if broker._proc is not None else None  # for CPU accounting only
         say(f"broker {broker.url} ({mosquitto_version})")
         plain = System("plain", [sys.executable, str(PLAIN), broker.url, str(MODEL)], workdir)
-        edge = System("edgefn", [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url,
-                                 "--functions", str(FUNCTION), "--models", str(MODELS),
-                                 "--state-dir", str(workdir / "state"), "--client-id", "bench-edgefn",
-                                 "--no-build", "--log-level", "warning"], workdir)
+        edge = edgefn_run("edgefn", broker.url, workdir, [FUNCTION], log_level="warning")
         clients = Clients(broker.port)
         try:
             results = {}

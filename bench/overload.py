@@ -102,11 +102,7 @@ class Results:
 
 
 def _daemon(name: str, broker: LocalBroker, workdir: Path, *extra: str) -> e2e.System:
-    return e2e.System(name, [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url,
-                             "--functions", str(FUNCTION), "--models", str(e2e.MODELS),
-                             "--state-dir", str(workdir / name), "--client-id", f"bench-{name}",
-                             "--model-variant", "digits-cnn=fp32", "--no-build", "--log-level", "error", *extra],
-                      workdir)
+    return e2e.edgefn_run(name, broker.url, workdir, [FUNCTION], "--model-variant", "digits-cnn=fp32", *extra)
 
 
 def _cloud(workdir: Path, port: int, delay_ms: float) -> e2e.System:
@@ -163,12 +159,7 @@ def _summary(results: Results, ids: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edgefn.functions.build import build, needs_build
-    from edgefn.functions.manifest import load_manifest
-
-    if needs_build(FUNCTION, load_manifest(FUNCTION)):
-        print(f"building {FUNCTION.relative_to(e2e.ROOT)} ...", file=sys.stderr)
-        build(FUNCTION)
+    e2e.ensure_built(FUNCTION)
     images, _labels = e2e._digits()
     doc: dict[str, Any] = {"benchmark": "bench/overload.py", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "config": {"delay_ms": args.delay_ms, "seconds": args.seconds, "factor": args.factor}}

@@ -48,10 +48,7 @@ RESULTS = e2e.ROOT / "bench" / "results" / "reliability.json"
 
 
 def _edgefn(name: str, broker: LocalBroker, workdir: Path, journal: str) -> e2e.System:
-    return e2e.System(name, [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url,
-                             "--functions", str(e2e.FUNCTION), "--models", str(e2e.MODELS),
-                             "--state-dir", str(workdir / name), "--client-id", f"bench-{name}",
-                             "--journal", journal, "--no-build", "--log-level", "error"], workdir)
+    return e2e.edgefn_run(name, broker.url, workdir, [e2e.FUNCTION], "--journal", journal)
 
 
 def journal_cost(broker: LocalBroker, clients: e2e.Clients, workdir: Path, n: int, images, labels) -> dict[str, Any]:

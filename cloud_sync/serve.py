@@ -254,7 +254,7 @@ def _arrange(model: ServedModel, tensors: list[tuple[str, np.ndarray, dict]]) ->
                                 f"unknown: {unknown}, missing: {missing}")
     for spec in specs:
         array = given[spec.name]
-        if array.dtype != np.dtype(spec.dtype) or not spec.accepts(array):
+        if not spec.accepts(array):
             raise oip.ProtocolError(f"input {spec.name!r} must be {_describe(spec)}, "
                                     f"got {oip.datatype(array.dtype)} {list(array.shape)}")
     return [given[s.name] for s in specs]

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -45,13 +46,14 @@ from edgefn.offload.breaker import BreakerState, CircuitBreaker
 from edgefn.offload.client import CloudClient
 from edgefn.offload.planner import Planner, Policy, Where
 from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
+from edgefn.profiles.sensors import MemoryState, ThermalState
 
 log = logging.getLogger("edgefn.daemon")
 ERRORS_TOPIC = "edgefn/errors/{function}"
 _TICK_S = 0.005  # the longest a received event waits for its group's commit
 _SETTLE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
 _SENSORS_EVERY = 1000  # temperatures and free memory are read every 5 s
-_PRESSURE_STATES = {"thermal": ("ok", "throttle", "critical", "unknown"), "memory": ("ok", "low", "unknown")}
+_PRESSURE_STATES = {"thermal": get_args(ThermalState), "memory": get_args(MemoryState)}
 
 
 class FunctionHost:
@@ -170,7 +172,6 @@ class LoadedFunction:
     folder: Path
     sandbox: FunctionSandbox
     properties: list[tuple[str, str]]  # MQTT 5 user properties on every output
-    host: FunctionHost
     planner: Planner
     lanes: dict[str, Lane]
 
@@ -284,7 +285,7 @@ class Daemon:
                                       instances=sum(lane.workers for lane in lanes.values()))
             planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances)
             self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else [],
-                                                 host, planner, lanes))
+                                                 planner, lanes))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay, unsent = self.inbox.pending(), self.inbox.outbox()
@@ -355,8 +356,9 @@ class Daemon:
         return now is not None and (now.thermal == "critical" or now.memory == "low")
 
     def _read_sensors(self) -> None:
-        now = pressure(self.profile, self.settings.device_root)
-        for zone in read_thermal(self.settings.device_root):
+        zones = read_thermal(self.settings.device_root)
+        now = pressure(self.profile, self.settings.device_root, zones)
+        for zone in zones:
             self.metrics.temperature.labels(zone.type).set(zone.celsius)
         if now.mem is not None:
             self.metrics.memory_available.set(now.mem.available_mb * 1024 * 1024)
@@ -506,7 +508,7 @@ class Daemon:
             for e, _, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
         if events:
             self.metrics.batch_events.labels(fn.manifest.name).observe(len(events))
-            fn.host.plan(lane.where)
+            fn.sandbox.host.plan(lane.where)
             started = time.perf_counter()
             answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
             if lane.where == "local":

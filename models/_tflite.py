@@ -45,13 +45,13 @@ def convert(fn: Callable, calibration: np.ndarray | None = None) -> bytes:
         return converter.convert()
 
 
-def interpreter(path: Path, threads: int = 1):
+def interpreter(path: Path):
     """The LiteRT interpreter the runtime uses (ai-edge-litert), else TensorFlow's own copy of it."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         Interpreter = tf.lite.Interpreter  # the same class, from TensorFlow
-    return Interpreter(model_path=str(path), num_threads=threads)
+    return Interpreter(model_path=str(path), num_threads=1)
 
 
 def run(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

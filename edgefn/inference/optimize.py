@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -303,7 +302,7 @@ def optimize(src: Path, calibration: Samples | None, validation: Samples, *, qua
                             len(gzip.compress(float_bytes)), base_lat, True, "the float model (baseline)")]
         if not (out / "model.json").exists():
             if not (out / src.name).exists():
-                shutil.copyfile(src, out / src.name)
+                _write_atomically(out / src.name, float_bytes)
             register(out, [_entry("fp32", src.name, float_bytes, "fp32", 0.0, base_acc)], meta)
         for p in planned:
             progress(f"{p.name}: {p.describe(len(calibration.x) if calibration is not None else 0)}")

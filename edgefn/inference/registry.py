@@ -14,6 +14,7 @@ inputs and outputs as model.json names them) and records why each other one was 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -30,8 +31,6 @@ from edgefn.errors import ModelError
 from edgefn.inference import delegates
 from edgefn.inference.delegates import DEFAULT_CHAINS, ONNX_CPU, XNNPACK, Delegate
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
-
-FORMATS = ("onnx", "tflite")
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,12 @@ class TensorSpec:
     def describe(self) -> str:
         return f"{self.dtype} [{', '.join('N' if d < 0 else str(d) for d in self.shape)}]"
 
-    def accepts(self, array: np.ndarray) -> bool:
-        return (array.dtype == np.dtype(self.dtype) and array.ndim == len(self.shape)
+    @functools.cached_property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def accepts(self, array: np.ndarray) -> bool:  # on every inference: no dtype parsing here
+        return (array.dtype == self.np_dtype and array.ndim == len(self.shape)
                 and all(want < 0 or want == got for want, got in zip(self.shape, array.shape, strict=True)))
 
 
@@ -302,12 +305,21 @@ BACKENDS: dict[str, type] = {"onnx": OnnxBackend, "tflite": LiteRtBackend}
 
 
 def open_variant(info: ModelInfo, variant: Variant, verify: bool = True, delegate: Delegate | None = None,
-                 search: Sequence[Path] = ()) -> Backend:
+                 search: Sequence[Path] = (), content: bytes | None = None) -> Backend:
     """Load one variant of a model on a delegate (its format's first default one if none), or say in a
-    ModelError why it cannot run here."""
+    ModelError why it cannot run here. `content`: the file's bytes, read and checked already."""
     backend = BACKENDS.get(variant.format)
     if backend is None:
         raise ModelError(f"format {variant.format!r} has no backend here (known: {', '.join(BACKENDS)})")
+    if content is None:
+        content = read_variant(info, variant, verify)
+    delegate = delegate or DEFAULT_CHAINS[variant.format][0]
+    return backend(info.path(variant), info.name, info.inputs, [o.name for o in info.outputs], content, delegate,
+                   search)
+
+
+def read_variant(info: ModelInfo, variant: Variant, verify: bool = True) -> bytes:
+    """A variant's file, checked against the sha256 model.json records; a ModelError says what is wrong."""
     path = info.path(variant)
     try:
         content = path.read_bytes()
@@ -317,8 +329,7 @@ def open_variant(info: ModelInfo, variant: Variant, verify: bool = True, delegat
         raise ModelError(f"{path}: cannot read it: {exc.strerror}") from None
     if verify and hashlib.sha256(content).hexdigest() != variant.sha256:
         raise ModelError(f"{path}: sha256 does not match model.json (truncated or changed since it was recorded)")
-    delegate = delegate or DEFAULT_CHAINS[variant.format][0]
-    return backend(path, info.name, info.inputs, [o.name for o in info.outputs], content, delegate, search)
+    return content
 
 
 # The default preference (a device profile can give another order of precisions), "int8 on CPU":
@@ -394,11 +405,20 @@ def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
             attempts += [(variant, d) for d in chains[variant.format]
                          if d.accelerated == accelerated and d.requires_variant in (None, variant.name)]
     failures: dict[str, list[tuple[str, str]]] = {v.name: [] for v in ranked}
+    files: dict[str, bytes | ModelError] = {}  # each file read and hashed once, whatever the delegates tried
     for variant, delegate in attempts:
         try:
             if delegate is None and variant.format in BACKENDS:
                 raise ModelError(f"the device profile has no delegate for {variant.format}")
-            backend = open_variant(info, variant, verify, delegate, search)
+            if variant.format in BACKENDS and variant.name not in files:
+                try:
+                    files[variant.name] = read_variant(info, variant, verify)
+                except ModelError as exc:
+                    files[variant.name] = exc
+            content = files.get(variant.name)
+            if isinstance(content, ModelError):
+                raise content
+            backend = open_variant(info, variant, verify, delegate, search, content)
         except ModelError as exc:
             failures[variant.name].append((delegate.name if delegate else "-", str(exc)))
             continue

@@ -16,10 +16,11 @@ daemon publishes the first again and runs the second again, marking both as poss
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +51,7 @@ class Inbox:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=10000")  # the ingress process and the daemon both write
+        self._db.execute("PRAGMA busy_timeout=10000")  # another process on the same file waits, not fails
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._closed = False
@@ -63,20 +64,26 @@ class Inbox:
         """Commit one received event; returns it with its journal id."""
         return self.append_many([(topic, payload, time.time() * 1000.0)])[0]
 
-    def append_many(self, items: list[tuple[str, bytes, float]]) -> list[Event]:
-        """Commit received events (topic, payload, received_ms) in one transaction."""
-        events = []
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: all of it is committed, or none."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for topic, payload, received_ms in items:
-                    cur = self._db.execute("INSERT INTO inbox (topic, payload, received_ms) VALUES (?, ?, ?)",
-                                           (topic, payload, received_ms))
-                    events.append(Event(str(cur.lastrowid), topic, payload, received_ms))
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def append_many(self, items: list[tuple[str, bytes, float]]) -> list[Event]:
+        """Commit received events (topic, payload, received_ms) in one transaction."""
+        events = []
+        with self._transaction() as db:
+            for topic, payload, received_ms in items:
+                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms) VALUES (?, ?, ?)",
+                                 (topic, payload, received_ms))
+                events.append(Event(str(cur.lastrowid), topic, payload, received_ms))
         return events
 
     def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
@@ -86,19 +93,13 @@ class Inbox:
         done = [(int(e),) for e in answered]
         gone = [(int(o),) for o in delivered]
         ids = []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for event_id, message in undelivered:
-                    cur = self._db.execute("INSERT INTO outbox (event, topic, payload) VALUES (?, ?, ?)",
-                                           (event_id, message.topic, message.payload))
-                    ids.append(cur.lastrowid)
-                self._db.executemany("DELETE FROM inbox WHERE seq = ?", done)
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            for event_id, message in undelivered:
+                cur = db.execute("INSERT INTO outbox (event, topic, payload) VALUES (?, ?, ?)",
+                                 (event_id, message.topic, message.payload))
+                ids.append(cur.lastrowid)
+            db.executemany("DELETE FROM inbox WHERE seq = ?", done)
+            db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
         return ids
 
     def pending(self) -> list[Event]:

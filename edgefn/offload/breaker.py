@@ -40,10 +40,10 @@ class BreakerStats:
 class Permit:
     """Leave to make one call; report its outcome once (later reports are ignored)."""
 
-    __slots__ = ("_breaker", "_generation", "_trial", "_done")
+    __slots__ = ("_breaker", "_generation", "_done")
 
-    def __init__(self, breaker: CircuitBreaker, generation: int, trial: bool):
-        self._breaker, self._generation, self._trial, self._done = breaker, generation, trial, False
+    def __init__(self, breaker: CircuitBreaker, generation: int):
+        self._breaker, self._generation, self._done = breaker, generation, False
 
     def succeeded(self) -> None:
         self._report(True)
@@ -54,7 +54,7 @@ class Permit:
     def _report(self, ok: bool) -> None:
         if not self._done:
             self._done = True
-            self._breaker._record(self._generation, self._trial, ok)
+            self._breaker._record(self._generation, ok)
 
 
 class CircuitBreaker:
@@ -106,21 +106,20 @@ class CircuitBreaker:
         with self._lock:
             change = self._cool_down()
             if self._state is BreakerState.CLOSED:
-                permit: Permit | None = Permit(self, self._generation, trial=False)
+                permit: Permit | None = Permit(self, self._generation)
             elif self._state is BreakerState.HALF_OPEN and self._trials < self.trial_calls:
                 self._trials += 1
-                permit = Permit(self, self._generation, trial=True)
+                permit = Permit(self, self._generation)
             else:
                 permit = None
         self._notify(change)
         return permit
 
-    def _record(self, generation: int, trial: bool, ok: bool) -> None:
+    def _record(self, generation: int, ok: bool) -> None:
         with self._lock:
             change = None
             if generation == self._generation:  # else: let through before the last change; stale
-                if self._state is BreakerState.HALF_OPEN:
-                    self._trials -= trial
+                if self._state is BreakerState.HALF_OPEN:  # the trial decides (_move resets the trials)
                     change = self._move(BreakerState.CLOSED if ok else BreakerState.OPEN)
                 elif self._state is BreakerState.CLOSED:
                     change = self._count(ok)

@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 from collections.abc import Generator, Mapping
 from typing import Any
@@ -103,8 +102,7 @@ class CloudClient:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, auth=_secret(auth_header, auth_env, environ),
                                   transport=transport)
-        self._input_names: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
+        self._input_names: dict[str, list[str]] = {}  # one dict write is atomic: no lock
 
     def __repr__(self) -> str:
         return (f"CloudClient(url={self.url!r}, model_map={self.model_map!r}, auth_header={self.auth_header!r}, "
@@ -177,8 +175,7 @@ class CloudClient:
                 names = [str(i["name"]) for i in doc["inputs"]]
             except (ValueError, KeyError, TypeError) as exc:
                 raise CloudError(f"{self.url}: model {self._cloud_name(model)}: unusable metadata: {exc!r}") from None
-            with self._lock:
-                self._input_names[model] = names
+            self._input_names[model] = names
         return names
 
     def _cloud_name(self, model: str) -> str:

@@ -80,7 +80,7 @@ def decode_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         if not 0 < size <= len(view):
             raise ProtocolError(f"{HEADER_LENGTH} is {size} but the body has {len(view)} bytes")
     try:
-        head = json.loads(view[:size].tobytes())
+        head = json.loads(body if header_length is None else view[:size].tobytes())  # JSON only: no copy
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"the body is not a JSON object: {exc}") from None
     if not isinstance(head, dict):

@@ -100,13 +100,13 @@ def _cpuinfo(text: str) -> dict[str, list[str]]:
     return fields
 
 
-def machine_arch(root: Path = Path("/")) -> tuple[str | None, str]:
+def machine_arch(root: Path = Path("/"), cpuinfo: dict[str, list[str]] | None = None) -> tuple[str | None, str]:
     """The arch of the machine under `root` ("x86_64", "aarch64", another name, or None) and where it came from:
     platform.machine() for the running machine ("/"), else hints in `root`/proc/cpuinfo."""
     if Path(root).resolve() == Path("/"):
         machine = platform.machine().lower()
         return _MACHINES.get(machine, machine), f"platform.machine() is {machine!r}"
-    fields = _cpuinfo(_read(Path(root) / "proc/cpuinfo") or "")
+    fields = cpuinfo if cpuinfo is not None else _cpuinfo(_read(Path(root) / "proc/cpuinfo") or "")
     if "vendor_id" in fields or "cpu family" in fields:
         return "x86_64", "proc/cpuinfo has x86 fields (vendor_id, cpu family)"
     if "8" in fields.get("CPU architecture", []):
@@ -138,7 +138,7 @@ def detect(root: Path = Path("/"), profiles: Mapping[str, Profile] | None = None
     evidence = [f"proc/device-tree/model: {facts.model!r}" if facts.model else "proc/device-tree/model: absent"]
     if facts.tegra_release:
         evidence.append(f"etc/nv_tegra_release: {facts.tegra_release.splitlines()[0]!r}")
-    arch, arch_source = machine_arch(root)
+    arch, arch_source = machine_arch(root, facts.cpuinfo)  # cpuinfo read once
     candidates: list[tuple[int, int, str]] = []
     for profile in profiles.values():
         if profile.generic:

@@ -36,6 +36,8 @@ def _shipped() -> Path:
     """device_profiles/ at the repository's root (a source checkout, `pip install -e .`), else where a wheel
     installs it (pyproject's data-files: <prefix>/share/edgefn/device_profiles, or the user scheme's)."""
     source = Path(__file__).resolve().parents[2] / "device_profiles"
+    if source.is_dir():
+        return source
     installed = [Path(sysconfig.get_path("data", scheme)) / "share" / "edgefn" / "device_profiles"
                  for scheme in (sysconfig.get_default_scheme(), f"{os.name}_user")]
     return next((folder for folder in (source, *installed) if folder.is_dir()), source)
@@ -265,11 +267,13 @@ class Profile(_Strict):
     def delegates_for(self, backend: str) -> list[DelegateSpec]:
         """The delegate chain of a backend ("onnxruntime", "litert", "rknn", or its format: "onnx", "tflite"),
         in the order to try; empty where the profile gives that backend none."""
-        by_format = {fmt: name for name, fmt in BACKEND_FORMATS.items()}
-        name = by_format.get(backend, backend)
+        name = _BACKEND_OF_FORMAT.get(backend, backend)
         if name not in BACKEND_FORMATS:
             raise ProfileError(f"no backend {backend!r} (known: {', '.join(BACKEND_FORMATS)})")
         return list(getattr(self.delegates, name))
+
+
+_BACKEND_OF_FORMAT = {fmt: name for name, fmt in BACKEND_FORMATS.items()}
 
 
 def _problems(exc: ValidationError) -> str:

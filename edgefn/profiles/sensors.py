@@ -15,6 +15,7 @@ a container may see no /sys at all.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -105,11 +106,12 @@ def read_memory(root: Path = Path("/")) -> Memory | None:
     return Memory(values["MemTotal"], values.get("MemAvailable", estimate))
 
 
-def pressure(profile: Profile, root: Path = Path("/")) -> Pressure:
-    """The thermal and memory pressure of the device under `root` against `profile`'s limits."""
+def pressure(profile: Profile, root: Path = Path("/"), zones: Sequence[ThermalZone] | None = None) -> Pressure:
+    """The thermal and memory pressure of the device under `root` against `profile`'s limits (`zones`:
+    what `read_thermal(root)` just gave, where the caller has it already)."""
     limits = profile.limits
     wanted = set(limits.thermal.zones)
-    counted = [z for z in read_thermal(root) if not wanted or z.type in wanted]
+    counted = [z for z in (read_thermal(root) if zones is None else zones) if not wanted or z.type in wanted]
     hottest = max(counted, key=lambda z: z.celsius, default=None)
     reasons = []
     thermal: ThermalState = "unknown"

@@ -10,42 +10,39 @@ Trains a small MLP on the first 1,400 images, validates on the remaining 397, an
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import sys
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 from skl2onnx import to_onnx
-from sklearn.datasets import load_digits
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-TRAIN = 1400
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/: the shared build helpers
+import _data  # noqa: E402
+
 MIN_ACCURACY = 0.90
 
 
 def build(out: Path) -> dict:
-    x, y = load_digits(return_X_y=True)
-    x = x.astype(np.float32)
+    x_train, y_train, x_val, y_val = _data.load_digits_split()
     model = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0))
-    model.fit(x[:TRAIN], y[:TRAIN])
-    onx = to_onnx(model, x[:1], options={"zipmap": False}, target_opset=17)
+    model.fit(x_train, y_train)
+    onx = to_onnx(model, x_train[:1], options={"zipmap": False}, target_opset=17)
     onx.graph.input[0].name = "pixels"
     for node in onx.graph.node:
         node.input[:] = ["pixels" if name == "X" else name for name in node.input]
-    raw = onx.SerializeToString()
 
     # Accuracy is measured on the ONNX file itself, as the runtime will run it.
-    session = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
-    labels = session.run(["label"], {"pixels": x[TRAIN:]})[0]
-    accuracy = float((labels == y[TRAIN:]).mean())
+    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    labels = session.run(["label"], {"pixels": x_val})[0]
+    accuracy = float((labels == y_val).mean())
     if accuracy < MIN_ACCURACY:
         raise SystemExit(f"accuracy {accuracy:.3f} on the held-out images is below {MIN_ACCURACY}")
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.onnx").write_bytes(raw)
+    (out / "model.onnx").write_bytes(onx.SerializeToString())
     meta = {
         "name": "digits",
         "inputs": [{"name": "pixels", "dtype": "float32", "shape": [-1, 64]}],
@@ -54,21 +51,12 @@ def build(out: Path) -> dict:
             {"name": "probabilities", "dtype": "float32", "shape": [-1, 10]},
         ],
         "dataset": "sklearn.datasets.load_digits",
-        "train": f"images 0..{TRAIN - 1}",
-        "validation": f"images {TRAIN}..{len(y) - 1}",
+        "train": f"images 0..{_data.TRAIN - 1}",
+        "validation": f"images {_data.TRAIN}..{_data.TRAIN + len(y_val) - 1}",
         # Other variants (int8, pruned, TFLite) are made from this one and merged in by name.
-        "variants": [{
-            "name": "fp32", "file": "model.onnx", "format": "onnx", "precision": "fp32", "sparsity": 0.0,
-            "accuracy": round(accuracy, 4), "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-            "made_by": "models/digits/build.py",
-        }],
+        "variants": [_data.variant("fp32", out / "model.onnx", "onnx", "fp32", accuracy, "models/digits/build.py")],
     }
-    meta_path = out / "model.json"
-    if meta_path.exists():
-        kept = [v for v in json.loads(meta_path.read_text()).get("variants", []) if v["name"] != "fp32"]
-        meta["variants"] += kept
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    return _data.merge_variants(out / "model.json", [], meta=meta)
 
 
 def main() -> None:
