@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgefn.bundle_cli import bundle_app
 from edgefn.cloud_cli import cloud_app
 from edgefn.errors import EdgefnError
+from edgefn.fleet_cli import fleet_app
 from edgefn.model_cli import model_app
 from edgefn.profile_cli import profile_app
 
@@ -28,6 +30,8 @@ app.add_typer(fn_app, name="fn")
 app.add_typer(model_app, name="model")
 app.add_typer(cloud_app, name="cloud")
 app.add_typer(profile_app, name="profile")
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(fleet_app, name="fleet")
 console = Console(stderr=True)
 out = Console()
 

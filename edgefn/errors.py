@@ -62,6 +62,19 @@ class CloudUnavailable(CloudError):
     """No answer from the cloud endpoint (breaker open, connection failed, timed out, 5xx): run it here instead."""
 
 
+class FleetError(EdgefnError):
+    """The fleet server refused a request or could not be reached (the operator's CLI, the device agent)."""
+
+
+class BundleError(FleetError):
+    """A bundle that cannot be built, unpacked or is malformed (names the file and what is wrong)."""
+
+
+class UpdateRefused(FleetError):
+    """A release the device will not run: a bad signature or hash, stale, rolled-back or mixed TUF
+    metadata (python-tuf's reason), or a version older than the one running."""
+
+
 class FunctionError(EdgefnError):
     """An event a function could not handle; `reason` is a short machine-readable kind."""
 
