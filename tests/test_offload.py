@@ -42,6 +42,17 @@ def test_the_service_time_follows_a_slower_device():
     assert planner.admit(20) == "cloud"
 
 
+def test_a_backed_up_cloud_lane_sends_the_surplus_where_it_finishes_first():
+    planner = Planner("on-overload", budget_ms=10, workers=1, cloud_workers=4)
+    for _ in range(50):
+        planner.served_here(1, 0.001)  # 1 ms an event here
+        planner.served_on_cloud(1, 0.040)  # 40 ms an event through the cloud lane: 10 ms per event of 4 workers
+    assert planner.admit(queued_here=5) == "local"  # 6 ms: within the budget
+    assert planner.admit(queued_here=50, queued_cloud=0) == "cloud"  # 51 ms here, 10 ms there
+    assert planner.admit(queued_here=50, queued_cloud=20) == "local"  # 210 ms there: here is sooner
+    assert planner.admit(queued_here=50, queued_cloud=20, under_pressure=True) == "cloud"  # too hot: out anyway
+
+
 def test_a_bad_policy_is_refused():
     with pytest.raises(ValueError, match="offload policy must be one of"):
         Planner("sometimes", 10, 1)  # type: ignore[arg-type]

@@ -8,7 +8,10 @@ weighted mean over the batches its workers ran) and decides, for each event as i
   be served within the latency budget by the function's instances; else (or when the device is at
   its critical temperature or short of memory) the cloud lane, whose own workers and instances
   (`cloud_workers`) wait for the cloud's answers. So the local queue never holds more than a budget's
-  worth of work: its events keep their local latency, and only the surplus goes out.
+  worth of work: its events keep their local latency, and only the surplus goes out. When the cloud
+  lane is itself backed up past the local backlog (the cloud slower than the surplus), the event
+  joins whichever lane should finish it first: no lane queues without bound while the other is
+  shorter.
 - `on-low-confidence`: here; the host asks the cloud again when the local answer's top score is
   below the function's threshold (joint inference).
 
@@ -31,11 +34,14 @@ _WEIGHT = 0.2  # of the newest batch in the mean service time: follows a change 
 class Planner:
     """The hand-off decision of one function (thread-safe: its workers share it)."""
 
-    def __init__(self, policy: Policy, budget_ms: float, workers: int, initial_s: float = 0.001):
+    def __init__(self, policy: Policy, budget_ms: float, workers: int, initial_s: float = 0.001,
+                 cloud_workers: int = 4, cloud_initial_s: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"offload policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy, self.budget_s, self.workers = policy, budget_ms / 1000.0, max(1, workers)
+        self.cloud_workers = max(1, cloud_workers)
         self._per_event_s = initial_s
+        self._cloud_per_event_s = cloud_initial_s  # 0 until measured: the cloud lane is tried first
         self._lock = threading.Lock()
 
     @property
@@ -49,11 +55,23 @@ class Planner:
         with self._lock:
             self._per_event_s += _WEIGHT * (seconds / events - self._per_event_s)
 
-    def admit(self, queued_here: int, under_pressure: bool = False) -> Where:
-        """The lane a new event joins, given the events already queued here."""
+    def served_on_cloud(self, events: int, seconds: float) -> None:
+        """A batch of `events` ran through the cloud lane in `seconds` (round trips included)."""
+        if events <= 0:
+            return
+        with self._lock:
+            self._cloud_per_event_s += _WEIGHT * (seconds / events - self._cloud_per_event_s)
+
+    def admit(self, queued_here: int, under_pressure: bool = False, queued_cloud: int = 0) -> Where:
+        """The lane a new event joins, given the events already queued here and in the cloud lane."""
         if self.policy == "always":
             return "cloud"
         if self.policy != "on-overload":
             return "local"
-        backlog_s = (queued_here + 1) * self._per_event_s / self.workers
-        return "cloud" if under_pressure or backlog_s > self.budget_s else "local"
+        if under_pressure:
+            return "cloud"
+        here_s = (queued_here + 1) * self._per_event_s / self.workers
+        if here_s <= self.budget_s:
+            return "local"
+        cloud_s = (queued_cloud + 1) * self._cloud_per_event_s / self.cloud_workers
+        return "cloud" if cloud_s <= here_s else "local"
