@@ -283,7 +283,8 @@ class Daemon:
                 lanes["cloud"] = Lane("cloud", s.cloud_workers)
             sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
                                       instances=sum(lane.workers for lane in lanes.values()))
-            planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances)
+            planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
+                              cloud_workers=s.cloud_workers or 1)
             self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else [],
                                                  planner, lanes))
             log.info("function %s %s from %s", manifest.name, manifest.version, folder)
@@ -449,7 +450,10 @@ class Daemon:
                 with self._journal_lock:
                     self._answered.append(pending)
             for fn in routes:
-                lane = fn.lanes.get(fn.planner.admit(fn.local.queue.qsize(), self._under_pressure()), fn.local)
+                cloud = fn.lanes.get("cloud")
+                where = fn.planner.admit(fn.local.queue.qsize(), self._under_pressure(),
+                                         cloud.queue.qsize() if cloud is not None else 0)
+                lane = fn.lanes.get(where, fn.local)
                 lane.order.queue(lane.queue, (event, pending))
 
     def _route(self, topic: str) -> list[LoadedFunction]:
@@ -511,8 +515,11 @@ class Daemon:
             fn.sandbox.host.plan(lane.where)
             started = time.perf_counter()
             answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
+            took = time.perf_counter() - started
             if lane.where == "local":
-                fn.planner.served_here(len(events), time.perf_counter() - started)
+                fn.planner.served_here(len(events), took)
+            else:
+                fn.planner.served_on_cloud(len(events), took)
         for event, pending, ticket in batch:
             outputs = self._outputs(fn, event, answers[event.id])
             lane.order.release(ticket, lambda p=pending, o=outputs: self._publish(p, o, fn.properties))
