@@ -1,5 +1,6 @@
 # edgefn: `make demo` runs the main job on embedded defaults; `make test` runs the test suite.
-# Both set everything up first: a .venv with the package, mosquitto (Debian package) if missing.
+# Both set everything up first: a .venv with the package, and the system packages the tests run for real
+# (mosquitto, PostgreSQL, chromium; Debian packages) where missing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup demo test bench lint mosquitto models clean
+.PHONY: help setup system-deps demo test bench lint models clean
 
 help:
 	@echo "make demo   - local broker + daemon + digits function + simulated sensors, live table"
@@ -18,9 +19,13 @@ help:
 	@echo "              bench/reliability.py (journal cost, SIGKILL loop), bench/containment.py"
 	@echo "              bench/models.py (every model variant against its fp32 ONNX)"
 	@echo "              bench/overload.py (capacity, hand-off to the cloud endpoint, cloud killed)"
+	@echo "              bench/fleet.py (rollout of a good and a bad bundle to 500 simulated devices)"
+	@echo "make lint   - ruff over the package, the cloud service, tests, benches, models and examples"
+	@echo "make setup  - .venv with every extra, then system-deps"
+	@echo "make system-deps - mosquitto, postgresql and chromium (apt), each only when missing"
 	@echo "make models - rebuild models/digits from scikit-learn's digits data, and its int8/pruned variants"
 
-setup: $(BIN)/.installed mosquitto
+setup: $(BIN)/.installed system-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +33,21 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[build,demo,models,dev]'
 	touch $@
 
-mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
-	  { echo "installing mosquitto (Debian package)"; \
-	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+# What the tests run for real: mosquitto (the broker), PostgreSQL (the fleet server's database; the
+# tests start their own cluster with initdb) and chromium (the fleet page, rendered headless).
+# Each is looked for first; apt runs once, for the missing ones only.
+system-deps:
+	@missing=""; \
+	  { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	    missing="$$missing postgresql"; \
+	  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	    missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing$$missing (Debian packages)"; \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi
 
 demo: setup
 	$(BIN)/edgefn demo $(DEMO_ARGS)
@@ -45,9 +61,10 @@ bench: setup
 	$(BIN)/python bench/containment.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/overload.py
+	$(BIN)/python bench/fleet.py
 
 lint: setup
-	$(BIN)/ruff check edgefn tests bench models examples
+	$(BIN)/ruff check edgefn cloud_sync tests bench models examples
 
 # The TFLite files and digits-cnn are built with TensorFlow, which is no dependency of edgefn: they are
 # rebuilt only where it is installed (in the venv), else the shipped ones are kept. The ONNX variants

@@ -12,11 +12,19 @@ pinned to the fp32 CNN (about 1 ms an image), all on loopback:
   cloud killed    the same load; the endpoint is SIGKILLed a third of the way in and started again at
                   two thirds: lost (target 0), and answers from the cloud after the restart.
 
-Micro-batching (coalescing concurrent infer calls) is not implemented: there is no on/off figure.
+  micro-batching  the capacity burst again with --batch-max 1 (off) and 16 (on), hand-off off, for the
+                  function as it is (its guest already hands up to 32 queued events to one infer call)
+                  and for a per-event copy of it (max_batch 1, 8 instances: concurrent calls of one row
+                  each, where coalescing is the only batching); events/s off and on, their ratio
+                  (target 1.5x; medians of --batching-rounds rounds, off and on alternating), the
+                  infer calls per inference from /metrics, and the model alone in onnxruntime at
+                  batch 1 and 16 (rows/s), which bounds what stacking can gain.
 
-    .venv/bin/python bench/overload.py [--delay-ms 20] [--seconds 10] [--factor 3] [--json-only]
+    .venv/bin/python bench/overload.py [--delay-ms 20] [--seconds 10] [--factor 3] [--batching-only]
+                                       [--batching-rounds 3] [--json-only]
 
-Results also go to bench/results/overload.json. Exit status 0 whatever the figures.
+Results also go to bench/results/overload.json (overload-batching.json with --batching-only).
+Exit status 0 whatever the figures.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +169,103 @@ def _summary(results: Results, ids: list[str]) -> dict[str, Any]:
             "cloud_p50_ms": _percentile(cloud, 50), "cloud_p99_ms": _percentile(cloud, 99)}
 
 
+def _burst(results: Results, images: list[list[int]], prefix: str, n: int) -> float:
+    """Events answered per second for `n` events published at once (the daemon saturated)."""
+    start = time.perf_counter()
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    for i, event_id in enumerate(ids):
+        results.send(event_id, images[i % len(images)])
+    results.wait(ids, 120)
+    with results.lock:
+        last = max((results.sent[i] + results.got[i][0] for i in ids if i in results.got), default=start)
+        answered = len([i for i in ids if i in results.got])
+    return answered / max(last - start, 1e-9)
+
+
+def _per_event_copy(workdir: Path) -> Path:
+    """The function with handle-batch off (max_batch 1) and 8 instances: one infer call of one row per
+    event, several at once."""
+    folder = workdir / "per-event" / FUNCTION.name
+    shutil.copytree(FUNCTION, folder)
+    manifest = folder / "edgefn.toml"
+    text = re.sub(r"(?m)^instances = \d+$", "instances = 8", manifest.read_text())
+    manifest.write_text(text.replace("[limits]\n", "[limits]\nmax_batch = 1\n", 1))
+    return folder
+
+
+def _batch_histogram(metrics_port: int) -> tuple[float, float]:
+    """(inference runs, infer calls they served) of the daemon's digits-cnn runs here, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = {}
+    for part in ("count", "sum"):
+        match = re.search(rf'^edgefn_inference_batch_calls_{part}{{model="digits-cnn",where="local"}} (\S+)$', text, re.M)
+        found[part] = float(match.group(1)) if match else 0.0
+    return found["count"], found["sum"]
+
+
+def _model_alone(model: str, rows: int, seconds: float = 2.0) -> float:
+    """Rows per second of a model's fp32 variant in onnxruntime alone (one thread, as the daemon runs it) at a
+    batch of `rows`."""
+    from edgefn.inference.registry import ModelRegistry
+
+    backend = ModelRegistry([e2e.MODELS], variants={model: "fp32"}).get(model)
+    x = np.asarray(e2e._digits()[0][:rows], dtype=np.float32)
+    backend.run([x])
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        backend.run([x])
+        runs += 1
+    return runs * rows / (time.perf_counter() - start)
+
+
+def _saturated(name: str, function: Path, batch_max: str, broker: LocalBroker, workdir: Path, results: Results,
+               images: list[list[int]], burst: int) -> tuple[float, float]:
+    """(events/s, infer calls per inference) of a burst through a daemon of its own, hand-off off."""
+    metrics_port = free_port()
+    daemon = e2e.edgefn_run(name, broker.url, workdir, [function], "--model-variant", "digits-cnn=fp32",
+                            "--offload", "never", "--batch-max", batch_max, "--batch-wait-ms", "2",
+                            "--metrics-port", str(metrics_port))
+    daemon.start()
+    try:
+        _ready(results, images, name)
+        before = _batch_histogram(metrics_port)
+        eps = _burst(results, images, f"{name}-burst", burst)
+        after = _batch_histogram(metrics_port)
+    finally:
+        daemon.stop()
+    runs, calls = after[0] - before[0], after[1] - before[1]
+    return eps, calls / runs if runs else float("nan")
+
+
+def batching(args: argparse.Namespace, broker: LocalBroker, workdir: Path, results: Results,
+             images: list[list[int]]) -> dict[str, Any]:
+    """Micro-batching off, then on, at saturation, for the function as it is and for a per-event copy;
+    off and on alternate for --batching-rounds rounds (the cores are shared: one round is noise), and
+    the medians are compared."""
+    # The CNN costs per row what it costs alone; the MLP (digits) is where stacking pays, for comparison.
+    doc: dict[str, Any] = {"model_alone_rows_per_s": {"batch_1": _model_alone("digits-cnn", 1),
+                                                      "batch_16": _model_alone("digits-cnn", 16)},
+                           "mlp_alone_rows_per_s": {"batch_1": _model_alone("digits", 1),
+                                                    "batch_16": _model_alone("digits", 16)},
+                           "rounds": args.batching_rounds}
+    for shape, function in (("as_is", FUNCTION), ("per_event", _per_event_copy(workdir))):
+        measured: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        for n in range(args.batching_rounds):
+            for mode, batch_max in (("off", "1"), ("on", "16")):
+                measured[mode].append(_saturated(f"batch-{shape}-{mode}-{n}", function, batch_max, broker, workdir,
+                                                 results, images, args.burst))
+        figures: dict[str, Any] = {
+            mode: {"events_per_s": float(np.median([eps for eps, _ in runs])),
+                   "each_events_per_s": [eps for eps, _ in runs],
+                   "calls_per_inference": float(np.median([calls for _, calls in runs]))}
+            for mode, runs in measured.items()}
+        figures["ratio_on_over_off"] = figures["on"]["events_per_s"] / figures["off"]["events_per_s"]
+        doc[shape] = figures
+    doc["target_ratio_min"] = 1.5
+    return doc
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     e2e.ensure_built(FUNCTION)
     images, _labels = e2e._digits()
@@ -166,64 +274,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with LocalBroker(extra_config="max_queued_messages 100000\n") as broker, \
             tempfile.TemporaryDirectory(prefix="edgefn-overload-") as tmp:
         workdir, results = Path(tmp), Results(broker.port)
-        port = free_port()
-        cloud = _cloud(workdir, port, args.delay_ms)
         try:
-            # 1. local capacity and the unloaded latency, hand-off off
-            local = _daemon("local", broker, workdir, "--offload", "never")
-            local.start()
-            try:
-                _ready(results, images, "local")
-                ids = [f"serial-{i}" for i in range(args.serial)]
-                for i, event_id in enumerate(ids):
-                    results.send(event_id, images[i % len(images)])
-                    results.wait([event_id], 5)
-                doc["unloaded"] = _summary(results, ids)
-                start = time.perf_counter()
-                ids = [f"burst-{i}" for i in range(args.burst)]
-                for i, event_id in enumerate(ids):
-                    results.send(event_id, images[i % len(images)])
-                results.wait(ids, 120)
-                with results.lock:
-                    last = max((results.sent[i] + results.got[i][0] for i in ids if i in results.got), default=start)
-                capacity = len([i for i in ids if i in results.got]) / max(last - start, 1e-9)
-                doc["capacity_eps"] = capacity
-            finally:
-                local.stop()
-            # 2. offered load factor x C, hand-off on
-            cloud.start()
-            daemon = _daemon("handoff", broker, workdir, "--cloud", f"http://127.0.0.1:{port}")
-            daemon.start()
-            try:
-                _ready(results, images, "handoff")
-                rate = args.factor * capacity
-                ids = _offer(results, images, "load", rate, args.seconds)
-                results.wait(ids, 120)
-                doc["overload"] = {"offered_eps": rate, **_summary(results, ids)}
-                # 3. the same with the cloud killed a third of the way in, started again at two thirds
-                restarted_at: list[float] = []
-
-                def kill() -> None:
-                    if cloud.proc is not None:
-                        cloud.proc.send_signal(signal.SIGKILL)
-                        cloud.proc.wait()
-                        cloud.proc = None
-
-                def restart() -> None:
-                    cloud.start()
-                    restarted_at.append(time.perf_counter())
-
-                ids = _offer(results, images, "kill", rate, args.seconds, [(1 / 3, kill), (2 / 3, restart)])
-                results.wait(ids, 180)
-                with results.lock:
-                    after = sum(1 for i in ids if i in results.got and results.got[i][1] == "cloud"
-                                and restarted_at and results.sent[i] > restarted_at[0])
-                doc["cloud_killed"] = {**_summary(results, ids), "cloud_answers_after_restart": after}
-            finally:
-                daemon.stop()
+            if not args.batching_only:
+                _overload(args, doc, broker, workdir, results, images)
+            doc["batching"] = batching(args, broker, workdir, results, images)
         finally:
-            cloud.stop()
             results.close()
+    return doc
+
+
+def _overload(args: argparse.Namespace, doc: dict[str, Any], broker: LocalBroker, workdir: Path, results: Results,
+              images: list[list[int]]) -> None:
+    """Capacity, 3C offered with hand-off, and the cloud killed mid-run, into `doc`."""
+    port = free_port()
+    cloud = _cloud(workdir, port, args.delay_ms)
+    try:
+        # 1. local capacity and the unloaded latency, hand-off off
+        local = _daemon("local", broker, workdir, "--offload", "never")
+        local.start()
+        try:
+            _ready(results, images, "local")
+            ids = [f"serial-{i}" for i in range(args.serial)]
+            for i, event_id in enumerate(ids):
+                results.send(event_id, images[i % len(images)])
+                results.wait([event_id], 5)
+            doc["unloaded"] = _summary(results, ids)
+            capacity = doc["capacity_eps"] = _burst(results, images, "burst", args.burst)
+        finally:
+            local.stop()
+        # 2. offered load factor x C, hand-off on
+        cloud.start()
+        daemon = _daemon("handoff", broker, workdir, "--cloud", f"http://127.0.0.1:{port}")
+        daemon.start()
+        try:
+            _ready(results, images, "handoff")
+            rate = args.factor * capacity
+            ids = _offer(results, images, "load", rate, args.seconds)
+            results.wait(ids, 120)
+            doc["overload"] = {"offered_eps": rate, **_summary(results, ids)}
+            # 3. the same with the cloud killed a third of the way in, started again at two thirds
+            restarted_at: list[float] = []
+
+            def kill() -> None:
+                if cloud.proc is not None:
+                    cloud.proc.send_signal(signal.SIGKILL)
+                    cloud.proc.wait()
+                    cloud.proc = None
+
+            def restart() -> None:
+                cloud.start()
+                restarted_at.append(time.perf_counter())
+
+            ids = _offer(results, images, "kill", rate, args.seconds, [(1 / 3, kill), (2 / 3, restart)])
+            results.wait(ids, 180)
+            with results.lock:
+                after = sum(1 for i in ids if i in results.got and results.got[i][1] == "cloud"
+                            and restarted_at and results.sent[i] > restarted_at[0])
+            doc["cloud_killed"] = {**_summary(results, ids), "cloud_answers_after_restart": after}
+        finally:
+            daemon.stop()
+    finally:
+        cloud.stop()
     unloaded_p99 = doc["unloaded"]["local_p99_ms"]
     over = doc["overload"]
     doc["summary"] = {
@@ -233,7 +344,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lost": over["lost"] + doc["cloud_killed"]["lost"],
         "targets": {"local_p99_ratio_max": 2.0, "goodput_ratio_min": 2.5, "lost_max": 0},
     }
-    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,24 +353,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=3.0, help="offered load as a multiple of capacity")
     parser.add_argument("--burst", type=int, default=2000, help="events in the capacity burst")
     parser.add_argument("--serial", type=int, default=200, help="lone events for the unloaded latency")
+    parser.add_argument("--batching-rounds", type=int, default=3, help="off/on rounds of the micro-batching part")
+    parser.add_argument("--batching-only", action="store_true", help="measure only micro-batching off vs on")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
     args = parser.parse_args(argv)
     doc = run(args)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    path = RESULTS.with_name("overload-batching.json") if args.batching_only else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     if args.json_only:
         print(json.dumps(doc, indent=2))
         return 0
-    s, over, killed = doc["summary"], doc["overload"], doc["cloud_killed"]
-    print(f"capacity here: {s['capacity_eps']:,.0f} events/s; unloaded p50/p99 "
-          f"{doc['unloaded']['local_p50_ms']:.2f}/{doc['unloaded']['local_p99_ms']:.2f} ms")
-    print(f"offered {over['offered_eps']:,.0f}/s for {args.seconds:g} s: goodput {over['goodput_eps']:,.0f}/s "
-          f"({s['goodput_over_capacity']:.2f} C, target >= 2.5), ran here {over['ran_local']}, on the cloud "
-          f"{over['ran_cloud']}, lost {over['lost']}; local p99 {over['local_p99_ms']:.1f} ms "
-          f"({s['local_p99_over_unloaded_p99']:.1f}x unloaded, target <= 2)")
-    print(f"cloud SIGKILLed at 1/3 and restarted at 2/3: answered {killed['answered']}/{killed['sent']}, lost "
-          f"{killed['lost']}, cloud answers after the restart {killed['cloud_answers_after_restart']}")
-    print(f"results written to {RESULTS.relative_to(e2e.ROOT)}")
+    if not args.batching_only:
+        s, over, killed = doc["summary"], doc["overload"], doc["cloud_killed"]
+        print(f"capacity here: {s['capacity_eps']:,.0f} events/s; unloaded p50/p99 "
+              f"{doc['unloaded']['local_p50_ms']:.2f}/{doc['unloaded']['local_p99_ms']:.2f} ms")
+        print(f"offered {over['offered_eps']:,.0f}/s for {args.seconds:g} s: goodput {over['goodput_eps']:,.0f}/s "
+              f"({s['goodput_over_capacity']:.2f} C, target >= 2.5), ran here {over['ran_local']}, on the cloud "
+              f"{over['ran_cloud']}, lost {over['lost']}; local p99 {over['local_p99_ms']:.1f} ms "
+              f"({s['local_p99_over_unloaded_p99']:.1f}x unloaded, target <= 2)")
+        print(f"cloud SIGKILLed at 1/3 and restarted at 2/3: answered {killed['answered']}/{killed['sent']}, lost "
+              f"{killed['lost']}, cloud answers after the restart {killed['cloud_answers_after_restart']}")
+    batched = doc["batching"]
+    for key, label in (("model_alone_rows_per_s", "CNN"), ("mlp_alone_rows_per_s", "MLP (digits)")):
+        alone = batched[key]
+        print(f"the {label} alone in onnxruntime: {alone['batch_1']:,.0f} rows/s at batch 1, "
+              f"{alone['batch_16']:,.0f} at 16 ({alone['batch_16'] / alone['batch_1']:.2f}x)")
+    for shape, label in (("as_is", "function as it is (guest batches of up to 32)"),
+                         ("per_event", "per-event copy (max_batch 1, 8 instances)")):
+        f = batched[shape]
+        print(f"micro-batching, {label}: off {f['off']['events_per_s']:,.0f} events/s, on "
+              f"{f['on']['events_per_s']:,.0f} (medians of {batched['rounds']}: {f['ratio_on_over_off']:.2f}x, target >= 1.5; "
+              f"{f['on']['calls_per_inference']:.2f} calls per inference)")
+        if f["on"]["calls_per_inference"] < 1.05:
+            print("  (on, hardly a call was stacked: the difference between off and on is the shared cores' noise)")
+    print(f"results written to {path.relative_to(e2e.ROOT)}")
     return 0
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import uvicorn
@@ -302,10 +302,12 @@ def _error(exc: OipError) -> Response:
     return Response(content, status_code=exc.status, headers=headers)
 
 
-def create_app(endpoint: OipEndpoint) -> FastAPI:
-    """The ASGI app: the endpoint's OIP routes, every error as `{"error": ...}`. Add routers to it freely."""
+def create_app(endpoint: OipEndpoint | None = None) -> FastAPI:
+    """The ASGI app: the endpoint's OIP routes (none without one), every error as `{"error": ...}`. Add
+    routers to it freely."""
     app = FastAPI(title="edgefn cloud", version=__version__)
-    app.include_router(endpoint.router())
+    if endpoint is not None:
+        app.include_router(endpoint.router())
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -349,29 +351,29 @@ def _server(app: FastAPI) -> uvicorn.Server:
                                          timeout_graceful_shutdown=2))
 
 
-class CloudServer:
-    """An endpoint serving from a thread of this process: `.url`; `close()` stops it (idempotent)."""
+_Server = TypeVar("_Server", bound="ThreadServer")
 
-    def __init__(self, endpoint: OipEndpoint, app: FastAPI, sock: socket.socket):
-        self.endpoint, self._sock, self.url = endpoint, sock, _url(sock)
+
+class ThreadServer:
+    """An app serving from a daemon thread of this process: `.url`; `close()` stops it and then releases
+    what it served (`_release`), once."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket, name: str):
+        self._sock, self.url = sock, _url(sock)
         self._server = _server(app)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="oip-server", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
         self._thread.start()
         while not self._server.started and self._thread.is_alive():
             self._thread.join(0.01)
         if not self._server.started:
             self.close()
-            raise EdgefnError(f"the endpoint on {self.url} did not start")
+            raise EdgefnError(f"the server on {self.url} did not start")
 
-    def __enter__(self) -> CloudServer:
+    def __enter__(self: _Server) -> _Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"CloudServer(url={self.url!r}, models={list(self.endpoint.models)})"
 
     def close(self) -> None:
         if self._sock.fileno() < 0:
@@ -379,6 +381,23 @@ class CloudServer:
         self._server.should_exit = True
         self._thread.join()
         self._sock.close()
+        self._release()
+
+    def _release(self) -> None:
+        """What the server served, closed after it stopped."""
+
+
+class CloudServer(ThreadServer):
+    """An OIP endpoint serving from a thread of this process."""
+
+    def __init__(self, endpoint: OipEndpoint, app: FastAPI, sock: socket.socket):
+        self.endpoint = endpoint
+        super().__init__(app, sock, "oip-server")
+
+    def __repr__(self) -> str:
+        return f"CloudServer(url={self.url!r}, models={list(self.endpoint.models)})"
+
+    def _release(self) -> None:
         self.endpoint.close()
 
 

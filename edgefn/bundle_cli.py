@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,8 +12,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.errors import ConfigError, EdgefnError, FleetError
-from edgefn.fleet_cli import fleet_app, keys_app
+from edgefn.errors import ConfigError, FleetError
+from edgefn.fleet_cli import TOKEN_ENV, cli_errors, fleet_app, keys_app, token_from_env
 from edgefn.model_cli import format_size
 
 if TYPE_CHECKING:
@@ -24,19 +22,7 @@ if TYPE_CHECKING:
 bundle_app = typer.Typer(help="Pack functions, their models and a health check into one signed-ready bundle.",
                          no_args_is_help=True)
 
-TOKEN_ENV = "EDGEFN_FLEET_TOKEN"
 UNPUBLISHED = "unpublished.json"  # in the keys folder: metadata signed here that the server has not taken yet
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """An EdgefnError becomes one clean line and exit code 2, as everywhere in `edgefn`."""
-    from edgefn.cli import _fail
-
-    try:
-        yield
-    except EdgefnError as exc:
-        _fail(exc)
 
 
 def _stdout():
@@ -92,7 +78,7 @@ def build_cmd(
     from edgefn.protocol.fleet import target_name
 
     wanted = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
-    with _errors():
+    with cli_errors():
         if variants is not None and not wanted:
             raise ConfigError("--variants: give variant names, e.g. fp32,int8")
         info = build_bundle(dirs, name, version, out or Path(target_name(name, version)), models=models or [Path("models")],
@@ -113,7 +99,7 @@ def inspect_cmd(
     """Show what a bundle holds and check every file against the sha256 its bundle.json records."""
     from edgefn.fleet.bundle import contents, file_sha256, verify_bundle
 
-    with _errors():
+    with cli_errors():
         manifest = verify_bundle(file)
         entries = contents(file)
         sha = file_sha256(file)
@@ -143,7 +129,7 @@ def keys_init(
     """
     from edgefn.fleet.signing import ROLES, init_keys, keys_dir
 
-    with _errors():
+    with cli_errors():
         root = init_keys(repo_dir, force=force)
     stdout = _stdout()
     for role in ROLES:
@@ -153,14 +139,6 @@ def keys_init(
 
 
 # --- fleet push -----------------------------------------------------------------------------------
-
-
-def _token(token_env: str | None) -> str | None:
-    name = token_env or TOKEN_ENV
-    token = os.environ.get(name, "")
-    if token_env and not token:
-        raise ConfigError(f"--token-env names {token_env}, which is not set (or empty)")
-    return token or None
 
 
 def _pending(keys: Path) -> list[str]:
@@ -231,12 +209,12 @@ def push(
     from edgefn.fleet.signing import add_release, keys_dir, metadata_dir, refresh_timestamp
 
     stdout = _stdout()
-    with _errors():
+    with cli_errors():
         if refresh and file is not None:
             raise ConfigError("--refresh re-signs the timestamp alone: give no bundle FILE")
         if not refresh and file is None:
             raise ConfigError("give the bundle FILE to push (or --refresh to re-sign the timestamp)")
-        token = _token(token_env)
+        token = token_from_env(token_env)
         pending = _pending(keys_dir(keys))
         if refresh:
             new = refresh_timestamp(keys, expires_days=expires_days)

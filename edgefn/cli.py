@@ -74,6 +74,17 @@ def run(
                                                           "(detection and sensors; default /).")] = None,
     delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "
                                                               "libraries in first (repeatable).")] = None,
+    fleet: Annotated[str | None, typer.Option(help="Fleet server URL (edgefn cloud serve --data): install the "
+                                                   "releases it assigns to this device [env EDGEFN_FLEET_URL].")] = None,
+    device_id: Annotated[str | None, typer.Option(help="This device's id in the fleet (default: the host name).")] = None,
+    group: Annotated[str | None, typer.Option(help="The fleet group of this device (default: default).")] = None,
+    fleet_root: Annotated[Path | None, typer.Option(help="The fleet's TUF root (1.root.json of `edgefn fleet keys "
+                                                         "init`); needed the first time only.")] = None,
+    fleet_poll: Annotated[float | None, typer.Option(help="Seconds between polls of the fleet server (default 5).")] = None,
+    batch_max: Annotated[int | None, typer.Option(help="Most concurrent infer calls of one model stacked into one "
+                                                      "inference, here or on the cloud (default 16; 1: off).")] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help="Longest an infer call waits for others to stack with, "
+                                                              "only while other calls are in flight (default 2).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
@@ -90,7 +101,9 @@ def run(
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
                                  model_variants=_pairs("--model-variant", model_variant), profile=profile,
                                  device_root=device_root, delegate_dirs=delegate_dirs, cloud_url=cloud,
-                                 offload=offload)
+                                 offload=offload, fleet_url=fleet, device_id=device_id, group=group,
+                                 fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
+                                 batch_wait_ms=batch_wait_ms)
         if build:
             _build_stale(settings.functions)
         daemon = Daemon(settings)

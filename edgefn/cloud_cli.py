@@ -11,13 +11,27 @@ import typer
 from edgefn.errors import ConfigError, EdgefnError
 
 cloud_app = typer.Typer(help="The cloud side: serve models over the Open Inference Protocol v2 (KServe V2), "
-                             "the endpoint devices hand inference off to.", no_args_is_help=True)
+                             "the endpoint devices hand inference off to, and the fleet server that rolls "
+                             "releases out to devices.", no_args_is_help=True)
 
 
 @cloud_app.command("serve")
 def serve(
-    models: Annotated[list[Path], typer.Option("--models", "-m", help="Folder of model folders to serve, each "
-                                                                      "under its model.json name (repeatable).")],
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of model folders to serve, "
+                                                                             "each under its model.json name "
+                                                                             "(repeatable).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Serve the fleet too: its state (fleet.sqlite) and TUF "
+                                                   "repository live in this folder.")] = None,
+    db: Annotated[str | None, typer.Option(help="The fleet's database URL instead of the SQLite file in --data, "
+                                                "e.g. postgresql://user@host/fleet.")] = None,
+    fleet_root: Annotated[Path | None, typer.Option(help="The TUF root.json to trust (the operator's "
+                                                         "1.root.json); without it the first root published "
+                                                         "is trusted.")] = None,
+    token_env: Annotated[str | None, typer.Option(help="Environment variable holding the bearer token that "
+                                                       "publishing and rollout changes must carry (devices need "
+                                                       "none).")] = None,
+    step_s: Annotated[float, typer.Option(min=0.05, help="Seconds between two steps of the rollout "
+                                                         "engine.")] = 0.5,
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free one, "
                                                              "printed at start).")] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -30,7 +44,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the ONNX models of a models folder over OIP v2 REST (health, metadata, infer; JSON and binary
-    tensors) until Ctrl-C or SIGTERM."""
+    tensors), and with --data the fleet (API, TUF repository, rollouts, the page at /), until Ctrl-C or SIGTERM."""
     from edgefn.cli import _fail, _setup_logging, console
 
     try:
@@ -38,6 +52,15 @@ def serve(
     except ImportError as exc:
         _fail(EdgefnError(f"the cloud endpoint needs {exc.name}: pip install 'edgefn[cloud]'"))
     _setup_logging(log_level)
+    if data is not None:
+        return _serve_fleet(data, models or [], host=host, port=port, db=db, fleet_root=fleet_root,
+                            token_env=token_env, step_s=step_s, delay_ms=delay_ms, auth_header=auth_header,
+                            auth_env=auth_env)
+    if not models:
+        _fail(ConfigError("give --models DIR (the inference endpoint), --data DIR (the fleet server), or both"))
+    if db is not None or fleet_root is not None or token_env is not None:
+        _fail(ConfigError("--db, --fleet-root and --token-env are the fleet server's: give --data DIR too"))
+    assert models is not None
     try:
         endpoint = OipEndpoint.from_folders(models, delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
     except EdgefnError as exc:
@@ -51,6 +74,39 @@ def serve(
         _fail(exc)
     finally:
         endpoint.close()
+
+
+def _serve_fleet(data: Path, models: list[Path], *, host: str, port: int, db: str | None, fleet_root: Path | None,
+                 token_env: str | None, step_s: float, delay_ms: float, auth_header: str | None,
+                 auth_env: str | None) -> None:
+    from cloud_sync.fleet.server import FleetService
+    from cloud_sync.serve import serve_forever
+    from edgefn.cli import _fail, console
+
+    try:
+        service = FleetService(data, db_url=db, models=models, fleet_root=fleet_root, token=_token(token_env),
+                               delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
+    except EdgefnError as exc:
+        _fail(exc)
+    try:
+        service.engine.start(step_s)
+        served = "the fleet" + (f" and {', '.join(service.endpoint.models)} (Open Inference Protocol v2)"
+                                if service.endpoint is not None else "")
+        serve_forever(service.app, host=host, port=port, on_listening=lambda url: console.print(
+            f"serving {served} on {url}", markup=False, highlight=False, soft_wrap=True))
+    except EdgefnError as exc:
+        _fail(exc)
+    finally:
+        service.close()
+
+
+def _token(env: str | None) -> str | None:
+    if env is None:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"--token-env names {env}, which is not set (or empty)")
+    return value
 
 
 def _auth(header: str | None, env: str | None) -> tuple[str, str] | None:

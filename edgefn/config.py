@@ -49,6 +49,10 @@ class Settings(BaseSettings):
                                     "one trial call may close the circuit breaker again.")
     cloud_workers: int = Field(default=4, ge=0, le=64, description="Extra instances per function that run the "
                                "batches handed to the cloud (on-overload, always).")
+    batch_max: int = Field(default=16, ge=1, le=1024, description="Most concurrent infer calls of one model "
+                           "stacked into one inference, here or on the cloud endpoint (1: no micro-batching).")
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="Longest a call waits for others to "
+                                 "stack with; only while other calls of that model are in flight.")
     offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
         default=None, description="Overrides every function's offload policy.")
     profile: str | None = Field(default=None, description="Device profile by name (default: detected from the device).")
@@ -64,6 +68,14 @@ class Settings(BaseSettings):
         default="disk", description="disk: events survive a crash; memory: they do not (for measuring the journal's cost).")
     inbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Payload bytes held in the inbox before ingress stops acknowledging.")
     inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
+    fleet_url: str | None = Field(default=None, description="Fleet server (edgefn cloud serve --data): the device "
+                                  "agent installs, checks and reports the releases it assigns.")
+    device_id: str = Field(default_factory=socket.gethostname, description="This device's id in the fleet.")
+    group: str = Field(default="default", description="The fleet group this device belongs to.")
+    fleet_root: Path | None = Field(default=None, description="The fleet's TUF root metadata (1.root.json), "
+                                    "trusted from then on; needed once.")
+    fleet_poll_s: float = Field(default=5.0, gt=0, description="Seconds between asking the fleet server for the "
+                                "desired release.")
     config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
 
     @field_validator("broker")

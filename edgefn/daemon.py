@@ -10,7 +10,12 @@
 After a crash the outbox is published again and the inbox replayed, so nothing is lost; a
 consumer may see an output twice, and every output published again carries the MQTT 5 user
 property `edgefn-duplicate: possible`. Every output carries `edgefn-event` (the event's journal id,
-never reused on this device), so duplicates can be dropped without reading the payload.
+never reused on this device), so duplicates can be dropped without reading the payload, and
+`edgefn-function` (name@version; `edgefn-release`, bundle@version, when a fleet release runs).
+
+A fleet release is swapped in while events flow (`activate`): the new functions are loaded beside
+the old, routing switches in one step, and the old lanes drain (what they hold finishes on the old
+version) before their workers stop.
 """
 
 from __future__ import annotations
@@ -20,20 +25,23 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
 from edgefn.config import Settings
 from edgefn.errors import CloudError, EdgefnError, FunctionError, PayloadTooLarge
 from edgefn.events import Event, Message
-from edgefn.functions.build import component_path, discover
+from edgefn.fleet.store import FleetStore, Release
+from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
+from edgefn.inference.batching import Batcher
 from edgefn.inference.delegates import chains_from_profile
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import WireTensor as Tensor
@@ -47,6 +55,10 @@ from edgefn.offload.client import CloudClient
 from edgefn.offload.planner import Planner, Policy, Where
 from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
 from edgefn.profiles.sensors import MemoryState, ThermalState
+from edgefn.protocol.fleet import Health
+
+if TYPE_CHECKING:
+    from edgefn.fleet.agent import FleetAgent
 
 log = logging.getLogger("edgefn.daemon")
 ERRORS_TOPIC = "edgefn/errors/{function}"
@@ -61,9 +73,13 @@ class FunctionHost:
     and its log."""
 
     def __init__(self, name: str, registry: ModelRegistry, state: StateStore, cloud: CloudClient | None = None,
-                 policy: Policy = "never", confidence: float = 0.5, metrics: Metrics | None = None):
+                 policy: Policy = "never", confidence: float = 0.5, metrics: Metrics | None = None,
+                 batcher: Batcher | None = None):
         self.name, self.registry, self.state = name, registry, state
         self.cloud, self.policy, self.confidence, self.metrics = cloud, policy, confidence, metrics
+        # Through a batcher, concurrent calls of one model are stacked into one run (here or on the endpoint).
+        self._infer_here = batcher.local if batcher is not None else registry.infer
+        self._infer_there = batcher.cloud if batcher is not None and cloud is not None else None
         self._log = logging.getLogger(f"edgefn.fn.{name}")
         self._plan = threading.local()  # where this worker's current batch runs its inference
 
@@ -82,7 +98,7 @@ class FunctionHost:
             answer = self._on_cloud(model, inputs, "handed-off")
             if answer is not None:
                 return answer, "cloud"
-        outputs = self.registry.infer(model, inputs)
+        outputs = self._infer_here(model, inputs)
         if self.cloud is not None and self.policy == "on-low-confidence" and _unsure(outputs, self.confidence):
             answer = self._on_cloud(model, inputs, "asked-again")  # joint inference: the cloud's model decides
             if answer is not None:
@@ -93,7 +109,7 @@ class FunctionHost:
         """The cloud's answer, or None (breaker open, endpoint away or refusing): then it runs here."""
         assert self.cloud is not None
         try:
-            answer = self.cloud.infer(model, inputs)
+            answer = self._infer_there(model, inputs) if self._infer_there else self.cloud.infer(model, inputs)
         except CloudError as exc:
             self._count("ran-here-instead")
             self._log.debug("cloud inference of %s failed, running it here: %s", model, exc)
@@ -149,7 +165,27 @@ class _InOrder:
                 self._next += 1
 
 
-@dataclass
+class HealthWindow:
+    """Events, errors and latency of the functions running now, since they were activated: what the
+    fleet agent reports and holds against a rollout's gate."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events = self.errors = 0
+        self._ms: deque[float] = deque(maxlen=4096)  # the latest latencies, for the p99
+
+    def record(self, ok: bool, seconds: float) -> None:
+        with self._lock:
+            self.events += 1
+            self.errors += not ok
+            self._ms.append(seconds * 1000)
+
+    def snapshot(self) -> Health:
+        with self._lock:
+            p99 = float(np.percentile(np.fromiter(self._ms, float), 99)) if self._ms else None
+            return Health(events=self.events, errors=self.errors, p99_ms=p99)
+
+
 @dataclass
 class Lane:
     """A queue of a function's events, the workers that take from it, and where their inference runs.
@@ -174,6 +210,8 @@ class LoadedFunction:
     properties: list[tuple[str, str]]  # MQTT 5 user properties on every output
     planner: Planner
     lanes: dict[str, Lane]
+    window: HealthWindow
+    workers: list[threading.Thread] = field(default_factory=list)
 
     @property
     def local(self) -> Lane:
@@ -247,9 +285,16 @@ class Daemon:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._route_cache: dict[str, list[LoadedFunction]] = {}
+        self._routing = threading.Lock()  # routing an event and swapping releases exclude each other
+        self._swap = threading.Lock()  # one activation at a time
         self.functions: list[LoadedFunction] = []
+        self.release: Release | None = None  # the fleet release running (None: --functions)
+        self.window = HealthWindow()
+        self.fleet = FleetStore(settings.state_dir / "fleet")
         self.observe: ObserveServer | None = None
+        self.agent: FleetAgent | None = None
         self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
+        self._batcher: Batcher | None = None  # micro-batching of the current registry's models
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -257,43 +302,22 @@ class Daemon:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = Runtime(s.state_dir / "components")
         self.profile = self._device_profile()
-        self.registry = ModelRegistry(
-            s.models, variants=s.model_variants,
-            on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
-            chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
-            search=s.delegate_dirs)
         self.state = StateStore(s.state_dir / "state.sqlite")
         self.cloud = self._cloud_client()
         self._read_sensors()
-        for folder in discover(s.functions):
-            manifest = load_manifest(folder)
-            wasm = component_path(folder, manifest)
-            if not wasm.exists():
-                raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
-            policy = self._policy(manifest)
-            host = FunctionHost(manifest.name, self.registry, self.state, self.cloud, policy,
-                                manifest.confidence_threshold, self.metrics)
-            # Load now: a missing model fails the start, not an event. What each runs as goes out
-            # with every output of the function (user property edgefn-models).
-            choices = [self.registry.choice(model) for model in manifest.models.use]
-            models = ",".join(f"{c.model}={c.variant}/{c.format}/{c.delegate}" for c in choices)
-            # `always`: the function's own lane hands every batch off; `on-overload`: a cloud lane of its own.
-            lanes = {"local": Lane("cloud" if policy == "always" else "local", manifest.limits.instances)}
-            if policy == "on-overload" and s.cloud_workers:
-                lanes["cloud"] = Lane("cloud", s.cloud_workers)
-            sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
-                                      instances=sum(lane.workers for lane in lanes.values()))
-            planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
-                              cloud_workers=s.cloud_workers or 1)
-            self.functions.append(LoadedFunction(manifest, folder, sandbox, [("edgefn-models", models)] if models else [],
-                                                 planner, lanes))
-            log.info("function %s %s from %s", manifest.name, manifest.version, folder)
+        self.release = self.fleet.active().current
+        if self.release is not None:  # the fleet's release, not --functions (docs/fleet.md)
+            log.info("fleet release %s", self.release.label)
+            folder = self.fleet.bundle_dir(self.release)
+            self.registry, self.functions = self._load([folder / "functions"], [folder / "models"], self.window)
+        else:
+            self.registry, self.functions = self._load(s.functions, s.models, self.window)
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay, unsent = self.inbox.pending(), self.inbox.outbox()
         if replay or unsent:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
         self._outbox_rows = len(unsent)
-        filters = sorted({t for f in self.functions for t in f.manifest.trigger.topics})
+        filters = _filters(self.functions)
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
@@ -301,16 +325,140 @@ class Daemon:
         self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected)
         for row, event_id, message in unsent:  # queued by paho until connected, before any new answer
             self._send(_Output(event_id, message, row=row), replayed=True)
-        for fn in self.functions:
-            for lane in fn.lanes.values():
-                for i in range(lane.workers):
-                    self._spawn(lambda fn=fn, lane=lane: self._work_loop(fn, lane),
-                                f"edgefn-{fn.manifest.name}-{lane.where}-{i}")
+        self._start_workers(self.functions)
         self._deliver(replay, replayed=True)
         self._spawn(self._housekeeping, "edgefn-housekeeping")
         self.connection.start()
         if s.metrics_port is not None:
             self.observe = ObserveServer(self.metrics, self.health, s.metrics_port)
+        if s.fleet_url:
+            from edgefn.fleet.agent import FleetAgent  # python-tuf and httpx only where a fleet is used
+
+            self.agent = FleetAgent(self)
+            self.agent.start()
+
+    def _load(self, function_dirs: list[Path], model_dirs: list[Path],
+              window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
+        """The functions under `function_dirs` with their models, loaded and ready (workers not started)."""
+        s = self.settings
+        registry = ModelRegistry(
+            model_dirs, variants=s.model_variants if self.release is None else _pins_for(s.model_variants, model_dirs),
+            on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
+            chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
+            search=s.delegate_dirs)
+        functions: list[LoadedFunction] = []
+        try:
+            for folder in discover(function_dirs):
+                functions.append(self._load_function(folder, registry, window))
+        except BaseException:
+            for fn in functions:
+                fn.sandbox.close()
+            raise
+        return registry, functions
+
+    def _batcher_for(self, registry: ModelRegistry) -> Batcher:
+        """The micro-batcher of `registry`'s models, shared by the functions loaded with it (a release
+        swapped in brings a registry, and so a batcher, of its own)."""
+        batcher = self._batcher
+        if batcher is None or batcher.registry is not registry:
+            s = self.settings
+            batcher = self._batcher = Batcher(registry, self.cloud, max_calls=s.batch_max,
+                                              wait_s=s.batch_wait_ms / 1000,
+                                              on_batch=self.metrics.observe_inference_batch)
+        return batcher
+
+    def _load_function(self, folder: Path, registry: ModelRegistry, window: HealthWindow) -> LoadedFunction:
+        s = self.settings
+        manifest = load_manifest(folder)
+        wasm = runnable_component(folder, manifest)
+        if not wasm.exists():
+            raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
+        policy = self._policy(manifest)
+        host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
+                            manifest.confidence_threshold, self.metrics, batcher=self._batcher_for(registry))
+        # Load now: a missing model fails the start, not an event. What each runs as goes out
+        # with every output of the function (user property edgefn-models).
+        choices = [registry.choice(model) for model in manifest.models.use]
+        models = ",".join(f"{c.model}={c.variant}/{c.format}/{c.delegate}" for c in choices)
+        properties = [("edgefn-function", f"{manifest.name}@{manifest.version}")]
+        if self.release is not None:
+            properties.append(("edgefn-release", self.release.label))
+        if models:
+            properties.append(("edgefn-models", models))
+        # `always`: the function's own lane hands every batch off; `on-overload`: a cloud lane of its own.
+        lanes = {"local": Lane("cloud" if policy == "always" else "local", manifest.limits.instances)}
+        if policy == "on-overload" and s.cloud_workers:
+            lanes["cloud"] = Lane("cloud", s.cloud_workers)
+        sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
+                                  instances=sum(lane.workers for lane in lanes.values()))
+        planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
+                          cloud_workers=s.cloud_workers or 1)
+        log.info("function %s %s from %s", manifest.name, manifest.version, folder)
+        return LoadedFunction(manifest, folder, sandbox, properties, planner, lanes, window)
+
+    def _start_workers(self, functions: list[LoadedFunction]) -> None:
+        for fn in functions:
+            for lane in fn.lanes.values():
+                for i in range(lane.workers):
+                    fn.workers.append(self._spawn(lambda fn=fn, lane=lane: self._work_loop(fn, lane),
+                                                  f"edgefn-{fn.manifest.name}-{lane.where}-{i}"))
+
+    # -- fleet releases --------------------------------------------------------------------------------
+    def activate(self, release: Release | None, drain_timeout: float = 60.0) -> None:
+        """Run `release` (None: the --functions again) instead of what runs now, while events flow.
+
+        The new functions are loaded and their workers started first (a release that cannot load
+        raises here, and the old one keeps running); then routing switches in one step; then the old
+        lanes drain: events already queued there finish on the old version and are published, in
+        order, before the old workers stop and the old sandboxes close."""
+        with self._swap:
+            window = HealthWindow()
+            previous_release, self.release = self.release, release
+            try:
+                if release is None:
+                    registry, functions = self._load(self.settings.functions, self.settings.models, window)
+                else:
+                    folder = self.fleet.bundle_dir(release)
+                    registry, functions = self._load([folder / "functions"], [folder / "models"], window)
+            except BaseException:
+                self.release = previous_release
+                raise
+            self._start_workers(functions)
+            with self._routing:
+                old, self.functions = self.functions, functions
+                self.registry, self.window = registry, window
+                self._route_cache = {}
+            self.connection.set_filters(_filters(functions))
+            log.info("activated %s", release.label if release else "the local functions")
+            self._retire(old, drain_timeout)
+
+    def _retire(self, old: list[LoadedFunction], drain_timeout: float) -> None:
+        deadline = time.monotonic() + drain_timeout
+        lanes = [lane for fn in old for lane in fn.lanes.values()]
+        while any(lane.queue.unfinished_tasks for lane in lanes):
+            if time.monotonic() > deadline:  # their events stay journaled: they run again after a restart
+                log.error("old functions still busy after %.0f s; stopping them", drain_timeout)
+                break
+            time.sleep(0.01)
+        for lane in lanes:
+            lane.queue.put(None)  # each worker that takes it puts it back for the next
+        for fn in old:
+            for thread in fn.workers:
+                thread.join(timeout=5)
+            self._threads = [t for t in self._threads if t not in fn.workers]
+            fn.sandbox.close()
+
+    def run_sample(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """What the functions running now answer to one event, outside the journal and the broker
+        (a release's health check): their outputs, errors as messages on edgefn/errors/..."""
+        event = Event(f"health-{time.monotonic_ns()}", topic, payload, time.time() * 1000)
+        outputs: list[tuple[str, bytes]] = []
+        for fn in self._route(topic):
+            answer = fn.sandbox.handle_batch([event])[0]
+            if isinstance(answer, FunctionError):
+                answer = [error_message(fn.manifest, event, answer)]
+            outputs += [(m.topic, m.payload) for m in answer]
+        return outputs
 
     def _cloud_client(self) -> CloudClient | None:
         s = self.settings
@@ -368,10 +516,11 @@ class Daemon:
                 self.metrics.pressure.labels(kind, value).set(1 if state == value else 0)
         self.pressure = now
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     @property
     def connected(self) -> bool:
@@ -395,6 +544,7 @@ class Daemon:
                          "reasons": self.pressure.reasons} if self.pressure else None,
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
+            "release": self.release.label if self.release else None,
             "models": {name: self._model_status(name) for name in self._models_in_use()},
         }
 
@@ -410,6 +560,8 @@ class Daemon:
         """Stop taking events, finish those in hand (within the deadline), then close."""
         if self._stopping.is_set():
             return
+        if self.agent is not None:
+            self.agent.stop()
         self.ingress.close()
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline and (any(lane.queue.unfinished_tasks for lane in self._lanes())
@@ -443,18 +595,19 @@ class Daemon:
         """Hand journaled events to the queue of each function they trigger."""
         if not replayed:
             self.metrics.events_received.inc(len(events))
-        for event in events:
-            routes = self._route(event.topic)
-            pending = _Pending(event, len(routes))
-            if not routes:
-                with self._journal_lock:
-                    self._answered.append(pending)
-            for fn in routes:
-                cloud = fn.lanes.get("cloud")
-                where = fn.planner.admit(fn.local.queue.qsize(), self._under_pressure(),
-                                         cloud.queue.qsize() if cloud is not None else 0)
-                lane = fn.lanes.get(where, fn.local)
-                lane.order.queue(lane.queue, (event, pending))
+        with self._routing:  # an event goes wholly to the old release's functions or wholly to the new's
+            for event in events:
+                routes = self._route(event.topic)
+                pending = _Pending(event, len(routes))
+                if not routes:
+                    with self._journal_lock:
+                        self._answered.append(pending)
+                for fn in routes:
+                    cloud = fn.lanes.get("cloud")
+                    where = fn.planner.admit(fn.local.queue.qsize(), self._under_pressure(),
+                                             cloud.queue.qsize() if cloud is not None else 0)
+                    lane = fn.lanes.get(where, fn.local)
+                    lane.order.queue(lane.queue, (event, pending))
 
     def _route(self, topic: str) -> list[LoadedFunction]:
         hit = self._route_cache.get(topic)
@@ -527,13 +680,15 @@ class Daemon:
     def _outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""
         name = fn.manifest.name
+        took = max(0.0, time.time() - event.received_ms / 1000)
+        fn.window.record(not isinstance(answer, FunctionError), took)
         if isinstance(answer, FunctionError):
             log.warning("%s: event %s: %s: %s", name, event.id, answer.reason, answer)
             self.metrics.events_handled.labels(name, answer.reason).inc()
             answer = [error_message(fn.manifest, event, answer)]
         else:
             self.metrics.events_handled.labels(name, "ok").inc()
-        self.metrics.event_seconds.labels(name).observe(max(0.0, time.time() - event.received_ms / 1000))
+        self.metrics.event_seconds.labels(name).observe(took)
         return answer
 
     def _publish(self, pending: _Pending, messages: list[Message], properties: list[tuple[str, str]]) -> None:
@@ -613,3 +768,14 @@ class Daemon:
             except Exception:  # e.g. the disk is full: keep trying, loudly
                 log.exception("housekeeping failed; retrying")
                 time.sleep(0.5)
+
+
+def _filters(functions: list[LoadedFunction]) -> list[str]:
+    """The topic filters the daemon subscribes to for these functions."""
+    return sorted({t for f in functions for t in f.manifest.trigger.topics})
+
+
+def _pins_for(pins: dict[str, str], model_dirs: list[Path]) -> dict[str, str]:
+    """The --model-variant pins that name a model a release ships (a release may not ship them all)."""
+    shipped = {meta.parent.name for d in model_dirs for meta in Path(d).glob("*/model.json")}
+    return {model: variant for model, variant in pins.items() if model in shipped}

@@ -2,11 +2,31 @@
 
 The Typer apps live here; `edgefn/bundle_cli.py` adds `bundle build`, `fleet keys init` and
 `fleet push` to them, this module the commands that talk to the fleet server about rollouts and
-devices."""
+devices: `fleet rollout create|status|list|pause|resume|abort` and `fleet devices`.
+
+Every failure (the server down, a rollout it does not know, a request it refuses) is one line on
+stderr and exit code 1; `--json` prints the protocol's models as JSON for scripts.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from edgefn.errors import ConfigError, EdgefnError, FleetError
+
+if TYPE_CHECKING:
+    from edgefn.protocol.fleet import Device, Rollout
 
 fleet_app = typer.Typer(help="Roll functions and models out to a fleet: keys, push, rollouts, devices.",
                         no_args_is_help=True)
@@ -15,3 +35,339 @@ rollout_app = typer.Typer(help="Canary, waves and health gates: create, watch, p
                           no_args_is_help=True)
 fleet_app.add_typer(keys_app, name="keys")
 fleet_app.add_typer(rollout_app, name="rollout")
+
+SERVER_ENV = "EDGEFN_FLEET_SERVER"
+TOKEN_ENV = "EDGEFN_FLEET_TOKEN"
+
+# The options every command that talks to the server shares.
+ServerOpt = Annotated[str, typer.Option(envvar=SERVER_ENV, show_envvar=True,
+                                        help="The fleet server, e.g. http://HOST:8080.")]
+TokenEnvOpt = Annotated[str | None, typer.Option(help=f"Environment variable holding a bearer token for the server "
+                                                      f"(default: {TOKEN_ENV}, when it is set).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON instead of a table.")]
+TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server.")]
+RolloutId = Annotated[int, typer.Argument(metavar="ID", help="The rollout's id (from `rollout create` or `list`).")]
+
+
+# ---- parsing what the operator types ----
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|min|h)?\s*$")
+_UNIT_S = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, *, option: str = "duration") -> float:
+    """'30s', '5m', '1h', '250ms' or plain seconds ('45', '2.5') -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ConfigError(f"{option} {text!r}: expected a duration like 30s, 5m, 1h or plain seconds")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def parse_release(text: str) -> tuple[str, str]:
+    """'digits@1.4.0' -> ('digits', '1.4.0'), the version checked as PEP 440."""
+    from edgefn.protocol.fleet import parse_version
+
+    name, at, version = text.partition("@")
+    if not at or not name.strip() or not version.strip():
+        raise ConfigError(f"--bundle {text!r}: expected NAME@VERSION, e.g. digits@1.4.0")
+    try:
+        parse_version(version.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--bundle {text!r}: {exc}") from None
+    return name.strip(), version.strip()
+
+
+def parse_waves(text: str) -> list[float]:
+    """'10,50,100' -> [10.0, 50.0, 100.0]: cumulative percentages of the group."""
+    try:
+        return [float(w.strip().rstrip("%")) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--waves {text!r}: expected rising percentages like 10,50,100") from None
+
+
+def build_request(release: str, group: str, *, canary: int, waves: str, gate: str, soak: str,
+                  wave_timeout: str) -> dict[str, Any]:
+    """The RolloutRequest the options describe, checked here so a typo fails before the server sees it."""
+    from pydantic import ValidationError
+
+    from edgefn.protocol.fleet import RolloutRequest, parse_gate
+
+    bundle, version = parse_release(release)
+    try:
+        rules = parse_gate(gate)
+    except ValueError as exc:
+        raise ConfigError(f"--gate: {exc}") from None
+    try:
+        request = RolloutRequest(bundle=bundle, version=version, group=group, canary=canary,
+                                 waves=parse_waves(waves), gate=rules,
+                                 soak_s=parse_duration(soak, option="--soak"),
+                                 wave_timeout_s=parse_duration(wave_timeout, option="--wave-timeout"))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid rollout: {problems}") from None
+    return request.model_dump(mode="json")
+
+
+# ---- talking to the server ----
+
+def token_from_env(token_env: str | None) -> str | None:
+    """The bearer token for the fleet server: from --token-env NAME, else EDGEFN_FLEET_TOKEN when set."""
+    name = token_env or TOKEN_ENV
+    token = os.environ.get(name, "")
+    if token_env and not token:
+        raise ConfigError(f"--token-env names {token_env}, which is not set (or empty)")
+    return token or None
+
+
+def call_server(method: str, server: str, path: str, *, token: str | None = None, body: dict | None = None,
+                timeout: float = 30.0) -> Any:
+    """One request to the fleet API; every way it can go wrong becomes a FleetError in one line."""
+    import httpx
+
+    from edgefn.protocol.fleet import API
+
+    url = f"{server.rstrip('/')}{API}{path}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise FleetError(f"cannot reach the fleet server at {server}: {exc or type(exc).__name__}") from None
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if response.status_code >= 400:
+        detail = doc.get("error") if isinstance(doc, dict) else None
+        raise FleetError(f"{method} {url}: HTTP {response.status_code}: "
+                         f"{detail or response.text.strip()[:200] or response.reason_phrase}")
+    if doc is None:
+        raise FleetError(f"{method} {url}: the answer is not JSON (is this a fleet server?)")
+    return doc
+
+
+def _model(kind: type, doc: Any, url_hint: str) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return kind.model_validate(doc)
+    except ValidationError as exc:
+        raise FleetError(f"{url_hint}: unexpected answer from the fleet server: {exc.errors()[0]['msg']}") from None
+
+
+def _rollout(doc: Any) -> Rollout:
+    from edgefn.protocol.fleet import Rollout
+
+    return _model(Rollout, doc, "rollout")
+
+
+def _listed(doc: Any, key: str, kind: type) -> list:
+    items = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise FleetError(f"unexpected answer from the fleet server: no {key!r} list")
+    return [_model(kind, item, key) for item in items]
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """An EdgefnError becomes one clean line and exit code 2, as everywhere in `edgefn`."""
+    from edgefn.cli import _fail
+
+    try:
+        yield
+    except EdgefnError as exc:
+        _fail(exc)
+
+
+def _print_json(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
+# ---- tables ----
+
+def ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min ago"
+    return f"{s // 3600} h ago" if s < 86400 else f"{s // 86400} d ago"
+
+
+def wave_line(rollout: Rollout) -> str:
+    """'wave 1 (2/3): soaking 3/5 healthy', or 'done' once every wave passed."""
+    if rollout.state == "done":
+        return f"done: {len(rollout.waves)}/{len(rollout.waves)} waves passed"
+    if not rollout.waves:
+        return "no waves"
+    index = min(rollout.current_wave, len(rollout.waves) - 1)
+    wave = rollout.waves[index]
+    return (f"{wave.name} ({index + 1}/{len(rollout.waves)}): {wave.state} "
+            f"{wave.healthy}/{len(wave.devices)} healthy")
+
+
+def devices_table(devices: list[Device], *, now: float) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title=f"{len(devices)} device(s)")
+    for header in ("device", "group", "version", "state", "events", "errors", "p99 ms", "last seen", "detail"):
+        table.add_column(header)
+    for d in sorted(devices, key=lambda d: (d.group, d.id)):
+        version = f"{d.bundle}@{d.version}" if d.bundle and d.version else "-"
+        if d.desired_version and d.desired_version != d.version:
+            version += f" -> {d.desired_version}"
+        p99 = "-" if d.health.p99_ms is None else f"{d.health.p99_ms:.1f}"
+        table.add_row(*(escape(c) for c in (d.id, d.group, version, d.state, str(d.health.events),
+                                            str(d.health.errors), p99, ago(now - d.last_seen), d.detail)))
+    return table
+
+
+def rollouts_table(rollouts: list[Rollout]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title=f"{len(rollouts)} rollout(s)")
+    for header in ("id", "release", "group", "state", "progress", "reason"):
+        table.add_column(header)
+    for r in sorted(rollouts, key=lambda r: r.id):
+        state = r.state + (" (rolled back)" if r.rolled_back else "")
+        table.add_row(*(escape(c) for c in (str(r.id), f"{r.bundle}@{r.version}", r.group, state,
+                                            wave_line(r), r.reason)))
+    return table
+
+
+def rollout_heading(rollout: Rollout) -> str:
+    """'rollout 3: digits@1.1.0 to lab, running; gate error_rate<0.01, soak 30 s' (plain text)."""
+    gate = ", ".join(str(rule) for rule in rollout.gate) or "none"
+    return (f"rollout {rollout.id}: {rollout.bundle}@{rollout.version} to {rollout.group}, {rollout.state}; "
+            f"gate {gate}, soak {rollout.soak_s:g} s")
+
+
+def waves_table(rollout: Rollout) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    for header in ("wave", "devices", "state", "healthy", "gate values"):
+        table.add_column(header)
+    for i, w in enumerate(rollout.waves):
+        values = ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(w.gate_values.items()))
+        marker = "> " if i == rollout.current_wave and rollout.state in ("running", "paused") else "  "
+        table.add_row(escape(marker + w.name), str(len(w.devices)), w.state, f"{w.healthy}/{len(w.devices)}",
+                      escape(values or "-"))
+    return table
+
+
+def _show_rollout(rollout: Rollout) -> None:
+    from edgefn.cli import out
+
+    out.print(escape(rollout_heading(rollout)), highlight=False)
+    out.print(waves_table(rollout))
+    out.print(escape(wave_line(rollout)), highlight=False)
+    if rollout.reason:
+        out.print(f"reason: {escape(rollout.reason)}" + (" (rolled back)" if rollout.rolled_back else ""),
+                  highlight=False)
+
+
+# ---- commands ----
+
+@rollout_app.command("create")
+def rollout_create(
+    bundle: Annotated[str, typer.Option(metavar="NAME@VERSION", help="The published release to roll out, "
+                                                                      "e.g. digits@1.4.0.")],
+    group: Annotated[str, typer.Option(help="The device group to roll it out to.")],
+    server: ServerOpt,
+    canary: Annotated[int, typer.Option(min=0, help="Devices in the canary, the first wave (0: none).")] = 1,
+    waves: Annotated[str, typer.Option(help="Cumulative percentages of the group per wave after the canary, "
+                                            "ending at 100.")] = "100",
+    gate: Annotated[str, typer.Option(help="Health gate every wave must hold over its soak, e.g. "
+                                           "'error_rate<0.01,p99_ms<50,install_failures<1'.")] = "",
+    soak: Annotated[str, typer.Option(help="How long each wave runs healthy before the next (30s, 5m, 1h or "
+                                           "seconds).")] = "30s",
+    wave_timeout: Annotated[str, typer.Option(help="A wave not healthy by then halts the rollout (30s, 5m, 1h "
+                                                   "or seconds).")] = "10m",
+    token_env: TokenEnvOpt = None,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
+    """Start a rollout: the canary first, then each wave, each soaked and gated; prints its id."""
+    with cli_errors():
+        request = build_request(bundle, group, canary=canary, waves=waves, gate=gate, soak=soak,
+                                wave_timeout=wave_timeout)
+        rollout = _rollout(call_server("POST", server, "/rollouts", token=token_from_env(token_env), body=request,
+                                       timeout=timeout))
+    if as_json:
+        _print_json(rollout.model_dump(mode="json"))
+    else:
+        typer.echo(rollout.id)
+
+
+@rollout_app.command("status")
+def rollout_status(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnvOpt = None, as_json: JsonOpt = False,
+                   timeout: TimeoutOpt = 30.0) -> None:
+    """One rollout: each wave's devices, state, healthy count and recorded gate values."""
+    with cli_errors():
+        rollout = _rollout(call_server("GET", server, f"/rollouts/{rollout_id}", token=token_from_env(token_env),
+                                       timeout=timeout))
+    if as_json:
+        _print_json(rollout.model_dump(mode="json"))
+    else:
+        _show_rollout(rollout)
+
+
+@rollout_app.command("list")
+def rollout_list(server: ServerOpt, token_env: TokenEnvOpt = None, as_json: JsonOpt = False,
+                 timeout: TimeoutOpt = 30.0) -> None:
+    """Every rollout the server knows, oldest first."""
+    from edgefn.cli import out
+    from edgefn.protocol.fleet import Rollout
+
+    with cli_errors():
+        rollouts = _listed(call_server("GET", server, "/rollouts", token=token_from_env(token_env), timeout=timeout),
+                           "rollouts", Rollout)
+    if as_json:
+        _print_json({"rollouts": [r.model_dump(mode="json") for r in rollouts]})
+    else:
+        out.print(rollouts_table(rollouts))
+
+
+def _act(action: str, rollout_id: int, server: str, token_env: str | None, as_json: bool, timeout: float) -> None:
+    with cli_errors():
+        rollout = _rollout(call_server("POST", server, f"/rollouts/{rollout_id}/{action}", token=token_from_env(token_env),
+                                       timeout=timeout))
+    if as_json:
+        _print_json(rollout.model_dump(mode="json"))
+    else:
+        typer.echo(f"rollout {rollout.id}: {rollout.state}" + (f" ({rollout.reason})" if rollout.reason else ""))
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnvOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 30.0) -> None:
+    """Start no further wave; devices already updated keep the new release."""
+    _act("pause", rollout_id, server, token_env, as_json, timeout)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnvOpt = None, as_json: JsonOpt = False,
+                   timeout: TimeoutOpt = 30.0) -> None:
+    """Go on with a paused rollout."""
+    _act("resume", rollout_id, server, token_env, as_json, timeout)
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnvOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 30.0) -> None:
+    """Halt the rollout and give every device of it its previous release back."""
+    _act("abort", rollout_id, server, token_env, as_json, timeout)
+
+
+@fleet_app.command("devices")
+def devices(server: ServerOpt,
+            group: Annotated[str | None, typer.Option(help="Only the devices of this group.")] = None,
+            token_env: TokenEnvOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+    """The devices that reported to the server: group, release, update state, health, last seen."""
+    from edgefn.cli import out
+    from edgefn.protocol.fleet import Device
+
+    with cli_errors():
+        found = _listed(call_server("GET", server, "/devices", token=token_from_env(token_env), timeout=timeout),
+                        "devices", Device)
+    if group is not None:
+        found = [d for d in found if d.group == group]
+    if as_json:
+        _print_json({"devices": [d.model_dump(mode="json") for d in found]})
+    else:
+        out.print(devices_table(found, now=time.time()))

@@ -55,6 +55,27 @@ def hostile_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _built_copy(GUESTS / "hostile", tmp_path_factory.mktemp("fn"))
 
 
+TINY_TOML = """[function]
+name = "tiny"
+version = "1.0.0"
+
+[trigger]
+topics = ["sensors/+/tiny"]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A function folder with a stand-in component: bundles, TUF and releases need bytes, not a working guest."""
+    folder = tmp_path_factory.mktemp("fn") / "tiny"
+    folder.mkdir()
+    (folder / "edgefn.toml").write_text(TINY_TOML)
+    (folder / "app.py").write_text("")
+    (folder / "build").mkdir()
+    (folder / "build" / "tiny.wasm").write_bytes(b"\0asm\x0d\0\x01\0" + b"tiny" * 64)
+    return folder
+
+
 @pytest.fixture()
 def broker() -> Iterator[LocalBroker]:
     with LocalBroker() as b:
@@ -83,8 +104,10 @@ class Collector:
 
     def __init__(self, port: int, *filters: str):
         self.messages: list[tuple[str, object]] = []
+        self.properties: list[dict[str, str]] = []  # each message's MQTT 5 user properties, in the same order
         self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{time.monotonic_ns()}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{time.monotonic_ns()}",
+                                  protocol=mqtt.MQTTv5)
         self.client.on_message = self._on
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -100,6 +123,7 @@ class Collector:
             body = msg.payload
         with self._cond:
             self.messages.append((msg.topic, body))
+            self.properties.append(dict(getattr(msg.properties, "UserProperty", None) or []))
             self._cond.notify_all()
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, object]]:

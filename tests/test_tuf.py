@@ -30,26 +30,6 @@ from edgefn.fleet.signing import (
     targets_dir,
 )
 
-TINY_TOML = """[function]
-name = "tiny"
-version = "1.0.0"
-
-[trigger]
-topics = ["sensors/+/tiny"]
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A function folder with a stand-in component: bundles and TUF need bytes, not a working guest."""
-    folder = tmp_path_factory.mktemp("fn") / "tiny"
-    folder.mkdir()
-    (folder / "edgefn.toml").write_text(TINY_TOML)
-    (folder / "app.py").write_text("")
-    (folder / "build").mkdir()
-    (folder / "build" / "tiny.wasm").write_bytes(b"\0asm\x0d\0\x01\0" + b"tiny" * 64)
-    return folder
-
 
 @pytest.fixture()
 def bundle(tiny_fn: Path, tmp_path: Path):

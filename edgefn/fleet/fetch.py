@@ -14,9 +14,7 @@ signed bundle that is older than the one running.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_errors
@@ -24,6 +22,7 @@ from tuf.ngclient import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from edgefn.errors import FleetError, UpdateRefused
+from edgefn.fleet.store import write_atomic
 from edgefn.protocol.fleet import METADATA_PATH, TARGETS_PATH, parse_version
 
 
@@ -111,17 +110,7 @@ class ReleaseFetcher:
             data = Path(root_file).read_bytes()
         except OSError as exc:
             raise FleetError(f"{root_file}: cannot read the fleet root: {exc.strerror or exc}") from None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".root.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.root_path, data)
 
     def _updater(self) -> Updater:
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edgefn.errors import FleetError
 from edgefn.fleet.bundle import read_bundle
+from edgefn.fleet.store import write_atomic
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 ROOT_DAYS = 365.0
@@ -56,20 +56,6 @@ def root_file(repo_dir: Path) -> Path:
 
 def _expiry(days: float) -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_key(path: Path, signer: CryptoSigner) -> None:
@@ -101,8 +87,8 @@ def init_keys(repo_dir: Path, *, force: bool = False, expires_days: float = ROOT
         _write_key(keys / f"{role}.pem", signers[role])
     root.sign(signers["root"])
     data = root.to_bytes(_PRETTY)
-    _write_atomic(root_file(repo_dir), data)
-    _write_atomic(metadata_dir(repo_dir) / "root.json", data)
+    write_atomic(root_file(repo_dir), data)
+    write_atomic(metadata_dir(repo_dir) / "root.json", data)
     targets_dir(repo_dir).mkdir(parents=True, exist_ok=True)
     return root_file(repo_dir)
 
@@ -160,7 +146,7 @@ class Repository:
         md.sign(self.signer(md.signed.type))
         data = md.to_bytes(_PRETTY)
         path = self.metadata / name
-        _write_atomic(path, data)
+        write_atomic(path, data)
         return path, data
 
     def write_timestamp(self, timestamp: Metadata[Timestamp], expires_days: float, *, bump: bool = True) -> Path:

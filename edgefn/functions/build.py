@@ -27,6 +27,14 @@ def component_path(function_dir: Path, manifest: Manifest) -> Path:
     return Path(function_dir) / "build" / f"{manifest.name}.wasm"
 
 
+def runnable_component(function_dir: Path, manifest: Manifest) -> Path:
+    """The component to run: the one built here, or, in an unpacked fleet bundle, the one it ships
+    beside the manifest (functions/<name>/<name>.wasm)."""
+    built = component_path(function_dir, manifest)
+    shipped = Path(function_dir) / f"{manifest.name}.wasm"
+    return shipped if not built.exists() and shipped.exists() else built
+
+
 def discover(paths: list[Path]) -> list[Path]:
     """Function folders: each path is one (it holds edgefn.toml) or holds several."""
     found: list[Path] = []

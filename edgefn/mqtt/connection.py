@@ -168,6 +168,19 @@ class Connection:
         self.connected.set()
         log.info("connected to %s", self._settings.broker)
 
+    def set_filters(self, filters: Sequence[str]) -> None:
+        """Subscribe to `filters` instead of the current ones (a new release's triggers). While
+        disconnected, the next connect subscribes to them."""
+        with self._lock:
+            old, self._filters = set(self._filters), list(filters)
+        added, removed = [f for f in filters if f not in old], sorted(old - set(filters))
+        if not self.connected.is_set():
+            return
+        if added:
+            self._client.subscribe([(f, 1) for f in added])
+        if removed:
+            self._client.unsubscribe(removed)
+
     def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
         # paho calls this from inside its `except OSError:`: the exception says why (refused,
         # unreachable, certificate verify failed, ...).

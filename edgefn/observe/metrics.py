@@ -46,10 +46,17 @@ class Metrics:
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
         self.model_variant = Gauge("edgefn_model_variant_info", "1 for the variant each model runs as, its format and "
                                    "delegate.", ["model", "variant", "format", "delegate"], registry=r)
+        self.inference_batch = Histogram("edgefn_inference_batch_calls", "Infer calls served by one inference run "
+                                         "(micro-batching), by model and where it ran; 1: the call ran alone.",
+                                         ["model", "where"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
 
     def set_model_variant(self, model: str, variant: str, fmt: str, delegate: str) -> None:
         """Record the variant a model was loaded as (the registry's on_load)."""
         self.model_variant.labels(model, variant, fmt, delegate).set(1)
+
+    def observe_inference_batch(self, model: str, where: str, calls: int) -> None:
+        """Record how many infer calls one inference run served (the batcher's on_batch)."""
+        self.inference_batch.labels(model, where).observe(calls)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,174 @@
+"""The fleet server's state in SQLAlchemy 2: SQLite by default, PostgreSQL by URL, the same tables on both.
+
+    devices       one row per device, as it last reported (registers on its first report)
+    bundles       the releases published (their TUF target, sha256 and size)
+    rollouts      a release rolled out to a group: its waves (JSON), gate and state
+    assignments   what a device of a started wave is to run, and what it ran before (for a roll back)
+    groups        the release a group has once a rollout of it is done (devices that join later get it)
+
+Every change runs in one transaction (`Database.transaction`). SQLite takes its write lock at the start of
+each transaction (BEGIN IMMEDIATE), with WAL so reads go on meanwhile and a busy timeout so writers wait
+for each other instead of failing: the API's threads and the rollout engine share the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from edgefn.errors import ConfigError, FleetError
+
+BUSY_TIMEOUT_S = 30.0
+ID = String(128)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    group: Mapped[str] = mapped_column("group_name", String(128), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    bundle: Mapped[str | None] = mapped_column(String(128))
+    version: Mapped[str | None] = mapped_column(String(64))
+    rollout: Mapped[int | None] = mapped_column(Integer)
+    target_version: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(2000), default="")
+    events: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    p99_ms: Mapped[float | None] = mapped_column(Float)
+    agent: Mapped[str] = mapped_column(String(128), default="")
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class BundleRow(Base):
+    __tablename__ = "bundles"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    published: Mapped[float] = mapped_column(Float)
+
+
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bundle: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    group: Mapped[str] = mapped_column("group_name", String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    # [{"name", "devices", "state", "healthy", "gate_values", "soak_started", "started"}]: a wave's devices are
+    # fixed when the rollout is made, and the whole list is read and written with the rollout.
+    waves: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    gate: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    soak_s: Mapped[float] = mapped_column(Float)
+    wave_timeout_s: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(2000), default="")
+    rolled_back: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class AssignmentRow(Base):
+    """A device of a started wave: the rollout's release is its desired state, or, once the rollout halted
+    (rolled_back), the release it ran before (previous_*; None: nothing from the fleet)."""
+
+    __tablename__ = "assignments"
+
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    rollout: Mapped[int] = mapped_column(Integer, index=True)
+    group: Mapped[str] = mapped_column("group_name", String(128), index=True)
+    previous_bundle: Mapped[str | None] = mapped_column(String(128))
+    previous_version: Mapped[str | None] = mapped_column(String(64))
+    rolled_back: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class GroupRow(Base):
+    """The release of a group: set by the last rollout of it that was done."""
+
+    __tablename__ = "groups"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    rollout: Mapped[int] = mapped_column(Integer)
+
+
+def database_url(data_dir: Path, url: str | None) -> str:
+    """The SQLAlchemy URL: `url` as given (postgresql:// meaning psycopg 3), else SQLite in the data folder."""
+    if url is None:
+        return f"sqlite:///{data_dir / 'fleet.sqlite'}"
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg://" + url[len(bare):]
+    return url
+
+
+class Database:
+    """The engine and sessions of one fleet database; the tables are made if missing."""
+
+    def __init__(self, url: str):
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ConfigError(f"--db {url!r} is not a database URL (e.g. postgresql://user@host/fleet)") from None
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ConfigError(f"--db {parsed.render_as_string()}: the fleet server keeps its state in SQLite or "
+                              "PostgreSQL")
+        self.engine = _sqlite_engine(url) if self.dialect == "sqlite" else create_engine(
+            url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise FleetError(f"cannot open the fleet database {parsed.render_as_string()}: {exc.orig}") from None
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed when the block ends, rolled back if it raises."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def insert(self, table: Any) -> Any:
+        """The dialect's INSERT, which has `on_conflict_do_update` (an upsert) on both."""
+        return (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(table)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling is turned off so that BEGIN IMMEDIATE below is what starts one:
+        # a deferred transaction that reads and then writes can fail at once with "database is locked".
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,308 @@
+"""The device agent (edgefn.fleet.agent) against the real fleet server: a real daemon updated while
+events stream, health checks and gates that roll a device back, a downgrade refused, and a SIGKILL at
+every step of an update. Real broker, real components, real bundles signed and verified with TUF."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from sklearn.datasets import load_digits
+from typer.testing import CliRunner
+
+from cloud_sync.fleet.server import FleetServer, start_fleet_server
+from edgefn.cli import app
+from edgefn.daemon import Daemon
+from edgefn.fleet.bundle import build_bundle
+from edgefn.fleet.signing import init_keys
+from edgefn.fleet.store import FleetStore
+from edgefn.mqtt.local_broker import LocalBroker
+from edgefn.protocol.fleet import API, UPDATE_STEPS, Device, Rollout, RolloutRequest, parse_gate
+from tests.conftest import MODELS, publish
+
+runner = CliRunner()
+ROOT_FILE = "repository/metadata/1.root.json"
+
+
+@dataclass
+class Fleet:
+    server: FleetServer
+    ops: Path  # the operator's keys and repository
+
+    @property
+    def root(self) -> Path:
+        return self.ops / ROOT_FILE
+
+    def rollout(self, version: str, group: str, gate: str = "", soak_s: float = 0.3) -> Rollout:
+        request = RolloutRequest(bundle="digits", version=version, group=group, canary=1, waves=[100],
+                                 gate=parse_gate(gate) if gate else [], soak_s=soak_s, wave_timeout_s=120)
+        response = httpx.post(f"{self.server.url}{API}/rollouts", content=request.model_dump_json(),
+                              headers={"Content-Type": "application/json"}, timeout=10)
+        assert response.status_code == 201, response.text
+        return Rollout.model_validate_json(response.content)
+
+    def get_rollout(self, rollout_id: int) -> Rollout:
+        return Rollout.model_validate_json(httpx.get(f"{self.server.url}{API}/rollouts/{rollout_id}", timeout=10).content)
+
+    def device(self, device_id: str) -> Device | None:
+        devices = httpx.get(f"{self.server.url}{API}/devices", timeout=10).json()["devices"]
+        found = [Device.model_validate(d) for d in devices if d["id"] == device_id]
+        return found[0] if found else None
+
+    def wait_device(self, device_id: str, timeout: float = 60.0, **wanted: object) -> Device:
+        deadline = time.monotonic() + timeout
+        device = None
+        while time.monotonic() < deadline:
+            device = self.device(device_id)
+            if device is not None and all(getattr(device, k) == v for k, v in wanted.items()):
+                return device
+            time.sleep(0.1)
+        raise AssertionError(f"device {device_id} never reached {wanted}; last: {device}")
+
+
+def _digits() -> tuple[list[list[int]], list[int]]:
+    x, y = load_digits(return_X_y=True)
+    return [[int(v) for v in row] for row in x[:400]], [int(v) for v in y[:400]]
+
+
+IMAGES, LABELS = _digits()
+
+
+def _health(label_shift: int) -> dict:
+    """A health check on one digit; a shift other than 0 expects the wrong label (a bad release)."""
+    return {"samples": [{"topic": "sensors/dev1/digits", "payload": {"id": "h1", "pixels": IMAGES[7]},
+                         "expect": [{"topic": "results/dev1/digits",
+                                     "json": {"label": (LABELS[7] + label_shift) % 10}}]}]}
+
+
+def _version_of(fn: Path, dest: Path, version: str) -> Path:
+    """A copy of the built function whose manifest says `version` (the same component)."""
+    copy = dest / f"digits-{version}" / "digits"
+    shutil.copytree(fn, copy)
+    manifest = copy / "edgefn.toml"
+    manifest.write_text(manifest.read_text().replace('version = "1.0.0"', f'version = "{version}"'))
+    wasm = copy / "build" / "digits.wasm"
+    later = time.time() + 5
+    os.utime(wasm, (later, later))  # built after its manifest: not stale
+    return copy
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, digits_fn: Path) -> Iterator[Fleet]:
+    base = tmp_path_factory.mktemp("fleet")
+    ops = base / "ops"
+    init_keys(ops)
+    with start_fleet_server(base / "data", step_s=0.1) as server:
+        for version, shift in (("2.0.0", 0), ("3.0.0", 1), ("1.5.0", 0)):
+            health = base / f"health-{version}.json"
+            health.write_text(json.dumps(_health(shift)))
+            out = base / f"digits-{version}.bundle.tar"
+            build_bundle([_version_of(digits_fn, base, version)], "digits", version, out, models=[MODELS],
+                         variants=["fp32"], health=health)
+            result = runner.invoke(app, ["fleet", "push", str(out), "--keys", str(ops), "--server", server.url])
+            assert result.exit_code == 0, result.output
+        yield Fleet(server, ops)
+
+
+def _payload(n: int, prefix: str) -> bytes:
+    return json.dumps({"id": f"{prefix}-{n}", "pixels": IMAGES[n % len(IMAGES)]}).encode()
+
+
+@pytest.fixture()
+def device(fleet: Fleet, broker: LocalBroker, settings_for, digits_fn: Path) -> Iterator[callable]:
+    """device(id, group) -> a started daemon (local digits 1.0.0) with the fleet agent."""
+    daemons: list[Daemon] = []
+
+    def make(device_id: str, group: str) -> Daemon:
+        daemon = Daemon(settings_for(broker, digits_fn, fleet_url=fleet.server.url, device_id=device_id, group=group,
+                                     fleet_root=fleet.root, fleet_poll_s=0.1))
+        daemon.start()
+        daemons.append(daemon)
+        daemon.wait_connected(10)
+        fleet.wait_device(device_id, state="idle")
+        return daemon
+
+    yield make
+    for d in daemons:
+        d.stop()
+
+
+def test_a_daemon_updated_while_events_stream_loses_none_and_says_which_version_answered(
+        fleet: Fleet, device, broker: LocalBroker, collector):
+    results = collector("results/+/digits")
+    daemon = device("stream-1", "stream")
+    total = 400
+
+    def sensor() -> None:  # a steady 100 events/s across the update
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stream-sensor")
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            for n in range(total):
+                client.publish("sensors/dev1/digits", _payload(n, "s"), qos=1).wait_for_publish(10)
+                time.sleep(0.01)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    feeding = threading.Thread(target=sensor)
+    feeding.start()
+    time.sleep(0.5)
+    rollout = fleet.rollout("2.0.0", "stream")
+    feeding.join()
+    fleet.wait_device("stream-1", state="active", version="2.0.0")
+    messages = results.wait_for(total, timeout=30)
+
+    ids = [body["event_id"] for _, body in messages]
+    assert sorted(ids) == sorted(f"s-{n}" for n in range(total)), "every event answered exactly once"
+    for (_, body), props in zip(messages, results.properties, strict=True):
+        n = int(body["event_id"].split("-")[1])
+        assert body["label"] == LABELS[n % len(LABELS)]
+        assert props["edgefn-function"] in ("digits@1.0.0", "digits@2.0.0")
+        assert ("edgefn-release" in props) == (props["edgefn-function"] == "digits@2.0.0")
+    versions = [p["edgefn-function"] for p in results.properties]
+    switch = versions.index("digits@2.0.0")
+    assert switch > 0, "the update happened while events streamed, not before"
+    assert set(versions[switch:]) == {"digits@2.0.0"}, "after the switch, only the new version answers"
+    assert results.properties[-1]["edgefn-release"] == "digits@2.0.0"
+    assert daemon.health()["release"] == "digits@2.0.0"
+    assert fleet.get_rollout(rollout.id).state == "done"
+    assert FleetStore(daemon.fleet.dir).update() is None, "the update is over: no update.json left"
+
+
+def test_a_release_that_fails_its_health_check_rolls_itself_back(fleet: Fleet, device):
+    daemon = device("bad-1", "bad")
+    rollout = fleet.rollout("3.0.0", "bad")
+    found = fleet.wait_device("bad-1", state="rolled-back")
+    assert "health check failed" in found.detail and "expected" in found.detail
+    assert daemon.release is None and daemon.health()["functions"] == {"digits": "1.0.0"}
+    halted = _wait_rollout(fleet, rollout.id, "halted")
+    assert halted.rolled_back and "bad-1" in halted.reason
+    time.sleep(0.5)  # the agent does not try the same release of the same rollout again
+    assert fleet.device("bad-1").state == "rolled-back" and daemon.release is None
+
+
+def test_an_older_release_is_refused_and_the_current_one_keeps_running(fleet: Fleet, device):
+    daemon = device("old-1", "old")
+    first = fleet.rollout("2.0.0", "old")
+    fleet.wait_device("old-1", state="active", version="2.0.0")
+    _wait_rollout(fleet, first.id, "done")
+    fleet.rollout("1.5.0", "old")
+    found = fleet.wait_device("old-1", state="failed")
+    assert "older than 2.0.0" in found.detail
+    assert found.version == "2.0.0" and daemon.release is not None and daemon.release.version == "2.0.0"
+
+
+def test_a_device_rolls_back_by_itself_when_its_error_rate_breaks_the_gate(fleet: Fleet, device, broker: LocalBroker):
+    daemon = device("gate-1", "gate")
+    fleet.rollout("2.0.0", "gate", gate="error_rate<0.2", soak_s=20)
+    fleet.wait_device("gate-1", state="checking", version="2.0.0")
+    publish(broker.port, "sensors/dev1/digits", [b"not json"] * 5)
+    found = fleet.wait_device("gate-1", state="rolled-back", timeout=15)
+    assert "error_rate<0.2" in found.detail
+    assert daemon.release is None
+
+
+def _wait_rollout(fleet: Fleet, rollout_id: int, state: str, timeout: float = 20.0) -> Rollout:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rollout = fleet.get_rollout(rollout_id)
+        if rollout.state == state:
+            return rollout
+        time.sleep(0.1)
+    raise AssertionError(f"rollout {rollout_id} never {state}: {rollout}")
+
+
+# --- SIGKILL at every step -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeviceProcess:
+    """`edgefn run --fleet ...` as a process of its own, so it can be killed."""
+
+    def __init__(self, fleet: Fleet, broker: LocalBroker, fn: Path, state: Path, device_id: str, kill_at: str | None):
+        self.port = _free_port()
+        env = {k: v for k, v in os.environ.items() if k != "EDGEFN_FLEET_KILL_AT"}
+        if kill_at:
+            env["EDGEFN_FLEET_KILL_AT"] = kill_at
+        self.log = state.parent / f"{device_id}.log"
+        self._stderr = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefn", "run", "--broker", broker.url, "--functions", str(fn), "--models",
+             str(MODELS), "--state-dir", str(state), "--client-id", f"kill-{device_id}", "--no-build",
+             "--metrics-port", str(self.port), "--fleet", fleet.server.url, "--device-id", device_id,
+             "--group", device_id, "--fleet-root", str(fleet.root), "--fleet-poll", "0.1", "--log-level", "info"],
+            env=env, stdout=subprocess.DEVNULL, stderr=self._stderr)
+
+    def healthz(self, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the daemon exited: {self.log.read_text()[-2000:]}"
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError(f"no /healthz: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+@pytest.mark.parametrize("step", UPDATE_STEPS)
+def test_a_device_killed_at_any_step_of_an_update_comes_back_whole_and_finishes_it(
+        step: str, fleet: Fleet, broker: LocalBroker, digits_fn: Path, tmp_path: Path, component_cache: Path,
+        collector):
+    results = collector("results/+/digits")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "components").symlink_to(component_cache, target_is_directory=True)
+    device_id = f"kill-{step}"
+    first = DeviceProcess(fleet, broker, digits_fn, state, device_id, kill_at=step)
+    try:
+        first.healthz()
+        fleet.wait_device(device_id, state="idle")
+        fleet.rollout("2.0.0", device_id, soak_s=0.3)
+        assert first.proc.wait(60) == -signal.SIGKILL, "the test hook killed the daemon at that step"
+    finally:
+        first.stop()
+    publish(broker.port, "sensors/dev1/digits", [_payload(n, device_id) for n in range(20)])  # while it is down
+
+    activated = step in ("checking", "reporting")  # active.json named the new release before the kill
+    second = DeviceProcess(fleet, broker, digits_fn, state, device_id, kill_at=None)
+    try:
+        health = second.healthz()
+        assert health["release"] == ("digits@2.0.0" if activated else None), "old or new, as the step says"
+        assert health["functions"] == {"digits": "2.0.0" if activated else "1.0.0"}, "never a mix"
+        fleet.wait_device(device_id, state="active", version="2.0.0")
+        assert second.healthz()["release"] == "digits@2.0.0"
+        assert FleetStore(state / "fleet").update() is None
+        answered = results.wait_for(20, timeout=20)
+        assert sorted(b["event_id"] for _, b in answered) == sorted(f"{device_id}-{n}" for n in range(20))
+    finally:
+        second.stop()
