@@ -245,7 +245,8 @@ def ensure_built(function: Path) -> None:
     from edgefn.functions.manifest import load_manifest
 
     if needs_build(function, load_manifest(function)):
-        print(f"building {function.relative_to(ROOT)} (componentize-py, about 10 s) ...", file=sys.stderr)
+        shown = function.relative_to(ROOT) if function.is_relative_to(ROOT) else function
+        print(f"building {shown} (componentize-py, about 10 s) ...", file=sys.stderr)
         build(function)
 
 

@@ -104,7 +104,7 @@ def run(
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
                                  batch_wait_ms=batch_wait_ms)
-        if build:
+        if build and not (settings.fleet_url and not any(p.exists() for p in settings.functions)):
             _build_stale(settings.functions)
         daemon = Daemon(settings)
         stop = threading.Event()

@@ -348,7 +348,7 @@ class Daemon:
             search=s.delegate_dirs)
         functions: list[LoadedFunction] = []
         try:
-            for folder in discover(function_dirs):
+            for folder in self._function_folders(function_dirs):
                 functions.append(self._load_function(folder, registry, window))
         except BaseException:
             for fn in functions:
@@ -366,6 +366,14 @@ class Daemon:
                                               wait_s=s.batch_wait_ms / 1000,
                                               on_batch=self.metrics.observe_inference_batch)
         return batcher
+
+    def _function_folders(self, paths: list[Path]) -> list[Path]:
+        """The function folders under `paths`; none for a fleet device without local functions of its own,
+        which runs nothing until the fleet assigns it a release."""
+        if self.release is None and self.settings.fleet_url and not any(Path(p).exists() for p in paths):
+            log.info("no local functions: waiting for a release from the fleet")
+            return []
+        return discover(paths)
 
     def _load_function(self, folder: Path, registry: ModelRegistry, window: HealthWindow) -> LoadedFunction:
         s = self.settings

@@ -217,6 +217,24 @@ def test_a_device_rolls_back_by_itself_when_its_error_rate_breaks_the_gate(fleet
     assert daemon.release is None
 
 
+def test_a_fleet_device_without_local_functions_waits_for_its_release(fleet: Fleet, broker: LocalBroker, settings_for,
+                                                                      tmp_path: Path, collector):
+    results = collector("results/+/digits")
+    daemon = Daemon(settings_for(broker, tmp_path / "no-functions", fleet_url=fleet.server.url, device_id="bare-1",
+                                 group="bare", fleet_root=fleet.root, fleet_poll_s=0.1))
+    daemon.start()
+    try:
+        assert daemon.functions == [] and daemon.health()["functions"] == {}
+        fleet.wait_device("bare-1", state="idle")
+        fleet.rollout("2.0.0", "bare")
+        fleet.wait_device("bare-1", state="active", version="2.0.0")
+        publish(broker.port, "sensors/dev1/digits", [_payload(3, "bare")])
+        (_, body), = results.wait_for(1)
+        assert body["label"] == LABELS[3] and results.properties[0]["edgefn-release"] == "digits@2.0.0"
+    finally:
+        daemon.stop()
+
+
 def _wait_rollout(fleet: Fleet, rollout_id: int, state: str, timeout: float = 20.0) -> Rollout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
