@@ -34,22 +34,25 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 # What the tests run for real: mosquitto (the broker), PostgreSQL (the fleet server's database; the
-# tests start their own cluster with initdb) and chromium (the fleet page, rendered headless).
-# Each is looked for first; apt runs once, for the missing ones only.
+# tests start their own cluster with initdb) and chromium (the fleet page, rendered headless). The demo
+# needs only mosquitto. Each is looked for first; apt runs once, for the missing ones only.
+SYSTEM_DEPS ?= mosquitto postgresql chromium
+
 system-deps:
 	@missing=""; \
-	  { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
-	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
-	    missing="$$missing postgresql"; \
-	  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	    missing="$$missing chromium"; \
+	  for dep in $(SYSTEM_DEPS); do case $$dep in \
+	    mosquitto) { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing="$$missing $$dep";; \
+	    postgresql) { ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } >/dev/null 2>&1 || missing="$$missing $$dep";; \
+	    chromium) { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 || missing="$$missing $$dep";; \
+	  esac; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing$$missing (Debian packages)"; \
 	    $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  fi
 
-demo: setup
+demo: $(BIN)/.installed
+	@$(MAKE) --no-print-directory system-deps SYSTEM_DEPS=mosquitto
 	$(BIN)/edgefn demo $(DEMO_ARGS)
 
 test: setup
