@@ -68,6 +68,8 @@ def run(
                                                      "default: detected).")] = None,
     cloud: Annotated[str | None, typer.Option(help="Cloud inference endpoint (Open Inference Protocol v2), "
                                                    "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
+    cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
+                                                                "another name (repeatable).")] = None,
     offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: never, "
                                                      "on-overload, on-low-confidence or always.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
@@ -100,6 +102,7 @@ def run(
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
                                  model_variants=_pairs("--model-variant", model_variant), profile=profile,
+                                 cloud_model_map=_pairs("--cloud-model", cloud_model),
                                  device_root=device_root, delegate_dirs=delegate_dirs, cloud_url=cloud,
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,

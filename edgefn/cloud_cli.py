@@ -110,11 +110,6 @@ def _token(env: str | None) -> str | None:
 
 
 def _auth(header: str | None, env: str | None) -> tuple[str, str] | None:
-    if header is None and env is None:
-        return None
-    if not header or not env:
-        raise ConfigError("--auth-header and --auth-env go together")
-    value = os.environ.get(env)
-    if not value:
-        raise ConfigError(f"--auth-env names {env}, which is not set (or empty)")
-    return header, value
+    from edgefn.offload.client import header_secret
+
+    return header_secret(header, env, os.environ, names=("--auth-header", "--auth-env"))

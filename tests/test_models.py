@@ -223,3 +223,9 @@ def test_settings_take_model_variants_from_flags_and_environment(monkeypatch: py
     monkeypatch.setenv("EDGEFN_MODEL_VARIANTS", '{"digits": "fp32"}')
     assert load_settings().model_variants == {"digits": "fp32"}
     assert load_settings(model_variants={"digits": "int8"}).model_variants == {"digits": "int8"}
+
+
+def test_run_refuses_a_malformed_cloud_model_mapping():
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["run", "--cloud-model", "digits:digits-cnn"])
+    assert result.exit_code == 2
+    assert "'digits:digits-cnn' is not NAME=VALUE" in result.output

@@ -56,18 +56,26 @@ class _HeaderAuth(httpx.Auth):
         return f"_HeaderAuth({self._name!r}, '***')"
 
 
-def _secret(auth_header: str | None, auth_env: str | None, environ: Mapping[str, str]) -> _HeaderAuth | None:
-    if auth_header is None and auth_env is None:
+def header_secret(header: str | None, env: str | None, environ: Mapping[str, str],
+                  names: tuple[str, str] = ("cloud_auth_header", "cloud_auth_env")) -> tuple[str, str] | None:
+    """(header, value) for an auth header whose value is in the environment variable `env`; None when
+    neither is given. `names` are what the user set them with, for the error messages."""
+    if header is None and env is None:
         return None
-    if not auth_header or not auth_env:
-        raise ConfigError("cloud_auth_header and cloud_auth_env go together: the header's name, and the "
+    if not header or not env:
+        raise ConfigError(f"{names[0]} and {names[1]} go together: the header's name, and the "
                           "environment variable that holds its value")
-    value = environ.get(auth_env)
+    value = environ.get(env)
     if not value:
-        raise ConfigError(f"cloud_auth_env names {auth_env}, which is not set (or empty)")
+        raise ConfigError(f"{names[1]} names {env}, which is not set (or empty)")
     if not (value.isascii() and value.isprintable()):
-        raise ConfigError(f"{auth_env} holds a value that cannot be an HTTP header (not printable ASCII)")
-    return _HeaderAuth(auth_header, value)
+        raise ConfigError(f"{env} holds a value that cannot be an HTTP header (not printable ASCII)")
+    return header, value
+
+
+def _secret(auth_header: str | None, auth_env: str | None, environ: Mapping[str, str]) -> _HeaderAuth | None:
+    secret = header_secret(auth_header, auth_env, environ)
+    return _HeaderAuth(*secret) if secret else None
 
 
 class CloudClient:
