@@ -36,7 +36,7 @@ import numpy as np
 from edgefn.config import Settings
 from edgefn.errors import CloudError, EdgefnError, FunctionError, PayloadTooLarge
 from edgefn.events import Event, Message
-from edgefn.fleet.store import FleetStore, Release
+from edgefn.fleet.store import Active, FleetStore, Release, refusal_key
 from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
@@ -291,6 +291,7 @@ class Daemon:
         self.release: Release | None = None  # the fleet release running (None: --functions)
         self.window = HealthWindow()
         self.fleet = FleetStore(settings.state_dir / "fleet")
+        self.fleet_problem: str | None = None  # why the release active.json named did not start
         self.observe: ObserveServer | None = None
         self.agent: FleetAgent | None = None
         self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
@@ -305,13 +306,7 @@ class Daemon:
         self.state = StateStore(s.state_dir / "state.sqlite")
         self.cloud = self._cloud_client()
         self._read_sensors()
-        self.release = self.fleet.active().current
-        if self.release is not None:  # the fleet's release, not --functions (docs/fleet.md)
-            log.info("fleet release %s", self.release.label)
-            folder = self.fleet.bundle_dir(self.release)
-            self.registry, self.functions = self._load([folder / "functions"], [folder / "models"], self.window)
-        else:
-            self.registry, self.functions = self._load(s.functions, s.models, self.window)
+        self.registry, self.functions = self._load_active()
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:")
         replay, unsent = self.inbox.pending(), self.inbox.outbox()
         if replay or unsent:
@@ -336,6 +331,29 @@ class Daemon:
 
             self.agent = FleetAgent(self)
             self.agent.start()
+
+    def _load_active(self) -> tuple[ModelRegistry, list[LoadedFunction]]:
+        """What active.json names (docs/fleet.md), else --functions. A fleet release that no longer
+        loads (a crash between recording and checking it, a file gone bad) is rolled back here: the
+        previous release runs, the broken one is refused, and the agent reports why."""
+        s = self.settings
+        active = self.fleet.active()
+        self.release = active.current
+        if self.release is None:
+            return self._load(s.functions, s.models, self.window)
+        folder = self.fleet.bundle_dir(self.release)
+        try:
+            log.info("fleet release %s", self.release.label)
+            return self._load([folder / "functions"], [folder / "models"], self.window)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the device must come up on something
+            self.fleet_problem = f"{self.release.label} does not start: {exc}"
+            log.error("%s; going back to %s", self.fleet_problem,
+                      active.previous.label if active.previous else "the local functions")
+            refused = refusal_key(active.rollout, self.release.bundle, self.release.version)
+            self.fleet.set_active(Active(current=active.previous, previous=None, rollout=None,
+                                         refused=[*active.refused, refused]))
+            self.fleet.end_update()
+            return self._load_active()
 
     def _load(self, function_dirs: list[Path], model_dirs: list[Path],
               window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
@@ -431,30 +449,54 @@ class Daemon:
             except BaseException:
                 self.release = previous_release
                 raise
-            self._start_workers(functions)
             with self._routing:
                 old, self.functions = self.functions, functions
                 self.registry, self.window = registry, window
                 self._route_cache = {}
             self.connection.set_filters(_filters(functions))
             log.info("activated %s", release.label if release else "the local functions")
-            self._retire(old, drain_timeout)
+            # The new workers start once the old lanes are empty: a function's answers leave in the order
+            # its events came, across the swap too (new events wait in the new lanes meanwhile).
+            self._retire(old, functions, drain_timeout)
+            self._start_workers(functions)
 
-    def _retire(self, old: list[LoadedFunction], drain_timeout: float) -> None:
+    def _retire(self, old: list[LoadedFunction], new: list[LoadedFunction], drain_timeout: float) -> None:
+        """Let the old lanes finish what they hold, then stop their workers and close their sandboxes.
+        Past the deadline (a function stuck on every event), what is still queued moves to the new
+        function of the same name, or is answered with nothing where the new release has none."""
         deadline = time.monotonic() + drain_timeout
-        lanes = [lane for fn in old for lane in fn.lanes.values()]
-        while any(lane.queue.unfinished_tasks for lane in lanes):
-            if time.monotonic() > deadline:  # their events stay journaled: they run again after a restart
-                log.error("old functions still busy after %.0f s; stopping them", drain_timeout)
+        lanes = [(fn, lane) for fn in old for lane in fn.lanes.values()]
+        while any(lane.queue.unfinished_tasks for _, lane in lanes) and not self._stopping.is_set():
+            if time.monotonic() > deadline:
+                log.error("old functions still busy after %.0f s: their queued events go to the new ones",
+                          drain_timeout)
+                self._hand_over(lanes, {fn.manifest.name: fn for fn in new})
                 break
             time.sleep(0.01)
-        for lane in lanes:
+        for _, lane in lanes:
             lane.queue.put(None)  # each worker that takes it puts it back for the next
         for fn in old:
             for thread in fn.workers:
-                thread.join(timeout=5)
+                thread.join()  # a call in a sandbox ends within the function's timeout_ms
             self._threads = [t for t in self._threads if t not in fn.workers]
             fn.sandbox.close()
+
+    def _hand_over(self, lanes: list[tuple[LoadedFunction, Lane]], new: dict[str, LoadedFunction]) -> None:
+        for fn, lane in lanes:
+            while True:
+                try:
+                    item = lane.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    event, pending, ticket = item
+                    lane.order.release(ticket)  # its place in the old order: given up, nothing published
+                    successor = new.get(fn.manifest.name)
+                    if successor is not None:
+                        successor.local.order.queue(successor.local.queue, (event, pending))
+                    else:
+                        self._publish(pending, [], fn.properties)
+                lane.queue.task_done()
 
     def run_sample(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
         """What the functions running now answer to one event, outside the journal and the broker
@@ -570,6 +612,7 @@ class Daemon:
             return
         if self.agent is not None:
             self.agent.stop()
+        self._swap.acquire()  # an activation in progress finishes first; none starts after this
         self.ingress.close()
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline and (any(lane.queue.unfinished_tasks for lane in self._lanes())
@@ -689,7 +732,9 @@ class Daemon:
         """The messages an answer publishes (its results, or its error), with the metrics."""
         name = fn.manifest.name
         took = max(0.0, time.time() - event.received_ms / 1000)
-        fn.window.record(not isinstance(answer, FunctionError), took)
+        if not event.replayed:  # an event journaled before a restart would count its downtime as latency
+            # An oversized payload is the sender's fault, not the release's.
+            fn.window.record(not isinstance(answer, FunctionError) or isinstance(answer, PayloadTooLarge), took)
         if isinstance(answer, FunctionError):
             log.warning("%s: event %s: %s: %s", name, event.id, answer.reason, answer)
             self.metrics.events_handled.labels(name, answer.reason).inc()

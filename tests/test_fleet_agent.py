@@ -235,6 +235,43 @@ def test_a_fleet_device_without_local_functions_waits_for_its_release(fleet: Fle
         daemon.stop()
 
 
+def test_an_aborted_rollout_sends_the_device_back_even_mid_soak(fleet: Fleet, device):
+    daemon = device("abort-1", "abort")
+    rollout = fleet.rollout("2.0.0", "abort", soak_s=60)
+    fleet.wait_device("abort-1", state="checking", version="2.0.0")
+    response = httpx.post(f"{fleet.server.url}{API}/rollouts/{rollout.id}/abort", timeout=10)
+    assert response.status_code == 200, response.text
+    found = fleet.wait_device("abort-1", state="rolled-back", timeout=15)
+    assert f"rollout {rollout.id}" in found.detail and found.version is None
+    assert daemon.release is None and daemon.health()["functions"] == {"digits": "1.0.0"}
+    assert FleetStore(daemon.fleet.dir).update() is None
+
+
+def test_a_release_that_no_longer_loads_at_start_is_rolled_back_by_the_daemon(
+        fleet: Fleet, broker: LocalBroker, settings_for, digits_fn: Path):
+    settings = settings_for(broker, digits_fn, fleet_url=fleet.server.url, device_id="broken-1", group="broken",
+                            fleet_root=fleet.root, fleet_poll_s=0.1)
+    daemon = Daemon(settings)
+    daemon.start()
+    try:
+        fleet.wait_device("broken-1", state="idle")
+        fleet.rollout("2.0.0", "broken")
+        fleet.wait_device("broken-1", state="active", version="2.0.0")
+        release = daemon.release
+    finally:
+        daemon.stop()
+    (daemon.fleet.bundle_dir(release) / "functions" / "digits" / "digits.wasm").write_bytes(b"not a component")
+    again = Daemon(settings)
+    again.start()
+    try:
+        assert again.release is None and again.health()["functions"] == {"digits": "1.0.0"}
+        found = fleet.wait_device("broken-1", state="rolled-back")
+        assert "digits@2.0.0 does not start" in found.detail
+        assert again.fleet.active().refused, "not tried again for that rollout"
+    finally:
+        again.stop()
+
+
 def _wait_rollout(fleet: Fleet, rollout_id: int, state: str, timeout: float = 20.0) -> Rollout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

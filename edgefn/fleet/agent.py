@@ -48,8 +48,8 @@ _HEARTBEAT_S = 30.0  # an unchanged state is reported at least this often (the f
 _SOAK_TICK_S = 0.25
 
 
-class RolledBack(EdgefnError):
-    """The new release failed its check; the old one runs again."""
+class _Interrupted(Exception):
+    """The agent stops mid-check: update.json stays, and the check runs again after the restart."""
 
 
 class FleetAgent:
@@ -66,9 +66,12 @@ class FleetAgent:
         self.fetcher = ReleaseFetcher(self.store.dir, self.url, s.fleet_root)
         self._http = httpx.Client(base_url=f"{self.url}{API}", timeout=10.0)
         self._etag: str | None = None
+        self._polled_at = 0.0
         self._desired: Desired | None = None
         self._state: DeviceState = "active" if daemon.release else "idle"
         self._detail = ""
+        if daemon.fleet_problem:  # the release named by active.json did not start: the daemon went back
+            self._state, self._detail = "rolled-back", daemon.fleet_problem
         self._rollout: int | None = self.store.active().rollout
         self._target: str | None = None
         self._last_report: tuple | None = None
@@ -114,6 +117,7 @@ class FleetAgent:
     def _poll(self) -> Desired | None:
         headers = {"If-None-Match": self._etag} if self._etag else {}
         response = self._call("GET", f"/devices/{self.device_id}/desired", headers=headers)
+        self._polled_at = time.monotonic()
         if response.status_code == 304 and self._desired is not None:
             return self._desired
         if response.status_code == 404:  # not registered yet: the first report does it
@@ -130,8 +134,9 @@ class FleetAgent:
                               target_version=self._target, detail=self._detail, health=health,
                               agent=f"edgefn {__version__}")
         key = (report.state, report.bundle, report.version, report.rollout, report.detail, health.events)
-        if not force and key == self._last_report and time.monotonic() - self._last_report_at < _HEARTBEAT_S:
-            return
+        since = time.monotonic() - self._last_report_at
+        if not force and (since < self.poll_s / 2 or key == self._last_report and since < _HEARTBEAT_S):
+            return  # at most one report a poll interval, and an unchanged one only as a heartbeat
         self._call("POST", f"/devices/{self.device_id}/report", content=report.model_dump_json(),
                    headers={"Content-Type": "application/json"})
         self._last_report, self._last_report_at = key, time.monotonic()
@@ -175,15 +180,22 @@ class FleetAgent:
     def _switch_back(self, active: Active, why: str) -> None:
         """The fleet wants the previous release again (a rollout halted after this device updated)."""
         log.warning("%s: going back to %s", why, active.previous.label if active.previous else "the local functions")
+        try:
+            # Swapped first, recorded after: a crash in between restarts on the withdrawn release, and
+            # the fleet's desired state sends the device back again.
+            self.daemon.activate(active.previous)
+        except Exception as exc:  # noqa: BLE001 - whatever stops it, the running release stays
+            log.exception("going back failed")
+            self._set("failed", f"could not go back to the previous release: {exc}")
+            return
         self.store.set_active(Active(current=active.previous, previous=active.current, rollout=None,
                                      refused=active.refused))
-        self.daemon.activate(active.previous)
         self._rollout, self._target = None, None
         self._set("rolled-back", why)
 
     # -- the update -----------------------------------------------------------------------------------
-    def _step(self, release: Release, step: str, desired: Desired) -> None:
-        self.store.set_update(release, step, desired.rollout, desired.gate, desired.soak_s)
+    def _step(self, release: Release, step: str, desired: Desired, fleet_rollback: bool) -> None:
+        self.store.set_update(release, step, desired.rollout, desired.gate, desired.soak_s, fleet_rollback)
         if os.environ.get(KILL_AT) == step:
             log.warning("%s=%s: killing this process (test hook)", KILL_AT, step)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -194,9 +206,13 @@ class FleetAgent:
         self._rollout, self._target = desired.rollout, release.version
         log.info("updating to %s (rollout %s)", release.label, desired.rollout)
         try:
-            self._step(release, "downloading", desired)
-            path = self.fetcher.fetch(release.target)
-            self._step(release, "verifying", desired)
+            self._step(release, "downloading", desired, fleet_rollback)
+            path = self.fetcher.fetch(release.target)  # the server away: FleetError, tried again next poll
+        except UpdateRefused as exc:
+            self._refuse(release, desired, str(exc))
+            return
+        try:
+            self._step(release, "verifying", desired, fleet_rollback)
             manifest = read_bundle(path)
             if (manifest.name, manifest.version) != (release.bundle, release.version):
                 raise UpdateRefused(f"{release.target} holds {manifest.name}@{manifest.version}, "
@@ -205,37 +221,59 @@ class FleetAgent:
             if not fleet_rollback and current is not None and current.bundle == release.bundle:
                 check_not_older(current.version, release.version)
             release = release.model_copy(update={"sha256": file_sha256(path)})
-            self._step(release, "compiling", desired)
+            self._step(release, "compiling", desired, fleet_rollback)
             folder = self.store.bundle_dir(release)
             unpack(path, folder)
             for fn_dir in discover([folder / "functions"]):
                 self.daemon.runtime.load(runnable_component(fn_dir, load_manifest(fn_dir)))
-        except (UpdateRefused, BundleError) as exc:
+        except EdgefnError as exc:  # not the release asked for, older, a bad bundle or component: not again
             self._refuse(release, desired, str(exc))
             return
-        self._step(release, "activating", desired)
+        if not self._still_wanted(release):
+            self.store.end_update()
+            return
+        self._step(release, "activating", desired, fleet_rollback)
         active = self.store.active()
         self.store.set_active(Active(current=release, previous=active.current, rollout=desired.rollout,
                                      refused=active.refused))
         try:
             self.daemon.activate(release)
-        except EdgefnError as exc:
-            self._roll_back(release, desired.rollout, f"the new release does not start: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever stops the new release from loading, the old one stays
+            self._roll_back(release, desired.rollout, f"the new release does not start: {exc}", fleet_rollback)
             return
-        self._check(release, desired)
+        self._check(release, desired, fleet_rollback)
 
-    def _check(self, release: Release, desired: Desired) -> None:
-        """Health check, then soak against the gate; rolls back when either fails."""
-        self._step(release, "checking", desired)
+    def _still_wanted(self, release: Release) -> bool:
+        """Whether the fleet still names `release` for this device (a rollout may have halted meanwhile);
+        with the server away, the update goes on. Asks the server at most once a poll interval."""
+        desired = self._desired
+        if time.monotonic() - self._polled_at >= self.poll_s:
+            try:
+                desired = self._poll()
+            except FleetError:
+                return True
+        if desired is None or release.same(desired.bundle, desired.version):
+            return True
+        log.info("the fleet no longer wants %s for this device", release.label)
+        return False
+
+    def _check(self, release: Release, desired: Desired, fleet_rollback: bool) -> None:
+        """Health check, then soak against the gate; rolls back when either fails. Stopping mid-check
+        leaves update.json at `checking`: the check runs again after the restart."""
+        self._step(release, "checking", desired, fleet_rollback)
         problems = self._health_check(release)
         if problems:
-            self._roll_back(release, desired.rollout, "health check failed: " + "; ".join(problems[:3]))
+            self._roll_back(release, desired.rollout, "health check failed: " + "; ".join(problems[:3]),
+                            fleet_rollback)
             return
-        broken = self._soak(desired.gate, desired.soak_s)
+        try:
+            broken = self._soak(release, desired.gate, desired.soak_s)
+        except _Interrupted:
+            return
         if broken:
-            self._roll_back(release, desired.rollout, f"gate broken here: {broken}")
+            self._roll_back(release, desired.rollout, f"gate broken here: {broken}", fleet_rollback)
             return
-        self._step(release, "reporting", desired)
+        self._step(release, "reporting", desired, fleet_rollback)
         self._set("active")
         self.store.end_update()
         log.info("%s is active", release.label)
@@ -251,10 +289,14 @@ class FleetAgent:
             return [str(exc)]
         return check_health(check.samples, self.daemon.run_sample)
 
-    def _soak(self, gate: list[GateRule], soak_s: float) -> str | None:
-        """Watch the new release's own error rate and p99 for `soak_s`; the first rule broken, or None."""
+    def _soak(self, release: Release, gate: list[GateRule], soak_s: float) -> str | None:
+        """Watch the new release's own error rate and p99 for `soak_s`: the first rule broken, or None.
+        _Interrupted when the agent stops, or when the fleet stops wanting the release meanwhile (the
+        update then ends here and the next poll follows the fleet)."""
         until = time.monotonic() + soak_s
-        while time.monotonic() < until and not self._stop.is_set():
+        while time.monotonic() < until:
+            if self._stop.is_set():
+                raise _Interrupted
             broken = gate_broken(gate, self.daemon.window.snapshot())
             if broken:
                 return broken
@@ -262,17 +304,28 @@ class FleetAgent:
                 self._report()
             except FleetError:
                 pass  # the soak goes on without the server
+            if not self._still_wanted(release):
+                self.store.end_update()
+                raise _Interrupted
             self._stop.wait(min(_SOAK_TICK_S, max(0.0, until - time.monotonic())))
         return gate_broken(gate, self.daemon.window.snapshot())
 
-    def _roll_back(self, release: Release, rollout: int | None, why: str) -> None:
+    def _roll_back(self, release: Release, rollout: int | None, why: str, fleet_rollback: bool) -> None:
+        """Back to the release that ran before; when `release` was itself the fleet sending this device back
+        (a halted rollout), not to the withdrawn one but to the local functions."""
         log.error("rolling back %s: %s", release.label, why)
         active = self.store.active()
-        back = active.previous if active.current is not None and active.current.same(release.bundle,
-                                                                                       release.version) else active.current
+        if active.current is not None and active.current.same(release.bundle, release.version):
+            back = None if fleet_rollback else active.previous
+        else:
+            back = active.current  # activation never recorded: what runs stays
         self.store.set_active(Active(current=back, previous=None, rollout=None,
                                      refused=[*active.refused, refusal_key(rollout, release.bundle, release.version)]))
-        self.daemon.activate(back)
+        try:
+            self.daemon.activate(back)
+        except Exception as exc:  # noqa: BLE001 - the next start falls back further (Daemon.start)
+            log.exception("rolling back failed")
+            why += f"; rolling back failed too: {exc}"
         self._set("rolled-back", why)
         self.store.end_update()
 
@@ -297,7 +350,7 @@ class FleetAgent:
             desired = Desired(device_id=self.device_id, bundle=update.release.bundle, version=update.release.version,
                               target=update.release.target, rollout=update.rollout, gate=update.gate,
                               soak_s=update.soak_s)
-            self._check(current, desired)
+            self._check(current, desired, update.fleet_rollback)
         else:
             log.info("the update to %s was interrupted at %s: starting it over", update.release.label, update.step)
             self.store.end_update()

@@ -75,6 +75,7 @@ class Update(BaseModel):
     rollout: int | None = None
     gate: list[GateRule] = Field(default_factory=list)  # the rollout's, for the soak after a restart
     soak_s: float = 0.0
+    fleet_rollback: bool = False  # the fleet sending the device back to its previous release
 
 
 def refusal_key(rollout: int | None, bundle: str | None, version: str | None) -> str:
@@ -103,9 +104,10 @@ class FleetStore:
         return self._read(self.update_file, Update)
 
     def set_update(self, release: Release, step: str, rollout: int | None, gate: list[GateRule],
-                   soak_s: float) -> None:
+                   soak_s: float, fleet_rollback: bool = False) -> None:
         assert step in UPDATE_STEPS, step
-        update = Update(release=release, step=step, rollout=rollout, gate=gate, soak_s=soak_s)
+        update = Update(release=release, step=step, rollout=rollout, gate=gate, soak_s=soak_s,
+                        fleet_rollback=fleet_rollback)
         write_atomic(self.update_file, update.model_dump_json().encode())
 
     def end_update(self) -> None:

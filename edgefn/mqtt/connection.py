@@ -129,6 +129,7 @@ class Connection:
         self._room = threading.Condition()  # mids wrap at 65,535: bound what awaits a PUBACK
         self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of publish() returning
         self._lock = threading.Lock()
+        self._filters_lock = threading.Lock()  # the filters, and subscribing to them on connect
         # Published while disconnected and until paho has resent the session's messages; None
         # while messages go straight out.
         self._held: deque[tuple[str, bytes, OnAcked, Sequence[tuple[str, str]]]] | None = deque()
@@ -161,21 +162,23 @@ class Connection:
             log.error("%s (retrying with backoff)", self.last_error)
             return
         self.last_error = None
-        if self._filters:
-            client.subscribe([(f, 1) for f in self._filters])  # its SUBACK releases the held messages
-        else:
-            self._release_held()
-        self.connected.set()
+        with self._filters_lock:  # set_filters sees the filters subscribed here, or changes them before
+            if self._filters:
+                client.subscribe([(f, 1) for f in self._filters])  # its SUBACK releases the held messages
+            else:
+                self._release_held()
+            self.connected.set()
         log.info("connected to %s", self._settings.broker)
 
     def set_filters(self, filters: Sequence[str]) -> None:
         """Subscribe to `filters` instead of the current ones (a new release's triggers). While
         disconnected, the next connect subscribes to them."""
-        with self._lock:
+        with self._filters_lock:
             old, self._filters = set(self._filters), list(filters)
+            if not self.connected.is_set():
+                return
         added, removed = [f for f in filters if f not in old], sorted(old - set(filters))
-        if not self.connected.is_set():
-            return
+        # New ones first: no event for the new functions is missed while the old ones go.
         if added:
             self._client.subscribe([(f, 1) for f in added])
         if removed:
