@@ -433,10 +433,10 @@ class Daemon:
     def activate(self, release: Release | None, drain_timeout: float = 60.0) -> None:
         """Run `release` (None: the --functions again) instead of what runs now, while events flow.
 
-        The new functions are loaded and their workers started first (a release that cannot load
-        raises here, and the old one keeps running); then routing switches in one step; then the old
-        lanes drain: events already queued there finish on the old version and are published, in
-        order, before the old workers stop and the old sandboxes close."""
+        The new functions are loaded first (a release that cannot load raises here, and the old one
+        keeps running); then routing switches in one step; then the old lanes drain: events already
+        queued there finish on the old version and are published, in order, before the old workers
+        stop, the old sandboxes close and the new workers start."""
         with self._swap:
             window = HealthWindow()
             previous_release, self.release = self.release, release
