@@ -317,7 +317,8 @@ class Daemon:
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(len(e.payload) for e in replay))
-        self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected)
+        self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected,
+                                     subscriptions_file=s.state_dir / "subscriptions.json")
         for row, event_id, message in unsent:  # queued by paho until connected, before any new answer
             self._send(_Output(event_id, message, row=row), replayed=True)
         self._start_workers(self.functions)

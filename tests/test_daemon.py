@@ -483,3 +483,26 @@ def test_run_stops_cleanly_on_sigterm(broker, collector, digits_fn, cli_state):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_restart_with_other_triggers_drops_the_old_subscriptions_of_the_session(
+        broker: LocalBroker, settings_for, digits_fn: Path, hostile_fn: Path, collector):
+    """The broker keeps a session's subscriptions across restarts; a daemon that comes back with other
+    functions (a new release, other --functions) must not keep receiving the old ones' events."""
+    first = Daemon(settings_for(broker, digits_fn, client_id="edgefn-resubscribe"))
+    first.start()
+    first.wait_connected(10)
+    first.stop()
+    second = Daemon(settings_for(broker, hostile_fn, client_id="edgefn-resubscribe"))
+    second.start()
+    try:
+        second.wait_connected(10)
+        hostile = collector("results/+/hostile")
+        time.sleep(0.5)  # the UNSUBSCRIBE of the old filter reaches the broker
+        publish(broker.port, "sensors/dev1/digits", [b'{"id": "stale"}'])
+        publish(broker.port, "sensors/dev1/hostile", [b"ok"])
+        hostile.wait_for(1)
+        time.sleep(0.3)
+        assert second.metrics.events_received._value.get() == 1, "only the hostile event reached the daemon"
+    finally:
+        second.stop()

@@ -22,7 +22,7 @@ from tuf.ngclient import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from edgefn.errors import FleetError, UpdateRefused
-from edgefn.fleet.store import write_atomic
+from edgefn.files import write_atomic
 from edgefn.protocol.fleet import METADATA_PATH, TARGETS_PATH, parse_version
 
 

@@ -26,8 +26,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edgefn.errors import FleetError
+from edgefn.files import write_atomic
 from edgefn.fleet.bundle import read_bundle
-from edgefn.fleet.store import write_atomic
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 ROOT_DAYS = 365.0

@@ -18,6 +18,7 @@ later one goes), and what is published from the disconnect until our resubscript
 
 from __future__ import annotations
 
+import json
 import logging
 import select
 import socket
@@ -26,6 +27,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -34,6 +36,7 @@ from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
+from edgefn.files import write_atomic
 
 log = logging.getLogger("edgefn.mqtt")
 
@@ -96,8 +99,11 @@ def _variable_byte_integer(n: int) -> bytes:
 
 class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
-                 on_disconnect: Callable[[], None] | None = None):
+                 on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None):
         self._settings, self._on_message, self._filters = settings, on_message, list(filters)
+        # The broker keeps the session's subscriptions across restarts: what was subscribed before (by
+        # an earlier release, with other triggers) is recorded here and dropped on connect.
+        self._subscriptions_file = subscriptions_file
         self._on_disconnect = on_disconnect
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
@@ -167,6 +173,10 @@ class Connection:
                 client.subscribe([(f, 1) for f in self._filters])  # its SUBACK releases the held messages
             else:
                 self._release_held()
+            stale = sorted(set(self._recorded()) - set(self._filters))
+            if stale:
+                client.unsubscribe(stale)
+            self._record(self._filters)
             self.connected.set()
         log.info("connected to %s", self._settings.broker)
 
@@ -183,6 +193,22 @@ class Connection:
             self._client.subscribe([(f, 1) for f in added])
         if removed:
             self._client.unsubscribe(removed)
+        self._record(filters)
+
+    def _recorded(self) -> list[str]:
+        if self._subscriptions_file is None:
+            return []
+        try:
+            return [str(f) for f in json.loads(self._subscriptions_file.read_bytes())]
+        except (OSError, ValueError, TypeError):
+            return []  # none recorded yet (or unreadable: the broker's session may keep a few extra)
+
+    def _record(self, filters: Sequence[str]) -> None:
+        if self._subscriptions_file is not None:
+            try:
+                write_atomic(self._subscriptions_file, json.dumps(sorted(filters)).encode())
+            except OSError as exc:
+                log.warning("%s: cannot record the subscriptions: %s", self._subscriptions_file, exc)
 
     def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
         # paho calls this from inside its `except OSError:`: the exception says why (refused,
