@@ -59,7 +59,6 @@ class LightDevice:
         self.id = device_id
         self.fetcher = ReleaseFetcher(fleet_dir, server, root)
         self.current: Desired | None = None  # the release it runs (None: its local functions)
-        self.previous: Desired | None = None
         self.etag: str | None = None
         self.ran: list[str] = []  # every version it ever activated, in order
         self.due = 0.0
@@ -133,7 +132,7 @@ class LightFleet:
         if (desired.bundle, desired.version) == d.running():
             return
         if desired.bundle is None:  # back to the local functions
-            d.previous, d.current = d.current, None
+            d.current = None
             self._report(http, d, "active")
             return
         for step in ("downloading", "verifying"):
@@ -143,7 +142,7 @@ class LightFleet:
         path.unlink()  # a light agent keeps nothing
         for step in ("compiling", "activating"):
             self._report(http, d, step, desired)
-        d.previous, d.current = d.current, desired
+        d.current = desired
         d.ran.append(desired.version)
         self._report(http, d, "checking", desired)
         self._report(http, d, "active", desired, health=Health(events=100, errors=0, p99_ms=4.0))
@@ -155,10 +154,10 @@ def _server_get(http: httpx.Client, path: str) -> Any:
     return response.json()
 
 
-def _cli(*args: str, cwd: Path = e2e.ROOT) -> str:
+def _cli(*args: str) -> str:
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "edgefn.cli", *args], cwd=cwd, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "edgefn.cli", *args], cwd=e2e.ROOT, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"})
     if done.returncode != 0:
         raise e2e.BenchError(f"edgefn {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
@@ -193,7 +192,7 @@ def _function(work: Path, version: str, wrong: bool) -> Path:
 
 
 def _rollout(http: httpx.Client, server: str, keys: Path, bundle: Path, version: str, args: argparse.Namespace,
-             fleet: LightFleet, server_pid: int | None, until: tuple[str, ...]) -> dict[str, Any]:
+             fleet: LightFleet, server_pid: int | None) -> dict[str, Any]:
     _cli("fleet", "push", str(bundle), "--keys", str(keys), "--server", server)
     before_cpu, before_requests = e2e._cpu_seconds(server_pid), sum(fleet.requests.values())
     started = time.perf_counter()
@@ -204,7 +203,7 @@ def _rollout(http: httpx.Client, server: str, keys: Path, bundle: Path, version:
     rollout_id = created["id"]
     while True:
         rollout = _server_get(http, f"{API}/rollouts/{rollout_id}")
-        if rollout["state"] in until or rollout["state"] in ("done", "halted", "aborted"):
+        if rollout["state"] in ("done", "halted", "aborted"):
             break
         if time.perf_counter() - started > args.timeout:
             raise e2e.BenchError(f"rollout {rollout_id} still {rollout['state']} after {args.timeout} s")
@@ -274,12 +273,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.5)
 
         print(f"good rollout of digits 2.0.0 to {args.devices} devices ...", file=sys.stderr)
-        good = _rollout(http, url, keys, bundles["2.0.0"], "2.0.0", args, fleet, server.proc.pid, ("done",))
+        good = _rollout(http, url, keys, bundles["2.0.0"], "2.0.0", args, fleet, server.proc.pid)
         devices = _server_get(http, f"{API}/devices")["devices"]
         good["devices_on_it"] = sum(d["version"] == "2.0.0" and d["state"] == "active" for d in devices)
 
         print("bad rollout of digits 2.1.0 (its health check fails) ...", file=sys.stderr)
-        bad = _rollout(http, url, keys, bundles["2.1.0"], "2.1.0", args, fleet, server.proc.pid, ("halted",))
+        bad = _rollout(http, url, keys, bundles["2.1.0"], "2.1.0", args, fleet, server.proc.pid)
         time.sleep(2 * args.poll)  # every light agent polls again after the halt
         devices = {d["id"]: d for d in _server_get(http, f"{API}/devices")["devices"]}
         bad["canary"] = {k: devices[CANARY_ID].get(k) for k in ("state", "version", "detail")}

@@ -107,7 +107,7 @@ def run(
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
                                  batch_wait_ms=batch_wait_ms)
-        if build and not (settings.fleet_url and not any(p.exists() for p in settings.functions)):
+        if build and not settings.fleet_only:
             _build_stale(settings.functions)
         daemon = Daemon(settings)
         stop = threading.Event()

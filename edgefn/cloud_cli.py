@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from edgefn.errors import ConfigError, EdgefnError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 cloud_app = typer.Typer(help="The cloud side: serve models over the Open Inference Protocol v2 (KServe V2), "
                              "the endpoint devices hand inference off to, and the fleet server that rolls "
@@ -45,10 +49,10 @@ def serve(
 ) -> None:
     """Serve the ONNX models of a models folder over OIP v2 REST (health, metadata, infer; JSON and binary
     tensors), and with --data the fleet (API, TUF repository, rollouts, the page at /), until Ctrl-C or SIGTERM."""
-    from edgefn.cli import _fail, _setup_logging, console
+    from edgefn.cli import _fail, _setup_logging
 
     try:
-        from cloud_sync.serve import OipEndpoint, create_app, serve_forever
+        from cloud_sync.serve import OipEndpoint, create_app
     except ImportError as exc:
         _fail(EdgefnError(f"the cloud endpoint needs {exc.name}: pip install 'edgefn[cloud]'"))
     _setup_logging(log_level)
@@ -65,39 +69,39 @@ def serve(
         endpoint = OipEndpoint.from_folders(models, delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
     except EdgefnError as exc:
         _fail(exc)
-    try:
-        app = create_app(endpoint)
-        names = ", ".join(n if m.backend else f"{n} (not ready)" for n, m in endpoint.models.items())
-        serve_forever(app, host=host, port=port, on_listening=lambda url: console.print(
-            f"serving {names} (Open Inference Protocol v2) on {url}", markup=False, highlight=False, soft_wrap=True))
-    except EdgefnError as exc:
-        _fail(exc)
-    finally:
-        endpoint.close()
+    names = ", ".join(n if m.backend else f"{n} (not ready)" for n, m in endpoint.models.items())
+    _serve(create_app(endpoint), f"{names} (Open Inference Protocol v2)", host=host, port=port, close=endpoint.close)
 
 
 def _serve_fleet(data: Path, models: list[Path], *, host: str, port: int, db: str | None, fleet_root: Path | None,
                  token_env: str | None, step_s: float, delay_ms: float, auth_header: str | None,
                  auth_env: str | None) -> None:
     from cloud_sync.fleet.server import FleetService
-    from cloud_sync.serve import serve_forever
-    from edgefn.cli import _fail, console
+    from edgefn.cli import _fail
 
     try:
         service = FleetService(data, db_url=db, models=models, fleet_root=fleet_root, token=_token(token_env),
                                delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
     except EdgefnError as exc:
         _fail(exc)
+    service.engine.start(step_s)
+    served = "the fleet" + (f" and {', '.join(service.endpoint.models)} (Open Inference Protocol v2)"
+                            if service.endpoint is not None else "")
+    _serve(service.app, served, host=host, port=port, close=service.close)
+
+
+def _serve(app: FastAPI, what: str, *, host: str, port: int, close: Callable[[], None]) -> None:
+    """Serve `app` in the foreground until SIGINT or SIGTERM; `close` then releases what it served."""
+    from cloud_sync.serve import serve_forever
+    from edgefn.cli import _fail, console
+
     try:
-        service.engine.start(step_s)
-        served = "the fleet" + (f" and {', '.join(service.endpoint.models)} (Open Inference Protocol v2)"
-                                if service.endpoint is not None else "")
-        serve_forever(service.app, host=host, port=port, on_listening=lambda url: console.print(
-            f"serving {served} on {url}", markup=False, highlight=False, soft_wrap=True))
+        serve_forever(app, host=host, port=port, on_listening=lambda url: console.print(
+            f"serving {what} on {url}", markup=False, highlight=False, soft_wrap=True))
     except EdgefnError as exc:
         _fail(exc)
     finally:
-        service.close()
+        close()
 
 
 def _token(env: str | None) -> str | None:

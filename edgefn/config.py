@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def fleet_only(self) -> bool:
+        """A fleet device without local functions: it runs nothing until the fleet assigns a release."""
+        return bool(self.fleet_url) and not any(Path(p).exists() for p in self.functions)
+
+    @property
     def broker_host(self) -> str:
         return urlsplit(self.broker).hostname or "127.0.0.1"
 

@@ -36,7 +36,7 @@ import numpy as np
 from edgefn.config import Settings
 from edgefn.errors import CloudError, EdgefnError, FunctionError, PayloadTooLarge
 from edgefn.events import Event, Message
-from edgefn.fleet.store import Active, FleetStore, Release, refusal_key
+from edgefn.fleet.store import FleetStore, Release
 from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
@@ -79,7 +79,7 @@ class FunctionHost:
         self.cloud, self.policy, self.confidence, self.metrics = cloud, policy, confidence, metrics
         # Through a batcher, concurrent calls of one model are stacked into one run (here or on the endpoint).
         self._infer_here = batcher.local if batcher is not None else registry.infer
-        self._infer_there = batcher.cloud if batcher is not None and cloud is not None else None
+        self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else cloud.infer
         self._log = logging.getLogger(f"edgefn.fn.{name}")
         self._plan = threading.local()  # where this worker's current batch runs its inference
 
@@ -107,9 +107,9 @@ class FunctionHost:
 
     def _on_cloud(self, model: str, inputs: list[Tensor], why: str) -> list[Tensor] | None:
         """The cloud's answer, or None (breaker open, endpoint away or refusing): then it runs here."""
-        assert self.cloud is not None
+        assert self._infer_there is not None
         try:
-            answer = self._infer_there(model, inputs) if self._infer_there else self.cloud.infer(model, inputs)
+            answer = self._infer_there(model, inputs)
         except CloudError as exc:
             self._count("ran-here-instead")
             self._log.debug("cloud inference of %s failed, running it here: %s", model, exc)
@@ -295,7 +295,6 @@ class Daemon:
         self.observe: ObserveServer | None = None
         self.agent: FleetAgent | None = None
         self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
-        self._batcher: Batcher | None = None  # micro-batching of the current registry's models
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -337,24 +336,28 @@ class Daemon:
         """What active.json names (docs/fleet.md), else --functions. A fleet release that no longer
         loads (a crash between recording and checking it, a file gone bad) is rolled back here: the
         previous release runs, the broken one is refused, and the agent reports why."""
-        s = self.settings
         active = self.fleet.active()
         self.release = active.current
-        if self.release is None:
-            return self._load(s.functions, s.models, self.window)
-        folder = self.fleet.bundle_dir(self.release)
-        try:
+        if self.release is not None:
             log.info("fleet release %s", self.release.label)
-            return self._load([folder / "functions"], [folder / "models"], self.window)
+        try:
+            return self._load_release(self.release, self.window)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the device must come up on something
+            if self.release is None:
+                raise  # --functions: the user's to mend
             self.fleet_problem = f"{self.release.label} does not start: {exc}"
             log.error("%s; going back to %s", self.fleet_problem,
                       active.previous.label if active.previous else "the local functions")
-            refused = refusal_key(active.rollout, self.release.bundle, self.release.version)
-            self.fleet.set_active(Active(current=active.previous, previous=None, rollout=None,
-                                         refused=[*active.refused, refused]))
+            self.fleet.set_active(active.refusing(self.release, active.rollout, run=active.previous))
             self.fleet.end_update()
             return self._load_active()
+
+    def _load_release(self, release: Release | None, window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
+        """A fleet release's functions and models from its unpacked bundle; None: --functions and --models."""
+        if release is None:
+            return self._load(self.settings.functions, self.settings.models, window)
+        folder = self.fleet.bundle_dir(release)
+        return self._load([folder / "functions"], [folder / "models"], window)
 
     def _load(self, function_dirs: list[Path], model_dirs: list[Path],
               window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
@@ -365,36 +368,28 @@ class Daemon:
             on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
             chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
             search=s.delegate_dirs)
+        batcher = Batcher(registry, self.cloud, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000,
+                          on_batch=self.metrics.observe_inference_batch)
         functions: list[LoadedFunction] = []
         try:
             for folder in self._function_folders(function_dirs):
-                functions.append(self._load_function(folder, registry, window))
+                functions.append(self._load_function(folder, registry, batcher, window))
         except BaseException:
             for fn in functions:
                 fn.sandbox.close()
             raise
         return registry, functions
 
-    def _batcher_for(self, registry: ModelRegistry) -> Batcher:
-        """The micro-batcher of `registry`'s models, shared by the functions loaded with it (a release
-        swapped in brings a registry, and so a batcher, of its own)."""
-        batcher = self._batcher
-        if batcher is None or batcher.registry is not registry:
-            s = self.settings
-            batcher = self._batcher = Batcher(registry, self.cloud, max_calls=s.batch_max,
-                                              wait_s=s.batch_wait_ms / 1000,
-                                              on_batch=self.metrics.observe_inference_batch)
-        return batcher
-
     def _function_folders(self, paths: list[Path]) -> list[Path]:
         """The function folders under `paths`; none for a fleet device without local functions of its own,
         which runs nothing until the fleet assigns it a release."""
-        if self.release is None and self.settings.fleet_url and not any(Path(p).exists() for p in paths):
+        if self.release is None and self.settings.fleet_only:
             log.info("no local functions: waiting for a release from the fleet")
             return []
         return discover(paths)
 
-    def _load_function(self, folder: Path, registry: ModelRegistry, window: HealthWindow) -> LoadedFunction:
+    def _load_function(self, folder: Path, registry: ModelRegistry, batcher: Batcher,
+                       window: HealthWindow) -> LoadedFunction:
         s = self.settings
         manifest = load_manifest(folder)
         wasm = runnable_component(folder, manifest)
@@ -402,7 +397,7 @@ class Daemon:
             raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
         policy = self._policy(manifest)
         host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
-                            manifest.confidence_threshold, self.metrics, batcher=self._batcher_for(registry))
+                            manifest.confidence_threshold, self.metrics, batcher=batcher)
         # Load now: a missing model fails the start, not an event. What each runs as goes out
         # with every output of the function (user property edgefn-models).
         choices = [registry.choice(model) for model in manifest.models.use]
@@ -442,11 +437,7 @@ class Daemon:
             window = HealthWindow()
             previous_release, self.release = self.release, release
             try:
-                if release is None:
-                    registry, functions = self._load(self.settings.functions, self.settings.models, window)
-                else:
-                    folder = self.fleet.bundle_dir(release)
-                    registry, functions = self._load([folder / "functions"], [folder / "models"], window)
+                registry, functions = self._load_release(release, window)
             except BaseException:
                 self.release = previous_release
                 raise
@@ -467,7 +458,7 @@ class Daemon:
         function of the same name, or is answered with nothing where the new release has none."""
         deadline = time.monotonic() + drain_timeout
         lanes = [(fn, lane) for fn in old for lane in fn.lanes.values()]
-        while any(lane.queue.unfinished_tasks for _, lane in lanes) and not self._stopping.is_set():
+        while any(lane.queue.unfinished_tasks for _, lane in lanes):
             if time.monotonic() > deadline:
                 log.error("old functions still busy after %.0f s: their queued events go to the new ones",
                           drain_timeout)

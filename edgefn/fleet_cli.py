@@ -26,7 +26,7 @@ from rich.table import Table
 from edgefn.errors import ConfigError, EdgefnError, FleetError
 
 if TYPE_CHECKING:
-    from edgefn.protocol.fleet import Device, Rollout
+    from edgefn.protocol.fleet import Device, Rollout, Wave
 
 fleet_app = typer.Typer(help="Roll functions and models out to a fleet: keys, push, rollouts, devices.",
                         no_args_is_help=True)
@@ -194,6 +194,11 @@ def ago(seconds: float) -> str:
     return f"{s // 3600} h ago" if s < 86400 else f"{s // 86400} d ago"
 
 
+def gate_values_text(wave: Wave) -> str:
+    """A wave's recorded gate values, e.g. "error_rate=0.002, p99_ms=n/a" (empty: none recorded)."""
+    return ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(wave.gate_values.items()))
+
+
 def wave_line(rollout: Rollout) -> str:
     """'wave 1 (2/3): soaking 3/5 healthy', or 'done' once every wave passed."""
     if rollout.state == "done":
@@ -243,7 +248,7 @@ def waves_table(rollout: Rollout) -> Table:
     for header in ("wave", "devices", "state", "healthy", "gate values"):
         table.add_column(header)
     for i, w in enumerate(rollout.waves):
-        values = ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(w.gate_values.items()))
+        values = gate_values_text(w)
         marker = "> " if i == rollout.current_wave and rollout.state in ("running", "paused") else "  "
         table.add_row(escape(marker + w.name), str(len(w.devices)), w.state, f"{w.healthy}/{len(w.devices)}",
                       escape(values or "-"))

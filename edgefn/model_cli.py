@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.errors import EdgefnError, ModelError
+from edgefn.errors import ModelError
+from edgefn.fleet_cli import cli_errors
 
 if TYPE_CHECKING:
     from edgefn.inference.evaluate import Samples
@@ -27,15 +26,6 @@ model_app = typer.Typer(help="Make, inspect and time model variants (int8, prune
 MODELS_HELP = "Folder of model folders, to find NAME in."
 
 
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """An EdgefnError becomes one clean line and exit code 2, as everywhere in `edgefn`."""
-    from edgefn.cli import _fail
-
-    try:
-        yield
-    except EdgefnError as exc:
-        _fail(exc)
 
 
 def _consoles() -> tuple[Console, Console]:
@@ -92,7 +82,7 @@ def optimize(
     from edgefn.inference.evaluate import Samples
 
     _, stderr = _consoles()
-    with _errors():
+    with cli_errors():
         planned = opt.plan(quantize, prune)
         val = Samples.load(validation)
         cal = Samples.load(calibration, labels=False) if calibration is not None else None
@@ -181,7 +171,7 @@ def inspect(
     from edgefn.inference.registry import BACKENDS, choose
 
     stdout, _ = _consoles()
-    with _errors():
+    with cli_errors():
         info, file = _find(target, models)
         if file is not None:
             backend = BACKENDS.get(file.suffix.lstrip("."))
@@ -232,7 +222,7 @@ def bench(
     from edgefn.inference.registry import open_variant
 
     stdout, _ = _consoles()
-    with _errors():
+    with cli_errors():
         info, file = _find(name, models)
         if info is None:
             raise ModelError(f"{file}: give a model's name or folder (with model.json), not a file")

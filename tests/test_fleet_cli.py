@@ -174,9 +174,8 @@ def fleet(tmp_path: Path, ops: Path):
 @pytest.fixture()
 def published(tiny_fn: Path, fleet, ops: Path, tmp_path: Path) -> str:
     """A bundle built with `edgefn bundle build` and released with `edgefn fleet push`: digits@1.1.0."""
-    fn = tiny_fn  # a stand-in component: the server handles bytes, not a working guest
-    bundle = tmp_path / "digits-1.1.0.bundle.tar"
-    result = runner.invoke(app, ["bundle", "build", str(fn), "--name", "digits", "--version", "1.1.0",
+    bundle = tmp_path / "digits-1.1.0.bundle.tar"  # tiny_fn: the server handles bytes, not a working guest
+    result = runner.invoke(app, ["bundle", "build", str(tiny_fn), "--name", "digits", "--version", "1.1.0",
                                  "--models", str(tmp_path / "no-models"), "-o", str(bundle)])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["fleet", "push", str(bundle), "--keys", str(ops), "--server", fleet.url])

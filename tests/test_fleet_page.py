@@ -177,22 +177,21 @@ def test_fleet_server_page_in_chromium(tiny_fn: Path, tmp_path: Path) -> None:
     import httpx
 
     from cloud_sync.fleet.server import start_fleet_server
+    from edgefn.bundle_cli import _upload
     from edgefn.fleet.bundle import build_bundle
     from edgefn.fleet.signing import add_release, init_keys, metadata_dir
     from edgefn.protocol.fleet import API, DeviceReport, RolloutRequest
 
     hostile = "<img src=x onerror=\"document.title='PWNED'\">"
-    fn = tiny_fn  # a stand-in component: the server handles bytes, not a working guest
-    info = build_bundle([fn], "digits", "1.1.0", tmp_path / "digits-1.1.0.bundle.tar", models=[])
+    # tiny_fn: a stand-in component; the server handles bytes, not a working guest
+    info = build_bundle([tiny_fn], "digits", "1.1.0", tmp_path / "digits-1.1.0.bundle.tar", models=[])
     init_keys(tmp_path / "ops")
     signed = add_release(tmp_path / "ops", info.path, expires_days=7)
 
     with start_fleet_server(tmp_path / "data", step_s=0,
                             fleet_root=metadata_dir(tmp_path / "ops") / "1.root.json") as server, \
             httpx.Client(base_url=server.url + API, timeout=10) as client:
-        files = [("bundle", (info.path.name, info.path.read_bytes(), "application/x-tar"))]
-        files += [("metadata", (p.name, p.read_bytes(), "application/json")) for p in signed]
-        assert client.post("/publish", files=files).status_code == 200
+        _upload(server.url, info.path, signed, None, 10)  # raises unless the server took the release
 
         def report(device_id: str, **fields: object) -> None:
             body = DeviceReport(group="lab", **fields).model_dump(mode="json")

@@ -32,12 +32,9 @@ from edgefn.errors import ConfigError, FleetError
 from edgefn.fleet.bundle import BundleInfo, build_bundle
 from edgefn.fleet.fetch import ReleaseFetcher
 from edgefn.fleet.signing import Repository, add_release, init_keys, metadata_dir
-from tests.conftest import TINY_TOML
+from edgefn.protocol.fleet import API
+from tests.conftest import MODELS, TINY_TOML
 from tests.pg import new_database, postgres  # noqa: F401 (postgres: the session's server, a fixture)
-
-API = "/fleet/v1"
-MODELS = Path(__file__).resolve().parent.parent / "models"
-
 
 # --- fixtures -------------------------------------------------------------------------------------------
 

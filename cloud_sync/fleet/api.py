@@ -26,14 +26,15 @@ from cloud_sync.fleet.db import BundleRow, Database
 from cloud_sync.fleet.engine import FleetRequestError, RolloutEngine
 from cloud_sync.fleet.repository import PublishedBundle, PublishRefused, TufRepository
 from edgefn.errors import FleetError
-from edgefn.protocol.fleet import API, METADATA_PATH, TARGETS_PATH, BundleRecord, Desired, DeviceReport, RolloutRequest
+from edgefn.protocol.fleet import API, METADATA_PATH, TARGETS_PATH, BundleRecord, DeviceReport, RolloutRequest
 
 T = TypeVar("T")
 MAX_METADATA_FILES = 64
 
 
-def etag(desired: Desired) -> str:
-    return '"' + hashlib.sha256(desired.model_dump_json().encode()).hexdigest()[:32] + '"'
+def etag(body: str) -> str:
+    """The ETag of a desired state's JSON body."""
+    return '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
 
 
 def _answer(call: Callable[[], T]) -> T:
@@ -69,16 +70,15 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
 
     @router.post(API + "/devices/{device_id}/report")
     def report(device_id: str, body: DeviceReport) -> Response:
-        desired = _answer(lambda: engine.report(device_id, body))
-        return _desired_response(desired)
+        return _desired_response(_answer(lambda: engine.report(device_id, body)).model_dump_json())
 
     @router.get(API + "/devices/{device_id}/desired")
     def desired(device_id: str, request: Request) -> Response:
-        wanted = _answer(lambda: engine.desired(device_id))
-        tag = etag(wanted)
+        body = _answer(lambda: engine.desired(device_id)).model_dump_json()
+        tag = etag(body)
         if tag in {t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")}:
             return Response(status_code=304, headers={"ETag": tag})
-        return _desired_response(wanted, tag)
+        return _desired_response(body, tag)
 
     @router.get(API + "/devices")
     def devices() -> dict[str, Any]:
@@ -163,8 +163,9 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     return router
 
 
-def _desired_response(desired: Desired, tag: str | None = None) -> Response:
-    return Response(desired.model_dump_json(), media_type="application/json", headers={"ETag": tag or etag(desired)})
+def _desired_response(body: str, tag: str | None = None) -> Response:
+    """A desired state's JSON body (serialised once), with its ETag."""
+    return Response(body, media_type="application/json", headers={"ETag": tag or etag(body)})
 
 
 def _record(db: Database, bundle: PublishedBundle) -> None:

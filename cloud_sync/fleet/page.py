@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from html import escape
 
-from edgefn.fleet_cli import ago, wave_line
+from edgefn.fleet_cli import ago, gate_values_text, wave_line
 from edgefn.protocol.fleet import Device, Rollout, Wave
 
 REFRESH_S = 5
@@ -112,11 +112,7 @@ def _rollout_row(r: Rollout) -> str:
 
 
 def _wave_item(r: Rollout, index: int, w: Wave) -> str:
-    values = ", ".join(f"{k}={_number(v)}" for k, v in sorted(w.gate_values.items()))
+    values = gate_values_text(w)
     measured = f' <span class="muted">({escape(values)})</span>' if values else ""
     return (f'<li id="{escape(row_id(f"rollout-{r.id}-wave", index))}">{escape(w.name)}: '
             f"{_state(w.state)} {w.healthy}/{len(w.devices)} healthy{measured}</li>")
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"

@@ -56,6 +56,7 @@ class _Upload:
     """A publish being checked: the files it adds, over what is stored."""
 
     files: dict[str, bytes] = field(default_factory=dict)
+    root: Metadata[Root] | None = None  # the root trusted for it, parsed once
 
 
 def metadata_kind(name: str) -> tuple[str, int | None]:
@@ -217,6 +218,7 @@ class TufRepository:
         except UnsignedMetadataError as exc:
             raise PublishRefused(f"{name}: not signed by the threshold of root keys ({exc})") from None
         upload.files[name] = upload.files["root.json"] = data
+        upload.root = md
 
     def _check_meta(self, upload: _Upload, name: str, meta: object, kind: str) -> None:
         """A snapshot (or timestamp) must name a targets (or snapshot) version that exists, by its hash."""
@@ -254,8 +256,9 @@ class TufRepository:
         return PublishedBundle(manifest.name, manifest.version, manifest.target, sha256, size)
 
     def _trusted(self, upload: _Upload) -> Metadata[Root] | None:
-        data = upload.files.get("root.json")
-        return Metadata[Root].from_bytes(data) if data else self._root()
+        if upload.root is None:  # none uploaded (yet): the stored one, read once a publish
+            upload.root = self._root()
+        return upload.root
 
     def _get(self, upload: _Upload, name: str) -> bytes | None:
         return upload.files.get(name) or self._stored(name)

@@ -22,22 +22,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 
 from edgefn import __version__
 from edgefn.errors import BundleError, EdgefnError, FleetError, UpdateRefused
-from edgefn.fleet.bundle import BUNDLE_JSON, BundleManifest, check_health, file_sha256, load_health, read_bundle, unpack
+from edgefn.fleet.bundle import check_health, file_sha256, load_health, read_bundle, read_unpacked, unpack
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
 from edgefn.fleet.store import Active, Release, refusal_key
 from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import load_manifest
-from edgefn.protocol.fleet import API, Desired, DeviceReport, DeviceState, GateRule, Health
+from edgefn.protocol.fleet import API, Desired, DeviceReport, DeviceState, GateRule, Health, target_name
 
 if TYPE_CHECKING:
     from edgefn.daemon import Daemon
@@ -61,7 +59,7 @@ class FleetAgent:
             raise FleetError("the fleet agent needs a fleet server (--fleet URL)")
         self.daemon, self.store = daemon, daemon.fleet
         self.url = s.fleet_url.rstrip("/")
-        self.device_id = s.device_id or socket.gethostname()
+        self.device_id = s.device_id
         self.group, self.poll_s = s.group, s.fleet_poll_s
         self.fetcher = ReleaseFetcher(self.store.dir, self.url, s.fleet_root)
         self._http = httpx.Client(base_url=f"{self.url}{API}", timeout=10.0)
@@ -127,6 +125,9 @@ class FleetAgent:
         return self._desired
 
     def _report(self, force: bool = False) -> None:
+        since = time.monotonic() - self._last_report_at
+        if not force and since < self.poll_s / 2:
+            return  # at most one report a poll interval
         current = self.daemon.release
         health = self.daemon.window.snapshot()
         report = DeviceReport(group=self.group, state=self._state, bundle=current.bundle if current else None,
@@ -134,9 +135,8 @@ class FleetAgent:
                               target_version=self._target, detail=self._detail, health=health,
                               agent=f"edgefn {__version__}")
         key = (report.state, report.bundle, report.version, report.rollout, report.detail, health.events)
-        since = time.monotonic() - self._last_report_at
-        if not force and (since < self.poll_s / 2 or key == self._last_report and since < _HEARTBEAT_S):
-            return  # at most one report a poll interval, and an unchanged one only as a heartbeat
+        if not force and key == self._last_report and since < _HEARTBEAT_S:
+            return  # an unchanged report only as a heartbeat
         self._call("POST", f"/devices/{self.device_id}/report", content=report.model_dump_json(),
                    headers={"Content-Type": "application/json"})
         self._last_report, self._last_report_at = key, time.monotonic()
@@ -174,7 +174,7 @@ class FleetAgent:
             return  # rolled back or refused here already: not again for this rollout
         fleet_rollback = active.previous is not None and active.previous.same(desired.bundle, desired.version)
         release = Release(bundle=desired.bundle, version=desired.version,
-                          target=desired.target or f"{desired.bundle}-{desired.version}.bundle.tar")
+                          target=desired.target or target_name(desired.bundle, desired.version))
         self._update(release, desired, fleet_rollback)
 
     def _switch_back(self, active: Active, why: str) -> None:
@@ -280,8 +280,8 @@ class FleetAgent:
 
     def _health_check(self, release: Release) -> list[str]:
         folder = self.store.bundle_dir(release)
-        manifest = read_bundle_json(folder)
-        if manifest is None or manifest.health is None:
+        manifest = read_unpacked(folder)
+        if manifest.health is None:
             return []
         try:
             check = load_health(folder / manifest.health)
@@ -319,8 +319,7 @@ class FleetAgent:
             back = None if fleet_rollback else active.previous
         else:
             back = active.current  # activation never recorded: what runs stays
-        self.store.set_active(Active(current=back, previous=None, rollout=None,
-                                     refused=[*active.refused, refusal_key(rollout, release.bundle, release.version)]))
+        self.store.set_active(active.refusing(release, rollout, run=back))
         try:
             self.daemon.activate(back)
         except Exception as exc:  # noqa: BLE001 - the next start falls back further (Daemon.start)
@@ -364,9 +363,3 @@ def gate_broken(gate: list[GateRule], health: Health) -> str | None:
         if rule.metric in values and not rule.passes(values[rule.metric]):
             return f"{rule} (measured {values[rule.metric]:.4g})"
     return None
-
-
-def read_bundle_json(folder: Path) -> BundleManifest | None:
-    """bundle.json of an unpacked bundle (checked against its files when it was unpacked)."""
-    path = folder / BUNDLE_JSON
-    return BundleManifest.model_validate_json(path.read_bytes()) if path.exists() else None

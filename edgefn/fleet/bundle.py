@@ -515,6 +515,11 @@ def is_complete(dest: Path) -> bool:
     return (Path(dest) / COMPLETE).is_file()
 
 
+def read_unpacked(dest: Path) -> BundleManifest:
+    """bundle.json of a bundle unpacked at `dest` (its files were checked against it when unpacked)."""
+    return _parse_manifest(Path(dest), (Path(dest) / BUNDLE_JSON).read_bytes())
+
+
 def unpack(tar_path: Path, dest: Path) -> BundleManifest:
     """Unpack a bundle into `dest`, checking every file against bundle.json's sha256.
 

@@ -11,7 +11,6 @@ at any moment leaves either the old or the new file, never a torn one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +45,11 @@ class Active(BaseModel):
     rollout: int | None = None  # the rollout that installed `current`
     # "<rollout>:<bundle>@<version>" of releases rolled back or refused here: not tried again for that rollout
     refused: list[str] = Field(default_factory=list)
+
+    def refusing(self, release: Release, rollout: int | None, *, run: Release | None) -> Active:
+        """`run` becomes current, `release` is refused for `rollout` (a rollback, or a release that does not load)."""
+        return Active(current=run, previous=None, rollout=None,
+                      refused=[*self.refused, refusal_key(rollout, release.bundle, release.version)])
 
 
 class Update(BaseModel):
@@ -95,7 +99,7 @@ class FleetStore:
     @staticmethod
     def _read(path: Path, model: type[_M]) -> _M | None:
         try:
-            return model.model_validate(json.loads(path.read_bytes()))
+            return model.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, ValidationError) as exc:

@@ -24,13 +24,12 @@ come back with one row per input row is run one call at a time from then on.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -137,8 +136,12 @@ class Coalescer:
     def infer(self, inputs: list[WireTensor]) -> list[WireTensor]:
         shape = signature(inputs) if self.batchable and self.max_calls > 1 else None
         if shape is None:
-            with self._running_one():
+            with self._cond:
+                self._running += 1
+            try:
                 return self._alone(inputs)
+            finally:
+                self._ran()
         sig, rows = shape
         with self._cond:
             batch = self._open.get(sig)
@@ -187,15 +190,6 @@ class Coalescer:
             self._ran()
             batch.done.set()
 
-    @contextlib.contextmanager
-    def _running_one(self) -> Iterator[None]:
-        with self._cond:
-            self._running += 1
-        try:
-            yield
-        finally:
-            self._ran()
-
     def _ran(self) -> None:
         with self._cond:
             self._running -= 1
@@ -222,7 +216,8 @@ def _own_copy(exc: BaseException) -> BaseException:
 
 
 class Batcher:
-    """The coalescers of a daemon: one per (model, variant, where), shared by every function.
+    """The coalescers of a registry's models: one per (model, where), shared by every function loaded
+    with that registry (the variant a registry runs a model as never changes).
 
     `local(model, inputs)` runs on this device through `registry`; `cloud(model, inputs)` through
     `cloud` (one OIP request per batch). `max_calls` 1 turns micro-batching off. `runners` runs here
@@ -237,18 +232,17 @@ class Batcher:
         self.max_calls, self.wait_s = max_calls, wait_s
         self.runners, self.cloud_runners = runners, cloud_runners
         self._on_batch = on_batch
-        self._coalescers: dict[tuple[str, str, str], Coalescer] = {}
+        self._coalescers: dict[tuple[str, str], Coalescer] = {}
         self._lock = threading.Lock()
 
     def local(self, model: str, inputs: list[WireTensor]) -> list[WireTensor]:
-        variant = self.registry.choice(model).variant
-        return self._coalescer(model, variant, "local").infer(inputs)
+        return self._coalescer(model, "local").infer(inputs)
 
     def cloud(self, model: str, inputs: list[WireTensor]) -> list[WireTensor]:
-        return self._coalescer(model, "", "cloud").infer(inputs)
+        return self._coalescer(model, "cloud").infer(inputs)
 
-    def _coalescer(self, model: str, variant: str, where: str) -> Coalescer:
-        key = (model, variant, where)
+    def _coalescer(self, model: str, where: str) -> Coalescer:
+        key = (model, where)
         coalescer = self._coalescers.get(key)
         if coalescer is None:
             with self._lock:

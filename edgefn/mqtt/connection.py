@@ -104,6 +104,7 @@ class Connection:
         # The broker keeps the session's subscriptions across restarts: what was subscribed before (by
         # an earlier release, with other triggers) is recorded here and dropped on connect.
         self._subscriptions_file = subscriptions_file
+        self._subscribed = set(self._recorded())  # as the broker's session last had them, as far as we know
         self._on_disconnect = on_disconnect
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
@@ -173,7 +174,7 @@ class Connection:
                 client.subscribe([(f, 1) for f in self._filters])  # its SUBACK releases the held messages
             else:
                 self._release_held()
-            stale = sorted(set(self._recorded()) - set(self._filters))
+            stale = sorted(self._subscribed - set(self._filters))
             if stale:
                 client.unsubscribe(stale)
             self._record(self._filters)
@@ -204,6 +205,9 @@ class Connection:
             return []  # none recorded yet (or unreadable: the broker's session may keep a few extra)
 
     def _record(self, filters: Sequence[str]) -> None:
+        if set(filters) == self._subscribed:
+            return  # a reconnect to the same subscriptions writes nothing
+        self._subscribed = set(filters)
         if self._subscriptions_file is not None:
             try:
                 write_atomic(self._subscriptions_file, json.dumps(sorted(filters)).encode())
