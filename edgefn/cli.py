@@ -206,10 +206,11 @@ def fn_invoke(
 ) -> None:
     """Run one event through a function, with no broker, and print the messages it would publish."""
     from edgefn.config import default_state_dir
-    from edgefn.daemon import FunctionHost, error_message
+    from edgefn.dispatch.worker import error_message
     from edgefn.errors import FunctionError
     from edgefn.events import Event
     from edgefn.functions.build import component_path, needs_build
+    from edgefn.functions.host import FunctionHost
     from edgefn.functions.manifest import load_manifest
     from edgefn.functions.sandbox import FunctionSandbox, Runtime
     from edgefn.functions.state import StateStore

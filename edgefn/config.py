@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, description="Larger events go to the error topic, unseen by the function.")
     journal: Literal["disk", "memory"] = Field(
         default="disk", description="disk: events survive a crash; memory: they do not (for measuring the journal's cost).")
+    durability: Literal["process", "full"] = Field(
+        default="process", description="process: a journal commit survives a crash of the daemon (SIGKILL); full: "
+        "also a power loss, at the cost of an fsync per commit.")
     inbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Payload bytes held in the inbox before ingress stops acknowledging.")
     inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
     fleet_url: str | None = Field(default=None, description="Fleet server (edgefn cloud serve --data): the device "

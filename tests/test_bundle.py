@@ -18,7 +18,6 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from edgefn.cli import app
-from edgefn.daemon import FunctionHost
 from edgefn.errors import BundleError, GuestError
 from edgefn.events import Event
 from edgefn.fleet.bundle import (
@@ -36,6 +35,7 @@ from edgefn.fleet.bundle import (
     unpack,
     verify_bundle,
 )
+from edgefn.functions.host import FunctionHost
 from edgefn.functions.manifest import load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore

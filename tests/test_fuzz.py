@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefn.daemon import FunctionHost
 from edgefn.errors import FunctionError, GuestError
 from edgefn.events import Event
 from edgefn.functions.build import component_path
+from edgefn.functions.host import FunctionHost
 from edgefn.functions.manifest import load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore

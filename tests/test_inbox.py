@@ -62,3 +62,14 @@ def test_settle_that_fails_changes_nothing(tmp_path: Path):
         with pytest.raises(sqlite3.Error):
             inbox.settle([a.id], [(a.id, Message("results/a", b"r1")), (a.id, unstorable)])
         assert len(inbox) == 1 and inbox.outbox() == []
+
+
+def test_inbox_durability_full_syncs_every_commit(tmp_path: Path, monkeypatch):
+    from edgefn.config import Settings
+
+    monkeypatch.setenv("EDGEFN_DURABILITY", "full")
+    durability = Settings().durability
+    with Inbox(tmp_path / "inbox.sqlite", durability=durability) as inbox:
+        assert inbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with Inbox(tmp_path / "inbox.sqlite") as inbox:
+        assert inbox._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cloud_sync.serve import start_server
-from edgefn.daemon import Daemon, _unsure
+from edgefn.daemon import Daemon
+from edgefn.functions.host import _unsure
 from edgefn.offload.planner import Planner
 from tests.conftest import MODELS, publish
 from tests.test_daemon import digit_payloads

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from sklearn.datasets import load_digits
 
-from edgefn.daemon import FunctionHost
 from edgefn.errors import (
     FunctionError,
     GuestError,
@@ -23,6 +22,7 @@ from edgefn.errors import (
 )
 from edgefn.events import Event
 from edgefn.functions.build import component_path
+from edgefn.functions.host import FunctionHost
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore

@@ -24,21 +24,20 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import httpx
 
 from edgefn import __version__
+from edgefn.config import Settings
 from edgefn.errors import BundleError, EdgefnError, FleetError, UpdateRefused
 from edgefn.fleet.bundle import check_health, file_sha256, load_health, read_bundle, read_unpacked, unpack
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
-from edgefn.fleet.store import Active, Release, refusal_key
+from edgefn.fleet.store import Active, FleetStore, Release, refusal_key
 from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import load_manifest
 from edgefn.protocol.fleet import API, Desired, DeviceReport, DeviceState, GateRule, Health, target_name
-
-if TYPE_CHECKING:
-    from edgefn.daemon import Daemon
 
 log = logging.getLogger("edgefn.fleet")
 KILL_AT = "EDGEFN_FLEET_KILL_AT"
@@ -50,10 +49,34 @@ class _Interrupted(Exception):
     """The agent stops mid-check: update.json stays, and the check runs again after the restart."""
 
 
-class FleetAgent:
-    """Keeps a daemon on the release the fleet server wants for this device."""
+class Device(Protocol):
+    """What the agent drives: the daemon (edgefn.daemon.Daemon), or a fake in tests."""
 
-    def __init__(self, daemon: Daemon):
+    settings: Settings
+    fleet: FleetStore  # update.json, active.json and the unpacked bundles
+    fleet_problem: str | None  # why the release active.json named did not start (the device went back)
+
+    @property
+    def release(self) -> Release | None:
+        """The fleet release running now (None: the local functions)."""
+
+    def activate(self, release: Release | None) -> None:
+        """Run `release` instead of what runs now, while events flow; raises if it does not load."""
+
+    def precompile(self, wasm: Path) -> None:
+        """Compile a component for this device into its cache, so activating it costs no compile."""
+
+    def run_sample(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """What the functions running now answer to one event, outside the journal and the broker."""
+
+    def health_window(self) -> Health:
+        """Events, errors and p99 of the functions running now, since they were activated."""
+
+
+class FleetAgent:
+    """Keeps a device on the release the fleet server wants for it."""
+
+    def __init__(self, daemon: Device):
         s = daemon.settings
         if not s.fleet_url:
             raise FleetError("the fleet agent needs a fleet server (--fleet URL)")
@@ -129,7 +152,7 @@ class FleetAgent:
         if not force and since < self.poll_s / 2:
             return  # at most one report a poll interval
         current = self.daemon.release
-        health = self.daemon.window.snapshot()
+        health = self.daemon.health_window()
         report = DeviceReport(group=self.group, state=self._state, bundle=current.bundle if current else None,
                               version=current.version if current else None, rollout=self._rollout,
                               target_version=self._target, detail=self._detail, health=health,
@@ -225,7 +248,7 @@ class FleetAgent:
             folder = self.store.bundle_dir(release)
             unpack(path, folder)
             for fn_dir in discover([folder / "functions"]):
-                self.daemon.runtime.load(runnable_component(fn_dir, load_manifest(fn_dir)))
+                self.daemon.precompile(runnable_component(fn_dir, load_manifest(fn_dir)))
         except EdgefnError as exc:  # not the release asked for, older, a bad bundle or component: not again
             self._refuse(release, desired, str(exc))
             return
@@ -297,7 +320,7 @@ class FleetAgent:
         while time.monotonic() < until:
             if self._stop.is_set():
                 raise _Interrupted
-            broken = gate_broken(gate, self.daemon.window.snapshot())
+            broken = gate_broken(gate, self.daemon.health_window())
             if broken:
                 return broken
             try:
@@ -308,7 +331,7 @@ class FleetAgent:
                 self.store.end_update()
                 raise _Interrupted
             self._stop.wait(min(_SOAK_TICK_S, max(0.0, until - time.monotonic())))
-        return gate_broken(gate, self.daemon.window.snapshot())
+        return gate_broken(gate, self.daemon.health_window())
 
     def _roll_back(self, release: Release, rollout: int | None, why: str, fleet_rollback: bool) -> None:
         """Back to the release that ran before; when `release` was itself the fleet sending this device back

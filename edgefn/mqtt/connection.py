@@ -37,14 +37,13 @@ from paho.mqtt.properties import Properties
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
 from edgefn.files import write_atomic
+from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 
 log = logging.getLogger("edgefn.mqtt")
 
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 MAX_AWAITING_ACK = 60_000
-# The MQTT 5 user property on a message that may have reached subscribers before.
-POSSIBLE_DUPLICATE = ("edgefn-duplicate", "possible")
 OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
 OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
 

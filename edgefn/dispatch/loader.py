@@ -1,0 +1,120 @@
+"""Loading a release: the functions under some folders with their models, each with its sandbox,
+host, planner and lanes, ready to serve (workers not started). A fleet release comes from its
+unpacked bundle; without one, from --functions and --models.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgefn.config import Settings
+from edgefn.dispatch.lanes import Lane, LoadedFunction
+from edgefn.errors import EdgefnError
+from edgefn.fleet.store import FleetStore, Release
+from edgefn.functions.build import discover, runnable_component
+from edgefn.functions.host import FunctionHost
+from edgefn.functions.manifest import Manifest, load_manifest
+from edgefn.functions.sandbox import FunctionSandbox, Runtime
+from edgefn.functions.state import StateStore
+from edgefn.inference.batching import Batcher
+from edgefn.inference.delegates import chains_from_profile
+from edgefn.inference.registry import ModelRegistry
+from edgefn.observe.metrics import Metrics
+from edgefn.observe.window import HealthWindow
+from edgefn.offload.client import CloudClient
+from edgefn.offload.planner import Planner, Policy
+from edgefn.profiles import Profile
+from edgefn.protocol.outputs import FUNCTION, MODELS, RELEASE
+
+log = logging.getLogger("edgefn.daemon")
+
+
+class Loader:
+    """Loads releases for one daemon: what they share is its settings, runtime, profile, state,
+    cloud client and metrics."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, profile: Profile, state: StateStore,
+                 cloud: CloudClient | None, metrics: Metrics, fleet: FleetStore):
+        self.settings, self.runtime, self.profile, self.state = settings, runtime, profile, state
+        self.cloud, self.metrics, self.fleet = cloud, metrics, fleet
+
+    def load(self, release: Release | None, window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
+        """A fleet release's functions and models from its unpacked bundle; None: --functions and --models."""
+        if release is None:
+            return self._load(self.settings.functions, self.settings.models, release, window)
+        folder = self.fleet.bundle_dir(release)
+        return self._load([folder / "functions"], [folder / "models"], release, window)
+
+    def _load(self, function_dirs: list[Path], model_dirs: list[Path], release: Release | None,
+              window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
+        s = self.settings
+        registry = ModelRegistry(
+            model_dirs, variants=s.model_variants if release is None else _pins_for(s.model_variants, model_dirs),
+            on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
+            chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
+            search=s.delegate_dirs)
+        batcher = Batcher(registry, self.cloud, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000,
+                          on_batch=self.metrics.observe_inference_batch)
+        functions: list[LoadedFunction] = []
+        try:
+            for folder in self._function_folders(function_dirs, release):
+                functions.append(self._load_function(folder, registry, batcher, release, window))
+        except BaseException:
+            for fn in functions:
+                fn.sandbox.close()
+            raise
+        return registry, functions
+
+    def _function_folders(self, paths: list[Path], release: Release | None) -> list[Path]:
+        """The function folders under `paths`; none for a fleet device without local functions of its own,
+        which runs nothing until the fleet assigns it a release."""
+        if release is None and self.settings.fleet_only:
+            log.info("no local functions: waiting for a release from the fleet")
+            return []
+        return discover(paths)
+
+    def _load_function(self, folder: Path, registry: ModelRegistry, batcher: Batcher, release: Release | None,
+                       window: HealthWindow) -> LoadedFunction:
+        s = self.settings
+        manifest = load_manifest(folder)
+        wasm = runnable_component(folder, manifest)
+        if not wasm.exists():
+            raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
+        policy = self._policy(manifest)
+        host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
+                            manifest.confidence_threshold, self.metrics, batcher=batcher)
+        # Load now: a missing model fails the start, not an event. What each runs as goes out
+        # with every output of the function (user property edgefn-models).
+        choices = [registry.choice(model) for model in manifest.models.use]
+        models = ",".join(f"{c.model}={c.variant}/{c.format}/{c.delegate}" for c in choices)
+        properties = [(FUNCTION, f"{manifest.name}@{manifest.version}")]
+        if release is not None:
+            properties.append((RELEASE, release.label))
+        if models:
+            properties.append((MODELS, models))
+        # `always`: the function's own lane hands every batch off; `on-overload`: a cloud lane of its own.
+        lanes = {"local": Lane("cloud" if policy == "always" else "local", manifest.limits.instances)}
+        if policy == "on-overload" and s.cloud_workers:
+            lanes["cloud"] = Lane("cloud", s.cloud_workers)
+        sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
+                                  instances=sum(lane.workers for lane in lanes.values()))
+        planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
+                          cloud_workers=s.cloud_workers or 1)
+        log.info("function %s %s from %s", manifest.name, manifest.version, folder)
+        return LoadedFunction(manifest, sandbox, properties, planner, lanes, window)
+
+    def _policy(self, manifest: Manifest) -> Policy:
+        """--offload, else the manifest's, else on-overload where an endpoint is configured."""
+        policy = self.settings.offload or manifest.offload or ("on-overload" if self.cloud else "never")
+        if self.cloud is None and policy != "never":
+            log.warning("%s: offload %s needs a cloud endpoint (--cloud); everything runs here",
+                        manifest.name, policy)
+            return "never"
+        return policy
+
+
+def _pins_for(pins: dict[str, str], model_dirs: list[Path]) -> dict[str, str]:
+    """The --model-variant pins that name a model a release ships (a release may not ship them all)."""
+    shipped = {meta.parent.name for d in model_dirs for meta in Path(d).glob("*/model.json")}
+    return {model: variant for model, variant in pins.items() if model in shipped}

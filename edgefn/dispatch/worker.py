@@ -1,0 +1,142 @@
+"""The workers of a lane: take the next event and what queued behind it, run them in the sandbox
+as one batch, and release each answer (its messages, or its error on `edgefn/errors/<function>`)
+to the lane's reorder buffer.
+
+A payload over `max_payload_bytes` is answered with an error without reaching the sandbox. A bug
+of ours never kills a worker: the events stay journaled and run again after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from edgefn.dispatch.lanes import Item, Lane, LoadedFunction
+from edgefn.errors import FunctionError, PayloadTooLarge
+from edgefn.events import Event, Message
+from edgefn.functions.manifest import Manifest
+from edgefn.journal.outbox import Pending
+from edgefn.observe.metrics import Metrics
+
+log = logging.getLogger("edgefn.dispatch")
+ERRORS_TOPIC = "edgefn/errors/{function}"
+
+Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]]], None]  # Outbox.answer
+
+
+def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
+    """The message on the function's error topic that answers `event` when it failed."""
+    body = {
+        "event_id": _payload_id(event.payload),
+        "function": fn.name,
+        "version": fn.version,
+        "topic": event.topic,
+        "reason": exc.reason,
+        "error": str(exc),
+        "journal_id": event.id,
+    }
+    return Message(ERRORS_TOPIC.format(function=fn.name), json.dumps(body).encode())
+
+
+def _payload_id(payload: bytes) -> str | None:
+    """The sensor's own event id, when the payload is a JSON object that carries one."""
+    if len(payload) > 65_536:
+        return None
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    value = doc.get("id") if isinstance(doc, dict) else None
+    return str(value) if value is not None else None
+
+
+def take(q: queue.Queue[Item | None], max_batch: int) -> list[Item] | None:
+    """The lane's next event and what queued up behind it (up to max_batch); None: stop."""
+    first = q.get()
+    if first is None:
+        q.task_done()
+        q.put(None)  # for the lane's next worker
+        return None
+    batch = [first]
+    while len(batch) < max_batch:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            q.task_done()
+            q.put(None)  # this worker stops after its batch, the next one too
+            break
+        batch.append(item)
+    return batch
+
+
+class Workers:
+    """Starts and runs the workers of every lane; what they share: the payload bound, the metrics,
+    and where answers go (the outbox)."""
+
+    def __init__(self, max_payload_bytes: int, metrics: Metrics, answer: Answer):
+        self.max_payload_bytes, self.metrics, self._answer = max_payload_bytes, metrics, answer
+
+    def start(self, functions: list[LoadedFunction]) -> None:
+        for fn in functions:
+            for lane in fn.lanes.values():
+                for i in range(lane.workers):
+                    thread = threading.Thread(target=self.loop, args=(fn, lane), daemon=True,
+                                              name=f"edgefn-{fn.name}-{lane.where}-{i}")
+                    thread.start()
+                    fn.workers.append(thread)
+
+    def loop(self, fn: LoadedFunction, lane: Lane) -> None:
+        while True:
+            batch = take(lane.queue, fn.manifest.limits.max_batch)
+            if batch is None:
+                return
+            try:
+                self.process(fn, lane, batch)
+            except Exception:  # a bug of ours must not kill the worker; the events stay journaled
+                log.exception("%s: events %s could not be processed", fn.name, [e.id for e, _, _ in batch])
+                for _, _, ticket in batch:
+                    lane.order.release(ticket)  # unanswered: they run again after a restart
+            finally:
+                for _ in batch:
+                    lane.queue.task_done()
+
+    def process(self, fn: LoadedFunction, lane: Lane, batch: list[Item]) -> None:
+        limit = self.max_payload_bytes
+        events = [e for e, _, _ in batch if len(e.payload) <= limit]
+        answers: dict[str, list[Message] | FunctionError] = {
+            e.id: PayloadTooLarge(f"payload of {len(e.payload)} bytes exceeds max_payload_bytes ({limit})")
+            for e, _, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
+        if events:
+            self.metrics.batch_events.labels(fn.name).observe(len(events))
+            fn.sandbox.host.plan(lane.where)
+            started = time.perf_counter()
+            answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
+            took = time.perf_counter() - started
+            if lane.where == "local":
+                fn.planner.served_here(len(events), took)
+            else:
+                fn.planner.served_on_cloud(len(events), took)
+        for event, pending, ticket in batch:
+            outputs = self.outputs(fn, event, answers[event.id])
+            lane.order.release(ticket, lambda p=pending, o=outputs: self._answer(p, o, fn.properties))
+
+    def outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
+        """The messages an answer publishes (its results, or its error), with the metrics."""
+        took = max(0.0, time.time() - event.received_ms / 1000)
+        if not event.replayed:  # an event journaled before a restart would count its downtime as latency
+            # An oversized payload is the sender's fault, not the release's.
+            fn.window.record(not isinstance(answer, FunctionError) or isinstance(answer, PayloadTooLarge), took)
+        if isinstance(answer, FunctionError):
+            log.warning("%s: event %s: %s: %s", fn.name, event.id, answer.reason, answer)
+            self.metrics.events_handled.labels(fn.name, answer.reason).inc()
+            answer = [error_message(fn.manifest, event, answer)]
+        else:
+            self.metrics.events_handled.labels(fn.name, "ok").inc()
+        self.metrics.event_seconds.labels(fn.name).observe(took)
+        return answer

@@ -1,0 +1,93 @@
+"""The host side of a function's sandbox: what the guest's `host` imports do (the `Host` protocol of
+`edgefn.functions.sandbox`): inference here or on the cloud endpoint, the function's small state,
+and its log.
+
+Where a batch's inference runs is the planner's decision, handed in per worker with `plan()`; a
+cloud call that fails runs here instead, so no event is lost to the hand-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgefn.errors import CloudError
+from edgefn.inference.tensors import WireTensor as Tensor
+
+if TYPE_CHECKING:  # types only: `fn invoke` and the tests build a host without a cloud client or batcher
+    from edgefn.functions.state import StateStore
+    from edgefn.inference.batching import Batcher
+    from edgefn.inference.registry import ModelRegistry
+    from edgefn.observe.metrics import Metrics
+    from edgefn.offload.client import CloudClient
+    from edgefn.offload.planner import Policy, Where
+
+
+class FunctionHost:
+    """The host side of one function's sandbox: its models (here or on the cloud endpoint), its state
+    and its log."""
+
+    def __init__(self, name: str, registry: ModelRegistry, state: StateStore, cloud: CloudClient | None = None,
+                 policy: Policy = "never", confidence: float = 0.5, metrics: Metrics | None = None,
+                 batcher: Batcher | None = None):
+        self.name, self.registry, self.state = name, registry, state
+        self.cloud, self.policy, self.confidence, self.metrics = cloud, policy, confidence, metrics
+        # Through a batcher, concurrent calls of one model are stacked into one run (here or on the endpoint).
+        self._infer_here = batcher.local if batcher is not None else registry.infer
+        self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else cloud.infer
+        self._log = logging.getLogger(f"edgefn.fn.{name}")
+        self._plan = threading.local()  # where this worker's current batch runs its inference
+
+    def plan(self, where: Where) -> None:
+        """Where the inference of the batch this worker runs next goes (the planner's decision)."""
+        self._plan.where = where
+
+    def state_get(self, key: str) -> bytes | None:
+        return self.state.get(self.name, key)
+
+    def state_set(self, key: str, value: bytes) -> None:
+        self.state.set(self.name, key, value)
+
+    def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
+        if self.cloud is not None and getattr(self._plan, "where", "local") == "cloud":
+            answer = self._on_cloud(model, inputs, "handed-off")
+            if answer is not None:
+                return answer, "cloud"
+        outputs = self._infer_here(model, inputs)
+        if self.cloud is not None and self.policy == "on-low-confidence" and _unsure(outputs, self.confidence):
+            answer = self._on_cloud(model, inputs, "asked-again")  # joint inference: the cloud's model decides
+            if answer is not None:
+                return answer, "cloud"
+        return outputs, "local"
+
+    def _on_cloud(self, model: str, inputs: list[Tensor], why: str) -> list[Tensor] | None:
+        """The cloud's answer, or None (breaker open, endpoint away or refusing): then it runs here."""
+        assert self._infer_there is not None
+        try:
+            answer = self._infer_there(model, inputs)
+        except CloudError as exc:
+            self._count("ran-here-instead")
+            self._log.debug("cloud inference of %s failed, running it here: %s", model, exc)
+            return None
+        self._count(why)
+        return answer
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.offload.labels(self.name, outcome).inc()
+
+    def log(self, level: int, message: str) -> None:
+        self._log.log(level if level in (10, 20, 30, 40, 50) else 20, "%s", message[:4096])
+
+
+def _unsure(outputs: list[Tensor], threshold: float) -> bool:
+    """Whether a local answer's top score is below `threshold` for any row (the first [N, classes]
+    float32 output holds the scores)."""
+    for dtype, shape, data in outputs:
+        if dtype == "float32" and len(shape) == 2 and shape[0] > 0 and shape[1] > 0:
+            scores = np.frombuffer(data, dtype="<f4").reshape(shape)
+            return bool(scores.max(axis=1).min() < threshold)
+    return False

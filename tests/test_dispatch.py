@@ -1,0 +1,228 @@
+"""The dispatch pieces alone, without a broker: the reorder buffer, batch taking, routing, the drain
+hand-over of a release swap, and the outbox's bookkeeping."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+from edgefn.dispatch.lanes import Lane, LoadedFunction, hand_over, retire
+from edgefn.dispatch.order import InOrder
+from edgefn.dispatch.router import Router
+from edgefn.dispatch.worker import take
+from edgefn.events import Event, Message
+from edgefn.functions.manifest import Manifest
+from edgefn.journal.inbox import Inbox
+from edgefn.journal.outbox import Outbox, Pending
+from edgefn.observe.metrics import Metrics
+from edgefn.observe.window import HealthWindow
+from edgefn.offload.planner import Planner
+
+
+def event(i: int, topic: str = "sensors/a/x") -> Event:
+    return Event(str(i), topic, b"%d" % i, time.time() * 1000)
+
+
+class Sandbox:
+    """Stands in for a FunctionSandbox where nothing runs in it: only close() is called."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def function(name: str = "f", topics: tuple[str, ...] = ("sensors/+/x",), workers: int = 1) -> LoadedFunction:
+    manifest = Manifest.model_validate({"function": {"name": name, "version": "1"}, "trigger": {"topics": list(topics)}})
+    return LoadedFunction(manifest, Sandbox(), [], Planner("never", 100, workers),  # type: ignore[arg-type]
+                          {"local": Lane("local", workers)}, HealthWindow())
+
+
+# -- the reorder buffer ---------------------------------------------------------------------------------
+def test_in_order_publishes_in_ticket_order_whatever_the_release_order():
+    order, q, published = InOrder(), queue.Queue(), []
+    for i in range(5):
+        order.queue(q, (i,))
+    tickets = [q.get()[1] for _ in range(5)]
+    assert tickets == [0, 1, 2, 3, 4]
+    for ticket in (3, 1, 4):
+        order.release(ticket, lambda t=ticket: published.append(t))
+    assert published == [] and order.waiting == 3
+    order.release(0, lambda: published.append(0))
+    assert published == [0, 1]
+    order.release(2, lambda: published.append(2))
+    assert published == [0, 1, 2, 3, 4] and order.waiting == 0
+
+
+def test_in_order_runs_each_ticket_once_and_a_given_up_ticket_publishes_nothing():
+    order, q, published = InOrder(), queue.Queue(), []
+    for i in range(3):
+        order.queue(q, (i,))
+    order.release(1, lambda: published.append(1))
+    order.release(1, lambda: published.append("again"))
+    order.release(0)  # given up: nothing to publish, the next may go
+    order.release(0, lambda: published.append("late"))
+    order.release(2, lambda: published.append(2))
+    assert published == [1, 2]
+
+
+def test_in_order_never_publishes_under_its_lock():
+    """A publish that blocks (the broker slow to acknowledge) must not hold up other workers queueing or
+    releasing: the deadlock found under overload came from a publish made under this lock."""
+    order, q = InOrder(), queue.Queue()
+    for i in range(3):
+        order.queue(q, (i,))
+    gate, published = threading.Event(), []
+
+    def blocking() -> None:
+        gate.wait(10)
+        published.append(0)
+
+    worker = threading.Thread(target=order.release, args=(0, blocking))
+    worker.start()
+    time.sleep(0.05)  # the worker now blocks in its publish
+    done = threading.Event()
+
+    def other() -> None:
+        order.queue(q, (3,))  # a new event queued...
+        order.release(1, lambda: published.append(1))  # ...and an answer released, both without waiting
+        done.set()
+
+    threading.Thread(target=other).start()
+    assert done.wait(2), "queue/release waited for a blocked publish"
+    assert published == []
+    gate.set()
+    worker.join(5)
+    assert published == [0, 1], "the blocked worker drained what was released meanwhile, in order"
+
+
+def test_in_order_keeps_order_with_many_workers():
+    order, q, published = InOrder(), queue.Queue(), []
+    n = 2000
+    for i in range(n):
+        order.queue(q, (i,))
+    items = [q.get() for _ in range(n)]
+
+    def work(mine: list) -> None:
+        for _, ticket in mine:
+            order.release(ticket, lambda t=ticket: published.append(t))
+
+    threads = [threading.Thread(target=work, args=(items[k::4][::-1] if k % 2 else items[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert published == list(range(n))
+
+
+# -- taking a batch -------------------------------------------------------------------------------------
+def test_take_returns_what_queued_up_to_max_batch():
+    q = queue.Queue()
+    for i in range(5):
+        q.put(i)
+    assert take(q, 3) == [0, 1, 2]
+    assert take(q, 3) == [3, 4]
+
+
+def test_take_stops_at_the_stop_mark_and_leaves_it_for_the_next_worker():
+    q = queue.Queue()
+    for item in (0, 1, None):
+        q.put(item)
+    assert take(q, 10) == [0, 1]
+    assert take(q, 10) is None
+    assert take(q, 10) is None, "every worker of the lane sees the stop mark"
+    assert q.get_nowait() is None
+
+
+# -- routing --------------------------------------------------------------------------------------------
+def test_router_delivers_to_each_triggered_function_and_answers_unrouted_events():
+    a, b = function("a", ("sensors/+/x",)), function("b", ("sensors/#",))
+    unrouted: list[Pending] = []
+    router = Router([a, b], lambda: False, unrouted.append)
+    router.deliver([event(1, "sensors/one/x"), event(2, "sensors/one/y"), event(3, "other/z")])
+    assert [item[0].id for item in list(a.local.queue.queue)] == ["1"]
+    assert [item[0].id for item in list(b.local.queue.queue)] == ["1", "2"]
+    shared = a.local.queue.queue[0][1]
+    assert shared is b.local.queue.queue[0][1] and shared.functions == 2, "one pending entry per event"
+    assert [p.event.id for p in unrouted] == ["3"]
+    assert router.filters() == ["sensors/#", "sensors/+/x"]
+
+
+def test_router_swap_starts_the_topic_cache_afresh():
+    a, b = function("a", ("sensors/+/x",)), function("b", ("sensors/+/x",))
+    router = Router([a], lambda: False, lambda p: None)
+    assert router.route("sensors/1/x") == [a]
+    with router.swap():
+        router.functions = [b]
+    assert router.route("sensors/1/x") == [b]
+
+
+# -- the drain hand-over of a swap ----------------------------------------------------------------------
+def test_hand_over_moves_queued_events_to_the_new_function_in_order():
+    old, new, gone = function("f"), function("f"), function("g")
+    for i in range(3):
+        old.local.put(event(i), Pending(event(i), 1))
+    gone.local.put(event(9), Pending(event(9), 1))
+    nothing: list[tuple[str, str]] = []
+    hand_over([(old, old.local), (gone, gone.local)], {"f": new},
+              lambda pending, fn: nothing.append((pending.event.id, fn.name)))
+    assert [item[0].id for item in list(new.local.queue.queue)] == ["0", "1", "2"]
+    assert [item[2] for item in list(new.local.queue.queue)] == [0, 1, 2], "new tickets in the new lane's order"
+    assert nothing == [("9", "g")], "a function the new release lacks answers with nothing"
+    assert old.local.queue.unfinished_tasks == 0 and gone.local.queue.unfinished_tasks == 0
+
+
+def test_retire_hands_over_past_the_deadline_and_closes_the_old_sandboxes():
+    old, new = function("f"), function("f")
+    old.local.put(event(1), Pending(event(1), 1))  # no worker takes it: the old function is stuck
+    stuck = threading.Thread(target=lambda: None)
+    stuck.start()
+    old.workers.append(stuck)
+    retire([old], [new], drain_timeout=0.05, answer_nothing=lambda p, f: None)
+    assert [item[0].id for item in list(new.local.queue.queue)] == ["1"]
+    assert old.sandbox.closed
+
+
+# -- the outbox's bookkeeping ---------------------------------------------------------------------------
+class Broker:
+    """Stands in for Connection.publish: records publishes; PUBACKs are given by the test."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, object, list]] = []
+
+    def publish(self, topic, payload, on_acked, props) -> None:
+        self.sent.append((topic, payload, on_acked, list(props)))
+
+
+def test_outbox_settles_answered_events_and_keeps_unacknowledged_outputs(tmp_path: Path):
+    store, broker, settled = Inbox(tmp_path / "inbox.sqlite"), Broker(), []
+    outbox = Outbox(store, broker.publish, Metrics(), on_settled=lambda n, b: settled.append((n, b)))
+    first, second = store.append("sensors/a/x", b"11"), store.append("sensors/a/x", b"2")
+    two_functions = Pending(first, 2)
+    outbox.answer(two_functions, [Message("results/a", b"r1")], [("edgefn-function", "f@1")])
+    assert outbox.unsettled() == 0, "one of two functions answered: the event stays"
+    outbox.answer(two_functions, [Message("results/b", b"r2")], [])
+    outbox.answer(Pending(second, 1), [], [])
+    assert outbox.awaiting_ack == 2
+    assert broker.sent[0][3] == [("edgefn-event", first.id), ("edgefn-function", "f@1")]
+    broker.sent[0][2](None)  # r1 acknowledged before the settle, r2 not
+    outbox.settle()
+    assert settled == [(2, 3)] and len(store) == 0
+    assert [m.topic for _, _, m in store.outbox()] == ["results/b"] and outbox.rows == 1
+    broker.sent[1][2](None)  # r2 acknowledged after the settle: its row leaves at the next one
+    outbox.settle()
+    assert store.outbox() == [] and outbox.rows == 0 and outbox.awaiting_ack == 0
+
+
+def test_outbox_replays_unsent_outputs_marked_as_possible_duplicates(tmp_path: Path):
+    store, broker = Inbox(tmp_path / "inbox.sqlite"), Broker()
+    e = store.append("sensors/a/x", b"1")
+    rows = store.settle([e.id], [(e.id, Message("results/a", b"r"))])
+    outbox = Outbox(store, broker.publish, Metrics(), on_settled=lambda n, b: None, rows=1)
+    outbox.replay(store.outbox())
+    assert broker.sent[0][3] == [("edgefn-event", e.id), ("edgefn-duplicate", "possible")]
+    broker.sent[0][2]("not authorized")  # refused: it stays in the outbox
+    outbox.settle()
+    assert [r for r, _, _ in store.outbox()] == rows
