@@ -69,8 +69,16 @@ class Settings(BaseSettings):
     durability: Literal["process", "full"] = Field(
         default="process", description="process: a journal commit survives a crash of the daemon (SIGKILL); full: "
         "also a power loss, at the cost of an fsync per commit.")
-    inbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Payload bytes held in the inbox before ingress stops acknowledging.")
-    inbox_max_events: int = Field(default=10_000, ge=1, description="Events held in the inbox before ingress stops acknowledging.")
+    inbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="Payload bytes journaled and not yet "
+                                 "answered (on disk) before ingress stops acknowledging.")
+    inbox_max_events: int = Field(default=200_000, ge=1, description="Events journaled and not yet answered (on disk) "
+                                  "before ingress stops acknowledging.")
+    stall_s: float = Field(default=30.0, gt=0, description="/healthz says stalled when work is pending and nothing "
+                           "was published or settled for this long.")
+    function_max_events: int = Field(default=1_000, ge=1, description="Events of one function held in memory; past "
+                                     "it they wait in the journal on disk, so a flood backs up only its function.")
+    function_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Payload bytes of one function held "
+                                    "in memory; past it they wait in the journal on disk.")
     fleet_url: str | None = Field(default=None, description="Fleet server (edgefn cloud serve --data): the device "
                                   "agent installs, checks and reports the releases it assigns.")
     device_id: str = Field(default_factory=socket.gethostname, description="This device's id in the fleet.")

@@ -37,6 +37,7 @@ from edgefn.journal.inbox import Inbox
 from edgefn.journal.outbox import Outbox
 from edgefn.mqtt.connection import Connection
 from edgefn.mqtt.ingress import Ingress
+from edgefn.observe.logs import RateLimited
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.observe.window import HealthWindow
 from edgefn.offload.breaker import BreakerState, CircuitBreaker
@@ -74,6 +75,8 @@ class Daemon:
         self.observe: ObserveServer | None = None
         self.agent: FleetAgent | None = None
         self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
+        self.housekeeping_problem: str | None = None  # why the last settle or commit failed (a full disk, ...)
+        self._housekeeping_log = RateLimited(log)
 
     @property
     def functions(self) -> list[LoadedFunction]:
@@ -91,23 +94,24 @@ class Daemon:
         self.loader = Loader(s, self.runtime, self.profile, self.state, self.cloud, self.metrics, self.fleet)
         self.registry, functions = self._load_active()
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:", durability=s.durability)
-        replay, unsent = self.inbox.pending(), self.inbox.outbox()
+        replay, unsent = self.inbox.heads(), self.inbox.outbox()
         if replay or unsent:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
         self.outbox = Outbox(self.inbox, lambda *a: self.connection.publish(*a), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
         self.router = Router(functions, self._under_pressure, self.outbox.done)
-        self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer)
+        self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
+                               refill=lambda fn: fn.refill(self.inbox.events, self._under_pressure()))
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
-                               max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(len(e.payload) for e in replay))
+                               max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay))
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,
                                      subscriptions_file=s.state_dir / "subscriptions.json")
         self.outbox.replay(unsent)  # queued by paho until connected, before any new answer
+        self.router.replay(replay)
         self.workers.start(self.functions)
-        self.router.deliver(replay)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="edgefn-housekeeping", daemon=True)
         self._housekeeper.start()
         self.connection.start()
@@ -133,7 +137,7 @@ class Daemon:
         self._swap.acquire()  # an activation in progress finishes first; none starts after this
         self.ingress.close()
         deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and (busy(self.router.lanes()) or self._unfinished()):
+        while time.monotonic() < deadline and (busy(self.functions) or self._unfinished()):
             time.sleep(0.01)
         self._stopping.set()
         stop_workers(self.router.lanes())
@@ -277,9 +281,23 @@ class Daemon:
     def wait_connected(self, timeout: float) -> None:
         self.connection.wait_connected(timeout)
 
+    def _trouble(self) -> tuple[str, str | None]:
+        """The daemon's status (ok, degraded, stalled) and why, when it is not ok."""
+        if self.housekeeping_problem is not None:
+            return "stalled", f"the journal cannot be written: {self.housekeeping_problem}"
+        pending = self.ingress.outstanding + self.ingress.held + self.outbox.awaiting_ack
+        idle = time.monotonic() - self.outbox.progress_at
+        if pending and idle > self.settings.stall_s:
+            return "stalled", f"{pending} events or answers pending, nothing published or settled for {idle:.0f} s"
+        if not self.connected:
+            return "degraded", self.broker_error or "connecting to the broker"
+        return "ok", None
+
     def health(self) -> dict:
+        status, problem = self._trouble()
         return {
-            "status": "ok" if self.connected else "degraded",
+            "status": status,
+            "problem": problem,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self.outbox.rows,
@@ -314,6 +332,12 @@ class Daemon:
                     self.metrics.inbox_depth.set(self.ingress.outstanding)
                     self.metrics.outbox_depth.set(self.outbox.rows)
                     self.metrics.broker_connected.set(1 if self.connected else 0)
-            except Exception:  # e.g. the disk is full: keep trying, loudly
-                log.exception("housekeeping failed; retrying")
+                    if self.housekeeping_problem is not None:  # a settle went through again
+                        log.warning("the journal can be written again (was: %s)", self.housekeeping_problem)
+                        self.housekeeping_problem = None
+                        self._housekeeping_log.clear("failed")
+            except Exception as exc:  # e.g. the disk is full: keep trying, loudly but not a line a tick
+                self.housekeeping_problem = f"{type(exc).__name__}: {exc}"
+                self._housekeeping_log.log(logging.ERROR, "failed", "housekeeping failed, retrying: %s",
+                                           self.housekeeping_problem, exc_info=True)
                 time.sleep(0.5)

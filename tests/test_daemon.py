@@ -506,3 +506,26 @@ def test_a_restart_with_other_triggers_drops_the_old_subscriptions_of_the_sessio
         assert second.metrics.events_received._value.get() == 1, "only the hostile event reached the daemon"
     finally:
         second.stop()
+
+
+def test_healthz_says_stalled_when_answers_wait_and_nothing_moves(broker, daemon, hostile_fn):
+    """Work pending and nothing published or settled for stall_s: /healthz says so (it said "ok" while
+    a deadlocked daemon published nothing for good), and it recovers by itself."""
+    d = daemon(hostile_fn, stall_s=1.0)
+    assert d.health()["status"] == "ok"
+    publish(broker.port, "sensors/dev1/hostile", [b"loop"])  # the guest spins until its 300 ms deadline
+    time.sleep(0.1)
+    os.kill(broker.pid, signal.SIGSTOP)  # the error answer then waits for a PUBACK that does not come
+    try:
+        deadline = time.monotonic() + 10
+        while d.health()["status"] != "stalled" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = d.health()
+        assert health["status"] == "stalled", health
+        assert "nothing published or settled" in health["problem"]
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while d.health()["status"] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d.health()["status"] == "ok" and d.health()["problem"] is None

@@ -11,6 +11,7 @@ from pathlib import Path
 from edgefn.dispatch.lanes import Lane, LoadedFunction, hand_over, retire
 from edgefn.dispatch.order import InOrder
 from edgefn.dispatch.router import Router
+from edgefn.dispatch.share import Share
 from edgefn.dispatch.worker import take
 from edgefn.events import Event, Message
 from edgefn.functions.manifest import Manifest
@@ -34,10 +35,15 @@ class Sandbox:
         self.closed = True
 
 
-def function(name: str = "f", topics: tuple[str, ...] = ("sensors/+/x",), workers: int = 1) -> LoadedFunction:
+def function(name: str = "f", topics: tuple[str, ...] = ("sensors/+/x",), workers: int = 1,
+             share: tuple[int, int] = (1000, 1 << 20)) -> LoadedFunction:
     manifest = Manifest.model_validate({"function": {"name": name, "version": "1"}, "trigger": {"topics": list(topics)}})
     return LoadedFunction(manifest, Sandbox(), [], Planner("never", 100, workers),  # type: ignore[arg-type]
-                          {"local": Lane("local", workers)}, HealthWindow())
+                          {"local": Lane("local", workers)}, HealthWindow(), Share(*share))
+
+
+def queued(fn: LoadedFunction) -> list[str]:
+    return [item[0].id for item in list(fn.local.queue.queue)]
 
 
 # -- the reorder buffer ---------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ def test_router_delivers_to_each_triggered_function_and_answers_unrouted_events(
     assert [item[0].id for item in list(b.local.queue.queue)] == ["1", "2"]
     shared = a.local.queue.queue[0][1]
     assert shared is b.local.queue.queue[0][1] and shared.functions == 2, "one pending entry per event"
-    assert [p.event.id for p in unrouted] == ["3"]
+    assert [p.event_id for p in unrouted] == ["3"]
     assert router.filters() == ["sensors/#", "sensors/+/x"]
 
 
@@ -160,28 +166,30 @@ def test_router_swap_starts_the_topic_cache_afresh():
 
 
 # -- the drain hand-over of a swap ----------------------------------------------------------------------
-def test_hand_over_moves_queued_events_to_the_new_function_in_order():
-    old, new, gone = function("f"), function("f"), function("g")
-    for i in range(3):
-        old.local.put(event(i), Pending(event(i), 1))
-    gone.local.put(event(9), Pending(event(9), 1))
+def test_hand_over_moves_what_the_old_function_holds_to_the_new_one_in_order():
+    old, new, gone = function("f", share=(2, 1 << 20)), function("f"), function("g")
+    for i in range(4):  # two in the lane, two parked past the share
+        old.offer(event(i), Pending.of(event(i), 1), False)
+    assert queued(old) == ["0", "1"] and len(old.share.parked) == 2
+    gone.offer(event(9), Pending.of(event(9), 1), False)
     nothing: list[tuple[str, str]] = []
-    hand_over([(old, old.local), (gone, gone.local)], {"f": new},
-              lambda pending, fn: nothing.append((pending.event.id, fn.name)))
-    assert [item[0].id for item in list(new.local.queue.queue)] == ["0", "1", "2"]
-    assert [item[2] for item in list(new.local.queue.queue)] == [0, 1, 2], "new tickets in the new lane's order"
+    hand_over([old, gone], {"f": new}, lambda pending, fn: nothing.append((pending.event_id, fn.name)))
+    assert [p.event_id for _, p in new.share.parked] == ["0", "1", "2", "3"], "parked with the new one, in order"
     assert nothing == [("9", "g")], "a function the new release lacks answers with nothing"
-    assert old.local.queue.unfinished_tasks == 0 and gone.local.queue.unfinished_tasks == 0
+    assert old.local.queue.unfinished_tasks == 0 and not old.share.parked and gone.local.queue.unfinished_tasks == 0
+    new.refill(lambda ids: [event(int(i)) for i in ids], False)
+    assert queued(new) == ["0", "1", "2", "3"]
+    assert [item[2] for item in list(new.local.queue.queue)] == [0, 1, 2, 3], "new tickets in the new lane's order"
 
 
 def test_retire_hands_over_past_the_deadline_and_closes_the_old_sandboxes():
     old, new = function("f"), function("f")
-    old.local.put(event(1), Pending(event(1), 1))  # no worker takes it: the old function is stuck
+    old.offer(event(1), Pending.of(event(1), 1), False)  # no worker takes it: the old function is stuck
     stuck = threading.Thread(target=lambda: None)
     stuck.start()
     old.workers.append(stuck)
     retire([old], [new], drain_timeout=0.05, answer_nothing=lambda p, f: None)
-    assert [item[0].id for item in list(new.local.queue.queue)] == ["1"]
+    assert [p.event_id for _, p in new.share.parked] == ["1"]
     assert old.sandbox.closed
 
 
@@ -200,11 +208,11 @@ def test_outbox_settles_answered_events_and_keeps_unacknowledged_outputs(tmp_pat
     store, broker, settled = Inbox(tmp_path / "inbox.sqlite"), Broker(), []
     outbox = Outbox(store, broker.publish, Metrics(), on_settled=lambda n, b: settled.append((n, b)))
     first, second = store.append("sensors/a/x", b"11"), store.append("sensors/a/x", b"2")
-    two_functions = Pending(first, 2)
+    two_functions = Pending.of(first, 2)
     outbox.answer(two_functions, [Message("results/a", b"r1")], [("edgefn-function", "f@1")])
     assert outbox.unsettled() == 0, "one of two functions answered: the event stays"
     outbox.answer(two_functions, [Message("results/b", b"r2")], [])
-    outbox.answer(Pending(second, 1), [], [])
+    outbox.answer(Pending.of(second, 1), [], [])
     assert outbox.awaiting_ack == 2
     assert broker.sent[0][3] == [("edgefn-event", first.id), ("edgefn-function", "f@1")]
     broker.sent[0][2](None)  # r1 acknowledged before the settle, r2 not
@@ -226,3 +234,47 @@ def test_outbox_replays_unsent_outputs_marked_as_possible_duplicates(tmp_path: P
     broker.sent[0][2]("not authorized")  # refused: it stays in the outbox
     outbox.settle()
     assert [r for r, _, _ in store.outbox()] == rows
+
+
+# -- a function's share of memory -------------------------------------------------------------------------
+def test_past_its_share_a_function_parks_events_and_reads_them_back_in_order():
+    fn = function(share=(3, 1 << 20))
+    journal = {str(i): event(i) for i in range(10)}
+    for i in range(10):
+        fn.offer(journal[str(i)], Pending.of(journal[str(i)], 1), False)
+    assert queued(fn) == ["0", "1", "2"] and len(fn.share.parked) == 7
+    fn.refill(lambda ids: [journal[i] for i in ids], False)
+    assert queued(fn) == ["0", "1", "2"], "no room yet: nothing read"
+    for _ in range(2):
+        fn.local.queue.get_nowait()
+    fn.share.freed(2, 2)
+    fn.refill(lambda ids: [journal[i] for i in ids], False)
+    assert queued(fn) == ["2", "3", "4"] and len(fn.share.parked) == 5
+
+
+def test_share_counts_bytes_and_always_takes_one_event_when_empty():
+    fn = function(share=(100, 1000))
+    big = Event("1", "sensors/a/x", b"x" * 5000, 0.0)
+    fn.offer(big, Pending.of(big, 1), False)
+    assert queued(fn) == ["1"], "an event larger than the share still runs, alone"
+    small = Event("2", "sensors/a/x", b"y", 0.0)
+    fn.offer(small, Pending.of(small, 1), False)
+    assert [p.event_id for _, p in fn.share.parked] == ["2"] and fn.share.bytes == 5000
+
+
+def test_a_flood_of_one_function_does_not_hold_up_another():
+    flooded, quiet = function("a", ("flood/#",), share=(5, 1 << 20)), function("b", ("quiet/#",))
+    router = Router([flooded, quiet], lambda: False, lambda p: None)
+    router.deliver([event(i, "flood/x") for i in range(1000)] + [event(1000, "quiet/x")])
+    assert len(queued(flooded)) == 5 and len(flooded.share.parked) == 995
+    assert queued(quiet) == ["1000"], "the quiet function's event is in its lane at once"
+
+
+def test_replay_parks_everything_and_refill_reads_the_payloads_back():
+    fn = function(share=(2, 1 << 20))
+    router = Router([fn], lambda: False, lambda p: None)
+    router.replay([(Event(str(i), "sensors/a/x", b"", 0.0, replayed=True), 1) for i in range(3)])
+    assert queued(fn) == [] and len(fn.share.parked) == 3
+    fn.refill(lambda ids: [event(int(i)) for i in ids], False)
+    items = list(fn.local.queue.queue)
+    assert [(e.id, e.payload, e.replayed) for e, _, _ in items] == [("0", b"0", True), ("1", b"1", True)]

@@ -13,10 +13,12 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgefn.dispatch.order import InOrder
+from edgefn.dispatch.share import Share
 from edgefn.events import Event
 from edgefn.functions.manifest import Manifest
 from edgefn.functions.sandbox import FunctionSandbox
@@ -27,6 +29,7 @@ from edgefn.offload.planner import Planner, Where
 log = logging.getLogger("edgefn.dispatch")
 
 Item = tuple[Event, Pending, int]  # an event, its pending entry, its ticket in the lane's order
+ReadEvents = Callable[[list[str]], list[Event]]  # whole events from the journal, by id (Inbox.events)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class LoadedFunction:
     planner: Planner
     lanes: dict[str, Lane]
     window: HealthWindow
+    share: Share
     workers: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -63,10 +67,48 @@ class LoadedFunction:
     def local(self) -> Lane:
         return self.lanes["local"]
 
+    def offer(self, event: Event, pending: Pending, under_pressure: bool) -> None:
+        """Into a lane (where the planner says) while the function's share has room; else parked, and
+        so is every later event until the parked ones have had their turn (arrival order is kept)."""
+        with self.share.lock:
+            if self.share.parked or not self.share.has_room(pending.size):
+                self.share.parked.append((event.topic, pending))
+            else:
+                self._into_lane(event, pending, under_pressure)
 
-def busy(lanes: list[Lane]) -> bool:
-    """Whether any of these lanes still holds an event not finished."""
-    return any(lane.queue.unfinished_tasks for lane in lanes)
+    def refill(self, read: ReadEvents, under_pressure: bool) -> None:
+        """Bring parked events back from disk into the lanes, oldest first, as far as the share has room."""
+        with self.share.lock:
+            heads: list[Pending] = []
+            room = self.share.max_events - self.share.events
+            nbytes = self.share.bytes
+            while self.share.parked and len(heads) < room:
+                size = self.share.parked[0][1].size
+                if heads or self.share.events:  # an empty share takes one event whatever its size
+                    if nbytes + size > self.share.max_bytes:
+                        break
+                heads.append(self.share.parked.popleft()[1])
+                nbytes += size
+            if not heads:
+                return
+            events = {e.id: e for e in read([p.event_id for p in heads])}
+            for pending in heads:
+                event = events.get(pending.event_id)
+                if event is None:  # not in the journal (a replay raced a settle): nothing left to do
+                    continue
+                self._into_lane(replace(event, replayed=pending.replayed), pending, under_pressure)
+
+    def _into_lane(self, event: Event, pending: Pending, under_pressure: bool) -> None:
+        cloud = self.lanes.get("cloud")
+        where = self.planner.admit(self.local.queue.qsize(), under_pressure,
+                                   cloud.queue.qsize() if cloud is not None else 0)
+        self.share.took(pending.size)
+        self.lanes.get(where, self.local).put(event, pending)
+
+
+def busy(functions: list[LoadedFunction]) -> bool:
+    """Whether any of these functions still holds an event not finished (in a lane or parked on disk)."""
+    return any(fn.share.parked or any(lane.queue.unfinished_tasks for lane in fn.lanes.values()) for fn in functions)
 
 
 def stop_workers(lanes: list[Lane]) -> None:
@@ -84,10 +126,10 @@ def retire(old: list[LoadedFunction], new: list[LoadedFunction], drain_timeout: 
     function of the same name, or is answered with nothing where the new release has none."""
     deadline = time.monotonic() + drain_timeout
     lanes = [(fn, lane) for fn in old for lane in fn.lanes.values()]
-    while busy([lane for _, lane in lanes]):
+    while busy(old):
         if time.monotonic() > deadline:
             log.error("old functions still busy after %.0f s: their queued events go to the new ones", drain_timeout)
-            hand_over(lanes, {fn.name: fn for fn in new}, answer_nothing)
+            hand_over(old, {fn.name: fn for fn in new}, answer_nothing)
             break
         time.sleep(0.01)
     stop_workers([lane for _, lane in lanes])
@@ -97,22 +139,31 @@ def retire(old: list[LoadedFunction], new: list[LoadedFunction], drain_timeout: 
         fn.sandbox.close()
 
 
-def hand_over(lanes: list[tuple[LoadedFunction, Lane]], new: dict[str, LoadedFunction],
-              answer_nothing: AnswerNothing) -> None:
-    """Move what the old lanes still queue to the new function of the same name (its local lane),
-    in order; an event whose function the new release lacks is answered with nothing."""
-    for fn, lane in lanes:
-        while True:
-            try:
-                item = lane.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                event, pending, ticket = item
-                lane.order.release(ticket)  # its place in the old order: given up, nothing published
-                successor = new.get(fn.name)
-                if successor is not None:
-                    successor.local.put(event, pending)
-                else:
-                    answer_nothing(pending, fn)
-            lane.queue.task_done()
+def hand_over(old: list[LoadedFunction], new: dict[str, LoadedFunction], answer_nothing: AnswerNothing) -> None:
+    """Move what the old functions still hold (queued in their lanes, then parked) to the parked events
+    of the new function of the same name, in arrival order; an event whose function the new release
+    lacks is answered with nothing."""
+    for fn in old:
+        held: list[tuple[str, Pending]] = []
+        for lane in fn.lanes.values():
+            while True:
+                try:
+                    item = lane.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    event, pending, ticket = item
+                    lane.order.release(ticket)  # its place in the old order: given up, nothing published
+                    held.append((event.topic, pending))
+                lane.queue.task_done()
+        with fn.share.lock:
+            held += fn.share.parked
+            fn.share.parked = deque()
+        held.sort(key=lambda parked: int(parked[1].event_id))  # journal ids follow arrival order
+        successor = new.get(fn.name)
+        if successor is not None:
+            with successor.share.lock:
+                successor.share.parked.extend(held)
+        else:
+            for _, pending in held:
+                answer_nothing(pending, fn)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgefn.config import Settings
 from edgefn.dispatch.lanes import Lane, LoadedFunction
+from edgefn.dispatch.share import Share
 from edgefn.errors import EdgefnError
 from edgefn.fleet.store import FleetStore, Release
 from edgefn.functions.build import discover, runnable_component
@@ -102,7 +103,8 @@ class Loader:
         planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
                           cloud_workers=s.cloud_workers or 1)
         log.info("function %s %s from %s", manifest.name, manifest.version, folder)
-        return LoadedFunction(manifest, sandbox, properties, planner, lanes, window)
+        return LoadedFunction(manifest, sandbox, properties, planner, lanes, window,
+                              Share(s.function_max_events, s.function_max_bytes))
 
     def _policy(self, manifest: Manifest) -> Policy:
         """--offload, else the manifest's, else on-overload where an endpoint is configured."""

@@ -45,19 +45,29 @@ class Router:
         return hit
 
     def deliver(self, events: list[Event]) -> None:
-        """Hand journaled events to a lane of each function they trigger."""
+        """Hand journaled events to each function they trigger: into a lane, or parked past its share."""
         with self._lock:
             pressure = self._under_pressure()
             for event in events:
                 routes = self.route(event.topic)
-                pending = Pending(event, len(routes))
+                pending = Pending.of(event, len(routes))
                 if not routes:
                     self._unrouted(pending)
                 for fn in routes:
-                    cloud = fn.lanes.get("cloud")
-                    where = fn.planner.admit(fn.local.queue.qsize(), pressure,
-                                             cloud.queue.qsize() if cloud is not None else 0)
-                    fn.lanes.get(where, fn.local).put(event, pending)
+                    fn.offer(event, pending, pressure)
+
+    def replay(self, heads: list[tuple[Event, int]]) -> None:
+        """Events journaled before a restart (without their payloads: event, size), parked with each
+        function they trigger; its workers read them back from disk as they have room."""
+        with self._lock:
+            for event, size in heads:
+                routes = self.route(event.topic)
+                pending = Pending.of(event, len(routes), size)
+                if not routes:
+                    self._unrouted(pending)
+                for fn in routes:
+                    with fn.share.lock:
+                        fn.share.parked.append((event.topic, pending))
 
     @contextmanager
     def swap(self) -> Iterator[None]:

@@ -79,8 +79,10 @@ class Workers:
     """Starts and runs the workers of every lane; what they share: the payload bound, the metrics,
     and where answers go (the outbox)."""
 
-    def __init__(self, max_payload_bytes: int, metrics: Metrics, answer: Answer):
+    def __init__(self, max_payload_bytes: int, metrics: Metrics, answer: Answer,
+                 refill: Callable[[LoadedFunction], None]):
         self.max_payload_bytes, self.metrics, self._answer = max_payload_bytes, metrics, answer
+        self._refill = refill  # parked events of a function back into its lanes, as far as it has room
 
     def start(self, functions: list[LoadedFunction]) -> None:
         for fn in functions:
@@ -90,6 +92,7 @@ class Workers:
                                               name=f"edgefn-{fn.name}-{lane.where}-{i}")
                     thread.start()
                     fn.workers.append(thread)
+            self._refill(fn)  # what a restart or a hand-over parked
 
     def loop(self, fn: LoadedFunction, lane: Lane) -> None:
         while True:
@@ -103,8 +106,11 @@ class Workers:
                 for _, _, ticket in batch:
                     lane.order.release(ticket)  # unanswered: they run again after a restart
             finally:
+                fn.share.freed(len(batch), sum(pending.size for _, pending, _ in batch))
                 for _ in batch:
                     lane.queue.task_done()
+                if fn.share.parked:
+                    self._refill(fn)
 
     def process(self, fn: LoadedFunction, lane: Lane, batch: list[Item]) -> None:
         limit = self.max_payload_bytes

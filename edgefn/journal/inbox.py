@@ -109,6 +109,25 @@ class Inbox:
         return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True)
                 for seq, topic, payload, received_ms in rows]
 
+    def heads(self) -> list[tuple[Event, int]]:
+        """Events not yet answered, in arrival order, without their payloads (event, payload size):
+        what a restart routes; the payloads are read as the functions have room (`events`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, topic, length(payload), received_ms FROM inbox ORDER BY seq").fetchall()
+        return [(Event(str(seq), topic, b"", received_ms, replayed=True), size) for seq, topic, size, received_ms in rows]
+
+    def events(self, ids: list[str]) -> list[Event]:
+        """The journaled events with these ids, whole, in the order asked (an id no longer there is left out)."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms FROM inbox WHERE seq IN ({marks})",
+                                    [int(i) for i in ids]).fetchall()
+        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms)
+                 for seq, topic, payload, received_ms in rows}
+        return [found[i] for i in ids if i in found]
+
     def outbox(self) -> list[tuple[int, str, Message]]:
         """Outputs not yet delivered (row id, event id, message), in the order they were answered."""
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,12 +42,19 @@ class Output:
 
 @dataclass(eq=False)
 class Pending:
-    """An event until every function it went to has answered."""
+    """An event until every function it went to has answered. It holds no payload: an event that
+    waits for room in its functions' lanes waits on disk only."""
 
-    event: Event
+    event_id: str
+    replayed: bool  # run again after a restart: its outputs may have reached subscribers before
+    size: int  # payload bytes (the inbox's bound counts them)
     functions: int  # functions still working on it
     outputs: list[Output] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def of(cls, event: Event, functions: int, size: int | None = None) -> Pending:
+        return cls(event.id, event.replayed, len(event.payload) if size is None else size, functions)
 
     def answered(self, outputs: list[Output]) -> bool:
         """One function has answered with these outputs; True when it was the last one."""
@@ -67,6 +75,7 @@ class Outbox:
         self._delivered: list[int] = []
         self._awaiting_ack = 0  # outputs published and not yet acknowledged (nor refused)
         self.rows = rows  # outputs in the outbox table
+        self.progress_at = time.monotonic()  # the last PUBACK or settle: what tells a stall from a quiet spell
         self._lock = threading.Lock()
 
     @property
@@ -81,9 +90,9 @@ class Outbox:
     def answer(self, pending: Pending, messages: list[Message], properties: Sequence[tuple[str, str]]) -> None:
         """One function's answer to a pending event: publish its messages; the event settles once
         every function it went to has answered."""
-        outputs = [Output(pending.event.id, m) for m in messages]
+        outputs = [Output(pending.event_id, m) for m in messages]
         for out in outputs:
-            self.send(out, pending.event.replayed, properties)
+            self.send(out, pending.replayed, properties)
         if pending.answered(outputs):
             self.done(pending)
 
@@ -112,6 +121,7 @@ class Outbox:
     def _acked(self, out: Output, refused: str | None) -> None:
         with self._lock:
             self._awaiting_ack -= 1
+            self.progress_at = time.monotonic()
             if refused is None:
                 out.acked = True
                 if out.row is not None:
@@ -134,7 +144,7 @@ class Outbox:
         if not answered and not delivered:
             return
         try:
-            rows = self._store.settle([p.event.id for p in answered],
+            rows = self._store.settle([p.event_id for p in answered],
                                       [(out.event_id, out.message) for out in undelivered], delivered)
         except Exception:
             with self._lock:  # try again next time
@@ -147,4 +157,5 @@ class Outbox:
                 if out.acked:  # acknowledged while the transaction ran
                     self._delivered.append(row)
             self.rows += len(rows) - len(delivered)
-        self._on_settled(len(answered), sum(len(p.event.payload) for p in answered))
+            self.progress_at = time.monotonic()
+        self._on_settled(len(answered), sum(p.size for p in answered))

@@ -80,6 +80,12 @@ class LocalBroker:
         time.sleep(down_for)
         self.start()
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id (tests stop and continue it to play a broker that hangs)."""
+        assert self._proc is not None, "the broker is not running"
+        return self._proc.pid
+
     def log_text(self) -> str:
         return (Path(self._dir.name) / "mosquitto.log").read_text(errors="replace")
 

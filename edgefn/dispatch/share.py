@@ -1,0 +1,41 @@
+"""A function's share of the daemon's memory: the events (and their payload bytes) in its lanes.
+
+Every event is journaled on disk before it is acknowledged; only a bounded number of each
+function's events are also held in memory, in its lanes. Past its share, a function's events wait
+on disk only (parked: an id and a size each) and are read back in arrival order as its workers free
+room. So a flood of one function backs up only that function, and memory stays bounded in bytes
+whatever the payloads weigh; the journal's own bound (on disk) is the ingress's business.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from edgefn.journal.outbox import Pending
+
+
+class Share:
+    """The in-memory share of one function, and the events parked past it (guarded by `lock`)."""
+
+    def __init__(self, max_events: int, max_bytes: int):
+        self.max_events, self.max_bytes = max_events, max_bytes
+        self.lock = threading.Lock()
+        self.events = 0
+        self.bytes = 0
+        self.parked: deque[tuple[str, Pending]] = deque()  # (topic, pending) in arrival order, payload on disk
+
+    def has_room(self, size: int) -> bool:
+        """Room for one more event of `size` bytes (an empty share always has room: no event is too big)."""
+        if self.events == 0:
+            return True
+        return self.events < self.max_events and self.bytes + size <= self.max_bytes
+
+    def took(self, size: int) -> None:
+        self.events += 1
+        self.bytes += size
+
+    def freed(self, events: int, size: int) -> None:
+        with self.lock:
+            self.events -= events
+            self.bytes -= size
