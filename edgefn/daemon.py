@@ -27,7 +27,7 @@ from edgefn.dispatch.lanes import LoadedFunction, busy, retire, stop_workers
 from edgefn.dispatch.loader import Loader
 from edgefn.dispatch.router import Router
 from edgefn.dispatch.worker import Workers, error_message
-from edgefn.errors import FunctionError
+from edgefn.errors import FunctionError, StorageError
 from edgefn.events import Event
 from edgefn.fleet.store import FleetStore, Release
 from edgefn.functions.sandbox import Runtime
@@ -283,6 +283,8 @@ class Daemon:
 
     def _trouble(self) -> tuple[str, str | None]:
         """The daemon's status (ok, degraded, stalled) and why, when it is not ok."""
+        if self.inbox.problem is not None:  # a full disk: nothing new is taken until there is room again
+            return "degraded", self.inbox.problem
         if self.housekeeping_problem is not None:
             return "stalled", f"the journal cannot be written: {self.housekeeping_problem}"
         pending = self.ingress.outstanding + self.ingress.held + self.outbox.awaiting_ack
@@ -298,6 +300,9 @@ class Daemon:
         return {
             "status": status,
             "problem": problem,
+            "journal": self.inbox.problem or "ok",
+            "journal_damage": self.inbox.damage,
+            "state_damage": self.state.damage,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self.outbox.rows,
@@ -327,6 +332,7 @@ class Daemon:
                 tick += 1
                 if tick % _SENSORS_EVERY == 0:
                     self._read_sensors()
+                    self.inbox.checkpoint()  # the WAL shrinks, the disk reserve comes back once there is room
                 if tick % _SETTLE_EVERY == 0:
                     self.outbox.settle()
                     self.metrics.inbox_depth.set(self.ingress.outstanding)
@@ -336,7 +342,10 @@ class Daemon:
                         log.warning("the journal can be written again (was: %s)", self.housekeeping_problem)
                         self.housekeeping_problem = None
                         self._housekeeping_log.clear("failed")
-            except Exception as exc:  # e.g. the disk is full: keep trying, loudly but not a line a tick
+            except StorageError as exc:  # the journal has said so in one line; health shows it
+                self.housekeeping_problem = str(exc)
+                time.sleep(0.5)
+            except Exception as exc:  # a bug or an I/O error: keep trying, loudly but not a line a tick
                 self.housekeeping_problem = f"{type(exc).__name__}: {exc}"
                 self._housekeeping_log.log(logging.ERROR, "failed", "housekeeping failed, retrying: %s",
                                            self.housekeeping_problem, exc_info=True)

@@ -10,6 +10,8 @@ at the module that talks to that layer.
     ├── BrokerError          the MQTT broker refused or dropped the connection
     ├── CloudError           the cloud inference endpoint refused a request or answered nonsense
     │   └── CloudUnavailable the endpoint gave no answer: circuit breaker open, unreachable, timed out, 5xx
+    ├── StorageError         the journal or the function state cannot be written or read
+    │   └── DiskFull         no space left: the write was refused whole, nothing half-written
     └── FunctionError        an event the function could not handle (goes to edgefn/errors/<fn>)
         ├── GuestError       the guest answered with an error (bad payload, ...)
         ├── GuestTrap        the guest trapped (a bug, a stack overflow)
@@ -60,6 +62,14 @@ class CloudError(EdgefnError):
 
 class CloudUnavailable(CloudError):
     """No answer from the cloud endpoint (breaker open, connection failed, timed out, 5xx): run it here instead."""
+
+
+class StorageError(EdgefnError):
+    """A state file (the journal, function state) that cannot be written or read; one line, naming the file."""
+
+
+class DiskFull(StorageError):
+    """No space left for a write; the transaction was rolled back whole. Resumes once space returns."""
 
 
 class FleetError(EdgefnError):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from edgefn.errors import DiskFull
 from edgefn.events import Message
 from edgefn.journal.inbox import Inbox
+from tests.conftest import fill
 
 
 def test_inbox_keeps_pending_events_across_reopen(tmp_path: Path):
@@ -73,3 +77,118 @@ def test_inbox_durability_full_syncs_every_commit(tmp_path: Path, monkeypatch):
         assert inbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Inbox(tmp_path / "inbox.sqlite") as inbox:
         assert inbox._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+# --- a full disk ------------------------------------------------------------------------------------
+
+
+def test_full_disk_refuses_new_events_whole_and_still_settles(small_disk: Path, caplog: pytest.LogCaptureFixture):
+    inbox = Inbox(small_disk / "inbox.sqlite", reserve_bytes=512 * 1024)
+    try:
+        events = inbox.append_many([("sensors/a/x", os.urandom(1000), 0.0) for _ in range(300)])
+        filler = fill(small_disk)
+        with pytest.raises(DiskFull, match="disk full"):
+            inbox.append_many([("sensors/a/x", os.urandom(1000), 0.0) for _ in range(50)])
+        assert len(inbox) == 300  # nothing half-written
+        assert "disk full" in (inbox.problem or "")
+        inbox.settle([e.id for e in events[:250]], [(events[0].id, Message("results/a", b"r"))])  # the reserve pays
+        assert len(inbox) == 50 and len(inbox.outbox()) == 1
+        with pytest.raises(DiskFull):  # what the reserve gave back stays for settling
+            inbox.append("sensors/a/x", b"new")
+        inbox.checkpoint()
+        assert inbox.problem is not None
+
+        filler.unlink()
+        inbox.checkpoint()
+        assert inbox.problem is None
+        assert int(inbox.append("sensors/a/x", b"new").id) > int(events[-1].id)
+        assert (small_disk / "inbox.sqlite.reserve").stat().st_size == 512 * 1024
+    finally:
+        inbox.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and not errors[0].exc_info  # one line, not a traceback per try
+
+
+def test_full_disk_at_open_refuses_events_until_space_returns(small_disk: Path):
+    filler = fill(small_disk)
+    filler_size = filler.stat().st_size
+    os.truncate(filler, filler_size - 256 * 1024)  # room for the journal's files, not for its reserve
+    with Inbox(small_disk / "inbox.sqlite", reserve_bytes=512 * 1024) as inbox:
+        assert "disk full" in (inbox.problem or "")
+        with pytest.raises(DiskFull):
+            inbox.append("sensors/a/x", b"x")
+        filler.unlink()
+        inbox.append("sensors/a/x", b"x")
+        assert inbox.problem is None
+
+
+def test_checkpoint_shrinks_an_empty_journal(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    with Inbox(path) as inbox:
+        events = inbox.append_many([("sensors/a/x", os.urandom(1000), 0.0) for _ in range(2000)])
+        inbox.checkpoint()  # not empty: the WAL is copied back, the file keeps its events
+        full_size = path.stat().st_size
+        assert full_size > 2_000_000
+        inbox.settle([e.id for e in events], [])
+        inbox.checkpoint()
+        assert path.with_name("inbox.sqlite-wal").stat().st_size == 0
+        assert path.stat().st_size < full_size // 10
+
+
+# --- damaged and lost journals ---------------------------------------------------------------------
+
+
+def _journal_with_200_events(path: Path) -> list[str]:
+    with Inbox(path) as inbox:
+        return [e.id for e in inbox.append_many([("sensors/a/x", os.urandom(500), 0.0) for _ in range(200)])]
+
+
+def _garble(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "header":
+        data[:100] = os.urandom(100)
+    elif how == "middle":
+        middle = len(data) // 2
+        data[middle:middle + 4096] = os.urandom(4096)
+    else:  # truncated
+        data = data[:len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["header", "middle", "truncated"])
+def test_damaged_journal_is_moved_aside_and_a_fresh_one_started(tmp_path: Path, how: str,
+                                                                caplog: pytest.LogCaptureFixture):
+    path = tmp_path / "inbox.sqlite"
+    ids = _journal_with_200_events(path)
+    _garble(path, how)
+    with Inbox(path) as inbox:
+        assert inbox.pending() == []
+        assert int(inbox.append("sensors/a/x", b"new").id) > int(ids[-1])  # ids are never reused
+        assert "damaged" in (inbox.damage or "") and "200 unanswered events" in inbox.damage
+    [aside] = tmp_path.glob("inbox.sqlite.damaged-*")
+    assert aside.stat().st_size > 0
+    [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "\n" not in error and aside.name in error
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_journal_that_went_back_is_reported_as_events_lost(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture):
+    path = tmp_path / "inbox.sqlite"
+    ids = _journal_with_200_events(path)
+    if how == "emptied":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+    with Inbox(path) as inbox:
+        assert "200 unanswered events" in (inbox.damage or "") and "lost" in inbox.damage
+        assert int(inbox.append("sensors/a/x", b"new").id) > int(ids[-1])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [inbox.damage]
+    with Inbox(path) as inbox:  # reported once: the journal is whole again
+        assert inbox.damage is None
+
+
+def test_whole_journal_reports_no_damage(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    _journal_with_200_events(path)
+    with Inbox(path) as inbox:
+        assert inbox.damage is None and inbox.problem is None and len(inbox) == 200

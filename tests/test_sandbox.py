@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import wasmtime
 from sklearn.datasets import load_digits
+from wasmtime import component as wc
 
 from edgefn.errors import (
     FunctionError,
@@ -27,7 +33,7 @@ from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
-from tests.conftest import MODELS
+from tests.conftest import MODELS, fill
 
 OUTPUT_KEYS = {"event_id", "label", "score", "function", "version", "ran_on", "latency_ms"}
 
@@ -407,3 +413,97 @@ def test_state_past_its_bound_traps_with_the_reason(hostile: FunctionSandbox):
     with pytest.raises(GuestTrap, match="64 KiB"):
         misdeed(hostile, "bigstate")
     assert_ok(hostile)
+
+
+# --- damaged, interrupted and uncached compiles ----------------------------------------------------
+
+ANSWER_WAT = """(component
+  (core module $m (func (export "f") (result i32) i32.const 42))
+  (core instance $i (instantiate $m))
+  (func (export "answer") (result u32) (canon lift (core func $i "f"))))"""
+
+LOAD_AND_CALL = """
+import sys
+from pathlib import Path
+import wasmtime
+from wasmtime import component as wc
+from edgefn.functions.sandbox import Runtime
+with Runtime(Path(sys.argv[1])) as runtime:
+    component = runtime.load(Path(sys.argv[2]))
+    store = wasmtime.Store(runtime.engine)
+    store.set_epoch_deadline(1000)
+    print(wc.Linker(runtime.engine).instantiate(store, component).get_func(store, "answer")(store))
+"""
+
+
+@pytest.fixture()
+def answer_wasm(tmp_path: Path) -> Path:
+    """A tiny real component (compiles in milliseconds) whose export `answer` returns 42."""
+    wasm = tmp_path / "answer.wasm"
+    wasm.write_bytes(bytes(wasmtime.wat2wasm(ANSWER_WAT)))
+    return wasm
+
+
+def _garble_code(artifact: Path) -> None:
+    """Zero the machine code (the ELF `.text` section) of a compiled artifact, header and layout kept."""
+    data = bytearray(artifact.read_bytes())
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shnum, shstrndx = struct.unpack_from("<HH", data, 0x3C)
+    sections = [struct.unpack_from("<I4xQQQQ", data, shoff + 64 * i) for i in range(shnum)]
+    names = sections[shstrndx][3]
+    for name, _flags, _addr, offset, size in sections:
+        if data[names + name:data.index(b"\0", names + name)] == b".text":
+            data[offset:offset + size] = bytes(size)
+    artifact.write_bytes(bytes(data))
+
+
+def test_component_cache_damaged_code_is_compiled_again_not_run(tmp_path: Path, answer_wasm: Path):
+    cache = tmp_path / "components"
+    with Runtime(cache) as runtime:
+        runtime.load(answer_wasm)
+    [artifact] = _cached(cache, answer_wasm)
+    _garble_code(artifact)
+    # In a child: mapping and running damaged code kills the process (SIGSEGV, SIGILL).
+    child = subprocess.run([sys.executable, "-c", LOAD_AND_CALL, str(cache), str(answer_wasm)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, f"the runtime ran a damaged artifact (exit status {child.returncode})"
+    assert child.stdout.strip() == "42"
+    assert f"{artifact.name}: not mapped (its bytes do not match its checksum)" in child.stderr
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == artifact.with_name(artifact.name + ".sha256").read_text()
+
+
+def test_runtime_removes_what_an_interrupted_compile_left(tmp_path: Path):
+    cache = tmp_path / "components"
+    cache.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = cache / f"{'0' * 32}-wasmtime50.cwasm.{gone.pid}.tmp"
+    left.write_bytes(b"half a compiled component")
+    with Runtime(cache):
+        assert not left.exists()
+
+
+def test_component_on_a_full_disk_runs_uncached_and_leaves_nothing_behind(small_disk: Path, answer_wasm: Path):
+    cache = small_disk / "components"
+    cache.mkdir()
+    fill(small_disk)
+    with Runtime(cache) as runtime:
+        component = runtime.load(answer_wasm)
+        store = wasmtime.Store(runtime.engine)
+        store.set_epoch_deadline(1000)
+        assert wc.Linker(runtime.engine).instantiate(store, component).get_func(store, "answer")(store) == 42
+    assert list(cache.iterdir()) == []
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_cold_load_compiles_outside_the_daemon_process(tmp_path: Path, digits_fn: Path):
+    wasm = component_path(digits_fn, load_manifest(digits_fn))
+    with Runtime(tmp_path / "components") as fresh:
+        before = _rss_mb()
+        fresh.load(wasm)  # ~8 s of compiling, ~450 MB at its peak: in a child
+        grown = _rss_mb() - before
+    assert grown < 60, f"the daemon's RSS grew by {grown:.0f} MB across a cold load"

@@ -34,6 +34,8 @@ from edgefn.errors import (
     OutputRejected,
 )
 from edgefn.events import Event, Message
+from edgefn.files import remove_leftovers
+from edgefn.functions import compile as compiler
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
 from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
@@ -58,10 +60,10 @@ class Runtime:
     """The process-wide wasmtime engine, its epoch ticker and the compiled-component cache."""
 
     def __init__(self, cache_dir: Path):
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        self.engine = wasmtime.Engine(config)
+        self.engine = compiler.engine()
         self.cache_dir = Path(cache_dir)
+        if self.cache_dir.is_dir() and (left := remove_leftovers(self.cache_dir)):
+            log.info("removed %d unfinished files an interrupted compile left in %s", len(left), self.cache_dir)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="edgefn-epoch", daemon=True)
         self._ticker.start()
@@ -71,23 +73,38 @@ class Runtime:
             self.engine.increment_epoch()
 
     def load(self, wasm: Path) -> wc.Component:
-        """The component for `wasm`, compiled for this CPU once and then mapped from the cache."""
+        """The component for `wasm`, compiled for this CPU once, in a child process, then mapped from
+        the cache. Compiling peaks at hundreds of MB: in the daemon, that would stay in its RSS."""
         digest = hashlib.sha256(Path(wasm).read_bytes()).hexdigest()[:32]
         cached = self.cache_dir / f"{digest}-wasmtime{_WASMTIME_VERSION}.cwasm"
-        if cached.exists():
+        if cached.exists() and (component := self._mapped(cached)) is not None:
+            return component
+        try:
+            compiler.compile_in_child(Path(wasm), cached)
+        except OSError as exc:  # a full or read-only disk: run it uncached rather than not at all
+            log.error("%s: cannot cache the compiled component (%s); compiling it in the daemon", wasm, exc)
+            try:
+                return wc.Component.from_file(self.engine, str(wasm))
+            except wasmtime.WasmtimeError as error:
+                raise BuildError(f"{wasm}: not a loadable component: {error}") from None
+        component = self._mapped(cached)
+        if component is None:
+            raise BuildError(f"{wasm}: its freshly compiled artifact does not load")
+        return component
+
+    def _mapped(self, cached: Path) -> wc.Component | None:
+        """The cached artifact mapped, if it is whole; a damaged one is removed (to be compiled again):
+        mapping one can kill the process before any error can be caught."""
+        problem = compiler.problem_with(cached)
+        if problem is None:
             try:
                 return wc.Component.deserialize_file(self.engine, str(cached))
-            except wasmtime.WasmtimeError:
-                cached.unlink(missing_ok=True)  # stale or truncated: compile again
-        try:
-            component = wc.Component.from_file(self.engine, str(wasm))
-        except wasmtime.WasmtimeError as exc:
-            raise BuildError(f"{wasm}: not a loadable component: {exc}") from None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(component.serialize())
-        tmp.replace(cached)  # atomic: a reader never maps a half-written artifact
-        return component
+            except wasmtime.WasmtimeError as exc:  # another wasmtime's, or another CPU's
+                problem = " ".join(str(exc).split())
+        log.error("%s: not mapped (%s); compiling it again", cached.name, problem)
+        cached.unlink(missing_ok=True)
+        compiler.checksum_of(cached).unlink(missing_ok=True)
+        return None
 
     def close(self) -> None:
         self._stop.set()

@@ -5,13 +5,21 @@ SQLite under the state dir, read through an in-memory copy. Each set is committe
 state is as durable as the inbox; with at-least-once delivery a replayed event may apply its
 update twice, so state updates should be idempotent where that matters. Bounds per function:
 keys up to 256 bytes, values up to 64 KiB, 1 MiB in all; an empty value removes the key.
+
+A damaged file is moved aside and a fresh one started (`damage` says so); a set on a full disk
+raises DiskFull and changes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
+
+from edgefn.files import open_sqlite, storage_error
+
+log = logging.getLogger("edgefn.state")
 
 MAX_KEY_BYTES = 256
 MAX_VALUE_BYTES = 64 * 1024
@@ -22,15 +30,18 @@ class StateLimitError(ValueError):
     """A state-set past the bounds; the guest call traps with this message."""
 
 
+def _setup(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("CREATE TABLE IF NOT EXISTS state (function TEXT, key TEXT, value BLOB, PRIMARY KEY (function, key))")
+
+
 class StateStore:
     def __init__(self, path: Path | str):
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS state (function TEXT, key TEXT, value BLOB, "
-                         "PRIMARY KEY (function, key))")
+        self._name = Path(path).name
+        self._db, self.damage = open_sqlite(path, _setup)  # damage: a damaged file moved aside
+        if self.damage:
+            log.error("%s; function state starts empty", self.damage)
         self._lock = threading.Lock()
         self._values: dict[tuple[str, str], bytes] = {
             (fn, key): bytes(value) for fn, key, value in self._db.execute("SELECT function, key, value FROM state")}
@@ -52,12 +63,17 @@ class StateStore:
             total = self._totals.get(function, 0) - (size + len(old) if old is not None else 0)
             if value and total + size + len(value) > MAX_TOTAL_BYTES:
                 raise StateLimitError(f"state of {function} would pass {MAX_TOTAL_BYTES // 1024} KiB")
+            try:
+                if value:
+                    self._db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (function, key, value))
+                else:
+                    self._db.execute("DELETE FROM state WHERE function = ? AND key = ?", (function, key))
+            except sqlite3.OperationalError as exc:  # a full disk: the guest gets one line, the store is unchanged
+                raise storage_error(self._name, exc) from None
             if value:
-                self._db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (function, key, value))
                 self._values[(function, key)] = bytes(value)
                 self._totals[function] = total + size + len(value)
             else:
-                self._db.execute("DELETE FROM state WHERE function = ? AND key = ?", (function, key))
                 self._values.pop((function, key), None)
                 self._totals[function] = total
 

@@ -12,11 +12,26 @@ SQLite in WAL mode. `synchronous=NORMAL` makes a commit durable against a crash 
 cost of an fsync per commit. After a restart, `outbox()` returns the undelivered outputs in the
 order they were answered, and `pending()` every event not yet answered, in arrival order: the
 daemon publishes the first again and runs the second again, marking both as possible duplicates.
+
+A full disk. SQLite needs free space to delete: the pages a delete changes go to the WAL first
+(measured: about one byte free per byte of events deleted). So a reserve file of `reserve_bytes`
+sits next to the journal; when a settle fails for lack of space the reserve is given back and the
+settle goes through. Meanwhile new events are refused whole (`DiskFull`, nothing acknowledged) and
+`problem` says why; `checkpoint()` re-creates the reserve and resumes once space has returned.
+`checkpoint()` also shrinks the files once the journal is empty (the WAL and the freed pages).
+
+A damaged file is moved aside and a fresh journal started (`damage` says so). A journal that went
+back (emptied, deleted, an old copy restored) is caught by a small sidecar that records how far the
+sequence came: it must never go backwards, and event ids are never reused, even after a loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -24,7 +39,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
+from edgefn.errors import DiskFull, StorageError
 from edgefn.events import Event, Message
+from edgefn.files import open_sqlite, storage_error, write_atomic
+
+log = logging.getLogger("edgefn.journal")
+
+RESERVE_BYTES = 8 * 1024 * 1024  # room for a settle of ~8 MB of events on a full disk (one is ~50 ms of work)
+WAL_LIMIT_BYTES = 4 * 1024 * 1024  # a WAL larger than this is cut back to it after each checkpoint
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -42,19 +64,156 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
-class Inbox:
-    """Events received and not yet answered; one writer connection shared under a lock."""
+def _setup(db: sqlite3.Connection, durability: str) -> None:
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only: lets it shrink
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    db.execute("PRAGMA busy_timeout=10000")  # another process on the same file waits, not fails
+    db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+    db.executescript(_SCHEMA)
 
-    def __init__(self, path: Path | str, durability: Literal["process", "full"] = "process"):
-        if str(path) != ":memory:":  # ":memory:" keeps nothing across a crash (--journal memory)
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=10000")  # another process on the same file waits, not fails
-        self._db.executescript(_SCHEMA)
+
+class _Reserve:
+    """Disk space held in a file next to the journal, to be given back when the disk is full."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = path, size
+
+    @property
+    def held(self) -> bool:
+        return self.path.exists()
+
+    def release(self) -> bool:
+        """Give the space back; False if there was none held."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def restore(self) -> bool:
+        """Hold the space again, only if as much again is free besides (no tug of war with a filler)."""
+        if self.held:
+            return True
+        if shutil.disk_usage(self.path.parent).free < 2 * self.size:
+            return False
+        tmp = self.path.with_name(self.path.name + ".new")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)  # real blocks: a sparse file would reserve nothing
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
+
+
+def _read_mark(mark: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in json.loads(mark.read_text()).items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s); the journal cannot be checked for loss this time", mark.name, exc)
+        return {}
+
+
+class Inbox:
+    """Events received and not yet answered; one writer connection shared under a lock.
+
+    `problem` is set while the journal cannot take new events (the disk is full) and cleared when
+    it can again; `damage` says what opening found, if anything was damaged or lost."""
+
+    def __init__(self, path: Path | str, durability: Literal["process", "full"] = "process",
+                 reserve_bytes: int = RESERVE_BYTES):
         self._lock = threading.Lock()
         self._closed = False
+        self._last_mark: dict[str, int] = {}
+        self._problem: str | None = None
+        self.damage: str | None = None
+        self._name = Path(path).name
+        self._reserve: _Reserve | None = None
+        self._mark: Path | None = None
+        recorded: dict[str, int] = {}
+        if str(path) != ":memory:":  # ":memory:" keeps nothing across a crash (--journal memory)
+            path = Path(path)
+            self._mark = path.with_name(path.name + ".seq")
+            self._reserve = _Reserve(path.with_name(path.name + ".reserve"), reserve_bytes)
+            recorded = self._last_mark = _read_mark(self._mark)
+        self._db, self.damage = open_sqlite(path, lambda db: _setup(db, durability))
+        if self._reserve is None:
+            return
+        self._never_go_back(recorded)
+        if self.damage:
+            log.error(self.damage)
+        if not self._reserve.restore():
+            self._full(f"the journal keeps {2 * reserve_bytes >> 20} MiB free: its reserve and room for events")
+        self._record()
+
+    # -- how far the journal has come: a sidecar that must never go backwards --------------------
+    def _sequences(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+
+    def _never_go_back(self, recorded: dict[str, int]) -> None:
+        """Catch a journal emptied, deleted or replaced by an older copy; keep ids growing anyway."""
+        now = self._sequences()
+        behind = {t: recorded[t] for t in ("inbox", "outbox") if now.get(t, 0) < recorded.get(t, 0)}
+        if not behind:
+            return
+        lost = (f"{recorded.get('pending', 0)} unanswered events and {recorded.get('unsent', 0)} undelivered "
+                f"answers journaled before")
+        if self.damage is None:
+            self.damage = (f"{self._name} went back (event {now.get('inbox', 0)}, journal had reached "
+                           f"{recorded.get('inbox', 0)}): {lost} are lost")
+        else:  # a damaged file: its events are in the copy moved aside, not replayed
+            self.damage += f"; {lost} are in it, not replayed"
+        # Consumers drop results by event id: a fresh journal must not hand out old ids again.
+        self._db.execute("BEGIN IMMEDIATE")
+        for table, seq in behind.items():
+            self._db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, seq))
+        self._db.execute("COMMIT")
+
+    def _record(self) -> None:
+        """Write the sidecar (under the lock or before the journal is shared); best effort."""
+        if self._mark is None:
+            return
+        mark = {**self._sequences(),
+                "pending": self._db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0],
+                "unsent": self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]}
+        if mark == self._last_mark:
+            return
+        with contextlib.suppress(OSError):  # a full disk: the previous mark stays, still a true lower bound
+            write_atomic(self._mark, json.dumps(mark).encode())
+            self._last_mark = mark
+
+    # -- a full disk --------------------------------------------------------------------------------
+    @property
+    def problem(self) -> str | None:
+        """Why the journal refuses new events now (the disk is full), or None."""
+        return self._problem
+
+    def _full(self, why: str) -> DiskFull:
+        if self._problem is None:
+            self._problem = f"{self._name}: disk full, refusing new events ({why})"
+            log.error(self._problem)
+        return DiskFull(self._problem)
+
+    def _space_returned(self) -> bool:
+        """Resume after a full disk once the reserve is held again and as much is free for events."""
+        assert self._reserve is not None
+        if not self._reserve.restore() or shutil.disk_usage(self._reserve.path.parent).free < self._reserve.size:
+            return False
+        log.info("%s: space returned, taking new events again", self._name)
+        self._problem = None
+        return True
+
+    def _failed(self, exc: sqlite3.Error) -> StorageError:
+        error = storage_error(self._name, exc)
+        return self._full("a write failed") if isinstance(error, DiskFull) else error
 
     def __len__(self) -> int:
         with self._lock:
@@ -68,16 +227,24 @@ class Inbox:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction under the lock: all of it is committed, or none."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise self._failed(exc) from None
 
     def append_many(self, items: list[tuple[str, bytes, float]]) -> list[Event]:
-        """Commit received events (topic, payload, received_ms) in one transaction."""
+        """Commit received events (topic, payload, received_ms) in one transaction; raises DiskFull,
+        with nothing written, while the disk is full."""
+        with self._lock:
+            if self._problem is not None and not self._space_returned():
+                raise DiskFull(self._problem)  # what little space there is stays for settling
         events = []
         with self._transaction() as db:
             for topic, payload, received_ms in items:
@@ -89,9 +256,23 @@ class Inbox:
     def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
                delivered: Iterable[int] = ()) -> list[int]:
         """In one transaction: forget the answered events, keep their undelivered outputs (event id,
-        message) in the outbox, and forget outbox rows since delivered. Returns the new rows' ids."""
+        message) in the outbox, and forget outbox rows since delivered. Returns the new rows' ids.
+        On a full disk the reserve is given back for it, so that the journal can still shrink."""
         done = [(int(e),) for e in answered]
         gone = [(int(o),) for o in delivered]
+        try:
+            return self._settle(done, undelivered, gone)
+        except DiskFull:
+            if self._reserve is None or not self._reserve.release():
+                raise
+            log.warning("%s: gave back the %d KiB reserve to settle on a full disk", self._name, self._reserve.size >> 10)
+        ids = self._settle(done, undelivered, gone)
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the next settle reuses the WAL's space
+        return ids
+
+    def _settle(self, done: list[tuple[int]], undelivered: list[tuple[str, Message]],
+                gone: list[tuple[int]]) -> list[int]:
         ids = []
         with self._transaction() as db:
             for event_id, message in undelivered:
@@ -101,6 +282,31 @@ class Inbox:
             db.executemany("DELETE FROM inbox WHERE seq = ?", done)
             db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
         return ids
+
+    def checkpoint(self) -> None:
+        """Housekeeping, every few seconds: resume after a full disk once space has returned; when
+        the journal is empty, give its freed pages back and cut the WAL to nothing; record how far
+        the sequence has come. A full disk is reported by `problem`, not raised."""
+        if self._reserve is None:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if self._problem is not None:
+                self._space_returned()
+            try:
+                idle = not self._db.execute("SELECT EXISTS (SELECT 1 FROM inbox) OR EXISTS (SELECT 1 FROM outbox)"
+                                            ).fetchone()[0]
+                if idle and self._problem is None:  # on a full disk the WAL keeps its space for settling
+                    self._db.executescript("PRAGMA incremental_vacuum")  # execute() would free one page per call
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                else:
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.OperationalError as exc:
+                error = self._failed(exc)
+                if not isinstance(error, DiskFull):
+                    raise error from None
+            self._record()
 
     def pending(self) -> list[Event]:
         """Events not yet answered, in arrival order (after a restart: to run again)."""
@@ -138,6 +344,7 @@ class Inbox:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                self._record()
                 self._db.close()
 
     def __enter__(self) -> Inbox:

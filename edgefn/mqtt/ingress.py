@@ -21,8 +21,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
+from edgefn.errors import StorageError
 from edgefn.events import Event
 from edgefn.journal.inbox import Inbox
+from edgefn.observe.logs import RateLimited
 
 GROUP = 256
 log = logging.getLogger("edgefn.ingress")
@@ -43,6 +45,7 @@ class Ingress:
         self._pending: list[_Received] = []  # received, not yet committed
         self._held: deque[_Received] = deque()  # past the bound: not journaled, not acknowledged
         self._lock = threading.Lock()
+        self._errors = RateLimited(log)
 
     @property
     def held(self) -> int:
@@ -82,9 +85,13 @@ class Ingress:
         group, self._pending = self._pending, []
         try:
             events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received, _ in group])
-        except Exception:  # disk full, I/O error: nothing acknowledged, try again on the next flush
+        except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
-            log.exception("cannot journal %d events; they stay unacknowledged", len(group))
+            return
+        except Exception:  # an I/O error of another kind: nothing acknowledged, try again on the next flush
+            self._pending[:0] = group
+            self._errors.log(logging.ERROR, "journal", "cannot journal %d events; they stay unacknowledged",
+                             len(group), exc_info=True)
             return
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
