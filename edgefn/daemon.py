@@ -313,7 +313,7 @@ class Daemon:
         self._outbox_rows = len(unsent)
         filters = _filters(self.functions)
         # Ingress and the connection exist before any worker can publish (replayed events).
-        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
+        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid, qos: self.connection.ack(mid, qos),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(len(e.payload) for e in replay))
         self.connection = Connection(s, self.ingress.on_message, filters, on_disconnect=self.ingress.disconnected,

@@ -46,7 +46,7 @@ MAX_AWAITING_ACK = 60_000
 # The MQTT 5 user property on a message that may have reached subscribers before.
 POSSIBLE_DUPLICATE = ("edgefn-duplicate", "possible")
 OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
-OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
+OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
@@ -240,7 +240,7 @@ class Connection:
 
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        self._on_message(msg.topic, msg.payload, msg.mid, bool(msg.dup))
+        self._on_message(msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.dup))
 
     def has_more_to_read(self) -> bool:
         """True when bytes of a next packet are already waiting (used to group commits)."""
@@ -255,8 +255,11 @@ class Connection:
         except (OSError, ValueError):
             return False
 
-    def ack(self, mid: int) -> None:
-        self._client.ack(mid, 1)
+    def ack(self, mid: int, qos: int = 1) -> None:
+        """Acknowledge an event received at `qos`; QoS 0 has nothing to acknowledge (a PUBACK for one
+        is a protocol error: the broker drops the connection)."""
+        if qos > 0:
+            self._client.ack(mid, qos)
 
     # -- egress ----------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
