@@ -305,7 +305,7 @@ def overload(ctx: Context, broker: Broker, clients: e2e.Clients) -> dict[str, An
         drain = _drain(daemon, clients, before, load["stopped"] + DRAIN_S)
         gap = _longest_gap(clients, load["start"], drain["ended"] if drain["lost"] > 0 else None)
         doc = {"capacity_eps": capacity["throughput_eps"], "capacity_lost": capacity["lost"], **load, **drain,
-               "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb()}
+               "drain_s": drain["ended"] - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb()}
     finally:
         stopped = daemon.stop()
     return {**doc, **stopped}
@@ -473,7 +473,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
                         result = {"error": str(exc)}
                     finally:
                         clients.close()
-                say(f"  {json.dumps({k: v for k, v in result.items() if k not in ('start', 'stopped', 'ended')}, default=str)}")
+                say(f"  [red]failed: {result['error']}[/]" if "error" in result else "  done")
                 doc.setdefault(scenario, {})[name] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
@@ -491,6 +491,7 @@ ROWS: dict[str, list[tuple[str, str, str, str, Callable[[Any], bool] | None]]] =
                  ("longest gap between results, work pending (s)", "longest_gap_s", _S, "<= 10 s",
                   lambda v: v <= TARGETS["gap_max_s"]),
                  ("drained within 120 s", "drained", "{}", "", None),
+                 ("publishing stopped to drained (s)", "drain_s", _S, "", None),
                  ("daemon peak RSS (MB)", "peak_rss_mb", _MB, "", None),
                  ("SIGTERM to exit (s)", "sigterm_s", _S, "<= 15 s", lambda v: v <= TARGETS["sigterm_max_s"])],
     "restart": [("backlog sent (acknowledged by the broker)", "broker_acked", _N, "", None),

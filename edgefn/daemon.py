@@ -37,7 +37,7 @@ from edgefn.journal.inbox import Inbox
 from edgefn.journal.outbox import Outbox
 from edgefn.mqtt.connection import Connection
 from edgefn.mqtt.ingress import Ingress
-from edgefn.observe.logs import RateLimited
+from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.observe.window import HealthWindow
 from edgefn.offload.breaker import BreakerState, CircuitBreaker
@@ -76,7 +76,7 @@ class Daemon:
         self.agent: FleetAgent | None = None
         self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
         self.housekeeping_problem: str | None = None  # why the last settle or commit failed (a full disk, ...)
-        self._housekeeping_log = RateLimited(log)
+        self._housekeeping_failed = Every(60.0)
 
     @property
     def functions(self) -> list[LoadedFunction]:
@@ -103,7 +103,7 @@ class Daemon:
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
                                refill=lambda fn: fn.refill(self.inbox.events, self._under_pressure()))
         # Ingress and the connection exist before any worker can publish (replayed events).
-        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid: self.connection.ack(mid),
+        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid, qos: self.connection.ack(mid, qos),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay))
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
@@ -341,12 +341,11 @@ class Daemon:
                     if self.housekeeping_problem is not None:  # a settle went through again
                         log.warning("the journal can be written again (was: %s)", self.housekeeping_problem)
                         self.housekeeping_problem = None
-                        self._housekeeping_log.clear("failed")
             except StorageError as exc:  # the journal has said so in one line; health shows it
                 self.housekeeping_problem = str(exc)
                 time.sleep(0.5)
             except Exception as exc:  # a bug or an I/O error: keep trying, loudly but not a line a tick
                 self.housekeeping_problem = f"{type(exc).__name__}: {exc}"
-                self._housekeeping_log.log(logging.ERROR, "failed", "housekeeping failed, retrying: %s",
-                                           self.housekeeping_problem, exc_info=True)
+                if (skipped := self._housekeeping_failed.due()) is not None:
+                    log.error("housekeeping failed, retrying (%d failures since the last line)", skipped, exc_info=True)
                 time.sleep(0.5)

@@ -18,7 +18,8 @@ class Wire:
         self.durable_when_acked: list[int] = []
         self.waiting = False
 
-    def ack(self, mid: int) -> None:
+    def ack(self, mid: int, qos: int) -> None:
+        assert qos >= 1, "a QoS 0 message has no acknowledgement"
         self.acked.append(mid)
         self.durable_when_acked.append(len(self.inbox))
 
@@ -32,7 +33,7 @@ def make(tmp_path: Path, max_events: int = 100) -> tuple[Ingress, Wire, list]:
 
 def test_ingress_acknowledges_only_what_is_committed(tmp_path: Path):
     ingress, wire, delivered = make(tmp_path)
-    ingress.on_message("sensors/a/x", b"1", 11, False)
+    ingress.on_message("sensors/a/x", b"1", 11, 1, False)
     assert wire.acked == [11] and wire.durable_when_acked == [1]
     assert [e.payload for e in delivered] == [b"1"]
 
@@ -41,16 +42,16 @@ def test_ingress_groups_events_that_arrive_together(tmp_path: Path):
     ingress, wire, delivered = make(tmp_path, max_events=10_000)
     wire.waiting = True  # more bytes on the socket: keep the group open
     for mid in range(1, 6):
-        ingress.on_message("t", b"x", mid, False)
+        ingress.on_message("t", b"x", mid, 1, False)
     assert wire.acked == [] and delivered == []
     wire.waiting = False
-    ingress.on_message("t", b"x", 6, False)
+    ingress.on_message("t", b"x", 6, 1, False)
     assert wire.acked == [1, 2, 3, 4, 5, 6] and len(delivered) == 6
     wire.waiting = True
     for mid in range(GROUP):
-        ingress.on_message("t", b"y", 100 + mid, False)
+        ingress.on_message("t", b"y", 100 + mid, 1, False)
     assert len(wire.acked) == 6 + GROUP  # a full group is flushed even while more is waiting
-    ingress.on_message("t", b"z", 999, False)
+    ingress.on_message("t", b"z", 999, 1, False)
     ingress.flush()  # the timer's flush
     assert wire.acked[-1] == 999
 
@@ -58,7 +59,7 @@ def test_ingress_groups_events_that_arrive_together(tmp_path: Path):
 def test_ingress_holds_events_past_the_bound_unacknowledged(tmp_path: Path):
     ingress, wire, delivered = make(tmp_path, max_events=3)
     for mid in range(1, 7):
-        ingress.on_message("t", str(mid).encode(), mid, False)
+        ingress.on_message("t", str(mid).encode(), mid, 1, False)
     assert wire.acked == [1, 2, 3] and ingress.held == 3
     ingress.answered(2)
     assert wire.acked == [1, 2, 3, 4, 5] and ingress.held == 1
@@ -67,18 +68,18 @@ def test_ingress_holds_events_past_the_bound_unacknowledged(tmp_path: Path):
 
 def test_ingress_after_close_takes_nothing_and_leaves_held_to_the_broker(tmp_path: Path):
     ingress, wire, delivered = make(tmp_path, max_events=1)
-    ingress.on_message("t", b"a", 1, False)
-    ingress.on_message("t", b"b", 2, False)  # held
+    ingress.on_message("t", b"a", 1, 1, False)
+    ingress.on_message("t", b"b", 2, 1, False)  # held
     ingress.close()
-    ingress.on_message("t", b"c", 3, False)
+    ingress.on_message("t", b"c", 3, 1, False)
     ingress.answered(1)
     assert wire.acked == [1] and len(delivered) == 1
 
 
 def test_ingress_disconnect_forgets_what_the_broker_will_redeliver(tmp_path: Path):
     ingress, wire, delivered = make(tmp_path, max_events=1)
-    ingress.on_message("t", b"a", 1, False)
-    ingress.on_message("t", b"b", 2, False)  # held: past the bound
+    ingress.on_message("t", b"a", 1, 1, False)
+    ingress.on_message("t", b"b", 2, 1, False)  # held: past the bound
     ingress.disconnected()
     ingress.answered(1)
     assert wire.acked == [1] and ingress.held == 0 and len(delivered) == 1
@@ -101,7 +102,7 @@ def test_ingress_journal_failure_acknowledges_nothing_and_retries(tmp_path: Path
     inbox = Inbox(tmp_path / "inbox.sqlite")
     wire, delivered = Wire(inbox), []
     ingress = Ingress(FailingOnce(inbox), 100, delivered.extend, wire.ack, lambda: False)
-    ingress.on_message("t", b"a", 7, False)
+    ingress.on_message("t", b"a", 7, 1, False)
     assert wire.acked == [] and delivered == [] and len(inbox) == 0
     ingress.flush()
     assert wire.acked == [7] and [e.payload for e in delivered] == [b"a"] and len(inbox) == 1
@@ -112,7 +113,7 @@ def test_ingress_holds_events_past_the_byte_bound(tmp_path: Path):
     wire, delivered = Wire(inbox), []
     ingress = Ingress(inbox, 1000, delivered.extend, wire.ack, lambda: False, max_bytes=250)
     for mid in range(1, 5):
-        ingress.on_message("t", b"x" * 100, mid, False)
+        ingress.on_message("t", b"x" * 100, mid, 1, False)
     assert wire.acked == [1, 2] and ingress.held == 2 and ingress.outstanding_bytes == 200
     ingress.answered(1, 100)
     assert wire.acked == [1, 2, 3] and ingress.held == 1
@@ -122,5 +123,43 @@ def test_ingress_takes_one_event_larger_than_the_byte_bound_when_empty(tmp_path:
     inbox = Inbox(tmp_path / "inbox.sqlite")
     wire, delivered = Wire(inbox), []
     ingress = Ingress(inbox, 1000, delivered.extend, wire.ack, lambda: False, max_bytes=10)
-    ingress.on_message("t", b"x" * 100, 1, False)  # never stuck behind its own size
+    ingress.on_message("t", b"x" * 100, 1, 1, False)  # never stuck behind its own size
     assert wire.acked == [1]
+
+
+def test_ingress_journals_qos0_events_without_acknowledging_them(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path)
+    ingress.on_message("t", b"a", 0, 0, False)  # QoS 0: paho reports mid 0
+    ingress.on_message("t", b"b", 5, 1, False)
+    assert wire.acked == [5] and [e.payload for e in delivered] == [b"a", b"b"] and len(wire.inbox) == 2
+
+
+def test_ingress_keeps_held_qos0_events_across_a_disconnect_and_journals_them_on_close(tmp_path: Path):
+    ingress, wire, delivered = make(tmp_path, max_events=1)
+    ingress.on_message("t", b"a", 1, 1, False)
+    ingress.on_message("t", b"b", 0, 0, False)  # held: the broker keeps no copy
+    ingress.on_message("t", b"c", 2, 1, False)  # held: the broker redelivers it
+    ingress.disconnected()
+    assert ingress.held == 1
+    ingress.close()
+    assert wire.acked == [1] and [e.payload for e in delivered] == [b"a", b"b"]
+
+
+def test_ingress_drops_qos0_events_past_the_bound_and_says_so_once(tmp_path: Path, caplog):
+    ingress, wire, delivered = make(tmp_path, max_events=2)
+    for _ in range(10):
+        ingress.on_message("t", b"x", 0, 0, False)
+    assert len(delivered) == 2 and ingress.held == 2 and ingress.dropped_qos0 == 6
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+
+
+def test_ingress_logs_a_failing_journal_once_per_interval(tmp_path: Path, caplog):
+    class Full:
+        def append_many(self, items):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    ingress = Ingress(Full(), 100, [].extend, Wire(Inbox(tmp_path / "i.sqlite")).ack, lambda: False)
+    ingress.on_message("t", b"a", 7, 1, False)
+    for _ in range(50):
+        ingress.flush()  # the timer's flush, every few milliseconds
+    assert len([r for r in caplog.records if "cannot journal" in r.getMessage()]) == 1

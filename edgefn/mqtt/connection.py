@@ -9,11 +9,22 @@ allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against it
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
 from being lost at the broker while the inbox catches up.
 
-Egress is QoS1; `publish` calls back when the broker's PUBACK arrives, and keeps the order of
-its calls across a reconnect: paho resends what it had unacknowledged in the CONNACK handler
-(in order, since its in-flight window is unbounded and so never holds one message back while a
-later one goes), and what is published from the disconnect until our resubscription's SUBACK
-(which paho handles after that resend) is held here and sent after it.
+Egress is QoS1; `publish` calls back exactly once, when the broker's PUBACK arrives (or with the
+reason it refused). The connection keeps its own queue and in-flight window (paho is given only
+what fits the window: a window inside paho would send a later message before queued ones after a
+reconnect). On each CONNACK, what was in flight is taken back from paho and sent again first, in
+order, marked as a possible duplicate; then the queue. Nothing waits for the SUBACK: mosquitto
+writes it behind everything it resends to us, and 2.0.16-2.0.20 drop it outright (with any other
+packet) once a client has `max_queued_messages` packets unwritten. A SUBACK that does not come
+within `suback_timeout` is asked for again.
+
+Lost PUBACKs (the same mosquitto versions drop them too) are recovered by reconnecting, which
+makes both sides resend: a broker acknowledges in order, so a PUBACK for a later message means
+the earlier ones' were lost; and nothing heard from the broker for `ack_timeout` while publishes
+wait means acknowledgements stopped.
+
+QoS 0 events are passed on with qos=0 and never acknowledged (a PUBACK for one is a protocol
+error: the broker drops the connection).
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -37,15 +50,22 @@ from paho.mqtt.properties import Properties
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
 from edgefn.files import write_atomic
+from edgefn.observe.logs import Every
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 
 log = logging.getLogger("edgefn.mqtt")
 
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
-MAX_AWAITING_ACK = 60_000
+# QoS1 publishes of ours awaiting a PUBACK, at most (and no more than the broker's own Receive
+# Maximum, 20 on a stock mosquitto): few enough that their PUBACKs never crowd the broker's queue
+# for us, and far from paho's message ids wrapping at 65,535.
+PUBLISH_WINDOW = 256
+MAX_UNSENT = 60_000  # publish() blocks past this many queued outputs while connected (memory)
+ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
+SUBACK_TIMEOUT_S = 30.0  # no SUBACK this long: subscribe again
 OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
-OnMessage = Callable[[str, bytes, int, bool], None]  # topic, payload, mid, dup
+OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
@@ -58,6 +78,16 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
 
 
 _NOT_YET = object()
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    on_acked: OnAcked
+    props: UserProperties
+    seq: int = 0  # order handed to paho on this connection
+    sent_at: float = 0.0
 
 
 class UserProperties:
@@ -98,8 +128,11 @@ def _variable_byte_integer(n: int) -> bytes:
 
 class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
-                 on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None):
+                 on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
+                 receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
+                 suback_timeout: float = SUBACK_TIMEOUT_S):
         self._settings, self._on_message, self._filters = settings, on_message, list(filters)
+        self._receive_maximum, self._ack_timeout, self._suback_timeout = receive_maximum, ack_timeout, suback_timeout
         # The broker keeps the session's subscriptions across restarts: what was subscribed before (by
         # an earlier release, with other triggers) is recorded here and dropped on connect.
         self._subscriptions_file = subscriptions_file
@@ -107,10 +140,9 @@ class Connection:
         self._on_disconnect = on_disconnect
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
-        # Unbounded: a bounded window makes paho queue messages past it and send a later publish
-        # before them once room frees up (it does after a reconnect), and results would reorder.
+        # Unbounded: the window is ours (see the module docstring); paho only ever holds what fits it.
         client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)  # keep every unsent output while the broker is away
+        client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else None
@@ -128,18 +160,24 @@ class Connection:
         client.on_disconnect = self._disconnected
         client.on_message = self._message
         client.on_publish = self._published
-        client.on_subscribe = self._resubscribed
+        client.on_subscribe = self._suback
         client.on_socket_open = _no_delay
         self._client = client
-        self._acks: dict[int, tuple[OnAcked, UserProperties]] = {}  # by mid: awaiting the broker's PUBACK
-        self._room = threading.Condition()  # mids wrap at 65,535: bound what awaits a PUBACK
-        self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of publish() returning
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # the queue, the window and what awaits a PUBACK
+        self._unsent: deque[_Outgoing] = deque()  # not handed to paho yet, in publish() order
+        self._in_flight: dict[int, _Outgoing] = {}  # by mid, in the order handed to paho
+        self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of their mid being recorded
+        self._window = 0  # how many may await a PUBACK; 0 while disconnected
+        self._seq = 0
+        self._pumping = self._pump_again = False  # one thread hands messages to paho at a time: order
+        self._handing = threading.Lock()  # held while one message goes from the queue into paho
+        self._heard = time.monotonic()  # the last PUBLISH, PUBACK or SUBACK from the broker
+        self._reconnecting = False  # a reconnect was asked for on this connection
+        self._subscribing: dict[int, tuple[list[str], float]] = {}  # SUBSCRIBE mid -> filters, sent at
+        self._stopped = threading.Event()
+        self._watch: threading.Thread | None = None
+        self._lost_acks, self._late_subacks, self._refused_subs = Every(10.0), Every(10.0), Every(10.0)
         self._filters_lock = threading.Lock()  # the filters, and subscribing to them on connect
-        # Published while disconnected and until paho has resent the session's messages; None
-        # while messages go straight out.
-        self._held: deque[tuple[str, bytes, OnAcked, Sequence[tuple[str, str]]]] | None = deque()
-        self._held_lock = threading.Lock()
         self.connected = threading.Event()
         self.last_error: str | None = None
 
@@ -148,37 +186,135 @@ class Connection:
         s = self._settings
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.ReceiveMaximum = self._receive_maximum
         self._client.connect_async(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
         self._client.loop_start()
+        self._watch = threading.Thread(target=self._watchdog, name="edgefn-mqtt-watch", daemon=True)
+        self._watch.start()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._client.disconnect()
         self._client.loop_stop()
+        if self._watch is not None:
+            self._watch.join(timeout=5)
 
     def wait_connected(self, timeout: float) -> None:
         if not self.connected.wait(timeout):
             raise BrokerError(f"no connection to {self._settings.broker} within {timeout:g} s"
                               + (f": {self.last_error}" if self.last_error else ""))
 
-    # -- ingress ---------------------------------------------------------------------------------
-    def _connected(self, client: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode, _p: object) -> None:
+    @property
+    def awaiting_ack(self) -> int:
+        """Outputs published and not yet acknowledged (queued or in flight)."""
+        with self._lock:
+            return len(self._unsent) + len(self._in_flight)
+
+    @property
+    def awaiting_suback(self) -> int:
+        with self._lock:
+            return len(self._subscribing)
+
+    # -- connection --------------------------------------------------------------------------------
+    def _connected(self, client: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode,
+                   props: Properties) -> None:
         if reason.is_failure:
             self.last_error = f"broker refused the connection: {reason}"
             log.error("%s (retrying with backoff)", self.last_error)
             return
         self.last_error = None
+        # Called before paho resends its unacknowledged messages: take them back, to go again
+        # first and in order with our queue, within the window the broker allows.
+        with self._handing:  # a message being handed to paho is recorded first
+            client.drop_out_messages()
+            with self._lock:
+                again = list(self._in_flight.values())
+                self._in_flight.clear()
+                self._early.clear()
+                for out in again:  # the broker may have passed them on already
+                    out.props.add(POSSIBLE_DUPLICATE)
+                self._unsent.extendleft(reversed(again))
+                self._window = min(PUBLISH_WINDOW, getattr(props, "ReceiveMaximum", 65535))
+                self._heard = time.monotonic()
+                self._reconnecting = False
+                self._subscribing.clear()
         with self._filters_lock:  # set_filters sees the filters subscribed here, or changes them before
             if self._filters:
-                client.subscribe([(f, 1) for f in self._filters])  # its SUBACK releases the held messages
-            else:
-                self._release_held()
+                self._subscribe(self._filters)
             stale = sorted(self._subscribed - set(self._filters))
             if stale:
                 client.unsubscribe(stale)
             self._record(self._filters)
             self.connected.set()
         log.info("connected to %s", self._settings.broker)
+        self._pump()
+
+    def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
+        # paho calls this from inside its `except OSError:`: the exception says why (refused,
+        # unreachable, certificate verify failed, ...).
+        reason = sys.exc_info()[1]
+        self.last_error = f"cannot connect to {self._settings.broker}" + (f": {reason}" if reason else "")
+        log.warning("%s (retrying with backoff)", self.last_error)
+
+    def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        with self._lock:
+            self._window = 0  # hold everything until the next CONNACK
+        if self._on_disconnect is not None:
+            self._on_disconnect()
+        if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
+            self.last_error = f"disconnected: {reason}"
+            log.warning("%s (reconnecting)", self.last_error)
+
+    def _reconnect(self, why: str) -> None:
+        """Drop the connection as a network fault would; paho reconnects and both sides resend."""
+        with self._lock:
+            if self._reconnecting or not self._window:
+                return
+            self._reconnecting = True
+        if (skipped := self._lost_acks.due()) is not None:
+            log.warning("%s: reconnecting to have it resent (%d more since the last line)", why, skipped)
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            try:  # the plain socket's shutdown, under TLS too: paho's own thread sees the end
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _watchdog(self) -> None:
+        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._suback_timeout / 4))
+        while not self._stopped.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                stalled = (self._window and self._in_flight and now - self._heard > self._ack_timeout
+                           and now - next(iter(self._in_flight.values())).sent_at > self._ack_timeout)
+                late = [(mid, filters) for mid, (filters, at) in self._subscribing.items()
+                        if now - at > self._suback_timeout]
+            if stalled:
+                self._reconnect(f"no acknowledgement from the broker for {self._ack_timeout:g} s")
+            for mid, filters in late:
+                with self._lock:
+                    self._subscribing.pop(mid, None)
+                if (skipped := self._late_subacks.due()) is not None:
+                    log.warning("no SUBACK for %s within %g s: subscribing again (%d more since the last line)",
+                                ", ".join(filters), self._suback_timeout, skipped)
+                self._subscribe(filters)
+
+    # -- subscriptions -----------------------------------------------------------------------------
+    def _subscribe(self, filters: list[str]) -> None:
+        rc, mid = self._client.subscribe([(f, 1) for f in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            with self._lock:
+                self._subscribing[mid] = (list(filters), time.monotonic())
+
+    def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
+        with self._lock:
+            self._heard = time.monotonic()
+            filters, _ = self._subscribing.pop(mid, ([], 0.0))
+        refused = [f"{f}: {r}" for f, r in zip(filters, reasons, strict=False) if r.is_failure]
+        if refused and (skipped := self._refused_subs.due()) is not None:
+            log.error("the broker refused the subscription to %s (%d more since the last line)", "; ".join(refused), skipped)
 
     def set_filters(self, filters: Sequence[str]) -> None:
         """Subscribe to `filters` instead of the current ones (a new release's triggers). While
@@ -190,7 +326,7 @@ class Connection:
         added, removed = [f for f in filters if f not in old], sorted(old - set(filters))
         # New ones first: no event for the new functions is missed while the old ones go.
         if added:
-            self._client.subscribe([(f, 1) for f in added])
+            self._subscribe(added)
         if removed:
             self._client.unsubscribe(removed)
         self._record(filters)
@@ -213,33 +349,10 @@ class Connection:
             except OSError as exc:
                 log.warning("%s: cannot record the subscriptions: %s", self._subscriptions_file, exc)
 
-    def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
-        # paho calls this from inside its `except OSError:`: the exception says why (refused,
-        # unreachable, certificate verify failed, ...).
-        reason = sys.exc_info()[1]
-        self.last_error = f"cannot connect to {self._settings.broker}" + (f": {reason}" if reason else "")
-        log.warning("%s (retrying with backoff)", self.last_error)
-
-    def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
-        was_connected = self.connected.is_set()
-        self.connected.clear()
-        with self._held_lock:
-            if self._held is None:
-                self._held = deque()
-        with self._lock:
-            # paho sends these again after the reconnect, packing their properties afresh: the
-            # broker may have passed them on already, so the copies say so.
-            for _, props in self._acks.values():
-                props.add(POSSIBLE_DUPLICATE)
-        if self._on_disconnect is not None:
-            self._on_disconnect()
-        if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
-            self.last_error = f"disconnected: {reason}"
-            log.warning("%s (reconnecting)", self.last_error)
-
-
+    # -- ingress ---------------------------------------------------------------------------------
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        self._on_message(msg.topic, msg.payload, msg.mid, bool(msg.dup))
+        self._heard = time.monotonic()
+        self._on_message(msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.dup))
 
     def has_more_to_read(self) -> bool:
         """True when bytes of a next packet are already waiting (used to group commits)."""
@@ -254,61 +367,81 @@ class Connection:
         except (OSError, ValueError):
             return False
 
-    def ack(self, mid: int) -> None:
-        self._client.ack(mid, 1)
+    def ack(self, mid: int, qos: int = 1) -> None:
+        """Acknowledge an event received at `qos`; QoS 0 has nothing to acknowledge."""
+        if qos > 0:
+            self._client.ack(mid, qos)
 
     # -- egress ----------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
                 user_properties: Sequence[tuple[str, str]] = ()) -> None:
-        """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused.
+        """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused
+        it (or paho would not take it). Outputs go out in the order of the calls, across reconnects.
 
-        Blocks while MAX_AWAITING_ACK messages await their PUBACK, since paho's message ids wrap
-        at 65,535 and a reused id would overwrite a queued message."""
-        with self._held_lock:
-            if self._held is not None:
-                self._held.append((topic, payload, on_acked, user_properties))
-                return
-        with self._room:
-            while len(self._acks) >= MAX_AWAITING_ACK:
-                self._room.wait(1.0)
-        self._send(topic, payload, on_acked, user_properties)
-
-    def _resubscribed(self, *_a: object) -> None:
-        self._release_held()
-
-    def _release_held(self) -> None:
-        """Send what was held, in order, then let publish() send directly (paho's thread)."""
-        while True:
-            with self._held_lock:
-                if not self._held:
-                    self._held = None
-                    return
-                item = self._held.popleft()
-            try:
-                self._send(*item)
-            except Exception as exc:  # the caller's callback hears of it; the rest still go out
-                item[2](f"not published: {exc}")
-
-    def _send(self, topic: str, payload: bytes, on_acked: OnAcked, user_properties: Sequence[tuple[str, str]]) -> None:
-        # Not under self._lock: paho calls on_publish holding its own mutex, which publish() takes.
-        props = UserProperties(user_properties)
-        info = self._client.publish(topic, payload, qos=1, properties=props)  # type: ignore[arg-type]
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            raise BrokerError(f"publish to {topic}: {mqtt.error_string(info.rc)}")
+        While connected, blocks as long as MAX_UNSENT outputs wait to be sent."""
+        out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties))
         with self._lock:
-            early = self._early.pop(info.mid, _NOT_YET)
-            if early is _NOT_YET:
-                self._acks[info.mid] = (on_acked, props)
-        if early is not _NOT_YET:
-            on_acked(early)
+            while self._window and len(self._unsent) >= MAX_UNSENT:
+                self._lock.wait(1.0)
+            self._unsent.append(out)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued messages to paho while the window has room. Whoever calls this while another
+        thread pumps leaves it to that thread (paho's own thread must never wait here: it holds
+        paho's lock, which the pumping thread needs)."""
+        with self._lock:
+            if self._pumping:
+                self._pump_again = True
+                return
+            self._pumping = True
+        while True:
+            with self._handing:
+                with self._lock:
+                    if not (self._unsent and len(self._in_flight) < self._window):
+                        if not self._pump_again:
+                            self._pumping = False
+                            return
+                        self._pump_again = False
+                        continue
+                    out = self._unsent.popleft()
+                    self._lock.notify_all()  # room for a blocked publish()
+                self._hand_over(out)
+
+    def _hand_over(self, out: _Outgoing) -> None:
+        try:
+            while True:
+                info = self._client.publish(out.topic, out.payload, qos=1, properties=out.props)  # type: ignore[arg-type]
+                # Its only cause here (paho's queue is unbounded): the id came round to a message
+                # still awaiting its PUBACK. paho skipped it; the next one is free.
+                if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
+                    break
+        except ValueError as exc:  # a topic or payload paho refuses
+            out.on_acked(f"not published: {exc}")
+            return
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: resent after the CONNACK
+            out.on_acked(f"not published: {mqtt.error_string(info.rc)}")
+            return
+        with self._lock:
+            refused = self._early.pop(info.mid, _NOT_YET)
+            if refused is _NOT_YET:
+                self._seq += 1
+                out.seq, out.sent_at = self._seq, time.monotonic()
+                self._in_flight[info.mid] = out
+        if refused is not _NOT_YET:
+            out.on_acked(refused)  # type: ignore[arg-type]
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
         refused = str(reason) if reason.is_failure else None
         with self._lock:
-            entry = self._acks.pop(mid, None)
-            if entry is None:
+            self._heard = time.monotonic()
+            out = self._in_flight.pop(mid, None)
+            if out is None:
                 self._early[mid] = refused
-        if entry is not None:
-            with self._room:
-                self._room.notify_all()
-            entry[0](refused)
+                return
+            # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
+            lost = bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
+        out.on_acked(refused)
+        if lost:
+            self._reconnect("the broker's acknowledgement of an earlier message was lost")
+        self._pump()

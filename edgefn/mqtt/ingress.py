@@ -10,6 +10,11 @@ Backpressure: when the inbox holds `max_events` unanswered events or `max_bytes`
 payloads, new ones are held in memory
 unacknowledged; the broker keeps sending up to the session's Receive Maximum and then keeps the
 rest queued. They are journaled and acknowledged as answers make room (`answered`).
+
+QoS 0 events are journaled like the others but never acknowledged: MQTT has nothing to acknowledge
+for them (a PUBACK for one is a protocol error, and the broker drops the connection), and the
+broker never redelivers them. So held QoS 0 events are kept across a disconnect and journaled on
+close; past `max_events` of them held, new ones are dropped (the sender chose at most once).
 """
 
 from __future__ import annotations
@@ -24,17 +29,17 @@ from dataclasses import replace
 from edgefn.errors import StorageError
 from edgefn.events import Event
 from edgefn.journal.inbox import Inbox
-from edgefn.observe.logs import RateLimited
+from edgefn.observe.logs import Every
 
 GROUP = 256
 log = logging.getLogger("edgefn.ingress")
 
-_Received = tuple[str, bytes, int, float, bool]  # topic, payload, mid, received_ms, redelivered
+_Received = tuple[str, bytes, int, int, float, bool]  # topic, payload, mid, qos, received_ms, redelivered
 
 
 class Ingress:
     def __init__(self, inbox: Inbox, max_events: int, deliver: Callable[[list[Event]], None],
-                 ack: Callable[[int], None], more_waiting: Callable[[], bool], outstanding: int = 0,
+                 ack: Callable[[int, int], None], more_waiting: Callable[[], bool], outstanding: int = 0,
                  max_bytes: int = 1 << 62, outstanding_bytes: int = 0):
         self._inbox, self._max, self._max_bytes, self._deliver = inbox, max_events, max_bytes, deliver
         self._ack, self._more_waiting = ack, more_waiting
@@ -44,21 +49,23 @@ class Ingress:
         self.accepting = True
         self._pending: list[_Received] = []  # received, not yet committed
         self._held: deque[_Received] = deque()  # past the bound: not journaled, not acknowledged
+        self._held_qos0 = 0  # of those, QoS 0 ones: the broker keeps no copy of them
+        self.dropped_qos0 = 0  # QoS 0 events dropped past the bound
         self._lock = threading.Lock()
-        self._errors = RateLimited(log)
+        self._journal_failed, self._qos0_dropped = Every(10.0), Every(10.0)
 
     @property
     def held(self) -> int:
         return len(self._held)
 
-    def on_message(self, topic: str, payload: bytes, mid: int, dup: bool) -> None:
+    def on_message(self, topic: str, payload: bytes, mid: int, qos: int, dup: bool) -> None:
         with self._lock:
             if not self.accepting:
-                return  # not acknowledged: the broker keeps it for the next start
+                return  # not acknowledged: the broker keeps it for the next start (QoS 0: lost)
             # dup: the broker sent it before (to a daemon that may have answered it, then crashed)
-            item = (topic, payload, mid, time.time() * 1000.0, dup)
+            item = (topic, payload, mid, qos, time.time() * 1000.0, dup)
             if self._held or self._full(len(payload)):
-                self._held.append(item)
+                self._hold(item)
                 return
             self._take(item)
             if len(self._pending) >= GROUP or not self._more_waiting():
@@ -70,6 +77,22 @@ class Ingress:
         if events == 0:
             return False
         return events >= self._max or self.outstanding_bytes + self._pending_bytes + size > self._max_bytes
+
+    def _hold(self, item: _Received) -> None:
+        if item[3] == 0:
+            if self._held_qos0 >= self._max:  # the broker would not keep them either
+                self.dropped_qos0 += 1
+                if (skipped := self._qos0_dropped.due()) is not None:
+                    log.warning("inbox full: QoS 0 event on %r dropped (%d more since the last line; %d in all)",
+                                item[0], skipped, self.dropped_qos0)
+                return
+            self._held_qos0 += 1
+        self._held.append(item)
+
+    def _take_held(self) -> None:
+        item = self._held.popleft()
+        self._held_qos0 -= item[3] == 0
+        self._take(item)
 
     def _take(self, item: _Received) -> None:
         self._pending.append(item)
@@ -84,21 +107,23 @@ class Ingress:
             return
         group, self._pending = self._pending, []
         try:
-            events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, received, _ in group])
+            events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, _, received, _ in group])
         except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
             return
-        except Exception:  # an I/O error of another kind: nothing acknowledged, try again on the next flush
+        except Exception as exc:  # an I/O error of another kind: nothing acknowledged, try again on the next flush
             self._pending[:0] = group
-            self._errors.log(logging.ERROR, "journal", "cannot journal %d events; they stay unacknowledged",
-                             len(group), exc_info=True)
+            if (skipped := self._journal_failed.due()) is not None:  # flush runs every few ms
+                log.error("cannot journal %d events; they stay unacknowledged: %s (%d failures since the last line)",
+                          len(group), exc, skipped)
             return
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
-        for _, _, mid, _, _ in group:
-            self._ack(mid)  # only now, with the group durable
-        self._deliver([replace(e, replayed=True) if item[4] else e for e, item in zip(events, group, strict=True)])
+        for _, _, mid, qos, _, _ in group:
+            if qos:  # QoS 0 has no acknowledgement
+                self._ack(mid, qos)  # only now, with the group durable
+        self._deliver([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
 
     def answered(self, n: int, nbytes: int = 0) -> None:
         """n events (nbytes of payload) left the inbox: take held ones in their place."""
@@ -106,19 +131,26 @@ class Ingress:
             self.outstanding -= n
             self.outstanding_bytes -= nbytes
             while self._held and not self._full(len(self._held[0][1])):
-                self._take(self._held.popleft())
+                self._take_held()
             self._flush()
 
     def disconnected(self) -> None:
-        """The broker redelivers what was never acknowledged: forget the held copies."""
+        """The broker redelivers what was never acknowledged: forget the held copies (not QoS 0 ones,
+        which it does not keep)."""
         with self._lock:
-            self._held.clear()
-            self._pending.clear()  # not journaled, not acknowledged: redelivered too
-            self._pending_bytes = 0
+            self._held = deque(item for item in self._held if item[3] == 0)
+            kept = [item for item in self._pending if item[3] == 0]
+            self._pending = kept  # not journaled, not acknowledged: redelivered too
+            self._pending_bytes = sum(len(item[1]) for item in kept)
 
     def close(self) -> None:
-        """Stop taking events; what is pending is committed and acknowledged, what is held is not."""
+        """Stop taking events; what is pending is committed and acknowledged, what is held is not
+        (except QoS 0 events, journaled past the bound: nobody else has them)."""
         with self._lock:
             self.accepting = False
+            for item in self._held:
+                if item[3] == 0:
+                    self._take(item)
             self._flush()
             self._held.clear()
+            self._held_qos0 = 0
