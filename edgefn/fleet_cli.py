@@ -185,33 +185,9 @@ def _print_json(doc: Any) -> None:
 
 # ---- tables ----
 
-def ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s} s ago"
-    if s < 3600:
-        return f"{s // 60} min ago"
-    return f"{s // 3600} h ago" if s < 86400 else f"{s // 86400} d ago"
-
-
-def gate_values_text(wave: Wave) -> str:
-    """A wave's recorded gate values, e.g. "error_rate=0.002, p99_ms=n/a" (empty: none recorded)."""
-    return ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(wave.gate_values.items()))
-
-
-def wave_line(rollout: Rollout) -> str:
-    """'wave 1 (2/3): soaking 3/5 healthy', or 'done' once every wave passed."""
-    if rollout.state == "done":
-        return f"done: {len(rollout.waves)}/{len(rollout.waves)} waves passed"
-    if not rollout.waves:
-        return "no waves"
-    index = min(rollout.current_wave, len(rollout.waves) - 1)
-    wave = rollout.waves[index]
-    return (f"{wave.name} ({index + 1}/{len(rollout.waves)}): {wave.state} "
-            f"{wave.healthy}/{len(wave.devices)} healthy")
-
-
 def devices_table(devices: list[Device], *, now: float) -> Table:
+    from edgefn.protocol.fleet import ago
+
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(devices)} device(s)")
     for header in ("device", "group", "version", "state", "events", "errors", "p99 ms", "last seen", "detail"):
         table.add_column(header)
@@ -226,6 +202,8 @@ def devices_table(devices: list[Device], *, now: float) -> Table:
 
 
 def rollouts_table(rollouts: list[Rollout]) -> Table:
+    from edgefn.protocol.fleet import wave_line
+
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(rollouts)} rollout(s)")
     for header in ("id", "release", "group", "state", "progress", "reason"):
         table.add_column(header)
@@ -244,6 +222,8 @@ def rollout_heading(rollout: Rollout) -> str:
 
 
 def waves_table(rollout: Rollout) -> Table:
+    from edgefn.protocol.fleet import gate_values_text
+
     table = Table(box=box.SIMPLE_HEAD)
     for header in ("wave", "devices", "state", "healthy", "gate values"):
         table.add_column(header)
@@ -257,6 +237,7 @@ def waves_table(rollout: Rollout) -> Table:
 
 def _show_rollout(rollout: Rollout) -> None:
     from edgefn.cli import out
+    from edgefn.protocol.fleet import wave_line
 
     out.print(escape(rollout_heading(rollout)), highlight=False)
     out.print(waves_table(rollout))
