@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edgefn.cli import app
-from edgefn.errors import ConfigError
-from edgefn.fleet_cli import (
+from edgefn.cli.fleet import (
     build_request,
     devices_table,
     parse_duration,
@@ -21,6 +19,8 @@ from edgefn.fleet_cli import (
     rollouts_table,
     waves_table,
 )
+from edgefn.cli.main import app
+from edgefn.errors import ConfigError
 from edgefn.protocol.fleet import Device, Health, Rollout, Wave, parse_gate
 
 runner = CliRunner(env={"COLUMNS": "400", "EDGEFN_FLEET_SERVER": None, "EDGEFN_FLEET_TOKEN": None})
