@@ -183,6 +183,13 @@ def published(tiny_fn: Path, fleet, ops: Path, tmp_path: Path) -> str:
     return "digits@1.1.0"
 
 
+def test_push_reads_the_server_from_the_environment(published: str, fleet, ops: Path) -> None:
+    result = runner.invoke(app, ["fleet", "push", "--refresh", "--keys", str(ops)],
+                           env={"EDGEFN_FLEET_SERVER": fleet.url})
+    assert result.exit_code == 0, result.output
+    assert f"uploaded to {fleet.url}: " in result.output and "timestamp.json" in result.output
+
+
 def test_devices_empty_then_after_reports(fleet) -> None:
     result = runner.invoke(app, ["fleet", "devices", "--server", fleet.url, "--json"])
     assert result.exit_code == 0, result.output

@@ -255,7 +255,7 @@ def _upload(server: str, bundle: Path | None, metadata: list[Path], token: str |
 @fleet_app.command("push")
 def push(
     keys: Annotated[Path, typer.Option(help="The operator's repository folder (`edgefn fleet keys init`).")],
-    server: Annotated[str, typer.Option(help="The fleet server, e.g. http://HOST:8080.")],
+    server: ServerOpt,
     file: Annotated[Path | None, typer.Argument(metavar="FILE", help="The bundle to release (from `edgefn bundle build`); none "
                                                      "with --refresh.")] = None,
     expires_days: Annotated[float, typer.Option(min=0.001, help="Days until the new timestamp expires (devices "
