@@ -125,7 +125,7 @@ def _print_table(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgefn.model_cli import format_ms, format_size
+    from edgefn.cli._toolkit import format_ms, format_size
 
     console = Console()
     for model in doc["models"]:

@@ -1,3 +1,5 @@
-from edgefn.cli import app
+"""`python -m edgefn ...`: the same as `edgefn ...`."""
+
+from edgefn.cli.main import app
 
 app()

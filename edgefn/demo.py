@@ -170,7 +170,7 @@ def run_demo(duration: float | None, rate: float, devices: int, console: Console
             build(FUNCTION)
     metrics_port = free_port()
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edgefn-demo-") as state:
-        cmd = [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker.url, "--functions", str(FUNCTION),
+        cmd = [sys.executable, "-m", "edgefn", "run", "--broker", broker.url, "--functions", str(FUNCTION),
                "--models", str(MODELS), "--state-dir", state, "--metrics-port", str(metrics_port),
                "--client-id", f"edgefn-demo-{os.getpid()}", "--no-build", "--log-level", "error"]
         daemon = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C stops it in order, through us

@@ -17,7 +17,7 @@ import pytest
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.errors import BundleError, GuestError
 from edgefn.events import Event
 from edgefn.fleet.bundle import (

@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.functions.manifest import load_manifest
 from tests.conftest import MODELS
 

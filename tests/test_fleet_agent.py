@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from cloud_sync.fleet.server import FleetServer, start_fleet_server
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.daemon import Daemon
 from edgefn.fleet.bundle import build_bundle
 from edgefn.fleet.signing import init_keys

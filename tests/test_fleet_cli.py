@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edgefn.cli import app
-from edgefn.errors import ConfigError
-from edgefn.fleet_cli import (
+from edgefn.cli.fleet import (
     build_request,
     devices_table,
     parse_duration,
@@ -21,6 +19,8 @@ from edgefn.fleet_cli import (
     rollouts_table,
     waves_table,
 )
+from edgefn.cli.main import app
+from edgefn.errors import ConfigError
 from edgefn.protocol.fleet import Device, Health, Rollout, Wave, parse_gate
 
 runner = CliRunner(env={"COLUMNS": "400", "EDGEFN_FLEET_SERVER": None, "EDGEFN_FLEET_TOKEN": None})
@@ -181,6 +181,13 @@ def published(tiny_fn: Path, fleet, ops: Path, tmp_path: Path) -> str:
     result = runner.invoke(app, ["fleet", "push", str(bundle), "--keys", str(ops), "--server", fleet.url])
     assert result.exit_code == 0, result.output
     return "digits@1.1.0"
+
+
+def test_push_reads_the_server_from_the_environment(published: str, fleet, ops: Path) -> None:
+    result = runner.invoke(app, ["fleet", "push", "--refresh", "--keys", str(ops)],
+                           env={"EDGEFN_FLEET_SERVER": fleet.url})
+    assert result.exit_code == 0, result.output
+    assert f"uploaded to {fleet.url}: " in result.output and "timestamp.json" in result.output
 
 
 def test_devices_empty_then_after_reports(fleet) -> None:

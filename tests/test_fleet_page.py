@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.fleet.page import render_page, row_id
-from edgefn.fleet_cli import ago, wave_line
-from edgefn.protocol.fleet import Device, Health, Rollout, Wave, parse_gate
+from edgefn.protocol.fleet import Device, Health, Rollout, Wave, ago, parse_gate, wave_line
 
 NOW = 1_700_000_000.0
 HOSTILE_ID = "<script>document.title='PWNED'</script>"
@@ -177,7 +176,7 @@ def test_fleet_server_page_in_chromium(tiny_fn: Path, tmp_path: Path) -> None:
     import httpx
 
     from cloud_sync.fleet.server import start_fleet_server
-    from edgefn.bundle_cli import _upload
+    from edgefn.cli.fleet import _upload
     from edgefn.fleet.bundle import build_bundle
     from edgefn.fleet.signing import add_release, init_keys, metadata_dir
     from edgefn.protocol.fleet import API, DeviceReport, RolloutRequest

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from cloud_sync.fleet.db import Database, database_url
 from cloud_sync.fleet.engine import plan_waves
 from cloud_sync.fleet.server import FleetServer, start_fleet_server
-from edgefn.bundle_cli import _upload
-from edgefn.cli import app
+from edgefn.cli.fleet import _upload
+from edgefn.cli.main import app
 from edgefn.errors import ConfigError, FleetError
 from edgefn.fleet.bundle import BundleInfo, build_bundle
 from edgefn.fleet.fetch import ReleaseFetcher

@@ -16,7 +16,7 @@ import pytest
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.config import load_settings
 from edgefn.errors import ModelError
 from edgefn.inference.registry import Choice, ModelRegistry

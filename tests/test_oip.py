@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from typer.testing import CliRunner
 
 from cloud_sync.serve import CloudServer, start_server
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import from_wire, to_wire

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.errors import ModelError
 from edgefn.inference.evaluate import Samples, accuracy, predict
 from edgefn.inference.optimize import optimize, plan, prune

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edgefn.cli import app
+from edgefn.cli.main import app
 from edgefn.errors import ProfileError
 from edgefn.profiles import (
     SHIPPED,

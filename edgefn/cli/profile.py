@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.errors import EdgefnError
-from edgefn.profiles import SHIPPED, DelegateSpec, Profile, get_profile, load_profiles, pressure
-from edgefn.profiles import detect as detect_profile
+from edgefn.cli._toolkit import cli_errors, out, print_json
+
+if TYPE_CHECKING:
+    from edgefn.profiles import DelegateSpec, Profile
 
 profile_app = typer.Typer(help="Device profiles: detect this device's, list them, show one.", no_args_is_help=True)
 
@@ -26,25 +27,13 @@ AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 def _dirs(extra: list[Path] | None) -> list[Path] | None:
+    from edgefn.profiles import SHIPPED
+
     return [SHIPPED, *extra] if extra else None
 
 
-def _print_json(value: Any) -> None:
-    from edgefn.cli import out
-
-    out.print_json(json.dumps(value))
-
-
 def _print(text: Any) -> None:
-    from edgefn.cli import out
-
     out.print(text, highlight=False)
-
-
-def _fail(exc: EdgefnError) -> None:
-    from edgefn.cli import _fail as fail
-
-    fail(exc)
 
 
 @profile_app.command("detect")
@@ -56,13 +45,14 @@ def detect(
 ) -> None:
     """Say which device profile fits this machine (or the tree under --root), why, and how it is doing now
     (temperature and memory against the profile's limits)."""
-    try:
+    from edgefn.profiles import detect as detect_profile
+    from edgefn.profiles import load_profiles, pressure
+
+    with cli_errors():
         found = detect_profile(root, load_profiles(_dirs(profiles)))
         now = pressure(found.profile, root)
-    except EdgefnError as exc:
-        _fail(exc)
     if as_json:
-        _print_json({"profile": found.profile.name, "fallback": found.fallback, "evidence": found.evidence,
+        print_json({"profile": found.profile.name, "fallback": found.fallback, "evidence": found.evidence,
                      "pressure": dataclasses.asdict(now) | {"ok": now.ok}})
         return
     p = found.profile
@@ -85,12 +75,12 @@ def _chain(specs: list[DelegateSpec]) -> str:
 @profile_app.command("list")
 def list_profiles(as_json: AsJson = False, profiles: ProfileDirs = None) -> None:
     """List the device profiles: their arch, accelerators and delegate chains."""
-    try:
+    from edgefn.profiles import load_profiles
+
+    with cli_errors():
         found = load_profiles(_dirs(profiles))
-    except EdgefnError as exc:
-        _fail(exc)
     if as_json:
-        _print_json([{"name": p.name, "arch": p.arch, "generic": p.generic, "description": p.profile.description,
+        print_json([{"name": p.name, "arch": p.arch, "generic": p.generic, "description": p.profile.description,
                       "source": str(p.source)} for p in found.values()])
         return
     table = Table(box=box.SIMPLE, pad_edge=False, caption="edgefn profile show NAME: the whole profile")
@@ -111,12 +101,12 @@ def show(
     profiles: ProfileDirs = None,
 ) -> None:
     """Show one device profile in full: how it is recognised, its hardware, delegates, limits and capacity."""
-    try:
+    from edgefn.profiles import get_profile
+
+    with cli_errors():
         p = get_profile(name, _dirs(profiles))
-    except EdgefnError as exc:
-        _fail(exc)
     if as_json:
-        _print_json(p.model_dump(mode="json") | {"source": str(p.source)})
+        print_json(p.model_dump(mode="json") | {"source": str(p.source)})
         return
     info, hw = p.profile, p.hardware
     _print(f"[bold]{p.name}[/]: {escape(info.description)}\n"

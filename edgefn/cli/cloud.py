@@ -1,4 +1,5 @@
-"""`edgefn cloud ...`: the cloud side, from the same command: the endpoint devices hand inference off to."""
+"""`edgefn cloud serve`: the cloud side from the same command: the inference endpoint devices hand work
+off to (Open Inference Protocol v2) and, with --data, the fleet server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from edgefn.cli._toolkit import cli_errors, console, fail, setup_logging, token_from_env
 from edgefn.errors import ConfigError, EdgefnError
 
 if TYPE_CHECKING:
@@ -49,26 +51,22 @@ def serve(
 ) -> None:
     """Serve the ONNX models of a models folder over OIP v2 REST (health, metadata, infer; JSON and binary
     tensors), and with --data the fleet (API, TUF repository, rollouts, the page at /), until Ctrl-C or SIGTERM."""
-    from edgefn.cli import _fail, _setup_logging
-
     try:
         from cloud_sync.serve import OipEndpoint, create_app
     except ImportError as exc:
-        _fail(EdgefnError(f"the cloud endpoint needs {exc.name}: pip install 'edgefn[cloud]'"))
-    _setup_logging(log_level)
+        fail(EdgefnError(f"the cloud endpoint needs {exc.name}: pip install 'edgefn[cloud]'"))
+    setup_logging(log_level)
     if data is not None:
         return _serve_fleet(data, models or [], host=host, port=port, db=db, fleet_root=fleet_root,
                             token_env=token_env, step_s=step_s, delay_ms=delay_ms, auth_header=auth_header,
                             auth_env=auth_env)
     if not models:
-        _fail(ConfigError("give --models DIR (the inference endpoint), --data DIR (the fleet server), or both"))
+        fail(ConfigError("give --models DIR (the inference endpoint), --data DIR (the fleet server), or both"))
     if db is not None or fleet_root is not None or token_env is not None:
-        _fail(ConfigError("--db, --fleet-root and --token-env are the fleet server's: give --data DIR too"))
+        fail(ConfigError("--db, --fleet-root and --token-env are the fleet server's: give --data DIR too"))
     assert models is not None
-    try:
+    with cli_errors():
         endpoint = OipEndpoint.from_folders(models, delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
-    except EdgefnError as exc:
-        _fail(exc)
     names = ", ".join(n if m.backend else f"{n} (not ready)" for n, m in endpoint.models.items())
     _serve(create_app(endpoint), f"{names} (Open Inference Protocol v2)", host=host, port=port, close=endpoint.close)
 
@@ -77,13 +75,11 @@ def _serve_fleet(data: Path, models: list[Path], *, host: str, port: int, db: st
                  token_env: str | None, step_s: float, delay_ms: float, auth_header: str | None,
                  auth_env: str | None) -> None:
     from cloud_sync.fleet.server import FleetService
-    from edgefn.cli import _fail
 
-    try:
-        service = FleetService(data, db_url=db, models=models, fleet_root=fleet_root, token=_token(token_env),
-                               delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
-    except EdgefnError as exc:
-        _fail(exc)
+    with cli_errors():
+        service = FleetService(data, db_url=db, models=models, fleet_root=fleet_root,
+                               token=token_from_env(token_env, fallback=None), delay_ms=delay_ms,
+                               auth=_auth(auth_header, auth_env))
     service.engine.start(step_s)
     served = "the fleet" + (f" and {', '.join(service.endpoint.models)} (Open Inference Protocol v2)"
                             if service.endpoint is not None else "")
@@ -93,24 +89,13 @@ def _serve_fleet(data: Path, models: list[Path], *, host: str, port: int, db: st
 def _serve(app: FastAPI, what: str, *, host: str, port: int, close: Callable[[], None]) -> None:
     """Serve `app` in the foreground until SIGINT or SIGTERM; `close` then releases what it served."""
     from cloud_sync.serve import serve_forever
-    from edgefn.cli import _fail, console
 
     try:
-        serve_forever(app, host=host, port=port, on_listening=lambda url: console.print(
-            f"serving {what} on {url}", markup=False, highlight=False, soft_wrap=True))
-    except EdgefnError as exc:
-        _fail(exc)
+        with cli_errors():
+            serve_forever(app, host=host, port=port, on_listening=lambda url: console.print(
+                f"serving {what} on {url}", markup=False, highlight=False, soft_wrap=True))
     finally:
         close()
-
-
-def _token(env: str | None) -> str | None:
-    if env is None:
-        return None
-    value = os.environ.get(env)
-    if not value:
-        raise ConfigError(f"--token-env names {env}, which is not set (or empty)")
-    return value
 
 
 def _auth(header: str | None, env: str | None) -> tuple[str, str] | None:

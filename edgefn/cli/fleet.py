@@ -1,21 +1,20 @@
-"""`edgefn fleet ...`: the operator's side of fleet rollout (keys, push, rollouts, devices).
+"""`edgefn fleet ...`: the operator's side of fleet rollout.
 
-The Typer apps live here; `edgefn/bundle_cli.py` adds `bundle build`, `fleet keys init` and
-`fleet push` to them, this module the commands that talk to the fleet server about rollouts and
-devices: `fleet rollout create|status|list|pause|resume|abort` and `fleet devices`.
+`fleet keys init` makes the TUF keys, `fleet push` signs a bundle and uploads it, `fleet rollout
+create|status|list|pause|resume|abort` drives a rollout, `fleet devices` lists what devices report.
+Every command that talks to the server takes --server (or EDGEFN_FLEET_SERVER) and --token-env.
 
 Every failure (the server down, a rollout it does not know, a request it refuses) is one line on
-stderr and exit code 1; `--json` prints the protocol's models as JSON for scripts.
+stderr and exit code 2; `--json` prints the protocol's models as JSON for scripts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -23,10 +22,20 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.errors import ConfigError, EdgefnError, FleetError
+from edgefn.cli._toolkit import (
+    ServerOpt,
+    TimeoutOpt,
+    TokenEnvOpt,
+    call_fleet,
+    cli_errors,
+    out,
+    print_json,
+    token_from_env,
+)
+from edgefn.errors import ConfigError, FleetError
 
 if TYPE_CHECKING:
-    from edgefn.protocol.fleet import Device, Rollout, Wave
+    from edgefn.protocol.fleet import Device, Rollout
 
 fleet_app = typer.Typer(help="Roll functions and models out to a fleet: keys, push, rollouts, devices.",
                         no_args_is_help=True)
@@ -36,16 +45,8 @@ rollout_app = typer.Typer(help="Canary, waves and health gates: create, watch, p
 fleet_app.add_typer(keys_app, name="keys")
 fleet_app.add_typer(rollout_app, name="rollout")
 
-SERVER_ENV = "EDGEFN_FLEET_SERVER"
-TOKEN_ENV = "EDGEFN_FLEET_TOKEN"
-
-# The options every command that talks to the server shares.
-ServerOpt = Annotated[str, typer.Option(envvar=SERVER_ENV, show_envvar=True,
-                                        help="The fleet server, e.g. http://HOST:8080.")]
-TokenEnvOpt = Annotated[str | None, typer.Option(help=f"Environment variable holding a bearer token for the server "
-                                                      f"(default: {TOKEN_ENV}, when it is set).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON instead of a table.")]
-TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server.")]
+UNPUBLISHED = "unpublished.json"  # in the keys folder: metadata signed here that the server has not taken yet
 RolloutId = Annotated[int, typer.Argument(metavar="ID", help="The rollout's id (from `rollout create` or `list`).")]
 
 
@@ -111,41 +112,6 @@ def build_request(release: str, group: str, *, canary: int, waves: str, gate: st
 
 # ---- talking to the server ----
 
-def token_from_env(token_env: str | None) -> str | None:
-    """The bearer token for the fleet server: from --token-env NAME, else EDGEFN_FLEET_TOKEN when set."""
-    name = token_env or TOKEN_ENV
-    token = os.environ.get(name, "")
-    if token_env and not token:
-        raise ConfigError(f"--token-env names {token_env}, which is not set (or empty)")
-    return token or None
-
-
-def call_server(method: str, server: str, path: str, *, token: str | None = None, body: dict | None = None,
-                timeout: float = 30.0) -> Any:
-    """One request to the fleet API; every way it can go wrong becomes a FleetError in one line."""
-    import httpx
-
-    from edgefn.protocol.fleet import API
-
-    url = f"{server.rstrip('/')}{API}{path}"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise FleetError(f"cannot reach the fleet server at {server}: {exc or type(exc).__name__}") from None
-    try:
-        doc = response.json()
-    except ValueError:
-        doc = None
-    if response.status_code >= 400:
-        detail = doc.get("error") if isinstance(doc, dict) else None
-        raise FleetError(f"{method} {url}: HTTP {response.status_code}: "
-                         f"{detail or response.text.strip()[:200] or response.reason_phrase}")
-    if doc is None:
-        raise FleetError(f"{method} {url}: the answer is not JSON (is this a fleet server?)")
-    return doc
-
-
 def _model(kind: type, doc: Any, url_hint: str) -> Any:
     from pydantic import ValidationError
 
@@ -155,63 +121,29 @@ def _model(kind: type, doc: Any, url_hint: str) -> Any:
         raise FleetError(f"{url_hint}: unexpected answer from the fleet server: {exc.errors()[0]['msg']}") from None
 
 
-def _rollout(doc: Any) -> Rollout:
+def _rollout(method: str, server: str, path: str, token_env: str | None, timeout: float,
+             body: dict | None = None) -> Rollout:
+    """A call whose answer is one rollout."""
     from edgefn.protocol.fleet import Rollout
 
+    doc = call_fleet(method, server, path, token=token_from_env(token_env), body=body, timeout=timeout)
     return _model(Rollout, doc, "rollout")
 
 
-def _listed(doc: Any, key: str, kind: type) -> list:
+def _listed(server: str, path: str, key: str, kind: type, token_env: str | None, timeout: float) -> list:
+    """A GET whose answer is {key: [kind...]}."""
+    doc = call_fleet("GET", server, path, token=token_from_env(token_env), timeout=timeout)
     items = doc.get(key) if isinstance(doc, dict) else None
     if not isinstance(items, list):
         raise FleetError(f"unexpected answer from the fleet server: no {key!r} list")
     return [_model(kind, item, key) for item in items]
 
 
-@contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """An EdgefnError becomes one clean line and exit code 2, as everywhere in `edgefn`."""
-    from edgefn.cli import _fail
-
-    try:
-        yield
-    except EdgefnError as exc:
-        _fail(exc)
-
-
-def _print_json(doc: Any) -> None:
-    typer.echo(json.dumps(doc, indent=2))
-
-
 # ---- tables ----
 
-def ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s} s ago"
-    if s < 3600:
-        return f"{s // 60} min ago"
-    return f"{s // 3600} h ago" if s < 86400 else f"{s // 86400} d ago"
-
-
-def gate_values_text(wave: Wave) -> str:
-    """A wave's recorded gate values, e.g. "error_rate=0.002, p99_ms=n/a" (empty: none recorded)."""
-    return ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(wave.gate_values.items()))
-
-
-def wave_line(rollout: Rollout) -> str:
-    """'wave 1 (2/3): soaking 3/5 healthy', or 'done' once every wave passed."""
-    if rollout.state == "done":
-        return f"done: {len(rollout.waves)}/{len(rollout.waves)} waves passed"
-    if not rollout.waves:
-        return "no waves"
-    index = min(rollout.current_wave, len(rollout.waves) - 1)
-    wave = rollout.waves[index]
-    return (f"{wave.name} ({index + 1}/{len(rollout.waves)}): {wave.state} "
-            f"{wave.healthy}/{len(wave.devices)} healthy")
-
-
 def devices_table(devices: list[Device], *, now: float) -> Table:
+    from edgefn.protocol.fleet import ago
+
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(devices)} device(s)")
     for header in ("device", "group", "version", "state", "events", "errors", "p99 ms", "last seen", "detail"):
         table.add_column(header)
@@ -226,6 +158,8 @@ def devices_table(devices: list[Device], *, now: float) -> Table:
 
 
 def rollouts_table(rollouts: list[Rollout]) -> Table:
+    from edgefn.protocol.fleet import wave_line
+
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(rollouts)} rollout(s)")
     for header in ("id", "release", "group", "state", "progress", "reason"):
         table.add_column(header)
@@ -244,6 +178,8 @@ def rollout_heading(rollout: Rollout) -> str:
 
 
 def waves_table(rollout: Rollout) -> Table:
+    from edgefn.protocol.fleet import gate_values_text
+
     table = Table(box=box.SIMPLE_HEAD)
     for header in ("wave", "devices", "state", "healthy", "gate values"):
         table.add_column(header)
@@ -256,7 +192,7 @@ def waves_table(rollout: Rollout) -> Table:
 
 
 def _show_rollout(rollout: Rollout) -> None:
-    from edgefn.cli import out
+    from edgefn.protocol.fleet import wave_line
 
     out.print(escape(rollout_heading(rollout)), highlight=False)
     out.print(waves_table(rollout))
@@ -266,7 +202,103 @@ def _show_rollout(rollout: Rollout) -> None:
                   highlight=False)
 
 
-# ---- commands ----
+# ---- commands: keys and releases ----
+
+@keys_app.command("init")
+def keys_init(
+    repo_dir: Annotated[Path, typer.Argument(metavar="DIR", help="The operator's repository folder: keys/ and "
+                                                                 "repository/ go in it.")],
+    force: Annotated[bool, typer.Option(help="Replace existing keys and metadata (devices given the old root "
+                                             "will refuse every new release).")] = False,
+) -> None:
+    """Make the Ed25519 keys of root, targets, snapshot and timestamp and the first (root) metadata.
+
+    Keep DIR/keys private. Give every device DIR/repository/metadata/1.root.json once (its --fleet-root).
+    """
+    from edgefn.fleet.signing import ROLES, init_keys, keys_dir
+
+    with cli_errors():
+        root = init_keys(repo_dir, force=force)
+    for role in ROLES:
+        out.print(f"{role:9} key  {escape(str(keys_dir(repo_dir) / f'{role}.pem'))} (0600)", highlight=False)
+    out.print(f"root metadata  [bold]{escape(str(root))}[/]: give it to each device once "
+              "(edgefn run --fleet-root FILE)", highlight=False)
+
+
+def _pending(keys: Path) -> list[str]:
+    try:
+        return list(json.loads((keys / UNPUBLISHED).read_text())["files"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FleetError(f"{keys / UNPUBLISHED}: unreadable ({exc}); delete it to push only the new metadata") from None
+
+
+def _upload_order(name: str) -> tuple[int, int]:
+    """root, targets, snapshot (each by version), then timestamp: the order a verifier needs them in."""
+    version, _, role = name.partition(".")
+    rank = {"root.json": 0, "targets.json": 1, "snapshot.json": 2}.get(role, 3)
+    return (rank, int(version)) if version.isdigit() else (3, 0)
+
+
+def _upload(server: str, bundle: Path | None, metadata: list[Path], token: str | None, timeout: float) -> dict:
+    """Publish: the bundle (None: metadata alone) and its signed metadata, in one multipart POST."""
+    with contextlib.ExitStack() as stack:
+        files: list[tuple[str, tuple[str, object, str]]] = []
+        if bundle is not None:
+            files.append(("bundle", (bundle.name, stack.enter_context(open(bundle, "rb")), "application/x-tar")))
+        files += [("metadata", (p.name, p.read_bytes(), "application/json")) for p in metadata]
+        answer = call_fleet("POST", server, "/publish", token=token, files=files, timeout=timeout)
+    return answer if isinstance(answer, dict) else {}
+
+
+@fleet_app.command("push")
+def push(
+    keys: Annotated[Path, typer.Option(help="The operator's repository folder (`edgefn fleet keys init`).")],
+    server: ServerOpt,
+    file: Annotated[Path | None, typer.Argument(metavar="FILE", help="The bundle to release (from `edgefn bundle build`); none "
+                                                     "with --refresh.")] = None,
+    expires_days: Annotated[float, typer.Option(min=0.001, help="Days until the new timestamp expires (devices "
+                                                                 "refuse an expired one; re-sign with --refresh).")] = 7.0,
+    refresh: Annotated[bool, typer.Option(help="Only re-sign the timestamp (a new expiry) and upload it.")] = False,
+    token_env: TokenEnvOpt = None,
+    timeout: TimeoutOpt = 120.0,
+) -> None:
+    """Sign a bundle into the repository (targets, snapshot, timestamp) and upload it with the new metadata.
+
+    The repository in --keys keeps every signed version. Metadata the server did not take (it was down)
+    is sent again with the next push.
+    """
+    from edgefn.fleet.bundle import file_sha256, read_bundle
+    from edgefn.fleet.signing import add_release, keys_dir, metadata_dir, refresh_timestamp
+
+    with cli_errors():
+        if refresh and file is not None:
+            raise ConfigError("--refresh re-signs the timestamp alone: give no bundle FILE")
+        if not refresh and file is None:
+            raise ConfigError("give the bundle FILE to push (or --refresh to re-sign the timestamp)")
+        token = token_from_env(token_env)
+        pending = _pending(keys_dir(keys))
+        if refresh:
+            new = refresh_timestamp(keys, expires_days=expires_days)
+        else:
+            assert file is not None
+            bundle = read_bundle(file)
+            new = add_release(keys, file, expires_days=expires_days)
+        names = sorted({*pending, *(p.name for p in new)}, key=_upload_order)
+        (keys_dir(keys) / UNPUBLISHED).write_text(json.dumps({"files": names}) + "\n")
+        metadata = [metadata_dir(keys) / n for n in names]
+        if refresh:
+            out.print(f"signed timestamp (expires in {expires_days:g} days)", highlight=False)
+        else:
+            out.print(f"signed [bold]{escape(bundle.target)}[/] (sha256 {file_sha256(file)})", highlight=False)
+        _upload(server, file, metadata, token, timeout)
+        (keys_dir(keys) / UNPUBLISHED).unlink()
+    out.print(f"uploaded to {escape(server)}: {escape(', '.join(names))}"
+              + (f" and {escape(file.name)}" if file is not None else ""), highlight=False)
+
+
+# ---- commands: rollouts and devices ----
 
 @rollout_app.command("create")
 def rollout_create(
@@ -291,10 +323,9 @@ def rollout_create(
     with cli_errors():
         request = build_request(bundle, group, canary=canary, waves=waves, gate=gate, soak=soak,
                                 wave_timeout=wave_timeout)
-        rollout = _rollout(call_server("POST", server, "/rollouts", token=token_from_env(token_env), body=request,
-                                       timeout=timeout))
+        rollout = _rollout("POST", server, "/rollouts", token_env, timeout, body=request)
     if as_json:
-        _print_json(rollout.model_dump(mode="json"))
+        print_json(rollout.model_dump(mode="json"))
     else:
         typer.echo(rollout.id)
 
@@ -304,10 +335,9 @@ def rollout_status(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnv
                    timeout: TimeoutOpt = 30.0) -> None:
     """One rollout: each wave's devices, state, healthy count and recorded gate values."""
     with cli_errors():
-        rollout = _rollout(call_server("GET", server, f"/rollouts/{rollout_id}", token=token_from_env(token_env),
-                                       timeout=timeout))
+        rollout = _rollout("GET", server, f"/rollouts/{rollout_id}", token_env, timeout)
     if as_json:
-        _print_json(rollout.model_dump(mode="json"))
+        print_json(rollout.model_dump(mode="json"))
     else:
         _show_rollout(rollout)
 
@@ -316,24 +346,21 @@ def rollout_status(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnv
 def rollout_list(server: ServerOpt, token_env: TokenEnvOpt = None, as_json: JsonOpt = False,
                  timeout: TimeoutOpt = 30.0) -> None:
     """Every rollout the server knows, oldest first."""
-    from edgefn.cli import out
     from edgefn.protocol.fleet import Rollout
 
     with cli_errors():
-        rollouts = _listed(call_server("GET", server, "/rollouts", token=token_from_env(token_env), timeout=timeout),
-                           "rollouts", Rollout)
+        rollouts = _listed(server, "/rollouts", "rollouts", Rollout, token_env, timeout)
     if as_json:
-        _print_json({"rollouts": [r.model_dump(mode="json") for r in rollouts]})
+        print_json({"rollouts": [r.model_dump(mode="json") for r in rollouts]})
     else:
         out.print(rollouts_table(rollouts))
 
 
 def _act(action: str, rollout_id: int, server: str, token_env: str | None, as_json: bool, timeout: float) -> None:
     with cli_errors():
-        rollout = _rollout(call_server("POST", server, f"/rollouts/{rollout_id}/{action}", token=token_from_env(token_env),
-                                       timeout=timeout))
+        rollout = _rollout("POST", server, f"/rollouts/{rollout_id}/{action}", token_env, timeout)
     if as_json:
-        _print_json(rollout.model_dump(mode="json"))
+        print_json(rollout.model_dump(mode="json"))
     else:
         typer.echo(f"rollout {rollout.id}: {rollout.state}" + (f" ({rollout.reason})" if rollout.reason else ""))
 
@@ -364,15 +391,13 @@ def devices(server: ServerOpt,
             group: Annotated[str | None, typer.Option(help="Only the devices of this group.")] = None,
             token_env: TokenEnvOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
     """The devices that reported to the server: group, release, update state, health, last seen."""
-    from edgefn.cli import out
     from edgefn.protocol.fleet import Device
 
     with cli_errors():
-        found = _listed(call_server("GET", server, "/devices", token=token_from_env(token_env), timeout=timeout),
-                        "devices", Device)
+        found = _listed(server, "/devices", "devices", Device, token_env, timeout)
     if group is not None:
         found = [d for d in found if d.group == group]
     if as_json:
-        _print_json({"devices": [d.model_dump(mode="json") for d in found]})
+        print_json({"devices": [d.model_dump(mode="json") for d in found]})
     else:
         out.print(devices_table(found, now=time.time()))

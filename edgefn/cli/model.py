@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgefn.cli._toolkit import cli_errors, console, format_ms, format_size, out, print_json
 from edgefn.errors import ModelError
-from edgefn.fleet_cli import cli_errors
 
 if TYPE_CHECKING:
     from edgefn.inference.evaluate import Samples
@@ -24,28 +22,6 @@ if TYPE_CHECKING:
 model_app = typer.Typer(help="Make, inspect and time model variants (int8, pruned, TFLite).", no_args_is_help=True)
 
 MODELS_HELP = "Folder of model folders, to find NAME in."
-
-
-
-
-def _consoles() -> tuple[Console, Console]:
-    """The `edgefn` command's consoles: (stdout, stderr)."""
-    from edgefn.cli import console, out
-
-    return out, console
-
-
-def _three_digits(value: float) -> str:
-    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}"
-
-
-def format_ms(ms: float) -> str:
-    """A latency for a table: microseconds below a millisecond, where tiny models live."""
-    return f"{ms * 1000:.0f} µs" if ms < 1 else f"{_three_digits(ms)} ms"
-
-
-def format_size(size: int) -> str:
-    return f"{_three_digits(size / 1e6)} MB" if size >= 1e6 else f"{_three_digits(size / 1e3)} kB"
 
 
 # --- optimize -------------------------------------------------------------------------------------
@@ -67,8 +43,8 @@ def optimize(
                                              metavar="global|layer")] = "global",
     max_drop: Annotated[float, typer.Option(help="Refuse a variant whose accuracy falls more than this below the "
                                                  "float model's (0.01: one point).")] = 0.01,
-    out: Annotated[Path | None, typer.Option(help="Folder whose model.json registers the variants "
-                                                  "(default: SRC's folder).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder whose model.json registers the variants "
+                                                               "(default: SRC's folder).")] = None,
 ) -> None:
     """Make int8 and/or pruned variants of a float ONNX model, keep those within --max-drop of its accuracy.
 
@@ -81,19 +57,18 @@ def optimize(
     from edgefn.inference import optimize as opt
     from edgefn.inference.evaluate import Samples
 
-    _, stderr = _consoles()
     with cli_errors():
         planned = opt.plan(quantize, prune)
         val = Samples.load(validation)
         cal = Samples.load(calibration, labels=False) if calibration is not None else None
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
-        with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             task, done = bar.add_task("starting", total=opt.steps(planned)), itertools.count()
             outcomes = opt.optimize(src, cal, val, quantize=quantize, prune_to=prune, prune_scope=prune_scope,
-                                    max_drop=max_drop, out=out,
+                                    max_drop=max_drop, out=out_dir,
                                     progress=lambda what: bar.update(task, description=what, completed=next(done)))
-    _print_outcomes(outcomes, max_drop, out or src.parent)
+    _print_outcomes(outcomes, max_drop, out_dir or src.parent)
     raise typer.Exit(0 if all(o.registered for o in outcomes) else 1)
 
 
@@ -114,11 +89,10 @@ def _outcome_table(outcomes: list[Outcome], max_drop: float, folder: Path) -> Ta
 
 
 def _print_outcomes(outcomes: list[Outcome], max_drop: float, folder: Path) -> None:
-    stdout, _ = _consoles()
-    stdout.print(_outcome_table(outcomes, max_drop, folder))
+    out.print(_outcome_table(outcomes, max_drop, folder))
     for o in outcomes[1:]:
         verdict = "registered" if o.registered else "refused"
-        stdout.print(f"{o.variant}: {verdict} ({o.file}): {escape(o.note)}" if o.registered
+        out.print(f"{o.variant}: {verdict} ({o.file}): {escape(o.note)}" if o.registered
                      else f"{o.variant}: {verdict}: {escape(o.note)}", highlight=False)
 
 
@@ -170,7 +144,6 @@ def inspect(
     """Show a model's inputs, outputs and variants (size, accuracy, sha256 check), and the variant chosen here."""
     from edgefn.inference.registry import BACKENDS, choose
 
-    stdout, _ = _consoles()
     with cli_errors():
         info, file = _find(target, models)
         if file is not None:
@@ -178,13 +151,13 @@ def inspect(
             if backend is None:
                 raise ModelError(f"{file}: not a model file (.onnx or .tflite), a model folder or a model's name")
             loaded = backend(file)
-            stdout.print(f"[bold]{file}[/] ({loaded.format}, {format_size(file.stat().st_size)})")
-            stdout.print(_spec_table("inputs", loaded.inputs))
-            stdout.print("outputs: " + ", ".join(loaded.outputs))
+            out.print(f"[bold]{file}[/] ({loaded.format}, {format_size(file.stat().st_size)})")
+            out.print(_spec_table("inputs", loaded.inputs))
+            out.print("outputs: " + ", ".join(loaded.outputs))
             return
-        stdout.print(f"[bold]{info.name}[/] ({info.folder})")
-        stdout.print(_spec_table("inputs", list(info.inputs)))
-        stdout.print(_spec_table("outputs", list(info.outputs)))
+        out.print(f"[bold]{info.name}[/] ({info.folder})")
+        out.print(_spec_table("inputs", list(info.inputs)))
+        out.print(_spec_table("outputs", list(info.outputs)))
         table = Table(title="variants", title_justify="left", box=box.SIMPLE)
         for column in ("variant", "format", "precision", "sparsity", "size", "accuracy", "sha256"):
             table.add_column(column)
@@ -192,15 +165,15 @@ def inspect(
             table.add_row(v.name, v.format, v.precision, f"{v.sparsity:.0%}" if v.sparsity else "-",
                           format_size(v.size) if v.size else "?", f"{v.accuracy:.4f}" if v.accuracy else "?",
                           _sha_state(info.path(v), v.sha256))
-        stdout.print(table)
+        out.print(table)
         try:
             _, choice = choose(info)
         except ModelError as exc:
-            stdout.print(f"[red]runs here as: nothing[/] ({escape(str(exc))})")
+            out.print(f"[red]runs here as: nothing[/] ({escape(str(exc))})")
             return
-        stdout.print(f"runs here as: [bold]{choice.variant}[/] ({choice.format}, {choice.delegate})")
+        out.print(f"runs here as: [bold]{choice.variant}[/] ({choice.format}, {choice.delegate})")
         for variant, why in choice.passed_over:
-            stdout.print(f"  passed over {variant}: {escape(why)}", highlight=False)
+            out.print(f"  passed over {variant}: {escape(why)}", highlight=False)
 
 
 # --- bench ----------------------------------------------------------------------------------------
@@ -221,7 +194,6 @@ def bench(
     from edgefn.inference.evaluate import accuracy, measure_latency
     from edgefn.inference.registry import open_variant
 
-    stdout, _ = _consoles()
     with cli_errors():
         info, file = _find(name, models)
         if info is None:
@@ -241,12 +213,12 @@ def bench(
             row["latency"] = [measure_latency(backend, samples, b).to_json() for b in (1, 16)]
             rows.append(row)
     if as_json:
-        stdout.print_json(json.dumps({"model": info.name, "folder": str(info.folder), "variants": rows}))
+        print_json({"model": info.name, "folder": str(info.folder), "variants": rows})
         return
-    stdout.print(_bench_table(info.name, rows))
+    out.print(_bench_table(info.name, rows))
     for row in rows:
         if "skipped" in row:
-            stdout.print(f"{row['variant']}: cannot run here: {escape(row['skipped'])}", highlight=False)
+            out.print(f"{row['variant']}: cannot run here: {escape(row['skipped'])}", highlight=False)
 
 
 def _samples_for(info: ModelInfo) -> Samples:

@@ -1,53 +1,26 @@
-"""`edgefn`: run the daemon, build and try functions, and the demo."""
+"""The top-level commands: `edgefn run` (the daemon), `status` (ask it how it does), `demo` (the whole
+path on a private broker) and `version`.
+
+`main` registers each public function here as the command of its name.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.bundle_cli import bundle_app
-from edgefn.cloud_cli import cloud_app
+from edgefn.cli._toolkit import build_stale, cli_errors, fail, out, print_json, setup_logging
 from edgefn.errors import EdgefnError
-from edgefn.fleet_cli import fleet_app
-from edgefn.model_cli import model_app
-from edgefn.profile_cli import profile_app
-
-app = typer.Typer(help="edgefn: MQTT-triggered, sandboxed functions with on-device inference.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-fn_app = typer.Typer(help="Write, build and try functions.", no_args_is_help=True)
-app.add_typer(fn_app, name="fn")
-app.add_typer(model_app, name="model")
-app.add_typer(cloud_app, name="cloud")
-app.add_typer(profile_app, name="profile")
-app.add_typer(bundle_app, name="bundle")
-app.add_typer(fleet_app, name="fleet")
-console = Console(stderr=True)
-out = Console()
 
 
-def _fail(exc: Exception) -> None:
-    # The message is text, not markup: "[/tmp/x]" or "[models]" in it must print as written.
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")
-    raise typer.Exit(2)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@app.command()
 def run(
     broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGEFN_BROKER]")] = None,
     functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable).")] = None,
@@ -96,8 +69,8 @@ def run(
     from edgefn.config import load_settings
     from edgefn.daemon import Daemon
 
-    _setup_logging(log_level)
-    try:
+    setup_logging(log_level)
+    with cli_errors():
         settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
@@ -108,7 +81,7 @@ def run(
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
                                  batch_wait_ms=batch_wait_ms)
         if build and not settings.fleet_only:
-            _build_stale(settings.functions)
+            build_stale(settings.functions)
         daemon = Daemon(settings)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,8 +92,6 @@ def run(
         stop.wait()
         logging.getLogger("edgefn").info("stopping: draining events in hand")
         daemon.stop()
-    except EdgefnError as exc:
-        _fail(exc)
 
 
 def _pairs(flag: str, values: list[str] | None) -> dict[str, str] | None:
@@ -134,118 +105,6 @@ def _pairs(flag: str, values: list[str] | None) -> dict[str, str] | None:
     return dict(pairs)
 
 
-def _build_stale(paths: list[Path]) -> None:
-    from edgefn.functions.build import build as build_function
-    from edgefn.functions.build import discover, needs_build
-    from edgefn.functions.manifest import load_manifest
-
-    for folder in discover(paths):
-        if needs_build(folder, load_manifest(folder)):
-            with console.status(f"building {folder} (componentize-py, about 10 s)"):
-                build_function(folder)
-
-
-@fn_app.command("new")
-def fn_new(
-    name: Annotated[str, typer.Argument(help="Function name (a-z, 0-9, '-', '_').")],
-    parent: Annotated[Path, typer.Option("--dir", help="Folder to create it in.")] = Path("."),
-) -> None:
-    """Scaffold a Python function: edgefn.toml, app.py and a sample event.json."""
-    from edgefn.functions.build import scaffold
-
-    try:
-        target = scaffold(name, parent)
-    except EdgefnError as exc:
-        _fail(exc)
-    out.print(f"created {target}/ (edgefn.toml, app.py, event.json)\n"
-              f"next: edgefn fn build {target} && edgefn fn invoke {target} --topic sensors/dev1/{name} --payload @{target}/event.json")
-
-
-@fn_app.command("build")
-def fn_build(
-    folders: Annotated[list[Path], typer.Argument(help="Function folders.")],
-    state_dir: Annotated[Path | None, typer.Option(help="Where to cache the precompiled component.")] = None,
-) -> None:
-    """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
-    from edgefn.config import default_state_dir
-    from edgefn.functions.build import build as build_function
-    from edgefn.functions.sandbox import Runtime
-
-    try:
-        with Runtime((state_dir or default_state_dir()) / "components") as runtime:
-            for folder in folders:
-                t0 = time.perf_counter()
-                with console.status(f"componentize-py {folder}"):
-                    wasm = build_function(folder)
-                t1 = time.perf_counter()
-                with console.status(f"precompiling {wasm.name} for this CPU"):
-                    runtime.load(wasm)
-                t2 = time.perf_counter()
-                out.print(f"built {wasm} ({wasm.stat().st_size / 1e6:.1f} MB) in {t1 - t0:.1f} s, precompiled in {t2 - t1:.1f} s")
-    except EdgefnError as exc:
-        _fail(exc)
-
-
-def _read_payload(payload: str) -> bytes:
-    if payload.startswith("@"):
-        path = Path(payload[1:])
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from None
-    return payload.encode()
-
-
-@fn_app.command("invoke")
-def fn_invoke(
-    folder: Annotated[Path, typer.Argument(help="Function folder.")],
-    topic: Annotated[str, typer.Option(help="Topic the event arrives on, e.g. sensors/dev1/digits.")],
-    payload: Annotated[str, typer.Option(help="Payload text, or @FILE to read it from a file.")],
-    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache.")] = None,
-) -> None:
-    """Run one event through a function, with no broker, and print the messages it would publish."""
-    from edgefn.config import default_state_dir
-    from edgefn.dispatch.worker import error_message
-    from edgefn.errors import FunctionError
-    from edgefn.events import Event
-    from edgefn.functions.build import component_path, needs_build
-    from edgefn.functions.host import FunctionHost
-    from edgefn.functions.manifest import load_manifest
-    from edgefn.functions.sandbox import FunctionSandbox, Runtime
-    from edgefn.functions.state import StateStore
-    from edgefn.inference.registry import ModelRegistry
-
-    body = _read_payload(payload)
-    try:
-        manifest = load_manifest(folder)
-        if needs_build(folder, manifest):
-            _build_stale([folder])
-        registry = ModelRegistry(models or [Path("models")])
-        state = StateStore((state_dir or default_state_dir()) / "state.sqlite")
-        with Runtime((state_dir or default_state_dir()) / "components") as runtime:
-            sandbox = FunctionSandbox(runtime, manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})}),
-                                      component_path(folder, manifest), FunctionHost(manifest.name, registry, state))
-            event = Event("invoke-1", topic, body, time.time() * 1000)
-            try:
-                messages, code = sandbox.handle(event), 0
-            except FunctionError as exc:
-                messages, code = [error_message(manifest, event, exc)], 1
-            finally:
-                sandbox.close()
-                state.close()
-    except EdgefnError as exc:
-        _fail(exc)
-    for m in messages:
-        try:
-            shown = json.dumps(json.loads(m.payload))
-        except ValueError:
-            shown = repr(m.payload)
-        out.print(f"{m.topic} {shown}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@app.command()
 def status(
     port: Annotated[int, typer.Option(help="The running daemon's --metrics-port.")] = 9108,
     as_json: Annotated[bool, typer.Option("--json", help="Print the daemon's /healthz document as JSON.")] = False,
@@ -261,10 +120,10 @@ def status(
         with urllib.request.urlopen(url, timeout=5) as answer:
             doc = json.loads(answer.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        _fail(EdgefnError(f"no daemon answers on {url} ({getattr(exc, 'reason', exc)}); "
-                          "start it with --metrics-port"))
+        fail(EdgefnError(f"no daemon answers on {url} ({getattr(exc, 'reason', exc)}); "
+                         "start it with --metrics-port"))
     if as_json:
-        out.print_json(data=doc)
+        print_json(doc)
         return
     table = Table(title="edgefn status", show_header=False)
     for key in ("status", "broker", "profile", "inbox_events", "outbox_messages", "held_unacknowledged"):
@@ -281,7 +140,6 @@ def status(
     out.print(models)
 
 
-@app.command()
 def demo(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     rate: Annotated[float, typer.Option(help="Sensor events per second.")] = 200.0,
@@ -291,10 +149,8 @@ def demo(
     and simulated sensors publishing real handwritten-digit images; a live table shows how it goes."""
     from edgefn.demo import run_demo
 
-    try:
+    with cli_errors():
         sys.exit(run_demo(duration=duration, rate=rate, devices=devices, console=out))
-    except EdgefnError as exc:
-        _fail(exc)
 
 
 def _version_table() -> Table:
@@ -309,11 +165,6 @@ def _version_table() -> Table:
     return table
 
 
-@app.command()
 def version() -> None:
     """Show the versions of edgefn and the runtimes it uses."""
     out.print(_version_table())
-
-
-if __name__ == "__main__":
-    app()

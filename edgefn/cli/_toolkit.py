@@ -1,0 +1,132 @@
+"""What every `edgefn` command shares: the consoles, the error exit, formats, and the fleet server's call.
+
+Command modules import this and edgefn internals, never each other and never `main`. It stays light
+(typer, rich, edgefn.errors): `edgefn --help` imports it, so heavier imports wait inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from edgefn.errors import ConfigError, EdgefnError, FleetError
+
+out = Console()  # what a command answers: tables, JSON, results
+console = Console(stderr=True)  # what it says on the way: errors, progress, where it serves
+
+
+# ---- errors and logs ----
+
+def fail(exc: Exception) -> NoReturn:
+    """One line on stderr and exit code 2: how every edgefn error ends a command."""
+    # The message is text, not markup: "[/tmp/x]" or "[models]" in it must print as written.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """An EdgefnError raised inside becomes `fail`'s one line and exit code 2."""
+    try:
+        yield
+    except EdgefnError as exc:
+        fail(exc)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---- output ----
+
+def print_json(doc: Any) -> None:
+    """A document for scripts, on stdout, indented; never wrapped."""
+    out.print_json(data=doc)
+
+
+def _three_digits(value: float) -> str:
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}"
+
+
+def format_ms(ms: float) -> str:
+    """A latency for a table: microseconds below a millisecond, where tiny models live."""
+    return f"{ms * 1000:.0f} µs" if ms < 1 else f"{_three_digits(ms)} ms"
+
+
+def format_size(size: int) -> str:
+    return f"{_three_digits(size / 1e6)} MB" if size >= 1e6 else f"{_three_digits(size / 1e3)} kB"
+
+
+# ---- functions ----
+
+def build_stale(paths: list[Path]) -> None:
+    """Build the functions under `paths` whose component is missing or older than their source."""
+    from edgefn.functions.build import build as build_function
+    from edgefn.functions.build import discover, needs_build
+    from edgefn.functions.manifest import load_manifest
+
+    for folder in discover(paths):
+        if needs_build(folder, load_manifest(folder)):
+            with console.status(f"building {folder} (componentize-py, about 10 s)"):
+                build_function(folder)
+
+
+# ---- the fleet server ----
+
+SERVER_ENV = "EDGEFN_FLEET_SERVER"
+TOKEN_ENV = "EDGEFN_FLEET_TOKEN"
+
+# The options of every command that talks to the fleet server.
+ServerOpt = Annotated[str, typer.Option(envvar=SERVER_ENV, show_envvar=True,
+                                        help="The fleet server, e.g. http://HOST:8080.")]
+TokenEnvOpt = Annotated[str | None, typer.Option(help=f"Environment variable holding a bearer token for the server "
+                                                      f"(default: {TOKEN_ENV}, when it is set).")]
+TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server.")]
+
+
+def token_from_env(token_env: str | None, *, fallback: str | None = TOKEN_ENV) -> str | None:
+    """The bearer token in the variable --token-env names, else in `fallback` when that is set.
+
+    A variable named with --token-env must hold one: a typo must not silently send no token.
+    """
+    name = token_env or fallback
+    token = os.environ.get(name, "") if name else ""
+    if token_env and not token:
+        raise ConfigError(f"--token-env names {token_env}, which is not set (or empty)")
+    return token or None
+
+
+def call_fleet(method: str, server: str, path: str, *, token: str | None = None, body: dict | None = None,
+               files: list | None = None, timeout: float = 30.0) -> Any:
+    """One request to the fleet API, its JSON answer back; every way it can go wrong is a one-line FleetError."""
+    import httpx
+
+    from edgefn.protocol.fleet import API
+
+    url = f"{server.rstrip('/')}{API}{path}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url, json=body, files=files, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise FleetError(f"cannot reach the fleet server at {server}: {exc or type(exc).__name__}") from None
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if response.status_code >= 400:
+        detail = doc.get("error") if isinstance(doc, dict) else None
+        raise FleetError(f"{method} {url}: HTTP {response.status_code}: "
+                         f"{detail or response.text.strip()[:200] or response.reason_phrase}")
+    if doc is None:
+        raise FleetError(f"{method} {url}: the answer is not JSON (is this a fleet server?)")
+    return doc

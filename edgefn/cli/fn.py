@@ -1,0 +1,107 @@
+"""`edgefn fn ...`: scaffold a function, build it to a component, run one event through it with no broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgefn.cli._toolkit import build_stale, cli_errors, console, out
+
+fn_app = typer.Typer(help="Write, build and try functions.", no_args_is_help=True)
+
+
+@fn_app.command("new")
+def fn_new(
+    name: Annotated[str, typer.Argument(help="Function name (a-z, 0-9, '-', '_').")],
+    parent: Annotated[Path, typer.Option("--dir", help="Folder to create it in.")] = Path("."),
+) -> None:
+    """Scaffold a Python function: edgefn.toml, app.py and a sample event.json."""
+    from edgefn.functions.build import scaffold
+
+    with cli_errors():
+        target = scaffold(name, parent)
+    out.print(f"created {target}/ (edgefn.toml, app.py, event.json)\n"
+              f"next: edgefn fn build {target} && edgefn fn invoke {target} --topic sensors/dev1/{name} --payload @{target}/event.json")
+
+
+@fn_app.command("build")
+def fn_build(
+    folders: Annotated[list[Path], typer.Argument(help="Function folders.")],
+    state_dir: Annotated[Path | None, typer.Option(help="Where to cache the precompiled component.")] = None,
+) -> None:
+    """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
+    from edgefn.config import default_state_dir
+    from edgefn.functions.build import build as build_function
+    from edgefn.functions.sandbox import Runtime
+
+    with cli_errors(), Runtime((state_dir or default_state_dir()) / "components") as runtime:
+        for folder in folders:
+            t0 = time.perf_counter()
+            with console.status(f"componentize-py {folder}"):
+                wasm = build_function(folder)
+            t1 = time.perf_counter()
+            with console.status(f"precompiling {wasm.name} for this CPU"):
+                runtime.load(wasm)
+            t2 = time.perf_counter()
+            out.print(f"built {wasm} ({wasm.stat().st_size / 1e6:.1f} MB) in {t1 - t0:.1f} s, precompiled in {t2 - t1:.1f} s")
+
+
+def _read_payload(payload: str) -> bytes:
+    if payload.startswith("@"):
+        path = Path(payload[1:])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    return payload.encode()
+
+
+@fn_app.command("invoke")
+def fn_invoke(
+    folder: Annotated[Path, typer.Argument(help="Function folder.")],
+    topic: Annotated[str, typer.Option(help="Topic the event arrives on, e.g. sensors/dev1/digits.")],
+    payload: Annotated[str, typer.Option(help="Payload text, or @FILE to read it from a file.")],
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache.")] = None,
+) -> None:
+    """Run one event through a function, with no broker, and print the messages it would publish."""
+    from edgefn.config import default_state_dir
+    from edgefn.dispatch.worker import error_message  # the daemon's own host and error document
+    from edgefn.errors import FunctionError
+    from edgefn.events import Event
+    from edgefn.functions.build import component_path, needs_build
+    from edgefn.functions.host import FunctionHost
+    from edgefn.functions.manifest import load_manifest
+    from edgefn.functions.sandbox import FunctionSandbox, Runtime
+    from edgefn.functions.state import StateStore
+    from edgefn.inference.registry import ModelRegistry
+
+    body = _read_payload(payload)
+    with cli_errors():
+        manifest = load_manifest(folder)
+        if needs_build(folder, manifest):
+            build_stale([folder])
+        registry = ModelRegistry(models or [Path("models")])
+        state = StateStore((state_dir or default_state_dir()) / "state.sqlite")
+        with Runtime((state_dir or default_state_dir()) / "components") as runtime:
+            sandbox = FunctionSandbox(runtime, manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})}),
+                                      component_path(folder, manifest), FunctionHost(manifest.name, registry, state))
+            event = Event("invoke-1", topic, body, time.time() * 1000)
+            try:
+                messages, code = sandbox.handle(event), 0
+            except FunctionError as exc:
+                messages, code = [error_message(manifest, event, exc)], 1
+            finally:
+                sandbox.close()
+                state.close()
+    for m in messages:
+        try:
+            shown = json.dumps(json.loads(m.payload))
+        except ValueError:
+            shown = repr(m.payload)
+        out.print(f"{m.topic} {shown}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
