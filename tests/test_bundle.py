@@ -1,5 +1,6 @@
-"""Bundles (edgefn.fleet.bundle): built from the real digits function and model, unpacked safely, and
-their health check run through the unpacked component; `edgefn bundle` and `edgefn fleet keys`."""
+"""Bundles (edgefn.fleet.bundle, .pack, .unpack, .health): built from the real digits function and model,
+unpacked safely, and their health check run through the unpacked component; `edgefn bundle` and
+`edgefn fleet keys`."""
 
 from __future__ import annotations
 
@@ -21,21 +22,10 @@ from edgefn.cli import app
 from edgefn.daemon import FunctionHost
 from edgefn.errors import BundleError, GuestError
 from edgefn.events import Event
-from edgefn.fleet.bundle import (
-    BUNDLE_JSON,
-    COMPLETE,
-    BundleInfo,
-    HealthCheck,
-    Sample,
-    build_bundle,
-    check_health,
-    file_sha256,
-    load_health,
-    read_bundle,
-    read_manifest,
-    unpack,
-    verify_bundle,
-)
+from edgefn.fleet.bundle import BUNDLE_JSON, file_sha256
+from edgefn.fleet.health import HealthCheck, Sample, check_health, load_health
+from edgefn.fleet.pack import BundleInfo, build_bundle
+from edgefn.fleet.unpack import COMPLETE, read_bundle, read_manifest, unpack, verify_bundle
 from edgefn.functions.manifest import load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
