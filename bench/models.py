@@ -46,8 +46,8 @@ class BenchError(Exception):
 
 def _measure(info: Any, variant: Any, samples: Any) -> dict[str, Any]:
     from edgefn.errors import ModelError
+    from edgefn.inference.backends import open_variant
     from edgefn.inference.evaluate import accuracy, measure_latency
-    from edgefn.inference.registry import open_variant
 
     raw = info.path(variant).read_bytes() if info.path(variant).is_file() else b""
     row: dict[str, Any] = {"variant": variant.name, "file": variant.file, "format": variant.format,
@@ -79,7 +79,7 @@ def _with_ratios(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from edgefn.inference.evaluate import Samples
-    from edgefn.inference.registry import ModelInfo
+    from edgefn.inference.model import ModelInfo
 
     folders = sorted(meta.parent for meta in args.models.glob("*/model.json"))
     if not folders:

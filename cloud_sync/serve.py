@@ -42,8 +42,10 @@ from starlette.exceptions import HTTPException
 
 from edgefn import __version__
 from edgefn.errors import EdgefnError, ModelError
+from edgefn.inference.backends.base import Backend
 from edgefn.inference.delegates import DEFAULT_CHAINS
-from edgefn.inference.registry import Backend, ModelInfo, ModelRegistry, TensorSpec
+from edgefn.inference.model import ModelInfo, TensorSpec
+from edgefn.inference.registry import ModelRegistry
 from edgefn.offload import oip
 
 log = logging.getLogger("cloud_sync.serve")

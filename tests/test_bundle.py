@@ -1,5 +1,6 @@
-"""Bundles (edgefn.fleet.bundle): built from the real digits function and model, unpacked safely, and
-their health check run through the unpacked component; `edgefn bundle` and `edgefn fleet keys`."""
+"""Bundles (edgefn.fleet.bundle, .pack, .unpack, .health): built from the real digits function and model,
+unpacked safely, and their health check run through the unpacked component; `edgefn bundle` and
+`edgefn fleet keys`."""
 
 from __future__ import annotations
 
@@ -20,26 +21,16 @@ from typer.testing import CliRunner
 from edgefn.cli.main import app
 from edgefn.errors import BundleError, GuestError
 from edgefn.events import Event
-from edgefn.fleet.bundle import (
-    BUNDLE_JSON,
-    COMPLETE,
-    BundleInfo,
-    HealthCheck,
-    Sample,
-    build_bundle,
-    check_health,
-    file_sha256,
-    load_health,
-    read_bundle,
-    read_manifest,
-    unpack,
-    verify_bundle,
-)
+from edgefn.fleet.bundle import BUNDLE_JSON, file_sha256
+from edgefn.fleet.health import HealthCheck, Sample, check_health, load_health
+from edgefn.fleet.pack import BundleInfo, build_bundle
+from edgefn.fleet.unpack import COMPLETE, read_bundle, read_manifest, unpack, verify_bundle
 from edgefn.functions.host import FunctionHost
 from edgefn.functions.manifest import load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
-from edgefn.inference.registry import ModelInfo, ModelRegistry
+from edgefn.inference.model import ModelInfo
+from edgefn.inference.registry import ModelRegistry
 from tests.conftest import DIGITS_FN, MODELS
 
 runner = CliRunner(env={"COLUMNS": "400"})

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from cloud_sync.fleet.server import FleetServer, start_fleet_server
 from edgefn.cli.main import app
 from edgefn.daemon import Daemon
-from edgefn.fleet.bundle import build_bundle
+from edgefn.fleet.pack import build_bundle
 from edgefn.fleet.signing import init_keys
 from edgefn.fleet.store import FleetStore
 from edgefn.mqtt.local_broker import LocalBroker

@@ -177,7 +177,7 @@ def test_fleet_server_page_in_chromium(tiny_fn: Path, tmp_path: Path) -> None:
 
     from cloud_sync.fleet.server import start_fleet_server
     from edgefn.cli.fleet import _upload
-    from edgefn.fleet.bundle import build_bundle
+    from edgefn.fleet.pack import build_bundle
     from edgefn.fleet.signing import add_release, init_keys, metadata_dir
     from edgefn.protocol.fleet import API, DeviceReport, RolloutRequest
 

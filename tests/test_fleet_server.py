@@ -29,8 +29,8 @@ from cloud_sync.fleet.server import FleetServer, start_fleet_server
 from edgefn.cli.fleet import _upload
 from edgefn.cli.main import app
 from edgefn.errors import ConfigError, FleetError
-from edgefn.fleet.bundle import BundleInfo, build_bundle
 from edgefn.fleet.fetch import ReleaseFetcher
+from edgefn.fleet.pack import BundleInfo, build_bundle
 from edgefn.fleet.signing import Repository, add_release, init_keys, metadata_dir
 from edgefn.protocol.fleet import API
 from tests.conftest import MODELS, TINY_TOML

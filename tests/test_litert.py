@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 
 from edgefn.errors import ModelError
+from edgefn.inference.backends import open_variant
+from edgefn.inference.backends.base import Backend
+from edgefn.inference.backends.litert import LiteRtBackend, litert_interpreter
 from edgefn.inference.evaluate import Samples, accuracy, predict
-from edgefn.inference.registry import Backend, LiteRtBackend, ModelInfo, ModelRegistry, litert_interpreter, open_variant
+from edgefn.inference.model import ModelInfo
+from edgefn.inference.registry import ModelRegistry
 from tests.conftest import MODELS
 
 FOLDERS = sorted(meta.parent for meta in MODELS.glob("*/model.json"))

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from edgefn.cli.main import app
 from edgefn.config import load_settings
 from edgefn.errors import ModelError
-from edgefn.inference.registry import Choice, ModelRegistry
+from edgefn.inference.choice import Choice
+from edgefn.inference.registry import ModelRegistry
 from edgefn.observe.metrics import Metrics
 from tests.conftest import MODELS
 

@@ -18,9 +18,12 @@ from typer.testing import CliRunner
 
 from edgefn.cli.main import app
 from edgefn.errors import ModelError
+from edgefn.inference.backends import open_variant
+from edgefn.inference.backends.onnx import OnnxBackend
 from edgefn.inference.evaluate import Samples, accuracy, predict
+from edgefn.inference.model import ModelInfo
 from edgefn.inference.optimize import optimize, plan, prune
-from edgefn.inference.registry import ModelInfo, ModelRegistry, OnnxBackend, open_variant
+from edgefn.inference.registry import ModelRegistry
 from tests.conftest import MODELS
 
 runner = CliRunner(env={"COLUMNS": "400"})

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from edgefn.errors import FleetError, UpdateRefused
-from edgefn.fleet.bundle import BundleInfo, build_bundle
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
+from edgefn.fleet.pack import BundleInfo, build_bundle
 from edgefn.fleet.signing import (
     ROLES,
     add_release,

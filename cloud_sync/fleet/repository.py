@@ -31,7 +31,7 @@ from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
 from edgefn.errors import BundleError, ConfigError, FleetError
-from edgefn.fleet.bundle import read_bundle
+from edgefn.fleet.unpack import read_bundle
 
 METADATA_NAME = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?(root|targets|snapshot|timestamp)\.json$")
 TARGET_NAME = re.compile(r"^[0-9a-f]{64}\.[A-Za-z0-9][A-Za-z0-9._+-]{0,250}$")

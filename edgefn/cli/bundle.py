@@ -61,7 +61,7 @@ def build_cmd(
     The same input gives the same bytes: the bundle is named by its sha256. Sign and upload it with
     `edgefn fleet push`.
     """
-    from edgefn.fleet.bundle import build_bundle
+    from edgefn.fleet.pack import build_bundle
     from edgefn.protocol.fleet import target_name
 
     wanted = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
@@ -83,7 +83,8 @@ def inspect_cmd(
                                                          "tables.")] = False,
 ) -> None:
     """Show what a bundle holds and check every file against the sha256 its bundle.json records."""
-    from edgefn.fleet.bundle import contents, file_sha256, verify_bundle
+    from edgefn.fleet.bundle import file_sha256
+    from edgefn.fleet.unpack import contents, verify_bundle
 
     with cli_errors():
         manifest = verify_bundle(file)

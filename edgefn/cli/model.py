@@ -16,8 +16,8 @@ from edgefn.errors import ModelError
 
 if TYPE_CHECKING:
     from edgefn.inference.evaluate import Samples
+    from edgefn.inference.model import ModelInfo, TensorSpec
     from edgefn.inference.optimize import Outcome
-    from edgefn.inference.registry import ModelInfo, TensorSpec
 
 model_app = typer.Typer(help="Make, inspect and time model variants (int8, pruned, TFLite).", no_args_is_help=True)
 
@@ -102,7 +102,8 @@ def _print_outcomes(outcomes: list[Outcome], max_drop: float, folder: Path) -> N
 def _find(target: str, models: Path) -> tuple[ModelInfo | None, Path | None]:
     """(the model, None) for a model folder, a model.json or a model's name under `models`; (None, the file)
     for a model file."""
-    from edgefn.inference.registry import ModelInfo, ModelRegistry
+    from edgefn.inference.model import ModelInfo
+    from edgefn.inference.registry import ModelRegistry
 
     path = Path(target)
     if path.is_dir():
@@ -142,7 +143,8 @@ def inspect(
     models: Annotated[Path, typer.Option(help=MODELS_HELP)] = Path("models"),
 ) -> None:
     """Show a model's inputs, outputs and variants (size, accuracy, sha256 check), and the variant chosen here."""
-    from edgefn.inference.registry import BACKENDS, choose
+    from edgefn.inference.backends import BACKENDS
+    from edgefn.inference.choice import choose
 
     with cli_errors():
         info, file = _find(target, models)
@@ -191,8 +193,8 @@ def bench(
     Inputs are the model's validation.npz where it has one (then accuracy is shown too), else random
     inputs of its input shape. A variant that cannot run here is listed with the reason.
     """
+    from edgefn.inference.backends import open_variant
     from edgefn.inference.evaluate import accuracy, measure_latency
-    from edgefn.inference.registry import open_variant
 
     with cli_errors():
         info, file = _find(name, models)

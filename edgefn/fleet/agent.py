@@ -32,9 +32,11 @@ import httpx
 from edgefn import __version__
 from edgefn.config import Settings
 from edgefn.errors import BundleError, EdgefnError, FleetError, UpdateRefused
-from edgefn.fleet.bundle import check_health, file_sha256, load_health, read_bundle, read_unpacked, unpack
+from edgefn.fleet.bundle import file_sha256
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
+from edgefn.fleet.health import check_health, load_health
 from edgefn.fleet.store import Active, FleetStore, Release, refusal_key
+from edgefn.fleet.unpack import read_bundle, read_unpacked, unpack
 from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import load_manifest
 from edgefn.protocol.fleet import API, Desired, DeviceReport, DeviceState, GateRule, Health, target_name

@@ -27,7 +27,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edgefn.errors import FleetError
 from edgefn.files import write_atomic
-from edgefn.fleet.bundle import read_bundle
+from edgefn.fleet.unpack import read_bundle
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 ROOT_DAYS = 365.0

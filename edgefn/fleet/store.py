@@ -3,7 +3,7 @@
     active.json    {"current": Release | null, "previous": Release | null, "refused": [...]}
                    the one switch: the daemon runs `current`'s functions (its --functions when null)
     update.json    {"release": Release, "step": STEP, "rollout": id} while an update is under way
-    bundles/<sha256>/   unpacked releases (edgefn.fleet.bundle.unpack: whole or absent)
+    bundles/<sha256>/   unpacked releases (edgefn.fleet.unpack.unpack: whole or absent)
 
 Both files are replaced whole (temporary file, fsync, rename, fsync of the folder), so a SIGKILL
 at any moment leaves either the old or the new file, never a torn one.

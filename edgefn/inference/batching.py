@@ -37,7 +37,8 @@ from edgefn.errors import ModelError
 from edgefn.inference.tensors import DTYPES, WireTensor
 
 if TYPE_CHECKING:
-    from edgefn.inference.registry import ModelRegistry, TensorSpec
+    from edgefn.inference.model import TensorSpec
+    from edgefn.inference.registry import ModelRegistry
     from edgefn.offload.client import CloudClient
 
 Run = Callable[[list[WireTensor]], list[WireTensor]]

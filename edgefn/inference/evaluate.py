@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefn.errors import ModelError
-from edgefn.inference.registry import Backend
+from edgefn.inference.backends.base import Backend
 
 
 @dataclass(frozen=True)

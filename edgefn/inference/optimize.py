@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from edgefn.errors import ModelError
+from edgefn.inference.backends.onnx import OnnxBackend
 from edgefn.inference.evaluate import Latency, Samples, accuracy, measure_latency, predict
-from edgefn.inference.registry import OnnxBackend, TensorSpec, Variant
+from edgefn.inference.model import TensorSpec, Variant
 
 MADE_BY = "edgefn model optimize"
 QUANTIZATIONS = ("int8",)
