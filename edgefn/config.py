@@ -75,6 +75,9 @@ class Settings(BaseSettings):
                                   "before ingress stops acknowledging.")
     stall_s: float = Field(default=30.0, gt=0, description="/healthz says stalled when work is pending and nothing "
                            "was published or settled for this long.")
+    held_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Payload bytes received past the inbox's "
+                                "bound and held unacknowledged in memory; past it the daemon stops reading from the "
+                                "broker, which keeps the rest.")
     function_max_events: int = Field(default=1_000, ge=1, description="Events of one function held in memory; past "
                                      "it they wait in the journal on disk, so a flood backs up only its function.")
     function_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Payload bytes of one function held "

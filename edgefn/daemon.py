@@ -105,7 +105,9 @@ class Daemon:
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid, qos: self.connection.ack(mid, qos),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
-                               max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay))
+                               max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay),
+                               max_payload_bytes=s.max_payload_bytes, max_held_bytes=s.held_max_bytes,
+                               pause=lambda paused: self.connection.pause_reading(paused))
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,
                                      subscriptions_file=s.state_dir / "subscriptions.json")

@@ -14,6 +14,7 @@ class Event:
     payload: bytes
     received_ms: float  # host wall clock, milliseconds since the epoch
     replayed: bool = False  # run again after a restart: its outputs may have been delivered before
+    dropped: int = 0  # payload bytes not kept (over max_payload_bytes): `payload` holds only its head
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,3 +202,29 @@ def test_lost_pubacks_are_recovered_each_callback_once_in_order(tmp_path, any_br
         conn.stop()
         results.close()
         proxy.close()
+
+
+@pytest.mark.broker
+def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past_its_keepalive(tmp_path):
+    """Ingress pauses reading past its bound in bytes; the connection must survive a pause longer than
+    its keepalive (paho cannot read the PINGRESP meanwhile) and then get every event."""
+    got: list[bytes] = []
+    disconnects: list[int] = []
+    with LocalBroker() as broker:
+        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup: got.append(p), ["sensors/#"],
+                           keepalive=1)
+        conn._on_disconnect = lambda: disconnects.append(1)
+        try:
+            conn.pause_reading(True)
+            sensor = _sensor(broker.port)
+            for i in range(20):
+                sensor.publish("sensors/a/x", b"%d" % i, qos=1).wait_for_publish(5)
+            time.sleep(3.5)  # three keepalives
+            assert got == [], "nothing read while paused"
+            conn.pause_reading(False)
+            assert _wait(lambda: len(got) == 20, 10), len(got)
+            assert got == [b"%d" % i for i in range(20)] and disconnects == []
+            sensor.loop_stop()
+            sensor.disconnect()
+        finally:
+            conn.stop()

@@ -163,3 +163,59 @@ def test_ingress_logs_a_failing_journal_once_per_interval(tmp_path: Path, caplog
     for _ in range(50):
         ingress.flush()  # the timer's flush, every few milliseconds
     assert len([r for r in caplog.records if "cannot journal" in r.getMessage()]) == 1
+
+
+def test_ingress_stops_reading_past_the_held_bytes_and_resumes_at_half(tmp_path: Path):
+    """Held payloads are bounded in bytes: 4,000 payloads of 250 kB once took the daemon to 2.6 GB."""
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, delivered, pauses = Wire(inbox), [], []
+    ingress = Ingress(inbox, 1, delivered.extend, wire.ack, lambda: wire.waiting, max_held_bytes=3000,
+                      pause=pauses.append)
+    ingress.on_message("sensors/a/x", b"x" * 1000, 1, 1, False)  # in the inbox, which is now full
+    for mid in range(2, 6):
+        ingress.on_message("sensors/a/x", b"x" * 1000, mid, 1, False)  # held: 4,000 bytes past 3,000
+    assert pauses == [True] and ingress.paused and ingress.held == 4
+    for _ in range(2):  # each answer makes room for one held event: 3,000 then 2,000 bytes held
+        ingress.answered(1, 1000)
+    assert pauses == [True], "still over half the bound: no flapping"
+    ingress.answered(1, 1000)
+    assert pauses == [True, False] and not ingress.paused, "resumed at half the bound"
+    assert wire.acked == [1, 2, 3, 4]
+
+
+def test_ingress_journals_only_the_head_of_an_oversized_payload(tmp_path: Path):
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, delivered = Wire(inbox), []
+    ingress = Ingress(inbox, 100, delivered.extend, wire.ack, lambda: wire.waiting, max_payload_bytes=2000)
+    big = b'{"id": "big", "pad": "' + b"x" * 1_000_000 + b'"}'
+    ingress.on_message("sensors/a/x", big, 7, 1, False)
+    assert wire.acked == [7]
+    (event,) = delivered
+    assert event.dropped == len(big) and len(event.payload) <= 1024 and event.payload == big[:len(event.payload)]
+    (journaled,) = inbox.pending()
+    assert journaled.dropped == len(big) and len(journaled.payload) <= 1024
+    assert ingress.outstanding_bytes <= 1024, "the inbox's byte bound counts what is kept"
+
+
+def test_ingress_delivers_outside_its_lock(tmp_path: Path):
+    """Delivery may wait (a swap holds routing); paho's thread must not wait behind it for the lock."""
+    import threading
+
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    wire, entered, release = Wire(inbox), threading.Event(), threading.Event()
+
+    def slow_deliver(events):
+        entered.set()
+        release.wait(5)
+
+    ingress = Ingress(inbox, 100, slow_deliver, wire.ack, lambda: wire.waiting)
+    first = threading.Thread(target=ingress.on_message, args=("sensors/a/x", b"1", 1, 1, False))
+    first.start()
+    assert entered.wait(5)
+    second = threading.Thread(target=ingress.on_message, args=("sensors/a/x", b"2", 2, 1, False))
+    second.start()
+    second.join(2)
+    assert not second.is_alive(), "the second event waited for the first one's delivery"
+    assert wire.acked == [1, 2]
+    release.set()
+    first.join(5)

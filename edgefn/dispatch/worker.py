@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]]], None]  # 
 def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
     """The message on the function's error topic that answers `event` when it failed."""
     body = {
-        "event_id": _payload_id(event.payload),
+        "event_id": _payload_id(event),
         "function": fn.name,
         "version": fn.version,
         "topic": event.topic,
@@ -42,8 +43,20 @@ def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
     return Message(ERRORS_TOPIC.format(function=fn.name), json.dumps(body).encode())
 
 
-def _payload_id(payload: bytes) -> str | None:
-    """The sensor's own event id, when the payload is a JSON object that carries one."""
+def _too_large(event: Event, limit: int) -> bool:
+    return bool(event.dropped) or len(event.payload) > limit
+
+
+_HEAD_ID = re.compile(rb'^\s*\{.*?"id"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))', re.S)
+
+
+def _payload_id(event: Event) -> str | None:
+    """The sensor's own event id, when the payload is a JSON object that carries one (of a payload
+    journaled as its head only, read from the head)."""
+    payload = event.payload
+    if event.dropped:
+        found = _HEAD_ID.match(payload)
+        return None if found is None else (found.group(1) or found.group(2)).decode(errors="replace")
     if len(payload) > 65_536:
         return None
     try:
@@ -114,10 +127,10 @@ class Workers:
 
     def process(self, fn: LoadedFunction, lane: Lane, batch: list[Item]) -> None:
         limit = self.max_payload_bytes
-        events = [e for e, _, _ in batch if len(e.payload) <= limit]
+        events = [e for e, _, _ in batch if not _too_large(e, limit)]
         answers: dict[str, list[Message] | FunctionError] = {
-            e.id: PayloadTooLarge(f"payload of {len(e.payload)} bytes exceeds max_payload_bytes ({limit})")
-            for e, _, _ in batch if len(e.payload) > limit}  # refused before it costs the sandbox anything
+            e.id: PayloadTooLarge(f"payload of {e.dropped or len(e.payload)} bytes exceeds max_payload_bytes ({limit})")
+            for e, _, _ in batch if _too_large(e, limit)}  # refused before it costs the sandbox anything
         if events:
             self.metrics.batch_events.labels(fn.name).observe(len(events))
             fn.sandbox.host.plan(lane.where)

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    received_ms REAL NOT NULL
+    received_ms REAL NOT NULL,
+    dropped INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -71,6 +72,8 @@ def _setup(db: sqlite3.Connection, durability: str) -> None:
     db.execute("PRAGMA busy_timeout=10000")  # another process on the same file waits, not fails
     db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     db.executescript(_SCHEMA)
+    if "dropped" not in {row[1] for row in db.execute("PRAGMA table_info(inbox)")}:  # a journal of an older edgefn
+        db.execute("ALTER TABLE inbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
 
 
 class _Reserve:
@@ -239,18 +242,20 @@ class Inbox:
             except sqlite3.OperationalError as exc:
                 raise self._failed(exc) from None
 
-    def append_many(self, items: list[tuple[str, bytes, float]]) -> list[Event]:
-        """Commit received events (topic, payload, received_ms) in one transaction; raises DiskFull,
-        with nothing written, while the disk is full."""
+    def append_many(self, items: list[tuple[str, bytes, float]] | list[tuple[str, bytes, float, int]]) -> list[Event]:
+        """Commit received events (topic, payload, received_ms[, dropped]) in one transaction; raises
+        DiskFull, with nothing written, while the disk is full. `dropped`: the payload bytes not kept
+        (an oversized payload is journaled as its head only)."""
         with self._lock:
             if self._problem is not None and not self._space_returned():
                 raise DiskFull(self._problem)  # what little space there is stays for settling
         events = []
         with self._transaction() as db:
-            for topic, payload, received_ms in items:
-                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms) VALUES (?, ?, ?)",
-                                 (topic, payload, received_ms))
-                events.append(Event(str(cur.lastrowid), topic, payload, received_ms))
+            for topic, payload, received_ms, *rest in items:
+                dropped = rest[0] if rest else 0
+                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms, dropped) VALUES (?, ?, ?, ?)",
+                                 (topic, payload, received_ms, dropped))
+                events.append(Event(str(cur.lastrowid), topic, payload, received_ms, dropped=dropped))
         return events
 
     def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
@@ -311,9 +316,9 @@ class Inbox:
     def pending(self) -> list[Event]:
         """Events not yet answered, in arrival order (after a restart: to run again)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, payload, received_ms FROM inbox ORDER BY seq").fetchall()
-        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True)
-                for seq, topic, payload, received_ms in rows]
+            rows = self._db.execute("SELECT seq, topic, payload, received_ms, dropped FROM inbox ORDER BY seq").fetchall()
+        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True, dropped=dropped)
+                for seq, topic, payload, received_ms, dropped in rows]
 
     def heads(self) -> list[tuple[Event, int]]:
         """Events not yet answered, in arrival order, without their payloads (event, payload size):
@@ -328,10 +333,10 @@ class Inbox:
             return []
         marks = ",".join("?" * len(ids))
         with self._lock:
-            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms FROM inbox WHERE seq IN ({marks})",
+            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms, dropped FROM inbox WHERE seq IN ({marks})",
                                     [int(i) for i in ids]).fetchall()
-        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms)
-                 for seq, topic, payload, received_ms in rows}
+        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms, dropped=dropped)
+                 for seq, topic, payload, received_ms, dropped in rows}
         return [found[i] for i in ids if i in found]
 
     def outbox(self) -> list[tuple[int, str, Message]]:

@@ -50,6 +50,7 @@ from paho.mqtt.properties import Properties
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
 from edgefn.files import write_atomic
+from edgefn.mqtt.client import PausableClient
 from edgefn.observe.logs import Every
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 
@@ -63,6 +64,7 @@ SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue t
 PUBLISH_WINDOW = 256
 MAX_UNSENT = 60_000  # publish() blocks past this many queued outputs while connected (memory)
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
+KEEPALIVE_S = 30
 SUBACK_TIMEOUT_S = 30.0  # no SUBACK this long: subscribe again
 OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
@@ -130,16 +132,17 @@ class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
                  on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
                  receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
-                 suback_timeout: float = SUBACK_TIMEOUT_S):
+                 suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S):
         self._settings, self._on_message, self._filters = settings, on_message, list(filters)
         self._receive_maximum, self._ack_timeout, self._suback_timeout = receive_maximum, ack_timeout, suback_timeout
+        self._keepalive = keepalive
         # The broker keeps the session's subscriptions across restarts: what was subscribed before (by
         # an earlier release, with other triggers) is recorded here and dropped on connect.
         self._subscriptions_file = subscriptions_file
         self._subscribed = set(self._recorded())  # as the broker's session last had them, as far as we know
         self._on_disconnect = on_disconnect
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=True)
+        client = PausableClient(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+                                protocol=mqtt.MQTTv5, manual_ack=True)
         # Unbounded: the window is ours (see the module docstring); paho only ever holds what fits it.
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
@@ -187,7 +190,7 @@ class Connection:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         props.ReceiveMaximum = self._receive_maximum
-        self._client.connect_async(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
+        self._client.connect_async(s.broker_host, s.broker_port, keepalive=self._keepalive, clean_start=False, properties=props)
         self._client.loop_start()
         self._watch = threading.Thread(target=self._watchdog, name="edgefn-mqtt-watch", daemon=True)
         self._watch.start()
@@ -198,6 +201,15 @@ class Connection:
         self._client.loop_stop()
         if self._watch is not None:
             self._watch.join(timeout=5)
+
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or resume) reading from the broker: ingress holds as much as it may in memory."""
+        if paused != self._client.paused:
+            self._client.paused = paused
+            log.debug("%s reading from the broker", "paused" if paused else "resumed")
+            if not paused:
+                with self._lock:
+                    self._heard = time.monotonic()  # the pause was ours, not the broker's silence
 
     def wait_connected(self, timeout: float) -> None:
         if not self.connected.wait(timeout):
@@ -287,7 +299,8 @@ class Connection:
         while not self._stopped.wait(tick):
             now = time.monotonic()
             with self._lock:
-                stalled = (self._window and self._in_flight and now - self._heard > self._ack_timeout
+                stalled = (self._window and self._in_flight and not self._client.paused
+                           and now - self._heard > self._ack_timeout
                            and now - next(iter(self._in_flight.values())).sent_at > self._ack_timeout)
                 late = [(mid, filters) for mid, (filters, at) in self._subscribing.items()
                         if now - at > self._suback_timeout]

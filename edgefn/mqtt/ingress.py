@@ -7,9 +7,14 @@ A group that ends while the socket still looked readable (a ping response, say) 
 `flush()`, which the daemon calls every few milliseconds.
 
 Backpressure: when the inbox holds `max_events` unanswered events or `max_bytes` of their
-payloads, new ones are held in memory
-unacknowledged; the broker keeps sending up to the session's Receive Maximum and then keeps the
-rest queued. They are journaled and acknowledged as answers make room (`answered`).
+payloads (on disk), new ones are held in memory unacknowledged, and journaled and acknowledged as
+answers make room (`answered`). Past `max_held_bytes` of held payloads, ingress asks the
+connection to stop reading (`pause`): the broker keeps the rest, and memory stays bounded in bytes.
+A payload over `max_payload_bytes` is journaled as its head only (and answered with an error): it
+never costs more than that in memory or on disk.
+
+Events are handed over (`deliver`) outside the ingress's lock, in the order they were committed:
+delivery may wait (a release being swapped in), and paho's thread must never wait behind it.
 
 QoS 0 events are journaled like the others but never acknowledged: MQTT has nothing to acknowledge
 for them (a PUBACK for one is a protocol error, and the broker drops the connection), and the
@@ -34,15 +39,20 @@ from edgefn.observe.logs import Every
 GROUP = 256
 log = logging.getLogger("edgefn.ingress")
 
-_Received = tuple[str, bytes, int, int, float, bool]  # topic, payload, mid, qos, received_ms, redelivered
+_Received = tuple[str, bytes, int, int, float, bool, int]  # topic, payload, mid, qos, received_ms, redelivered, dropped
+
+
+HEAD_BYTES = 1024  # what is kept of a payload over max_payload_bytes: enough for the sensor's own id
 
 
 class Ingress:
     def __init__(self, inbox: Inbox, max_events: int, deliver: Callable[[list[Event]], None],
                  ack: Callable[[int, int], None], more_waiting: Callable[[], bool], outstanding: int = 0,
-                 max_bytes: int = 1 << 62, outstanding_bytes: int = 0):
+                 max_bytes: int = 1 << 62, outstanding_bytes: int = 0, *, max_payload_bytes: int = 1 << 62,
+                 max_held_bytes: int = 1 << 62, pause: Callable[[bool], None] = lambda paused: None):
         self._inbox, self._max, self._max_bytes, self._deliver = inbox, max_events, max_bytes, deliver
-        self._ack, self._more_waiting = ack, more_waiting
+        self._ack, self._more_waiting, self._pause = ack, more_waiting, pause
+        self._max_payload, self._max_held_bytes = max_payload_bytes, max_held_bytes
         self.outstanding = outstanding  # journaled and not yet answered
         self.outstanding_bytes = outstanding_bytes  # their payload bytes
         self._pending_bytes = 0
@@ -50,6 +60,10 @@ class Ingress:
         self._pending: list[_Received] = []  # received, not yet committed
         self._held: deque[_Received] = deque()  # past the bound: not journaled, not acknowledged
         self._held_qos0 = 0  # of those, QoS 0 ones: the broker keeps no copy of them
+        self._held_bytes = 0
+        self.paused = False  # reading from the broker stopped: held payloads past max_held_bytes
+        self._ready: deque[list[Event]] = deque()  # committed groups, to be delivered in this order
+        self._delivering = False  # one thread delivers at a time (order), outside the lock
         self.dropped_qos0 = 0  # QoS 0 events dropped past the bound
         self._lock = threading.Lock()
         self._journal_failed, self._qos0_dropped = Every(10.0), Every(10.0)
@@ -59,17 +73,21 @@ class Ingress:
         return len(self._held)
 
     def on_message(self, topic: str, payload: bytes, mid: int, qos: int, dup: bool) -> None:
+        dropped = 0
+        if len(payload) > self._max_payload:  # refused by size: only its head is kept, for the error answer
+            payload, dropped = payload[:HEAD_BYTES], len(payload)
         with self._lock:
             if not self.accepting:
                 return  # not acknowledged: the broker keeps it for the next start (QoS 0: lost)
             # dup: the broker sent it before (to a daemon that may have answered it, then crashed)
-            item = (topic, payload, mid, qos, time.time() * 1000.0, dup)
+            item = (topic, payload, mid, qos, time.time() * 1000.0, dup, dropped)
             if self._held or self._full(len(payload)):
                 self._hold(item)
-                return
-            self._take(item)
-            if len(self._pending) >= GROUP or not self._more_waiting():
-                self._flush()
+            else:
+                self._take(item)
+                if len(self._pending) >= GROUP or not self._more_waiting():
+                    self._flush()
+        self._deliver_ready()
 
     def _full(self, size: int) -> bool:
         """No room for one more event of `size` bytes (an empty inbox always has room)."""
@@ -88,11 +106,24 @@ class Ingress:
                 return
             self._held_qos0 += 1
         self._held.append(item)
+        self._held_bytes += len(item[1])
+        if self._held_bytes > self._max_held_bytes and not self.paused:
+            self._set_paused(True)
 
     def _take_held(self) -> None:
         item = self._held.popleft()
         self._held_qos0 -= item[3] == 0
+        self._held_bytes -= len(item[1])
         self._take(item)
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self._pause(paused)
+
+    def _resume_if_room(self) -> None:
+        """Read again once the held payloads are down to half their bound (not at once: no flapping)."""
+        if self.paused and self._held_bytes <= self._max_held_bytes // 2:
+            self._set_paused(False)
 
     def _take(self, item: _Received) -> None:
         self._pending.append(item)
@@ -101,13 +132,32 @@ class Ingress:
     def flush(self) -> None:
         with self._lock:
             self._flush()
+        self._deliver_ready()
+
+    def _deliver_ready(self) -> None:
+        """Deliver the committed groups, in order, outside the lock; one thread at a time does it."""
+        with self._lock:
+            if self._delivering or not self._ready:
+                return
+            self._delivering = True
+        while True:
+            with self._lock:
+                if not self._ready:
+                    self._delivering = False
+                    return
+                events = self._ready.popleft()
+            try:
+                self._deliver(events)
+            except Exception:  # a bug of ours: the events stay journaled and run again after a restart
+                log.exception("delivering %d events failed", len(events))
 
     def _flush(self) -> None:
         if not self._pending:
             return
         group, self._pending = self._pending, []
         try:
-            events = self._inbox.append_many([(topic, payload, received) for topic, payload, _, _, received, _ in group])
+            events = self._inbox.append_many([(topic, payload, received, dropped)
+                                              for topic, payload, _, _, received, _, dropped in group])
         except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
             return
@@ -120,10 +170,10 @@ class Ingress:
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
-        for _, _, mid, qos, _, _ in group:
+        for _, _, mid, qos, _, _, _ in group:
             if qos:  # QoS 0 has no acknowledgement
                 self._ack(mid, qos)  # only now, with the group durable
-        self._deliver([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
+        self._ready.append([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
 
     def answered(self, n: int, nbytes: int = 0) -> None:
         """n events (nbytes of payload) left the inbox: take held ones in their place."""
@@ -133,12 +183,16 @@ class Ingress:
             while self._held and not self._full(len(self._held[0][1])):
                 self._take_held()
             self._flush()
+            self._resume_if_room()
+        self._deliver_ready()
 
     def disconnected(self) -> None:
         """The broker redelivers what was never acknowledged: forget the held copies (not QoS 0 ones,
         which it does not keep)."""
         with self._lock:
             self._held = deque(item for item in self._held if item[3] == 0)
+            self._held_bytes = sum(len(item[1]) for item in self._held)
+            self._resume_if_room()
             kept = [item for item in self._pending if item[3] == 0]
             self._pending = kept  # not journaled, not acknowledged: redelivered too
             self._pending_bytes = sum(len(item[1]) for item in kept)
@@ -153,4 +207,5 @@ class Ingress:
                     self._take(item)
             self._flush()
             self._held.clear()
-            self._held_qos0 = 0
+            self._held_qos0 = self._held_bytes = 0
+        self._deliver_ready()
