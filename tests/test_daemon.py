@@ -513,8 +513,12 @@ def test_healthz_says_stalled_when_answers_wait_and_nothing_moves(broker, daemon
     a deadlocked daemon published nothing for good), and it recovers by itself."""
     d = daemon(hostile_fn, stall_s=1.0)
     assert d.health()["status"] == "ok"
-    publish(broker.port, "sensors/dev1/hostile", [b"loop"])  # the guest spins until its 300 ms deadline
-    time.sleep(0.1)
+    # Each loop spins until its 300 ms deadline: eight of them keep the one instance busy for 2.4 s.
+    publish(broker.port, "sensors/dev1/hostile", [b"loop"] * 8)
+    deadline = time.monotonic() + 5
+    while d.ingress.outstanding < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert d.ingress.outstanding >= 2, "the events did not reach the daemon"
     os.kill(broker.pid, signal.SIGSTOP)  # the error answer then waits for a PUBACK that does not come
     try:
         deadline = time.monotonic() + 10
@@ -529,3 +533,26 @@ def test_healthz_says_stalled_when_answers_wait_and_nothing_moves(broker, daemon
     while d.health()["status"] != "ok" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert d.health()["status"] == "ok" and d.health()["problem"] is None
+
+
+def test_a_flooded_function_parks_its_surplus_on_disk_and_answers_it_all(broker, daemon, collector, digits_fn,
+                                                                          hostile_fn):
+    """Past its share of memory (here 3 events) a function's events wait in the journal on disk and
+    are read back in order; its neighbour is served meanwhile, and nothing is lost."""
+    errors = collector("edgefn/errors/hostile")
+    results = collector("results/+/digits")
+    d = daemon(digits_fn, hostile_fn, function_max_events=3)
+    publish(broker.port, "sensors/dev1/hostile", [b"loop"] * 12)  # about 3.6 s of work for one instance
+    hostile = next(fn for fn in d.functions if fn.name == "hostile")
+    deadline = time.monotonic() + 5
+    while not hostile.share.parked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hostile.share.parked, "the surplus was not parked"
+    assert hostile.share.events <= 3
+    payloads, _ = digit_payloads(20, "beside-a-flood")
+    t0 = time.monotonic()
+    publish(broker.port, "sensors/dev1/digits", payloads)
+    assert len(results.wait_for(20, timeout=20)) == 20
+    assert time.monotonic() - t0 < 2.5, "the digits events waited behind the flooded function"
+    assert [doc["reason"] for _, doc in errors.wait_for(12, timeout=30)] == ["timeout"] * 12
+    assert [int(doc["journal_id"]) for _, doc in errors.messages] == sorted(int(doc["journal_id"]) for _, doc in errors.messages)
