@@ -48,7 +48,6 @@ from edgefn.inference.tensors import WireTensor as Tensor
 from edgefn.journal.inbox import Inbox
 from edgefn.mqtt.connection import POSSIBLE_DUPLICATE, Connection
 from edgefn.mqtt.ingress import Ingress
-from edgefn.mqtt.topics import matches_any
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.offload.breaker import BreakerState, CircuitBreaker
 from edgefn.offload.client import CloudClient
@@ -56,12 +55,12 @@ from edgefn.offload.planner import Planner, Policy, Where
 from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
 from edgefn.profiles.sensors import MemoryState, ThermalState
 from edgefn.protocol.fleet import Health
+from edgefn.topics import ERRORS_TOPIC, matches_any
 
 if TYPE_CHECKING:
     from edgefn.fleet.agent import FleetAgent
 
 log = logging.getLogger("edgefn.daemon")
-ERRORS_TOPIC = "edgefn/errors/{function}"
 _TICK_S = 0.005  # the longest a received event waits for its group's commit
 _SETTLE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
 _SENSORS_EVERY = 1000  # temperatures and free memory are read every 5 s

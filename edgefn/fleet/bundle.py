@@ -37,11 +37,11 @@ from edgefn.errors import BundleError, ManifestError
 from edgefn.functions.build import component_path, discover, needs_build
 from edgefn.functions.manifest import MANIFEST, Manifest, load_manifest
 from edgefn.protocol.fleet import parse_version, target_name
+from edgefn.topics import is_errors_topic
 
 BUNDLE_JSON = "bundle.json"
 HEALTH_JSON = "health.json"
 COMPLETE = ".complete"  # written last into an unpacked bundle: the folder is whole
-ERROR_TOPIC_PREFIX = "edgefn/errors/"
 BUNDLE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _CHUNK = 1 << 20
 
@@ -279,7 +279,7 @@ def check_health(samples: Iterable[Sample], run: RunEvent) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - whatever the new functions raise fails the check
             failures.append(f"{where}: {type(exc).__name__}: {exc}")
             continue
-        failures += [f"{where}: error output {_show(t, p)}" for t, p in outputs if t.startswith(ERROR_TOPIC_PREFIX)]
+        failures += [f"{where}: error output {_show(t, p)}" for t, p in outputs if is_errors_topic(t)]
         candidates = [[i for i, (t, p) in enumerate(outputs) if e.mismatch(t, p) is None] for e in sample.expect]
         for expect, chosen in zip(sample.expect, _assign(candidates), strict=True):
             if chosen is not None:

@@ -34,6 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefn.errors import ManifestError
+from edgefn.topics import check_filter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,13 +43,6 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 
 MANIFEST = "edgefn.toml"
 FUNCTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-
-
-def _check_filter(topic: str) -> str:
-    levels = topic.split("/")
-    if not topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
-        raise ValueError(f"{topic!r} is not a valid MQTT topic filter")
-    return topic
 
 
 class _Section(BaseModel):
@@ -74,7 +68,7 @@ class TopicsSection(_Section):
     @field_validator("topics")
     @classmethod
     def _filters(cls, value: list[str]) -> list[str]:
-        return [_check_filter(t) for t in value]
+        return [check_filter(t) for t in value]
 
 
 class ModelsSection(_Section):
