@@ -22,6 +22,7 @@ from edgefn.errors import EdgefnError
 from edgefn.fleet_cli import fleet_app
 from edgefn.model_cli import model_app
 from edgefn.profile_cli import profile_app
+from edgefn.protocol.offload import POLICIES
 
 app = typer.Typer(help="edgefn: MQTT-triggered, sandboxed functions with on-device inference.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -70,8 +71,8 @@ def run(
                                                    "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
     cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
                                                                 "another name (repeatable).")] = None,
-    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: never, "
-                                                     "on-overload, on-low-confidence or always.")] = None,
+    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: "
+                                                     f"{', '.join(POLICIES)}.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
                                                           "(detection and sensors; default /).")] = None,
     delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "

@@ -51,10 +51,11 @@ from edgefn.mqtt.ingress import Ingress
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.offload.breaker import BreakerState, CircuitBreaker
 from edgefn.offload.client import CloudClient
-from edgefn.offload.planner import Planner, Policy, Where
+from edgefn.offload.planner import Planner, Where
 from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
 from edgefn.profiles.sensors import MemoryState, ThermalState
 from edgefn.protocol.fleet import Health
+from edgefn.protocol.offload import Policy
 from edgefn.topics import ERRORS_TOPIC, matches_any
 
 if TYPE_CHECKING:

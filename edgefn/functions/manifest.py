@@ -29,11 +29,11 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefn.errors import ManifestError
+from edgefn.protocol.offload import Policy
 from edgefn.topics import check_filter
 
 if sys.version_info >= (3, 11):
@@ -92,7 +92,7 @@ class Manifest(_Section):
     models: ModelsSection = Field(default_factory=ModelsSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     latency_budget_ms: float = Field(default=100.0, gt=0, description="Target latency of one event.")
-    offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
+    offload: Policy | None = Field(
         default=None, description="When inference may be handed to the cloud endpoint (default: on-overload "
         "where an endpoint is configured, else never).")
     confidence_threshold: float = Field(default=0.5, ge=0, le=1, description="on-low-confidence: a top score "
