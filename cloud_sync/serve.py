@@ -44,7 +44,7 @@ from edgefn import __version__
 from edgefn.errors import EdgefnError, ModelError
 from edgefn.inference.delegates import DEFAULT_CHAINS
 from edgefn.inference.registry import Backend, ModelInfo, ModelRegistry, TensorSpec
-from edgefn.offload import oip
+from edgefn.protocol import oip
 
 log = logging.getLogger("cloud_sync.serve")
 
