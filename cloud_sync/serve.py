@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from edgefn import __version__
-from edgefn.errors import EdgefnError, ModelError
+from edgefn.errors import EdgefnError, ModelError, validation_text
 from edgefn.inference.delegates import DEFAULT_CHAINS
 from edgefn.inference.registry import Backend, ModelInfo, ModelRegistry, TensorSpec
 from edgefn.protocol import oip
@@ -315,7 +315,7 @@ def create_app(endpoint: OipEndpoint | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": str(exc.errors())}, status_code=400)
+        return JSONResponse({"error": validation_text(exc)}, status_code=400)
 
     return app
 

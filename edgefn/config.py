@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from edgefn.errors import ConfigError
+from edgefn.errors import ConfigError, validation_text
 from edgefn.protocol.offload import Policy
 
 
@@ -127,7 +127,6 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(problems) from None
+        raise ConfigError(validation_text(exc)) from None
     finally:
         _CONFIG_FILE.pop("path", None)

@@ -17,9 +17,14 @@ at the module that talks to that layer.
         ├── GuestOutOfMemory the guest exceeded its memory limit
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
         └── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
+
+`validation_text` turns a pydantic (or FastAPI) validation error into the one line every caller shows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 
 class EdgefnError(Exception):
@@ -103,3 +108,22 @@ class OutputRejected(FunctionError):
 
 class PayloadTooLarge(FunctionError):
     reason = "payload-too-large"
+
+
+class _Invalid(Protocol):
+    """What `validation_text` reads: pydantic's ValidationError, FastAPI's RequestValidationError."""
+
+    def errors(self) -> Sequence[Mapping[str, Any]]: ...
+
+
+def validation_text(exc: _Invalid, messages: Mapping[str, str] | None = None) -> str:
+    """A validation error's problems in one line, `field.path: message; ...` ("(top level)" where the path is
+    empty). `messages` replaces pydantic's message for an error type; it is formatted with the error's
+    context, e.g. {"value_error": "{error}"} drops pydantic's "Value error, " prefix."""
+    messages = messages or {}
+
+    def message(error: Mapping[str, Any]) -> str:
+        override = messages.get(error["type"])
+        return error["msg"] if override is None else override.format(**error.get("ctx", {}))
+
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {message(e)}" for e in exc.errors())

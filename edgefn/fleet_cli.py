@@ -23,7 +23,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.errors import ConfigError, EdgefnError, FleetError
+from edgefn.errors import ConfigError, EdgefnError, FleetError, validation_text
 
 if TYPE_CHECKING:
     from edgefn.protocol.fleet import Device, Rollout, Wave
@@ -103,9 +103,7 @@ def build_request(release: str, group: str, *, canary: int, waves: str, gate: st
                                  soak_s=parse_duration(soak, option="--soak"),
                                  wave_timeout_s=parse_duration(wave_timeout, option="--wave-timeout"))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        raise ConfigError(f"invalid rollout: {problems}") from None
+        raise ConfigError(f"invalid rollout: {validation_text(exc, {'value_error': '{error}'})}") from None
     return request.model_dump(mode="json")
 
 
@@ -152,7 +150,7 @@ def _model(kind: type, doc: Any, url_hint: str) -> Any:
     try:
         return kind.model_validate(doc)
     except ValidationError as exc:
-        raise FleetError(f"{url_hint}: unexpected answer from the fleet server: {exc.errors()[0]['msg']}") from None
+        raise FleetError(f"{url_hint}: unexpected answer from the fleet server: {validation_text(exc)}") from None
 
 
 def _rollout(doc: Any) -> Rollout:

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgefn.errors import BundleError, ManifestError
+from edgefn.errors import BundleError, ManifestError, validation_text
 from edgefn.functions.build import component_path, discover, needs_build
 from edgefn.functions.manifest import MANIFEST, Manifest, load_manifest
 from edgefn.protocol.fleet import parse_version, target_name
@@ -232,11 +232,7 @@ def load_health(path: Path) -> HealthCheck:
     except OSError as exc:
         raise BundleError(f"{path}: cannot read the health check: {exc.strerror or exc}") from None
     except ValidationError as exc:
-        raise BundleError(f"{path}: {_problems(exc)}") from None
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors())
+        raise BundleError(f"{path}: {validation_text(exc)}") from None
 
 
 def _assign(candidates: list[list[int]]) -> list[int | None]:
@@ -455,7 +451,7 @@ def _parse_manifest(tar_path: Path, data: bytes) -> BundleManifest:
     try:
         return BundleManifest.model_validate_json(data)
     except ValidationError as exc:
-        raise BundleError(f"{tar_path}: bad {BUNDLE_JSON}: {_problems(exc)}") from None
+        raise BundleError(f"{tar_path}: bad {BUNDLE_JSON}: {validation_text(exc)}") from None
 
 
 def _manifest_of(tar_path: Path, tar: tarfile.TarFile) -> BundleManifest:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgefn.errors import ManifestError
+from edgefn.errors import ManifestError, validation_text
 from edgefn.protocol.offload import Policy
 from edgefn.topics import check_filter
 
@@ -126,5 +126,4 @@ def load_manifest(function_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ManifestError(f"{path}: {problems}") from None
+        raise ManifestError(f"{path}: {validation_text(exc)}") from None
