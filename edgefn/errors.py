@@ -1,5 +1,5 @@
-"""edgefn's own exceptions; lower-layer errors (paho, wasmtime, onnxruntime) are mapped to these
-at the module that talks to that layer.
+"""edgefn's own exceptions, for the device and for cloud_sync; lower-layer errors (paho, wasmtime,
+onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to that layer.
 
     EdgefnError
     ├── ConfigError          bad flags, config file or environment
@@ -8,8 +8,12 @@ at the module that talks to that layer.
     ├── BuildError           componentize-py could not build a function
     ├── ModelError           a model that cannot be found, loaded or run
     ├── BrokerError          the MQTT broker refused or dropped the connection
-    ├── CloudError           the cloud inference endpoint refused a request or answered nonsense
+    ├── CloudError           the cloud inference endpoint refused a request or answered nonsense (status)
     │   └── CloudUnavailable the endpoint gave no answer: circuit breaker open, unreachable, timed out, 5xx
+    ├── FleetError           the fleet server refused a request (status) or could not be reached
+    │   ├── BundleError      a bundle that cannot be built or unpacked, or is malformed
+    │   ├── UpdateRefused    a release the device will not run (signature, hash, stale, rolled back, mixed)
+    │   └── PublishRefused   the fleet server will not publish an upload (status 400)
     └── FunctionError        an event the function could not handle (goes to edgefn/errors/<fn>)
         ├── GuestError       the guest answered with an error (bad payload, ...)
         ├── GuestTrap        the guest trapped (a bug, a stack overflow)
@@ -18,6 +22,10 @@ at the module that talks to that layer.
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
         └── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
 
+Errors that stand for an HTTP answer carry its status one way, MLServer style: the `HttpStatus` mixin
+gives them `status` (an int, or None where no answer came), marked (status) above. The OIP v2 errors of
+`edgefn.protocol.oip` (`OipError`, and its `ProtocolError` for a 400) carry theirs the same way.
+
 `validation_text` turns a pydantic (or FastAPI) validation error into the one line every caller shows.
 """
 
@@ -25,6 +33,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+
+
+class HttpStatus:
+    """Mixin of the errors that stand for an HTTP answer: `status` is its status code, None where no answer
+    came (unreachable, timed out) or none applies. A class may set `default_status`."""
+
+    default_status: int | None = None
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)  # type: ignore[call-arg]  # next in the MRO: the exception class
+        self.status: int | None = self.default_status if status is None else status
 
 
 class EdgefnError(Exception):
@@ -55,20 +74,17 @@ class BrokerError(EdgefnError):
     pass
 
 
-class CloudError(EdgefnError):
+class CloudError(HttpStatus, EdgefnError):
     """The cloud endpoint (OIP v2) refused a request or answered nonsense; `status` is its HTTP status, if any."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 class CloudUnavailable(CloudError):
     """No answer from the cloud endpoint (breaker open, connection failed, timed out, 5xx): run it here instead."""
 
 
-class FleetError(EdgefnError):
-    """The fleet server refused a request or could not be reached (the operator's CLI, the device agent)."""
+class FleetError(HttpStatus, EdgefnError):
+    """The fleet server refused a request or could not be reached (the operator's CLI, the device agent); on
+    the server, a request it refuses. `status` is the HTTP status of the refusal, if any."""
 
 
 class BundleError(FleetError):
@@ -78,6 +94,13 @@ class BundleError(FleetError):
 class UpdateRefused(FleetError):
     """A release the device will not run: a bad signature or hash, stale, rolled-back or mixed TUF
     metadata (python-tuf's reason), or a version older than the one running."""
+
+
+class PublishRefused(FleetError):
+    """An upload the fleet server will not publish (not TUF metadata, not signed by the trusted root, older
+    than what it has, a bundle its signed targets do not name): a 400."""
+
+    default_status = 400
 
 
 class FunctionError(EdgefnError):
