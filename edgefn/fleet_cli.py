@@ -24,9 +24,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgefn.errors import ConfigError, EdgefnError, FleetError, validation_text
+from edgefn.protocol.fleet_text import ago, gate_values_text, wave_line
 
 if TYPE_CHECKING:
-    from edgefn.protocol.fleet import Device, Rollout, Wave
+    from edgefn.protocol.fleet import Device, Rollout
 
 fleet_app = typer.Typer(help="Roll functions and models out to a fleet: keys, push, rollouts, devices.",
                         no_args_is_help=True)
@@ -183,32 +184,6 @@ def _print_json(doc: Any) -> None:
 
 
 # ---- tables ----
-
-def ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s} s ago"
-    if s < 3600:
-        return f"{s // 60} min ago"
-    return f"{s // 3600} h ago" if s < 86400 else f"{s // 86400} d ago"
-
-
-def gate_values_text(wave: Wave) -> str:
-    """A wave's recorded gate values, e.g. "error_rate=0.002, p99_ms=n/a" (empty: none recorded)."""
-    return ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(wave.gate_values.items()))
-
-
-def wave_line(rollout: Rollout) -> str:
-    """'wave 1 (2/3): soaking 3/5 healthy', or 'done' once every wave passed."""
-    if rollout.state == "done":
-        return f"done: {len(rollout.waves)}/{len(rollout.waves)} waves passed"
-    if not rollout.waves:
-        return "no waves"
-    index = min(rollout.current_wave, len(rollout.waves) - 1)
-    wave = rollout.waves[index]
-    return (f"{wave.name} ({index + 1}/{len(rollout.waves)}): {wave.state} "
-            f"{wave.healthy}/{len(wave.devices)} healthy")
-
 
 def devices_table(devices: list[Device], *, now: float) -> Table:
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(devices)} device(s)")
