@@ -41,12 +41,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from edgefn import __version__
-from edgefn.errors import EdgefnError, ModelError
+from edgefn.errors import EdgefnError, ModelError, validation_text
 from edgefn.inference.backends.base import Backend
 from edgefn.inference.delegates import DEFAULT_CHAINS
 from edgefn.inference.model import ModelInfo, TensorSpec
 from edgefn.inference.registry import ModelRegistry
-from edgefn.offload import oip
+from edgefn.protocol import oip
 
 log = logging.getLogger("cloud_sync.serve")
 
@@ -54,14 +54,6 @@ VERSION = "1"
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 SERVER_NAME = "edgefn-cloud"
 MAX_BODY_BYTES = 64 << 20
-
-
-class OipError(Exception):
-    """An answer other than 200: its HTTP status and the `error` text."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -139,7 +131,7 @@ class OipEndpoint:
 
     async def _ready(self) -> Response:
         problems = [f"{name}: {m.problem}" for name, m in self.models.items() if m.backend is None]
-        return _error(OipError(400, "; ".join(problems))) if problems else Response(status_code=200)
+        return _error(oip.OipError("; ".join(problems), status=400)) if problems else Response(status_code=200)
 
     async def _server_metadata(self) -> Response:
         return _json({"name": SERVER_NAME, "version": __version__, "extensions": list(oip.EXTENSIONS)})
@@ -147,22 +139,22 @@ class OipEndpoint:
     async def _model_metadata(self, name: str, version: str | None = None) -> Response:
         try:
             return _json(self.metadata(name, version))
-        except OipError as exc:
+        except oip.OipError as exc:
             return _error(exc)
 
     async def _model_ready(self, name: str, version: str | None = None) -> Response:
         try:
             model = self.model(name, version)
-        except OipError as exc:
+        except oip.OipError as exc:
             return _error(exc)
         if model.backend is None:
-            return _error(OipError(400, f"model {name} is not ready: {model.problem}"))
+            return _error(oip.OipError(f"model {name} is not ready: {model.problem}", status=400))
         return Response(status_code=200)
 
     async def _infer(self, request: Request, name: str, version: str | None = None) -> Response:
         try:
             body = await self._body(request)
-        except OipError as exc:
+        except oip.OipError as exc:
             return _error(exc)
         header_length = request.headers.get(oip.HEADER_LENGTH)
         loop = asyncio.get_running_loop()
@@ -173,15 +165,16 @@ class OipEndpoint:
     async def _body(self, request: Request) -> bytes:
         encoding = request.headers.get("content-encoding", "identity")
         if encoding != "identity":
-            raise OipError(415, f"Content-Encoding {encoding} is not supported: send the body uncompressed")
+            raise oip.OipError(f"Content-Encoding {encoding} is not supported: send the body uncompressed",
+                               status=415)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise OipError(413, f"the body is larger than {self.max_body_bytes} bytes")
+            raise oip.OipError(f"the body is larger than {self.max_body_bytes} bytes", status=413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise OipError(413, f"the body is larger than {self.max_body_bytes} bytes")
+                raise oip.OipError(f"the body is larger than {self.max_body_bytes} bytes", status=413)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -190,36 +183,37 @@ class OipEndpoint:
     def model(self, name: str, version: str | None) -> ServedModel:
         model = self.models.get(name)
         if model is None:
-            raise OipError(404, f"no model named {name!r} (served: {', '.join(self.models) or 'none'})")
+            raise oip.OipError(f"no model named {name!r} (served: {', '.join(self.models) or 'none'})", status=404)
         if version is not None and version != VERSION:
-            raise OipError(404, f"model {name} has no version {version!r} (it has: {VERSION})")
+            raise oip.OipError(f"model {name} has no version {version!r} (it has: {VERSION})", status=404)
         return model
 
     def metadata(self, name: str, version: str | None) -> dict[str, Any]:
         model = self.model(name, version)
-        return {"name": name, "versions": [VERSION], "platform": model.platform,
-                "inputs": [_tensor_metadata(s) for s in model.info.inputs],
-                "outputs": [_tensor_metadata(s) for s in model.info.outputs]}
+        try:
+            return {"name": name, "versions": [VERSION], "platform": model.platform,
+                    "inputs": [_tensor_metadata(s) for s in model.info.inputs],
+                    "outputs": [_tensor_metadata(s) for s in model.info.outputs]}
+        except oip.ProtocolError as exc:  # a tensor the protocol has no datatype for: the server's fault
+            raise oip.OipError(str(exc), status=500) from None
 
     def infer(self, name: str, version: str | None, body: bytes,
               header_length: str | None) -> tuple[bytes, dict[str, str], int]:
         """(body, headers, status) of the answer to one inference request."""
         try:
             return *self._answer(name, version, body, header_length), 200
-        except oip.ProtocolError as exc:
-            status, message = 400, str(exc)
-        except OipError as exc:
+        except oip.OipError as exc:  # ProtocolError among them: a 400
             status, message = exc.status, str(exc)
         except Exception as exc:  # a bug: still an answer in the protocol's form, and a traceback in the log
             log.exception("inference request for model %s failed", name)
             status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
-        return *_error_body(OipError(status, message)), status
+        return *_error_body(message), status
 
     def _answer(self, name: str, version: str | None, body: bytes,
                 header_length: str | None) -> tuple[bytes, dict[str, str]]:
         model = self.model(name, version)
         if model.backend is None:
-            raise OipError(503, f"model {name} is not ready: {model.problem}")
+            raise oip.OipError(f"model {name} is not ready: {model.problem}", status=503)
         head, rest = oip.decode_body(body, header_length)
         params = oip.parameters(head, "the request")
         request_id = head.get("id")
@@ -239,7 +233,7 @@ class OipEndpoint:
                 if blob is not None:
                     blobs.append(blob)
         except (ModelError, oip.ProtocolError) as exc:  # the request was fine: the model failed
-            raise OipError(500, str(exc)) from None
+            raise oip.OipError(str(exc), status=500) from None
         return oip.encode_body(answer, blobs)
 
 
@@ -295,12 +289,12 @@ def _json(doc: dict[str, Any]) -> Response:
     return Response(oip.encode_body(doc, [])[0], media_type=oip.JSON_TYPE)
 
 
-def _error_body(exc: OipError) -> tuple[bytes, dict[str, str]]:
-    return oip.encode_body({"error": str(exc)}, [])
+def _error_body(message: str) -> tuple[bytes, dict[str, str]]:
+    return oip.encode_body({"error": message}, [])
 
 
-def _error(exc: OipError) -> Response:
-    content, headers = _error_body(exc)
+def _error(exc: oip.OipError) -> Response:
+    content, headers = _error_body(str(exc))
     return Response(content, status_code=exc.status, headers=headers)
 
 
@@ -317,7 +311,7 @@ def create_app(endpoint: OipEndpoint | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": str(exc.errors())}, status_code=400)
+        return JSONResponse({"error": validation_text(exc)}, status_code=400)
 
     return app
 

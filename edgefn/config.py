@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from edgefn.errors import ConfigError
+from edgefn.errors import ConfigError, validation_text
+from edgefn.protocol.offload import Policy
 
 
 def default_state_dir() -> Path:
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
                            "stacked into one inference, here or on the cloud endpoint (1: no micro-batching).")
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="Longest a call waits for others to "
                                  "stack with; only while other calls of that model are in flight.")
-    offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
+    offload: Policy | None = Field(
         default=None, description="Overrides every function's offload policy.")
     profile: str | None = Field(default=None, description="Device profile by name (default: detected from the device).")
     device_root: Path = Field(default=Path("/"), description="Where the device's /proc, /sys, /dev and /etc are "
@@ -140,7 +141,6 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(problems) from None
+        raise ConfigError(validation_text(exc)) from None
     finally:
         _CONFIG_FILE.pop("path", None)

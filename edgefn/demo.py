@@ -32,6 +32,7 @@ from edgefn.errors import EdgefnError
 from edgefn.functions.build import build, needs_build
 from edgefn.functions.manifest import load_manifest
 from edgefn.mqtt.local_broker import LocalBroker, free_port
+from edgefn.topics import ERRORS_FILTER, is_errors_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTION = ROOT / "examples" / "functions" / "digits"
@@ -64,7 +65,7 @@ class Monitor:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefn-demo-monitor-{os.getpid()}")
         self.client.on_message = self._message
         self.client.connect("127.0.0.1", broker_port)
-        self.client.subscribe([("results/+/digits", 1), ("edgefn/errors/#", 1)])
+        self.client.subscribe([("results/+/digits", 1), (ERRORS_FILTER, 1)])
         self.client.loop_start()
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
@@ -75,7 +76,7 @@ class Monitor:
             return
         with self.lock:
             self.done_times.append(now)
-            if msg.topic.startswith("edgefn/errors/"):
+            if is_errors_topic(msg.topic):
                 self.errors += 1
                 return
             event_id = doc.get("event_id")

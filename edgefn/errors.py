@@ -1,5 +1,5 @@
-"""edgefn's own exceptions; lower-layer errors (paho, wasmtime, onnxruntime) are mapped to these
-at the module that talks to that layer.
+"""edgefn's own exceptions, for the device and for cloud_sync; lower-layer errors (paho, wasmtime,
+onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to that layer.
 
     EdgefnError
     ├── ConfigError          bad flags, config file or environment
@@ -8,10 +8,14 @@ at the module that talks to that layer.
     ├── BuildError           componentize-py could not build a function
     ├── ModelError           a model that cannot be found, loaded or run
     ├── BrokerError          the MQTT broker refused or dropped the connection
-    ├── CloudError           the cloud inference endpoint refused a request or answered nonsense
+    ├── CloudError           the cloud inference endpoint refused a request or answered nonsense (status)
     │   └── CloudUnavailable the endpoint gave no answer: circuit breaker open, unreachable, timed out, 5xx
     ├── StorageError         the journal or the function state cannot be written or read
     │   └── DiskFull         no space left: the write was refused whole, nothing half-written
+    ├── FleetError           the fleet server refused a request (status) or could not be reached
+    │   ├── BundleError      a bundle that cannot be built or unpacked, or is malformed
+    │   ├── UpdateRefused    a release the device will not run (signature, hash, stale, rolled back, mixed)
+    │   └── PublishRefused   the fleet server will not publish an upload (status 400)
     └── FunctionError        an event the function could not handle (goes to edgefn/errors/<fn>)
         ├── GuestError       the guest answered with an error (bad payload, ...)
         ├── GuestTrap        the guest trapped (a bug, a stack overflow)
@@ -19,9 +23,29 @@ at the module that talks to that layer.
         ├── GuestOutOfMemory the guest exceeded its memory limit
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
         └── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
+
+Errors that stand for an HTTP answer carry its status one way, MLServer style: the `HttpStatus` mixin
+gives them `status` (an int, or None where no answer came), marked (status) above. The OIP v2 errors of
+`edgefn.protocol.oip` (`OipError`, and its `ProtocolError` for a 400) carry theirs the same way.
+
+`validation_text` turns a pydantic (or FastAPI) validation error into the one line every caller shows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+
+class HttpStatus:
+    """Mixin of the errors that stand for an HTTP answer: `status` is its status code, None where no answer
+    came (unreachable, timed out) or none applies. A class may set `default_status`."""
+
+    default_status: int | None = None
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)  # type: ignore[call-arg]  # next in the MRO: the exception class
+        self.status: int | None = self.default_status if status is None else status
 
 
 class EdgefnError(Exception):
@@ -52,12 +76,8 @@ class BrokerError(EdgefnError):
     pass
 
 
-class CloudError(EdgefnError):
+class CloudError(HttpStatus, EdgefnError):
     """The cloud endpoint (OIP v2) refused a request or answered nonsense; `status` is its HTTP status, if any."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 class CloudUnavailable(CloudError):
@@ -72,8 +92,9 @@ class DiskFull(StorageError):
     """No space left for a write; the transaction was rolled back whole. Resumes once space returns."""
 
 
-class FleetError(EdgefnError):
-    """The fleet server refused a request or could not be reached (the operator's CLI, the device agent)."""
+class FleetError(HttpStatus, EdgefnError):
+    """The fleet server refused a request or could not be reached (the operator's CLI, the device agent); on
+    the server, a request it refuses. `status` is the HTTP status of the refusal, if any."""
 
 
 class BundleError(FleetError):
@@ -83,6 +104,13 @@ class BundleError(FleetError):
 class UpdateRefused(FleetError):
     """A release the device will not run: a bad signature or hash, stale, rolled-back or mixed TUF
     metadata (python-tuf's reason), or a version older than the one running."""
+
+
+class PublishRefused(FleetError):
+    """An upload the fleet server will not publish (not TUF metadata, not signed by the trusted root, older
+    than what it has, a bundle its signed targets do not name): a 400."""
+
+    default_status = 400
 
 
 class FunctionError(EdgefnError):
@@ -113,3 +141,22 @@ class OutputRejected(FunctionError):
 
 class PayloadTooLarge(FunctionError):
     reason = "payload-too-large"
+
+
+class _Invalid(Protocol):
+    """What `validation_text` reads: pydantic's ValidationError, FastAPI's RequestValidationError."""
+
+    def errors(self) -> Sequence[Mapping[str, Any]]: ...
+
+
+def validation_text(exc: _Invalid, messages: Mapping[str, str] | None = None) -> str:
+    """A validation error's problems in one line, `field.path: message; ...` ("(top level)" where the path is
+    empty). `messages` replaces pydantic's message for an error type; it is formatted with the error's
+    context, e.g. {"value_error": "{error}"} drops pydantic's "Value error, " prefix."""
+    messages = messages or {}
+
+    def message(error: Mapping[str, Any]) -> str:
+        override = messages.get(error["type"])
+        return error["msg"] if override is None else override.format(**error.get("ctx", {}))
+
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {message(e)}" for e in exc.errors())

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.fleet.page import render_page, row_id
-from edgefn.protocol.fleet import Device, Health, Rollout, Wave, ago, parse_gate, wave_line
+from edgefn.protocol.fleet import Device, Health, Rollout, Wave, parse_gate
+from edgefn.protocol.fleet_text import ago, wave_line
 
 NOW = 1_700_000_000.0
 HOSTILE_ID = "<script>document.title='PWNED'</script>"

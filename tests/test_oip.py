@@ -32,7 +32,7 @@ from edgefn.errors import CloudError, CloudUnavailable, ConfigError
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import from_wire, to_wire
 from edgefn.offload import BreakerState, CircuitBreaker, CloudClient
-from edgefn.offload.oip import HEADER_LENGTH
+from edgefn.protocol.oip import HEADER_LENGTH
 from tests.conftest import MODELS
 
 MODEL_NAMES = ["digits", "digits-cnn"]

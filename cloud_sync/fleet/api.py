@@ -23,9 +23,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import UploadFile
 
 from cloud_sync.fleet.db import BundleRow, Database
-from cloud_sync.fleet.engine import FleetRequestError, RolloutEngine
-from cloud_sync.fleet.repository import PublishedBundle, PublishRefused, TufRepository
-from edgefn.errors import FleetError
+from cloud_sync.fleet.engine import RolloutEngine
+from cloud_sync.fleet.repository import PublishedBundle, TufRepository
+from edgefn.errors import FleetError, PublishRefused
 from edgefn.protocol.fleet import API, METADATA_PATH, TARGETS_PATH, BundleRecord, DeviceReport, RolloutRequest
 
 T = TypeVar("T")
@@ -41,12 +41,8 @@ def _answer(call: Callable[[], T]) -> T:
     """Run a fleet call, its refusals made HTTP errors."""
     try:
         return call()
-    except FleetRequestError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
-    except PublishRefused as exc:
-        raise HTTPException(400, str(exc)) from None
-    except FleetError as exc:
-        raise HTTPException(500, str(exc)) from None
+    except FleetError as exc:  # its status (PublishRefused: 400); none: the server failed
+        raise HTTPException(exc.status or 500, str(exc)) from None
     except SQLAlchemyError as exc:
         raise HTTPException(503, f"the fleet database failed: {type(exc).__name__}") from None
 

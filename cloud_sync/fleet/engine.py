@@ -52,17 +52,9 @@ FAILED_STATES = ("failed", "rolled-back")
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
-class FleetRequestError(FleetError):
-    """A request the fleet cannot carry out, with the HTTP status that says why."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def check_device_id(device_id: str) -> str:
     if not DEVICE_ID.match(device_id):
-        raise FleetRequestError(400, f"device id {device_id!r}: letters, digits and . _ : @ - only, at most 128")
+        raise FleetError(f"device id {device_id!r}: letters, digits and . _ : @ - only, at most 128", status=400)
     return device_id
 
 
@@ -190,17 +182,17 @@ class RolloutEngine:
             bundle = session.scalars(select(BundleRow).where(BundleRow.name == request.bundle,
                                                              BundleRow.version == request.version)).first()
             if bundle is None:
-                raise FleetRequestError(404, f"no bundle {request.bundle} {request.version} was published "
-                                             "(edgefn fleet push it first)")
+                raise FleetError(f"no bundle {request.bundle} {request.version} was published "
+                                 "(edgefn fleet push it first)", status=404)
             busy = session.scalars(select(RolloutRow).where(RolloutRow.group == request.group,
                                                             RolloutRow.state.in_(ACTIVE_ROLLOUT))).first()
             if busy is not None:
-                raise FleetRequestError(409, f"rollout {busy.id} of group {request.group!r} is {busy.state}: "
-                                             "abort it first")
+                raise FleetError(f"rollout {busy.id} of group {request.group!r} is {busy.state}: "
+                                 "abort it first", status=409)
             ids = list(session.scalars(select(DeviceRow.id).where(DeviceRow.group == request.group)))
             if not ids:
-                raise FleetRequestError(400, f"group {request.group!r} has no devices (a device joins its group "
-                                             "with its first report)")
+                raise FleetError(f"group {request.group!r} has no devices (a device joins its group "
+                                 "with its first report)", status=400)
             row = RolloutRow(bundle=bundle.name, version=bundle.version, target=bundle.target, group=request.group,
                              state="running", waves=plan_waves(ids, request.canary, request.waves), current_wave=0,
                              gate=[g.model_dump() for g in request.gate], soak_s=request.soak_s,
@@ -234,7 +226,7 @@ class RolloutEngine:
             row = _get(session, rollout_id, lock=True)
             allowed = {"pause": ("running",), "resume": ("paused",), "abort": ACTIVE_ROLLOUT}[action]
             if row.state not in allowed:
-                raise FleetRequestError(409, f"rollout {rollout_id} is {row.state}: it cannot {action}")
+                raise FleetError(f"rollout {rollout_id} is {row.state}: it cannot {action}", status=409)
             if action == "pause":
                 row.state = "paused"
             elif action == "resume":
@@ -345,7 +337,7 @@ class RolloutEngine:
 def _get(session: Session, rollout_id: int, *, lock: bool = False) -> RolloutRow:
     row = session.get(RolloutRow, rollout_id, with_for_update=lock)
     if row is None:
-        raise FleetRequestError(404, f"no rollout {rollout_id}")
+        raise FleetError(f"no rollout {rollout_id}", status=404)
     return row
 
 

@@ -13,7 +13,8 @@ import re
 from collections.abc import Iterable
 from html import escape
 
-from edgefn.protocol.fleet import Device, Rollout, Wave, ago, gate_values_text, wave_line
+from edgefn.protocol.fleet import Device, Rollout, Wave
+from edgefn.protocol.fleet_text import ago, gate_values_text, wave_line
 
 REFRESH_S = 5
 

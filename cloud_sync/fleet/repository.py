@@ -30,16 +30,12 @@ from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
-from edgefn.errors import BundleError, ConfigError, FleetError
+from edgefn.errors import BundleError, ConfigError, PublishRefused
 from edgefn.fleet.unpack import read_bundle
 
 METADATA_NAME = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?(root|targets|snapshot|timestamp)\.json$")
 TARGET_NAME = re.compile(r"^[0-9a-f]{64}\.[A-Za-z0-9][A-Za-z0-9._+-]{0,250}$")
 ORDER = {"root": 0, "targets": 1, "snapshot": 2, "timestamp": 3}
-
-
-class PublishRefused(FleetError):
-    """Metadata or a bundle the repository does not take, and why, in words."""
 
 
 @dataclass(frozen=True)

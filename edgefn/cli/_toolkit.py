@@ -126,7 +126,8 @@ def call_fleet(method: str, server: str, path: str, *, token: str | None = None,
     if response.status_code >= 400:
         detail = doc.get("error") if isinstance(doc, dict) else None
         raise FleetError(f"{method} {url}: HTTP {response.status_code}: "
-                         f"{detail or response.text.strip()[:200] or response.reason_phrase}")
+                         f"{detail or response.text.strip()[:200] or response.reason_phrase}",
+                         status=response.status_code)
     if doc is None:
         raise FleetError(f"{method} {url}: the answer is not JSON (is this a fleet server?)")
     return doc

@@ -32,7 +32,7 @@ from edgefn.cli._toolkit import (
     print_json,
     token_from_env,
 )
-from edgefn.errors import ConfigError, FleetError
+from edgefn.errors import ConfigError, FleetError, validation_text
 
 if TYPE_CHECKING:
     from edgefn.protocol.fleet import Device, Rollout
@@ -104,9 +104,7 @@ def build_request(release: str, group: str, *, canary: int, waves: str, gate: st
                                  soak_s=parse_duration(soak, option="--soak"),
                                  wave_timeout_s=parse_duration(wave_timeout, option="--wave-timeout"))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        raise ConfigError(f"invalid rollout: {problems}") from None
+        raise ConfigError(f"invalid rollout: {validation_text(exc, {'value_error': '{error}'})}") from None
     return request.model_dump(mode="json")
 
 
@@ -118,7 +116,7 @@ def _model(kind: type, doc: Any, url_hint: str) -> Any:
     try:
         return kind.model_validate(doc)
     except ValidationError as exc:
-        raise FleetError(f"{url_hint}: unexpected answer from the fleet server: {exc.errors()[0]['msg']}") from None
+        raise FleetError(f"{url_hint}: unexpected answer from the fleet server: {validation_text(exc)}") from None
 
 
 def _rollout(method: str, server: str, path: str, token_env: str | None, timeout: float,
@@ -142,7 +140,7 @@ def _listed(server: str, path: str, key: str, kind: type, token_env: str | None,
 # ---- tables ----
 
 def devices_table(devices: list[Device], *, now: float) -> Table:
-    from edgefn.protocol.fleet import ago
+    from edgefn.protocol.fleet_text import ago
 
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(devices)} device(s)")
     for header in ("device", "group", "version", "state", "events", "errors", "p99 ms", "last seen", "detail"):
@@ -158,7 +156,7 @@ def devices_table(devices: list[Device], *, now: float) -> Table:
 
 
 def rollouts_table(rollouts: list[Rollout]) -> Table:
-    from edgefn.protocol.fleet import wave_line
+    from edgefn.protocol.fleet_text import wave_line
 
     table = Table(box=box.SIMPLE_HEAD, title=f"{len(rollouts)} rollout(s)")
     for header in ("id", "release", "group", "state", "progress", "reason"):
@@ -178,7 +176,7 @@ def rollout_heading(rollout: Rollout) -> str:
 
 
 def waves_table(rollout: Rollout) -> Table:
-    from edgefn.protocol.fleet import gate_values_text
+    from edgefn.protocol.fleet_text import gate_values_text
 
     table = Table(box=box.SIMPLE_HEAD)
     for header in ("wave", "devices", "state", "healthy", "gate values"):
@@ -192,7 +190,7 @@ def waves_table(rollout: Rollout) -> Table:
 
 
 def _show_rollout(rollout: Rollout) -> None:
-    from edgefn.protocol.fleet import wave_line
+    from edgefn.protocol.fleet_text import wave_line
 
     out.print(escape(rollout_heading(rollout)), highlight=False)
     out.print(waves_table(rollout))

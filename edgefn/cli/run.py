@@ -19,6 +19,7 @@ from rich.table import Table
 
 from edgefn.cli._toolkit import build_stale, cli_errors, fail, out, print_json, setup_logging
 from edgefn.errors import EdgefnError
+from edgefn.protocol.offload import POLICIES
 
 
 def run(
@@ -43,8 +44,8 @@ def run(
                                                    "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
     cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
                                                                 "another name (repeatable).")] = None,
-    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: never, "
-                                                     "on-overload, on-low-confidence or always.")] = None,
+    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: "
+                                                     f"{', '.join(POLICIES)}.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
                                                           "(detection and sensors; default /).")] = None,
     delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "

@@ -24,8 +24,9 @@ from edgefn.inference.registry import ModelRegistry
 from edgefn.observe.metrics import Metrics
 from edgefn.observe.window import HealthWindow
 from edgefn.offload.client import CloudClient
-from edgefn.offload.planner import Planner, Policy
+from edgefn.offload.planner import Planner
 from edgefn.profiles import Profile
+from edgefn.protocol.offload import Policy
 from edgefn.protocol.outputs import FUNCTION, MODELS, RELEASE
 
 log = logging.getLogger("edgefn.daemon")

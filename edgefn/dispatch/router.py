@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from edgefn.dispatch.lanes import Lane, LoadedFunction
 from edgefn.events import Event
 from edgefn.journal.outbox import Pending
-from edgefn.mqtt.topics import matches_any
+from edgefn.topics import matches_any
 
 _ROUTE_CACHE_MAX = 10_000  # distinct topics remembered; a sensor fleet with more starts the cache afresh
 

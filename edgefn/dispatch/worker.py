@@ -22,9 +22,9 @@ from edgefn.events import Event, Message
 from edgefn.functions.manifest import Manifest
 from edgefn.journal.outbox import Pending
 from edgefn.observe.metrics import Metrics
+from edgefn.topics import ERRORS_TOPIC
 
 log = logging.getLogger("edgefn.dispatch")
-ERRORS_TOPIC = "edgefn/errors/{function}"
 
 Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]]], None]  # Outbox.answer
 

@@ -172,7 +172,8 @@ class FleetAgent:
         except httpx.HTTPError as exc:
             raise FleetError(f"{self.url} cannot be reached: {exc}") from None
         if response.status_code >= 400 and response.status_code != 404:
-            raise FleetError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
+            raise FleetError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}",
+                             status=response.status_code)
         return response
 
     def _set(self, state: DeviceState, detail: str = "") -> None:

@@ -20,7 +20,7 @@ import hashlib
 import re
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgefn.functions.manifest import MANIFEST
 from edgefn.protocol.fleet import parse_version, target_name
@@ -38,11 +38,6 @@ def safe_path(path: str) -> str:
             or any(part in ("", ".", "..") for part in pure.parts)):
         raise ValueError(f"{path!r} is not a safe relative path")
     return path
-
-
-def validation_problems(exc: ValidationError) -> str:
-    """pydantic's errors in one line: `where: what`, separated by '; '."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors())
 
 
 def file_sha256(path: Path) -> str:

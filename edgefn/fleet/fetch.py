@@ -60,7 +60,7 @@ def _refusal(exc: Exception, what: str, *, target: bool) -> FleetError:
     if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
         return UpdateRefused(f"{what}: wrong length, larger than its signed metadata says (tampered or corrupted)")
     if isinstance(exc, tuf_errors.DownloadHTTPError):
-        return FleetError(f"{what}: the fleet server answered HTTP {exc.status_code}")
+        return FleetError(f"{what}: the fleet server answered HTTP {exc.status_code}", status=exc.status_code)
     if isinstance(exc, tuf_errors.DownloadError):
         cause = exc.__cause__ or exc.__context__
         reason = getattr(cause, "reason", None) or cause  # urllib3's MaxRetryError carries the real one

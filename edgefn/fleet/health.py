@@ -13,10 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgefn.errors import BundleError
-from edgefn.fleet.bundle import validation_problems
-
-ERROR_TOPIC_PREFIX = "edgefn/errors/"
+from edgefn.errors import BundleError, validation_text
+from edgefn.topics import is_errors_topic
 
 # run(topic, payload) -> [(topic, payload), ...]: one event through the functions under test.
 RunEvent = Callable[[str, bytes], Sequence[tuple[str, bytes]]]
@@ -115,7 +113,7 @@ def load_health(path: Path) -> HealthCheck:
     except OSError as exc:
         raise BundleError(f"{path}: cannot read the health check: {exc.strerror or exc}") from None
     except ValidationError as exc:
-        raise BundleError(f"{path}: {validation_problems(exc)}") from None
+        raise BundleError(f"{path}: {validation_text(exc)}") from None
 
 
 def _assign(candidates: list[list[int]]) -> list[int | None]:
@@ -158,7 +156,7 @@ def check_health(samples: Iterable[Sample], run: RunEvent) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - whatever the new functions raise fails the check
             failures.append(f"{where}: {type(exc).__name__}: {exc}")
             continue
-        failures += [f"{where}: error output {_show(t, p)}" for t, p in outputs if t.startswith(ERROR_TOPIC_PREFIX)]
+        failures += [f"{where}: error output {_show(t, p)}" for t, p in outputs if is_errors_topic(t)]
         candidates = [[i for i, (t, p) in enumerate(outputs) if e.mismatch(t, p) is None] for e in sample.expect]
         for expect, chosen in zip(sample.expect, _assign(candidates), strict=True):
             if chosen is not None:

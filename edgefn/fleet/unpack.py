@@ -16,8 +16,8 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from edgefn.errors import BundleError
-from edgefn.fleet.bundle import BUNDLE_JSON, CHUNK, BundleManifest, file_sha256, safe_path, validation_problems
+from edgefn.errors import BundleError, validation_text
+from edgefn.fleet.bundle import BUNDLE_JSON, CHUNK, BundleManifest, file_sha256, safe_path
 
 COMPLETE = ".complete"  # written last into an unpacked bundle: the folder is whole
 
@@ -35,7 +35,7 @@ def _parse_manifest(tar_path: Path, data: bytes) -> BundleManifest:
     try:
         return BundleManifest.model_validate_json(data)
     except ValidationError as exc:
-        raise BundleError(f"{tar_path}: bad {BUNDLE_JSON}: {validation_problems(exc)}") from None
+        raise BundleError(f"{tar_path}: bad {BUNDLE_JSON}: {validation_text(exc)}") from None
 
 
 def _manifest_of(tar_path: Path, tar: tarfile.TarFile) -> BundleManifest:

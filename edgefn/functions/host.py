@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # types only: `fn invoke` and the tests build a host without 
     from edgefn.inference.registry import ModelRegistry
     from edgefn.observe.metrics import Metrics
     from edgefn.offload.client import CloudClient
-    from edgefn.offload.planner import Policy, Where
+    from edgefn.offload.planner import Where
+    from edgefn.protocol.offload import Policy
 
 
 class FunctionHost:

@@ -29,11 +29,12 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgefn.errors import ManifestError
+from edgefn.errors import ManifestError, validation_text
+from edgefn.protocol.offload import Policy
+from edgefn.topics import check_filter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,13 +43,6 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 
 MANIFEST = "edgefn.toml"
 FUNCTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-
-
-def _check_filter(topic: str) -> str:
-    levels = topic.split("/")
-    if not topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
-        raise ValueError(f"{topic!r} is not a valid MQTT topic filter")
-    return topic
 
 
 class _Section(BaseModel):
@@ -74,7 +68,7 @@ class TopicsSection(_Section):
     @field_validator("topics")
     @classmethod
     def _filters(cls, value: list[str]) -> list[str]:
-        return [_check_filter(t) for t in value]
+        return [check_filter(t) for t in value]
 
 
 class ModelsSection(_Section):
@@ -98,7 +92,7 @@ class Manifest(_Section):
     models: ModelsSection = Field(default_factory=ModelsSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     latency_budget_ms: float = Field(default=100.0, gt=0, description="Target latency of one event.")
-    offload: Literal["never", "on-overload", "on-low-confidence", "always"] | None = Field(
+    offload: Policy | None = Field(
         default=None, description="When inference may be handed to the cloud endpoint (default: on-overload "
         "where an endpoint is configured, else never).")
     confidence_threshold: float = Field(default=0.5, ge=0, le=1, description="on-low-confidence: a top score "
@@ -132,5 +126,4 @@ def load_manifest(function_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ManifestError(f"{path}: {problems}") from None
+        raise ManifestError(f"{path}: {validation_text(exc)}") from None

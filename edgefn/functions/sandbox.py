@@ -39,7 +39,7 @@ from edgefn.functions import compile as compiler
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
 from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
-from edgefn.mqtt.topics import matches_any, topic_problem
+from edgefn.topics import matches_any, topic_problem
 
 log = logging.getLogger("edgefn.sandbox")
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")

@@ -32,8 +32,8 @@ import httpx
 
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError, ModelError
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
-from edgefn.offload import oip
 from edgefn.offload.breaker import CircuitBreaker
+from edgefn.protocol import oip
 
 log = logging.getLogger("edgefn.offload")
 

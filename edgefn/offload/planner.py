@@ -24,8 +24,8 @@ from __future__ import annotations
 import threading
 from typing import Literal
 
-Policy = Literal["never", "on-overload", "on-low-confidence", "always"]
-POLICIES: tuple[str, ...] = ("never", "on-overload", "on-low-confidence", "always")
+from edgefn.protocol.offload import POLICIES, Policy
+
 Where = Literal["local", "cloud"]
 
 _WEIGHT = 0.2  # of the newest batch in the mean service time: follows a change within a few batches

@@ -20,11 +20,11 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from edgefn.errors import ProfileError
+from edgefn.errors import ProfileError, validation_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -274,13 +274,7 @@ class Profile(_Strict):
 
 
 _BACKEND_OF_FORMAT = {fmt: name for name, fmt in BACKEND_FORMATS.items()}
-
-
-def _problems(exc: ValidationError) -> str:
-    def message(error: Any) -> str:
-        return "not allowed for this backend" if error["type"] == "none_required" else error["msg"]
-
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {message(e)}" for e in exc.errors())
+_MESSAGES = {"none_required": "not allowed for this backend"}  # a field another backend's delegates take
 
 
 def read_profile(path: Path) -> Profile:
@@ -298,7 +292,7 @@ def read_profile(path: Path) -> Profile:
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"{path}: {_problems(exc)}") from None
+        raise ProfileError(f"{path}: {validation_text(exc, _MESSAGES)}") from None
     if profile.name != path.stem:
         raise ProfileError(f"{path}: profile.name: {profile.name!r} is not the file's name {path.stem!r}")
     profile._source = path

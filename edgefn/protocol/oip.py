@@ -11,7 +11,9 @@ so both speak exactly the same dialect:
 - an output is asked for as binary with `"parameters": {"binary_data": true}`, or all of them with the
   request's `"parameters": {"binary_data_output": true}`.
 
-Anything malformed is a `ProtocolError` saying what is wrong, for a 400 (server) or a CloudError (client).
+An answer other than 200 is an `OipError` with its HTTP `status` (the `edgefn.errors.HttpStatus` mixin,
+as CloudError and FleetError carry theirs) and the text of its `{"error": ...}` body. Anything malformed
+is its `ProtocolError` saying what is wrong: a 400 (server), or a CloudError (client).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from edgefn.errors import HttpStatus
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
@@ -38,8 +42,16 @@ DATATYPES: dict[str, np.dtype] = {
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 
 
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol (or asks for what this side cannot do)."""
+class OipError(HttpStatus, Exception):
+    """An answer other than 200: its HTTP `status` (500 unless given) and the `error` text."""
+
+    default_status = 500
+
+
+class ProtocolError(OipError, ValueError):
+    """A message that does not follow the protocol (or asks for what this side cannot do): a 400."""
+
+    default_status = 400
 
 
 def datatype(dtype: np.dtype | str) -> str:

@@ -1,0 +1,69 @@
+"""MQTT topic names and filters, in one place: which names and filters are valid, which topics a filter
+matches, and the topics edgefn itself publishes to (`edgefn/errors/<function>`).
+
+A topic name is what a message is published to (`sensors/dev7/digits`); a filter is what a function
+subscribes to or may publish to (`sensors/+/digits`, `results/#`). Matching is paho-mqtt's
+(`paho.mqtt.matcher`, a small module that does not load the client).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from paho.mqtt.matcher import MQTTMatcher
+
+# Where an event that a function could not handle goes, with the reason.
+ERRORS_TOPIC = "edgefn/errors/{function}"
+ERRORS_PREFIX = ERRORS_TOPIC.format(function="")
+ERRORS_FILTER = ERRORS_TOPIC.format(function="#")
+
+_FORBIDDEN = {chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0), 0xFFFE, 0xFFFF)}
+_MAX_BYTES = 65_535
+
+
+def is_errors_topic(topic: str) -> bool:
+    """True for a topic under edgefn/errors/ (an event some function could not handle)."""
+    return topic.startswith(ERRORS_PREFIX)
+
+
+def matches_any(topic: str, filters: Iterable[str]) -> bool:
+    """True when `topic` matches one of the MQTT `filters` (`+` one level, `#` the rest)."""
+    matcher = MQTTMatcher()
+    for f in filters:
+        matcher[f] = True
+    return next(matcher.iter_match(topic), None) is not None
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (None when it can): a broker drops the connection of a
+    client that sends a control character, and wildcards are for filters, not topics."""
+    if "+" in topic or "#" in topic:
+        return "contains a wildcard (+ or #)"
+    return _common_problem(topic)
+
+
+def filter_problem(topic_filter: str) -> str | None:
+    """Why `topic_filter` is not a valid MQTT topic filter (None when it is): `+` must fill a whole
+    level, `#` a whole level and the last one."""
+    levels = topic_filter.split("/")
+    if any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
+        return "has a wildcard that is not a whole level (+, or # as the last level)"
+    return _common_problem(topic_filter)
+
+
+def check_filter(topic_filter: str) -> str:
+    """`topic_filter` itself, or ValueError saying it is not a valid MQTT topic filter (for validators)."""
+    problem = filter_problem(topic_filter)
+    if problem:
+        raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter: it {problem}")
+    return topic_filter
+
+
+def _common_problem(text: str) -> str | None:
+    if not text:
+        return "is empty"
+    if any(ch in _FORBIDDEN for ch in text):
+        return "contains a control character"
+    if len(text.encode()) > _MAX_BYTES:
+        return "is longer than 65,535 bytes"
+    return None
