@@ -126,17 +126,29 @@ def test_in_order_keeps_order_with_many_workers():
 # -- taking a batch -------------------------------------------------------------------------------------
 def test_take_returns_what_queued_up_to_max_batch():
     q = queue.Queue()
-    for i in range(5):
-        q.put(i)
-    assert take(q, 3) == [0, 1, 2]
-    assert take(q, 3) == [3, 4]
+    items = [(event(i), None, i) for i in range(5)]
+    for item in items:
+        q.put(item)
+    assert take(q, 3) == items[:3]
+    assert take(q, 3) == items[3:]
+
+
+def test_take_closes_a_batch_past_its_bytes():
+    q = queue.Queue()
+    for i in range(4):
+        q.put((Event(str(i), "t", b"x" * 40_000, 0.0), None, i))
+    assert [item[2] for item in take(q, 32, max_bytes=64 * 1024)] == [0, 1], "two events reach 80 kB"
+    q.put((Event("9", "t", b"x" * 1_000_000, 0.0), None, 9))
+    assert [item[2] for item in take(q, 32, max_bytes=64 * 1024)] == [2, 3]
+    assert [item[2] for item in take(q, 32, max_bytes=64 * 1024)] == [9], "a large event alone"
 
 
 def test_take_stops_at_the_stop_mark_and_leaves_it_for_the_next_worker():
     q = queue.Queue()
-    for item in (0, 1, None):
+    items = [(event(i), None, i) for i in range(2)]
+    for item in (*items, None):
         q.put(item)
-    assert take(q, 10) == [0, 1]
+    assert take(q, 10) == items
     assert take(q, 10) is None
     assert take(q, 10) is None, "every worker of the lane sees the stop mark"
     assert q.get_nowait() is None

@@ -26,6 +26,10 @@ from edgefn.topics import ERRORS_TOPIC
 
 log = logging.getLogger("edgefn.dispatch")
 
+# A payload crosses into the sandbox as a list<u8>, one 32-byte value slot per byte (wasmtime-py's
+# C API): 250 kB payloads in a batch of 32 held 256 MB of slots. Past this many payload bytes a
+# batch closes (small events batch as before: 32 digits events weigh about 10 kB).
+BATCH_MAX_BYTES = 64 * 1024
 Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]]], None]  # Outbox.answer
 
 
@@ -67,15 +71,17 @@ def _payload_id(event: Event) -> str | None:
     return str(value) if value is not None else None
 
 
-def take(q: queue.Queue[Item | None], max_batch: int) -> list[Item] | None:
-    """The lane's next event and what queued up behind it (up to max_batch); None: stop."""
+def take(q: queue.Queue[Item | None], max_batch: int, max_bytes: int = BATCH_MAX_BYTES) -> list[Item] | None:
+    """The lane's next event and what queued up behind it (up to max_batch events, and while the
+    payloads stay within max_bytes: the first event always goes); None: stop."""
     first = q.get()
     if first is None:
         q.task_done()
         q.put(None)  # for the lane's next worker
         return None
     batch = [first]
-    while len(batch) < max_batch:
+    nbytes = len(first[0].payload)
+    while len(batch) < max_batch and nbytes < max_bytes:
         try:
             item = q.get_nowait()
         except queue.Empty:
@@ -85,6 +91,7 @@ def take(q: queue.Queue[Item | None], max_batch: int) -> list[Item] | None:
             q.put(None)  # this worker stops after its batch, the next one too
             break
         batch.append(item)
+        nbytes += len(item[0].payload)
     return batch
 
 

@@ -1,4 +1,5 @@
-"""paho's client, able to stop reading from its socket for a while: TCP's own backpressure.
+"""paho's client as the daemon needs it: quick ACKs (so a broker with Nagle on does not stall us),
+and able to stop reading from its socket for a while: TCP's own backpressure.
 
 Ingress holds, unacknowledged, what arrives past the inbox's bound; past a bound in bytes on those
 it asks the connection to stop reading. The broker then keeps the rest (its socket to us fills and
@@ -13,11 +14,24 @@ in pyproject.toml; tests/test_connection.py pauses a real connection longer than
 
 from __future__ import annotations
 
+import socket
 import time
 
 import paho.mqtt.client as mqtt
 
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux only; elsewhere setsockopt fails and is ignored
 _PAUSED_WAIT_S = 0.005  # the socket stays readable while paused: wait this long per loop instead of spinning
+
+
+def _quick_ack(sock: object) -> None:
+    # What we just read (an event, a PUBACK) is acknowledged at once, not after the kernel's delayed
+    # ACK (40 ms): a broker with Nagle on (mosquitto's default, set_tcp_nodelay false) holds its next
+    # small write to us until that ACK, so a single event waited ~44 ms. Linux resets quick-ack mode
+    # by itself, hence once per read.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        pass
 
 
 class PausableClient(mqtt.Client):
@@ -27,7 +41,9 @@ class PausableClient(mqtt.Client):
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         if not self.paused:
-            return super().loop_read(max_packets)
+            rc = super().loop_read(max_packets)
+            _quick_ack(self.socket())
+            return rc
         with self._msgtime_mutex:  # bytes are waiting to be read: the broker is alive
             self._last_bytes_received = mqtt.time_func()
         time.sleep(_PAUSED_WAIT_S)
