@@ -16,7 +16,9 @@ at the module that talks to that layer.
         ├── GuestTimeout     the guest ran past its per-event deadline
         ├── GuestOutOfMemory the guest exceeded its memory limit
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
-        └── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
+        ├── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
+        └── Quarantined      its payload (or its shape) kept trapping the guest: refused for a while
+                             without running (edgefn/functions/quarantine.py)
 """
 
 from __future__ import annotations
@@ -103,3 +105,7 @@ class OutputRejected(FunctionError):
 
 class PayloadTooLarge(FunctionError):
     reason = "payload-too-large"
+
+
+class Quarantined(FunctionError):
+    reason = "quarantined"
