@@ -115,8 +115,8 @@ def test_daemon_hostile_function_leaves_its_neighbour_serving(broker, daemon, co
     # A backlog of about 4 s in the hostile function (14 loops of 300 ms arriving one by one, one
     # instance) must not hold up the digits events behind it: each function has its own queue.
     publish(broker.port, "sensors/dev1/hostile", [b"alloc", b"trap"])
-    for _ in range(14):
-        publish(broker.port, "sensors/dev1/hostile", [b"loop"])
+    for i in range(14):  # each loop a payload of its own: the same one thrice would be quarantined
+        publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * i])
         time.sleep(0.03)
     payloads, _ = digit_payloads(40, "neighbour")
     t0 = time.monotonic()

@@ -4,7 +4,8 @@ A guest gets only what the `edgefn:function` world imports (host.infer, log, sta
 WASI with no preopened directory, no socket permission and no inherited stdio: no files, no
 network. Each instance has a memory limit; each event a wall-clock deadline enforced by epoch
 interruption. An instance that trapped, timed out or ran out of memory is thrown away, and the
-next event gets a fresh one.
+next event gets a fresh one. A batch that fails is bisected to find its culprit; a payload that
+keeps failing is quarantined (edgefn/functions/quarantine.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import itertools
 import logging
 import os
 import queue
@@ -32,10 +34,12 @@ from edgefn.errors import (
     GuestTimeout,
     GuestTrap,
     OutputRejected,
+    Quarantined,
 )
 from edgefn.events import Event, Message
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
+from edgefn.functions.quarantine import Quarantine
 from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
 from edgefn.mqtt.topics import matches_any, topic_problem
 
@@ -168,12 +172,16 @@ def _lowered(event: Event) -> tuple[str, str, bytes, float]:
 
 
 class FunctionSandbox:
-    """A function's compiled component and its pool of warm instances."""
+    """A function's compiled component and its pool of warm instances.
 
-    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host, instances: int | None = None):
+    `quarantine`: True for a `Quarantine` with its defaults, False for none, or one of your own."""
+
+    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host, instances: int | None = None,
+                 quarantine: Quarantine | bool = True):
         self.runtime, self.manifest, self.host = runtime, manifest, host
         self.limits = manifest.limits
         self.instances = instances or self.limits.instances  # the pool's size
+        self.quarantine = Quarantine() if quarantine is True else (quarantine or None)
         self.component = runtime.load(wasm)
         self._linker = self._make_linker()
         self._idle: queue.LifoQueue[_Instance] = queue.LifoQueue()
@@ -230,29 +238,58 @@ class FunctionSandbox:
 
     def handle(self, event: Event) -> list[Message]:
         """Run one event on a warm instance; FunctionError says why it could not be handled."""
-        answer = self._one(event)
+        answer = self.handle_batch([event])[0]
         if isinstance(answer, FunctionError):
             raise answer
         return answer
 
     def handle_batch(self, events: list[Event]) -> list[list[Message] | FunctionError]:
-        """Run events that queued up together in one call; one answer (messages or the error) each.
+        """Run events that queued up together in as few calls as possible; one answer (messages or
+        the error) each, in order.
 
-        If the batch traps or runs out of time, the culprit is unknown: each event then runs
-        alone, on a fresh instance, so the error lands on the event that caused it."""
-        if len(events) > 1 and self._batches:
-            try:
-                answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events]), len(events))
-            except FunctionError:
-                answers = None
-            if answers is not None and len(answers) == len(events):
-                return [self._answer(ok, value) for ok, value in answers]
-        return [self._one(e) for e in events]
+        A quarantined payload is answered `Quarantined` without running. A suspect (it failed
+        before) runs alone, so it cannot spoil the batch again; the events between suspects run
+        in order, as batches (see `_bisect`)."""
+        screened = [(e, self.quarantine.screen(e.payload) if self.quarantine is not None else False) for e in events]
+        answers: list[list[Message] | FunctionError] = []
+        for together, run in itertools.groupby(screened, key=lambda s: s[1] is False):
+            if together:
+                answers += self._bisect([e for e, _ in run])
+            else:
+                answers += [v if isinstance(v, Quarantined) else self._one(e) for e, v in run]
+        return answers
+
+    def _bisect(self, events: list[Event]) -> list[list[Message] | FunctionError]:
+        """Run events as one batch; if it traps or runs out of memory, the culprit is unknown, so
+        each half runs as a batch of its own, recursively: the good events get their answers from
+        the halves that succeed, the culprit ends alone and its error lands on it. Only a failed
+        call throws its instance away; a half that succeeds leaves its instance warm.
+
+        An event may run more than once (as today's re-runs did): state updates from a batch that
+        failed are not undone."""
+        if len(events) <= 1 or not self._batches:
+            return [self._one(e) for e in events]
+        try:
+            answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events]), len(events))
+        except GuestTimeout:
+            # The batch's deadline is the per-event one times its events. Halves would run the endless
+            # event again under half of it, a quarter, ... (about one more batch deadline in all);
+            # alone it costs one per-event deadline, and each good event one quick call.
+            return [self._one(e) for e in events]
+        except FunctionError:
+            half = len(events) // 2
+            return self._bisect(events[:half]) + self._bisect(events[half:])
+        if len(answers) != len(events):  # a guest's handle-batch that miscounts: take its events one by one
+            return [self._one(e) for e in events]
+        return [self._answer(ok, value) for ok, value in answers]
 
     def _one(self, event: Event) -> list[Message] | FunctionError:
+        """Run one event alone: a trap, timeout or out-of-memory here is its own, a strike against its payload."""
         try:
             return self._answer(*self._call(lambda inst: inst.handle(_lowered(event)), 1))
         except FunctionError as exc:
+            if self.quarantine is not None:
+                self.quarantine.strike(event.payload, exc)
             return exc
 
     def _answer(self, ok: bool, value: Any) -> list[Message] | FunctionError:
