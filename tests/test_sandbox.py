@@ -26,7 +26,7 @@ from edgefn.events import Event
 from edgefn.functions.build import component_path
 from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.quarantine import Quarantine
-from edgefn.functions.sandbox import FunctionSandbox, Runtime
+from edgefn.functions.sandbox import FunctionSandbox, Runtime, _CallCosts
 from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
 from tests.conftest import MODELS
@@ -444,6 +444,11 @@ def fresh_hostile(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry) -
     sandbox.close()
 
 
+def _halving(sandbox: FunctionSandbox, monkeypatch: pytest.MonkeyPatch, pays: bool) -> None:
+    """Pin the measured choice between halving a failed batch and running its events alone."""
+    monkeypatch.setattr(sandbox._costs, "halving_pays", lambda events: pays)
+
+
 def _hostile_batch(sandbox: FunctionSandbox, payloads: list[str], prefix: str = "p"):
     events = [_event("sensors/dev1/hostile", p.encode(), f"{prefix}{i}") for i, p in enumerate(payloads)]
     return sandbox.handle_batch(events)
@@ -454,6 +459,7 @@ def _kinds(answers) -> list[str]:
 
 
 def test_bisect_one_trap_in_16_costs_a_few_calls(fresh_hostile: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
+    _halving(fresh_hostile, monkeypatch, pays=True)
     spy = Spy(fresh_hostile, monkeypatch)
     payloads = ["ok"] * 16
     payloads[11] = "trap"
@@ -469,6 +475,7 @@ def test_bisect_one_trap_in_16_costs_a_few_calls(fresh_hostile: FunctionSandbox,
 
 
 def test_bisect_two_poisons_each_get_their_error(fresh_hostile: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
+    _halving(fresh_hostile, monkeypatch, pays=True)
     spy = Spy(fresh_hostile, monkeypatch)
     payloads = ["ok"] * 16
     payloads[2], payloads[13] = "stack", "alloc"
@@ -480,6 +487,26 @@ def test_bisect_two_poisons_each_get_their_error(fresh_hostile: FunctionSandbox,
     assert all(a[0].payload == f"ok:p{i}".encode() for i, a in enumerate(answers) if i not in (2, 13))
     assert spy.calls == 1 + 7 + 7  # the 16, then 7 calls to corner each culprit in its half of 8; alone: 17
     assert_ok(fresh_hostile)
+
+
+def test_bisect_where_halving_does_not_pay_runs_events_alone(fresh_hostile: FunctionSandbox,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    _halving(fresh_hostile, monkeypatch, pays=False)
+    spy = Spy(fresh_hostile, monkeypatch)
+    payloads = ["ok"] * 16
+    payloads[11] = "trap"
+    assert _kinds(_hostile_batch(fresh_hostile, payloads)) == ["ok"] * 11 + ["GuestTrap"] + ["ok"] * 4
+    assert (spy.calls, spy.created) == (1 + 16, 2)
+
+
+def test_bisect_costs_measured_decide_halving():
+    costs = _CallCosts()
+    assert costs.halving_pays(2)  # nothing measured yet: halve
+    costs.note(0.004, failed=True, events=32)
+    costs.note(0.0001, failed=False, events=32)  # a batch says nothing of a call alone
+    assert costs.halving_pays(2)
+    costs.note(0.0005, failed=False, events=1)
+    assert costs.halving_pays(32) and not costs.halving_pays(16)  # 16 x 0.5 ms > 4 ms > 8 x 0.5 ms
 
 
 def test_bisect_timeout_runs_the_batch_alone(fresh_hostile: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
@@ -504,7 +531,7 @@ def test_quarantine_after_three_traps_answers_without_running(fresh_hostile: Fun
     assert _kinds(answers) == ["ok", "Quarantined", "ok", "Quarantined"]
     assert answers[1].reason == "quarantined" and "failed 3 times" in str(answers[1])
     assert "RuntimeError: guest bug" in str(answers[1])
-    assert spy.calls == calls + 2  # the two good events, one on each side of the refused one
+    assert spy.calls == calls + 1  # the two good events, in one batch around the refused ones
     assert fresh_hostile.quarantine.refused == 2
     with pytest.raises(Quarantined):
         misdeed(fresh_hostile, "trap")
