@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             n = 0
             while not stop.wait(0.05):
                 misdeed = MISDEEDS[n % len(MISDEEDS)]
-                clients.pub.publish("sensors/attacker/hostile", misdeed, qos=1)
+                # Padded to new bytes each time: the same misdeed thrice would be quarantined, not run.
+                clients.pub.publish("sensors/attacker/hostile", misdeed + b" " * n, qos=1)
                 sent[misdeed.decode()] += 1
                 n += 1
 

@@ -22,7 +22,9 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
         ├── GuestTimeout     the guest ran past its per-event deadline
         ├── GuestOutOfMemory the guest exceeded its memory limit
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
-        └── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
+        ├── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
+        └── Quarantined      its payload (or its shape) kept trapping the guest: refused for a while
+                             without running (edgefn/functions/quarantine.py)
 
 Errors that stand for an HTTP answer carry its status one way, MLServer style: the `HttpStatus` mixin
 gives them `status` (an int, or None where no answer came), marked (status) above. The OIP v2 errors of
@@ -141,6 +143,10 @@ class OutputRejected(FunctionError):
 
 class PayloadTooLarge(FunctionError):
     reason = "payload-too-large"
+
+
+class Quarantined(FunctionError):
+    reason = "quarantined"
 
 
 class _Invalid(Protocol):

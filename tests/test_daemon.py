@@ -115,8 +115,8 @@ def test_daemon_hostile_function_leaves_its_neighbour_serving(broker, daemon, co
     # A backlog of about 4 s in the hostile function (14 loops of 300 ms arriving one by one, one
     # instance) must not hold up the digits events behind it: each function has its own queue.
     publish(broker.port, "sensors/dev1/hostile", [b"alloc", b"trap"])
-    for _ in range(14):
-        publish(broker.port, "sensors/dev1/hostile", [b"loop"])
+    for i in range(14):  # each loop a payload of its own: the same one thrice would be quarantined
+        publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * i])
         time.sleep(0.03)
     payloads, _ = digit_payloads(40, "neighbour")
     t0 = time.monotonic()
@@ -514,7 +514,7 @@ def test_healthz_says_stalled_when_answers_wait_and_nothing_moves(broker, daemon
     d = daemon(hostile_fn, stall_s=1.0)
     assert d.health()["status"] == "ok"
     # Each loop spins until its 300 ms deadline: eight of them keep the one instance busy for 2.4 s.
-    publish(broker.port, "sensors/dev1/hostile", [b"loop"] * 8)
+    publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * i for i in range(8)])  # unlike: no quarantine
     deadline = time.monotonic() + 5
     while d.ingress.outstanding < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -542,7 +542,8 @@ def test_a_flooded_function_parks_its_surplus_on_disk_and_answers_it_all(broker,
     errors = collector("edgefn/errors/hostile")
     results = collector("results/+/digits")
     d = daemon(digits_fn, hostile_fn, function_max_events=3)
-    publish(broker.port, "sensors/dev1/hostile", [b"loop"] * 12)  # about 3.6 s of work for one instance
+    # About 3.6 s of work for one instance (each payload its own, so that none is quarantined).
+    publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * i for i in range(12)])
     hostile = next(fn for fn in d.functions if fn.name == "hostile")
     deadline = time.monotonic() + 5
     while not hostile.share.parked and time.monotonic() < deadline:

@@ -25,12 +25,14 @@ from edgefn.errors import (
     GuestTimeout,
     GuestTrap,
     OutputRejected,
+    Quarantined,
 )
 from edgefn.events import Event
 from edgefn.functions.build import component_path
 from edgefn.functions.host import FunctionHost
 from edgefn.functions.manifest import Manifest, load_manifest
-from edgefn.functions.sandbox import FunctionSandbox, Runtime
+from edgefn.functions.quarantine import Quarantine
+from edgefn.functions.sandbox import FunctionSandbox, Runtime, _CallCosts
 from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
 from tests.conftest import MODELS, fill
@@ -43,9 +45,11 @@ def registry() -> ModelRegistry:
     return ModelRegistry([MODELS])
 
 
-def _sandbox(runtime: Runtime, folder: Path, registry: ModelRegistry, manifest: Manifest | None = None) -> FunctionSandbox:
+def _sandbox(runtime: Runtime, folder: Path, registry: ModelRegistry, manifest: Manifest | None = None,
+             **options) -> FunctionSandbox:
     manifest = manifest or load_manifest(folder)
-    return FunctionSandbox(runtime, manifest, component_path(folder, manifest), FunctionHost(manifest.name, registry, StateStore(":memory:")))
+    return FunctionSandbox(runtime, manifest, component_path(folder, manifest),
+                           FunctionHost(manifest.name, registry, StateStore(":memory:")), **options)
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +191,12 @@ def test_isolation_hostile_loop_does_not_disturb_neighbour(hostile: FunctionSand
     hostile_results: list[str] = []
 
     def attack() -> None:
+        n = 0
         while not done.is_set():
             started.set()
+            n += 1
             try:
-                misdeed(hostile, "loop")
+                misdeed(hostile, "loop" + " " * n)  # a new payload each time, or quarantine would refuse it
                 hostile_results.append("ok?!")
             except GuestTimeout:
                 hostile_results.append("timeout")
@@ -507,3 +513,187 @@ def test_cold_load_compiles_outside_the_daemon_process(tmp_path: Path, digits_fn
         fresh.load(wasm)  # ~8 s of compiling, ~450 MB at its peak: in a child
         grown = _rss_mb() - before
     assert grown < 60, f"the daemon's RSS grew by {grown:.0f} MB across a cold load"
+
+
+# --- poison: bisecting a failed batch, quarantine ------------------------------------------------
+
+
+class Spy:
+    """Counts a sandbox's guest calls and instance creations; the instances stay real."""
+
+    def __init__(self, sandbox: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
+        self.calls, self.created = 0, 0
+        call, new_instance = sandbox._call, sandbox._new_instance
+
+        def counting_call(*args):
+            self.calls += 1
+            return call(*args)
+
+        def counting_new_instance():
+            self.created += 1
+            return new_instance()
+
+        monkeypatch.setattr(sandbox, "_call", counting_call)
+        monkeypatch.setattr(sandbox, "_new_instance", counting_new_instance)
+
+
+@pytest.fixture()
+def fresh_hostile(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry) -> Iterator[FunctionSandbox]:
+    sandbox = _sandbox(runtime, hostile_fn, registry)  # its own quarantine, one instance
+    yield sandbox
+    sandbox.close()
+
+
+def _halving(sandbox: FunctionSandbox, monkeypatch: pytest.MonkeyPatch, pays: bool) -> None:
+    """Pin the measured choice between halving a failed batch and running its events alone."""
+    monkeypatch.setattr(sandbox._costs, "halving_pays", lambda events: pays)
+
+
+def _hostile_batch(sandbox: FunctionSandbox, payloads: list[str], prefix: str = "p"):
+    events = [_event("sensors/dev1/hostile", p.encode(), f"{prefix}{i}") for i, p in enumerate(payloads)]
+    return sandbox.handle_batch(events)
+
+
+def _kinds(answers) -> list[str]:
+    return [type(a).__name__ if isinstance(a, FunctionError) else "ok" for a in answers]
+
+
+def test_bisect_one_trap_in_16_costs_a_few_calls(fresh_hostile: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
+    _halving(fresh_hostile, monkeypatch, pays=True)
+    spy = Spy(fresh_hostile, monkeypatch)
+    payloads = ["ok"] * 16
+    payloads[11] = "trap"
+    answers = _hostile_batch(fresh_hostile, payloads)
+    assert _kinds(answers) == ["ok"] * 11 + ["GuestTrap"] + ["ok"] * 4
+    assert "RuntimeError: guest bug" in str(answers[11])
+    assert [[m.payload for m in a] for i, a in enumerate(answers) if i != 11] == [
+        [f"ok:p{i}".encode()] for i in range(16) if i != 11]
+    # Halving 16 -> 8 -> 4 -> 2 -> 1: a failed and a good half per level, and the call of 16.
+    # Re-running every event alone took 17 calls.
+    assert spy.calls == 9
+    assert spy.created == 5  # one per failed call: 16, 8, 4, 2 events, then the culprit alone
+
+
+def test_bisect_two_poisons_each_get_their_error(fresh_hostile: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
+    _halving(fresh_hostile, monkeypatch, pays=True)
+    spy = Spy(fresh_hostile, monkeypatch)
+    payloads = ["ok"] * 16
+    payloads[2], payloads[13] = "stack", "alloc"
+    answers = _hostile_batch(fresh_hostile, payloads)
+    expected = ["ok"] * 16
+    expected[2], expected[13] = "GuestTrap", "GuestOutOfMemory"
+    assert _kinds(answers) == expected
+    assert str(answers[2]) == "stack overflow"
+    assert all(a[0].payload == f"ok:p{i}".encode() for i, a in enumerate(answers) if i not in (2, 13))
+    assert spy.calls == 1 + 7 + 7  # the 16, then 7 calls to corner each culprit in its half of 8; alone: 17
+    assert_ok(fresh_hostile)
+
+
+def test_bisect_where_halving_does_not_pay_runs_events_alone(fresh_hostile: FunctionSandbox,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    _halving(fresh_hostile, monkeypatch, pays=False)
+    spy = Spy(fresh_hostile, monkeypatch)
+    payloads = ["ok"] * 16
+    payloads[11] = "trap"
+    assert _kinds(_hostile_batch(fresh_hostile, payloads)) == ["ok"] * 11 + ["GuestTrap"] + ["ok"] * 4
+    assert (spy.calls, spy.created) == (1 + 16, 2)
+
+
+def test_bisect_costs_measured_decide_halving():
+    costs = _CallCosts()
+    assert costs.halving_pays(2)  # nothing measured yet: halve
+    costs.note(0.004, failed=True, events=32)
+    costs.note(0.0001, failed=False, events=32)  # a batch says nothing of a call alone
+    assert costs.halving_pays(2)
+    costs.note(0.0005, failed=False, events=1)
+    assert costs.halving_pays(32) and not costs.halving_pays(16)  # 16 x 0.5 ms > 4 ms > 8 x 0.5 ms
+
+
+def test_bisect_timeout_runs_the_batch_alone(fresh_hostile: FunctionSandbox, monkeypatch: pytest.MonkeyPatch):
+    spy = Spy(fresh_hostile, monkeypatch)
+    t0 = time.monotonic()
+    answers = _hostile_batch(fresh_hostile, ["ok", "loop", "ok", "ok"])
+    elapsed = time.monotonic() - t0
+    assert _kinds(answers) == ["ok", "GuestTimeout", "ok", "ok"]
+    assert spy.calls == 1 + 4
+    # The batch's deadline (4 x 300 ms), then the loop's own (300 ms); halves would add 600 + 300 ms.
+    assert elapsed < 1.2 + 0.3 + 0.5
+
+
+def test_quarantine_after_three_traps_answers_without_running(fresh_hostile: FunctionSandbox,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    spy = Spy(fresh_hostile, monkeypatch)
+    for _ in range(3):
+        with pytest.raises(GuestTrap):
+            misdeed(fresh_hostile, "trap")
+    calls = spy.calls
+    answers = _hostile_batch(fresh_hostile, ["ok", "trap", "ok", "trap"])
+    assert _kinds(answers) == ["ok", "Quarantined", "ok", "Quarantined"]
+    assert answers[1].reason == "quarantined" and "failed 3 times" in str(answers[1])
+    assert "RuntimeError: guest bug" in str(answers[1])
+    assert spy.calls == calls + 1  # the two good events, in one batch around the refused ones
+    assert fresh_hostile.quarantine.refused == 2
+    with pytest.raises(Quarantined):
+        misdeed(fresh_hostile, "trap")
+
+
+def test_quarantine_suspect_runs_alone_and_spares_the_batch(fresh_hostile: FunctionSandbox,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(GuestTrap):
+        misdeed(fresh_hostile, "trap")  # one strike: a suspect from now on
+    spy = Spy(fresh_hostile, monkeypatch)
+    answers = _hostile_batch(fresh_hostile, ["ok", "ok", "trap", "ok", "ok", "ok"])
+    assert _kinds(answers) == ["ok", "ok", "GuestTrap", "ok", "ok", "ok"]
+    assert (spy.calls, spy.created) == (3, 1)  # two batches that succeed, the suspect alone
+
+
+def test_quarantine_ignores_errors_the_guest_returns(fresh_hostile: FunctionSandbox):
+    for _ in range(5):
+        answers = _hostile_batch(fresh_hostile, ["err", "ok", "flood"])
+        assert _kinds(answers) == ["GuestError", "ok", "OutputRejected"]
+    assert fresh_hostile.quarantine.entries == 0
+
+
+def test_quarantine_expires(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry):
+    now = [0.0]
+    sandbox = _sandbox(runtime, hostile_fn, registry, quarantine=Quarantine(hold_s=600, clock=lambda: now[0]))
+    try:
+        kinds = [_kinds(_hostile_batch(sandbox, ["trap", "ok"]))[0] for _ in range(4)]
+        assert kinds == ["GuestTrap"] * 3 + ["Quarantined"]
+        now[0] += 601
+        assert _kinds(_hostile_batch(sandbox, ["trap", "ok"])) == ["GuestTrap", "ok"]
+    finally:
+        sandbox.close()
+
+
+def test_quarantine_off_runs_every_time(runtime: Runtime, hostile_fn: Path, registry: ModelRegistry):
+    sandbox = _sandbox(runtime, hostile_fn, registry, quarantine=False)
+    try:
+        for _ in range(4):
+            with pytest.raises(GuestTrap):
+                misdeed(sandbox, "trap")
+    finally:
+        sandbox.close()
+
+
+def _nested(depth: int, event_id: str) -> Event:
+    body = f'{{"id": "{event_id}", "pixels": '.encode() + b"[" * depth + b"]" * depth + b"}"
+    return _event("sensors/dev1/digits", body, event_id)
+
+
+def test_quarantine_shape_of_nested_json_in_digits(runtime: Runtime, digits_fn: Path, registry: ModelRegistry,
+                                                   held_out: list[tuple[list[int], int]]):
+    sandbox = _sandbox(runtime, digits_fn, registry)
+    try:
+        good = [digit_event(pixels, f"g{i}") for i, (pixels, _) in enumerate(held_out[:13])]
+        # Three different 4 kB payloads nested 2000 deep overflow the guest's stack...
+        answers = sandbox.handle_batch([*good[:5], _nested(2000, "n0"), *good[5:9], _nested(2000, "n1"),
+                                        _nested(2000, "n2"), *good[9:]])
+        assert _kinds(answers) == ["ok"] * 5 + ["GuestTrap"] + ["ok"] * 4 + ["GuestTrap"] * 2 + ["ok"] * 4
+        assert str(answers[5]) == "stack overflow"
+        # ... so a fourth one is refused; shallow bad JSON is still the guest's own error.
+        answers = sandbox.handle_batch([_nested(2000, "n3"), good[0], _event("sensors/dev1/digits", b"[[[", "bad")])
+        assert _kinds(answers) == ["Quarantined", "ok", "GuestError"]
+        assert "JSON nested 1024-2047 levels deep" in str(answers[0])
+    finally:
+        sandbox.close()
