@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
 from edgefn.config import Settings
 from edgefn.dispatch.lanes import LoadedFunction, busy, retire, stop_workers
@@ -37,13 +37,11 @@ from edgefn.journal.inbox import Inbox
 from edgefn.journal.outbox import Outbox
 from edgefn.mqtt.connection import Connection
 from edgefn.mqtt.ingress import Ingress
+from edgefn.observe.device import Sensors, device_profile
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.observe.window import HealthWindow
-from edgefn.offload.breaker import BreakerState, CircuitBreaker
-from edgefn.offload.client import CloudClient
-from edgefn.profiles import Pressure, Profile, detect, get_profile, pressure, read_thermal
-from edgefn.profiles.sensors import MemoryState, ThermalState
+from edgefn.offload.client import connect_cloud
 from edgefn.protocol.fleet import Health
 
 if TYPE_CHECKING:
@@ -55,7 +53,6 @@ log = logging.getLogger("edgefn.daemon")
 _TICK_S = 0.005  # the longest a received event waits for its group's commit
 _SETTLE_EVERY = 10  # answered events leave the inbox every 50 ms, in one transaction
 _SENSORS_EVERY = 1000  # temperatures and free memory are read every 5 s
-_PRESSURE_STATES = {"thermal": get_args(ThermalState), "memory": get_args(MemoryState)}
 
 
 class Daemon:
@@ -74,7 +71,6 @@ class Daemon:
         self.fleet_problem: str | None = None  # why the release active.json named did not start
         self.observe: ObserveServer | None = None
         self.agent: FleetAgent | None = None
-        self.pressure: Pressure | None = None  # the latest sensor readings against the profile's limits
         self.housekeeping_problem: str | None = None  # why the last settle or commit failed (a full disk, ...)
         self._housekeeping_failed = Every(60.0)
 
@@ -87,10 +83,11 @@ class Daemon:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = Runtime(s.state_dir / "components")
-        self.profile = self._device_profile()
+        self.profile = device_profile(s.profile, s.device_root, self.metrics)
         self.state = StateStore(s.state_dir / "state.sqlite")
-        self.cloud = self._cloud_client()
-        self._read_sensors()
+        self.cloud = connect_cloud(s, self.metrics)
+        self.sensors = Sensors(self.profile, s.device_root, self.metrics)
+        self.sensors.read()
         self.loader = Loader(s, self.runtime, self.profile, self.state, self.cloud, self.metrics, self.fleet)
         self.registry, functions = self._load_active()
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:", durability=s.durability)
@@ -99,9 +96,9 @@ class Daemon:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
         self.outbox = Outbox(self.inbox, lambda *a: self.connection.publish(*a), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
-        self.router = Router(functions, self._under_pressure, self.outbox.done)
+        self.router = Router(functions, self.sensors.under_pressure, self.outbox.done)
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
-                               refill=lambda fn: fn.refill(self.inbox.events, self._under_pressure()))
+                               refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()))
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid, qos: self.connection.ack(mid, qos),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
@@ -224,54 +221,6 @@ class Daemon:
             outputs += [(m.topic, m.payload) for m in answer]
         return outputs
 
-    # -- the device and the cloud ----------------------------------------------------------------
-    def _cloud_client(self) -> CloudClient | None:
-        s = self.settings
-        if not s.cloud_url:
-            return None
-        breaker = CircuitBreaker(cooldown_s=s.cloud_cooldown_s, on_change=lambda _old, new: self._breaker_state(new))
-        client = CloudClient(s.cloud_url, model_map=s.cloud_model_map, auth_header=s.cloud_auth_header,
-                             auth_env=s.cloud_auth_env, timeout_s=s.cloud_timeout_s, retries=s.cloud_retries,
-                             breaker=breaker)
-        self._breaker_state(breaker.state)
-        log.info("cloud endpoint %s", client.url)
-        return client
-
-    def _breaker_state(self, state: BreakerState) -> None:
-        for value in BreakerState:
-            self.metrics.breaker.labels(value.value).set(1 if value == state else 0)
-        if state != BreakerState.CLOSED:
-            log.warning("cloud endpoint circuit breaker %s: inference runs here", state.value)
-
-    def _device_profile(self) -> Profile:
-        """--profile, else what the device's /proc, /etc and /dev say it is."""
-        if self.settings.profile:
-            profile = get_profile(self.settings.profile)
-            log.info("device profile %s (chosen with --profile)", profile.name)
-        else:
-            found = detect(self.settings.device_root)
-            profile = found.profile
-            log.info("device profile %s (detected%s): %s", profile.name, ", a fallback" if found.fallback else "",
-                     "; ".join(found.evidence))
-        self.metrics.profile.labels(profile.name).set(1)
-        return profile
-
-    def _under_pressure(self) -> bool:
-        now = self.pressure
-        return now is not None and (now.thermal == "critical" or now.memory == "low")
-
-    def _read_sensors(self) -> None:
-        zones = read_thermal(self.settings.device_root)
-        now = pressure(self.profile, self.settings.device_root, zones)
-        for zone in zones:
-            self.metrics.temperature.labels(zone.type).set(zone.celsius)
-        if now.mem is not None:
-            self.metrics.memory_available.set(now.mem.available_mb * 1024 * 1024)
-        for kind, state in (("thermal", now.thermal), ("memory", now.memory)):
-            for value in _PRESSURE_STATES[kind]:
-                self.metrics.pressure.labels(kind, value).set(1 if state == value else 0)
-        self.pressure = now
-
     @property
     def connected(self) -> bool:
         return self.connection.connected.is_set()
@@ -309,8 +258,7 @@ class Daemon:
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self.outbox.rows,
             "profile": self.profile.name,
-            "pressure": {"thermal": self.pressure.thermal, "memory": self.pressure.memory,
-                         "reasons": self.pressure.reasons} if self.pressure else None,
+            "pressure": self.sensors.health(),
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
             "release": self.release.label if self.release else None,
@@ -333,7 +281,7 @@ class Daemon:
                 self.ingress.flush()  # a group left behind by a non-event packet
                 tick += 1
                 if tick % _SENSORS_EVERY == 0:
-                    self._read_sensors()
+                    self.sensors.read()
                     self.inbox.checkpoint()  # the WAL shrinks, the disk reserve comes back once there is room
                 if tick % _SETTLE_EVERY == 0:
                     self.outbox.settle()

@@ -25,15 +25,19 @@ import random
 import socket
 import time
 from collections.abc import Generator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError, ModelError
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
-from edgefn.offload.breaker import CircuitBreaker
+from edgefn.offload.breaker import BreakerState, CircuitBreaker
 from edgefn.protocol import oip
+
+if TYPE_CHECKING:
+    from edgefn.config import Settings
+    from edgefn.observe.metrics import Metrics
 
 log = logging.getLogger("edgefn.offload")
 
@@ -244,3 +248,25 @@ def _error_text(response: httpx.Response) -> str:
         return str(response.json()["error"])
     except (ValueError, KeyError, TypeError):
         return response.text[:200] or response.reason_phrase
+
+
+def connect_cloud(settings: Settings, metrics: Metrics) -> CloudClient | None:
+    """The daemon's client of its cloud endpoint (--cloud), with a circuit breaker whose state the
+    metrics show; None without an endpoint."""
+    s = settings
+    if not s.cloud_url:
+        return None
+
+    def breaker_state(state: BreakerState) -> None:
+        for value in BreakerState:
+            metrics.breaker.labels(value.value).set(1 if value == state else 0)
+        if state != BreakerState.CLOSED:
+            log.warning("cloud endpoint circuit breaker %s: inference runs here", state.value)
+
+    breaker = CircuitBreaker(cooldown_s=s.cloud_cooldown_s, on_change=lambda _old, new: breaker_state(new))
+    client = CloudClient(s.cloud_url, model_map=s.cloud_model_map, auth_header=s.cloud_auth_header,
+                         auth_env=s.cloud_auth_env, timeout_s=s.cloud_timeout_s, retries=s.cloud_retries,
+                         breaker=breaker)
+    breaker_state(breaker.state)
+    log.info("cloud endpoint %s", client.url)
+    return client
