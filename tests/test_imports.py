@@ -12,6 +12,7 @@ under `if TYPE_CHECKING:`. `from a import b` is an arrow to the module a.b when 
 from __future__ import annotations
 
 import ast
+import functools
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,3 +238,33 @@ def test_the_graph_reads_the_tree():
     assert "edgefn.protocol.oip" in graph["cloud_sync.serve"]  # `from edgefn.protocol import oip`
     assert "edgefn.fleet.agent" not in graph["edgefn.daemon"]  # under `if TYPE_CHECKING:`
     assert strongly_connected({"a": {"b": 1}, "b": {"a": 1}, "c": {"a": 1}}) == [["a", "b"]]
+
+
+# -- the CLI sits on top: nothing imports it back, and its command modules share only the toolkit ------
+
+ENTRY_POINTS = ("edgefn.__main__",)  # `python -m edgefn`
+
+
+@functools.cache
+def _every_arrow() -> dict[str, dict[str, int]]:
+    return import_graph(import_time_only=False)  # an import inside a function is an arrow too
+
+
+def _cli_arrows(module: str) -> set[str]:
+    return {target for target in _every_arrow().get(module, {}) if _within(target, ("edgefn.cli",))}
+
+
+def test_nothing_outside_the_cli_imports_it():
+    offenders = {module: sorted(_cli_arrows(module)) for module in MODULES
+                 if not _within(module, ("edgefn.cli",)) and module not in ENTRY_POINTS and _cli_arrows(module)}
+    assert offenders == {}
+
+
+def test_command_modules_share_only_the_toolkit():
+    commands = [m for m in MODULES if _within(m, ("edgefn.cli",)) and m.rpartition(".")[2]
+                not in ("cli", "main", "__main__")]
+    assert {m.rpartition(".")[2] for m in commands} >= {"_toolkit", "run", "fn", "model", "profile", "bundle",
+                                                         "cloud", "fleet"}
+    offenders = {m: sorted(t for t in _cli_arrows(m) if t != "edgefn.cli._toolkit") for m in commands}
+    assert {m: found for m, found in offenders.items() if found} == {}
+    assert _cli_arrows("edgefn.cli._toolkit") == set()
