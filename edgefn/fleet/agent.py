@@ -24,18 +24,16 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
-from typing import Protocol
 
 import httpx
 
 from edgefn import __version__
-from edgefn.config import Settings
 from edgefn.errors import BundleError, EdgefnError, FleetError, UpdateRefused
 from edgefn.fleet.bundle import file_sha256
+from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
 from edgefn.fleet.health import check_health, load_health
-from edgefn.fleet.store import Active, FleetStore, Release, refusal_key
+from edgefn.fleet.store import Active, Release, refusal_key
 from edgefn.fleet.unpack import read_bundle, read_unpacked, unpack
 from edgefn.functions.build import discover, runnable_component
 from edgefn.functions.manifest import load_manifest
@@ -49,30 +47,6 @@ _SOAK_TICK_S = 0.25
 
 class _Interrupted(Exception):
     """The agent stops mid-check: update.json stays, and the check runs again after the restart."""
-
-
-class Device(Protocol):
-    """What the agent drives: the daemon (edgefn.daemon.Daemon), or a fake in tests."""
-
-    settings: Settings
-    fleet: FleetStore  # update.json, active.json and the unpacked bundles
-    fleet_problem: str | None  # why the release active.json named did not start (the device went back)
-
-    @property
-    def release(self) -> Release | None:
-        """The fleet release running now (None: the local functions)."""
-
-    def activate(self, release: Release | None) -> None:
-        """Run `release` instead of what runs now, while events flow; raises if it does not load."""
-
-    def precompile(self, wasm: Path) -> None:
-        """Compile a component for this device into its cache, so activating it costs no compile."""
-
-    def run_sample(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
-        """What the functions running now answer to one event, outside the journal and the broker."""
-
-    def health_window(self) -> Health:
-        """Events, errors and p99 of the functions running now, since they were activated."""
 
 
 class FleetAgent:
