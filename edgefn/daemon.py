@@ -57,7 +57,7 @@ _SENSORS_EVERY = 1000  # temperatures and free memory are read every 5 s
 
 class Daemon:
     """One edgefn daemon: `start()`, then `stop()` (the CLI's `run` does both around a signal).
-    It is also the device the fleet agent drives (`edgefn.fleet.agent.Device`)."""
+    It is also the device the fleet agent drives (`edgefn.fleet.device.Device`)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
