@@ -1,6 +1,7 @@
 """End-to-end benchmark: edgefn against the plain script a user would write instead.
 
-One private mosquitto (`LocalBroker()`, stock settings) and the same digits model
+One private mosquitto (`LocalBroker()`: stock settings, Nagle on; `--tuned`: set_tcp_nodelay true, as a
+broker tuned for latency would be) and the same digits model
 (models/digits/model.onnx) serve two systems, one after the other, never both at once:
 
   plain   bench/plain_digits.py as a child process: paho-mqtt 2 on default settings, on_message ->
@@ -452,7 +453,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images, labels = _digits()
     mosquitto_version = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout.split("\n")[0]
 
-    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edgefn-bench-") as tmp:
+    with LocalBroker(tuned=args.tuned) as broker, tempfile.TemporaryDirectory(prefix="edgefn-bench-") as tmp:
         workdir = Path(tmp)
         broker_pid = broker._proc.pid if broker._proc is not None else None  # for CPU accounting only
         say(f"broker {broker.url} ({mosquitto_version})")
@@ -493,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial", type=int, default=500, help="events timed one at a time (after 50 warm-up)")
     parser.add_argument("--burst", type=int, default=5000, help="events in the burst")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
+    parser.add_argument("--tuned", action="store_true", help="a broker tuned for latency (set_tcp_nodelay true)")
     args = parser.parse_args(argv)
     if args.serial < 1 or args.burst < 1:
         parser.error("--serial and --burst must be at least 1")
