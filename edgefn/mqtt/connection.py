@@ -9,19 +9,15 @@ allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against it
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
 from being lost at the broker while the inbox catches up.
 
-Egress is QoS1; `publish` calls back exactly once, when the broker's PUBACK arrives (or with the
-reason it refused). The connection keeps its own queue and in-flight window (paho is given only
-what fits the window: a window inside paho would send a later message before queued ones after a
-reconnect). On each CONNACK, what was in flight is taken back from paho and sent again first, in
-order, marked as a possible duplicate; then the queue. Nothing waits for the SUBACK: mosquitto
-writes it behind everything it resends to us, and 2.0.16-2.0.20 drop it outright (with any other
-packet) once a client has `max_queued_messages` packets unwritten. A SUBACK that does not come
-within `suback_timeout` is asked for again.
+Egress (QoS1, in order, our own window, resent after each CONNACK) is `egress.Egress`. Nothing
+waits for the SUBACK: mosquitto writes it behind everything it resends to us, and 2.0.16-2.0.20
+drop it outright (with any other packet) once a client has `max_queued_messages` packets
+unwritten. A SUBACK that does not come within `suback_timeout` is asked for again.
 
 Lost PUBACKs (the same mosquitto versions drop them too) are recovered by reconnecting, which
-makes both sides resend: a broker acknowledges in order, so a PUBACK for a later message means
-the earlier ones' were lost; and nothing heard from the broker for `ack_timeout` while publishes
-wait means acknowledgements stopped.
+makes both sides resend: egress asks for it when a PUBACK for a later message shows an earlier
+one's was lost; the watchdog, when nothing is heard from the broker for `ack_timeout` while
+publishes wait (acknowledgements stopped).
 
 QoS 0 events are passed on with qos=0 and never acknowledged (a PUBACK for one is a protocol
 error: the broker drops the connection).
@@ -37,9 +33,7 @@ import ssl
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -51,22 +45,16 @@ from edgefn.config import Settings
 from edgefn.errors import BrokerError
 from edgefn.files import write_atomic
 from edgefn.mqtt.client import PausableClient
+from edgefn.mqtt.egress import Egress, OnAcked
 from edgefn.observe.logs import Every
-from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 
 log = logging.getLogger("edgefn.mqtt")
 
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
-# QoS1 publishes of ours awaiting a PUBACK, at most (and no more than the broker's own Receive
-# Maximum, 20 on a stock mosquitto): few enough that their PUBACKs never crowd the broker's queue
-# for us, and far from paho's message ids wrapping at 65,535.
-PUBLISH_WINDOW = 256
-MAX_UNSENT = 60_000  # publish() blocks past this many queued outputs while connected (memory)
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
 SUBACK_TIMEOUT_S = 30.0  # no SUBACK this long: subscribe again
-OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
 
@@ -77,55 +65,6 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
     except (OSError, AttributeError):
         pass
-
-
-_NOT_YET = object()
-
-
-@dataclass(slots=True)
-class _Outgoing:
-    topic: str
-    payload: bytes
-    on_acked: OnAcked
-    props: UserProperties
-    seq: int = 0  # order handed to paho on this connection
-    sent_at: float = 0.0
-
-
-class UserProperties:
-    """The MQTT 5 user properties of one PUBLISH, packed once. paho asks only for `pack()`; its own
-    Properties class packs in Python at about 25 µs a message, a fifth of the daemon's time per event."""
-
-    __slots__ = ("pairs", "_packed")
-
-    def __init__(self, pairs: Sequence[tuple[str, str]] = ()):
-        self.pairs = list(pairs)
-        self._packed: bytes | None = None
-
-    def add(self, pair: tuple[str, str]) -> None:
-        if pair not in self.pairs:
-            self.pairs.append(pair)
-            self._packed = None
-
-    def pack(self) -> bytes:
-        if self._packed is None:
-            body = b"".join(b"\x26" + _utf8(key) + _utf8(value) for key, value in self.pairs)
-            self._packed = _variable_byte_integer(len(body)) + body
-        return self._packed
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def _variable_byte_integer(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 class Connection:
@@ -166,15 +105,11 @@ class Connection:
         client.on_subscribe = self._suback
         client.on_socket_open = _no_delay
         self._client = client
-        self._lock = threading.Condition()  # the queue, the window and what awaits a PUBACK
-        self._unsent: deque[_Outgoing] = deque()  # not handed to paho yet, in publish() order
-        self._in_flight: dict[int, _Outgoing] = {}  # by mid, in the order handed to paho
-        self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of their mid being recorded
-        self._window = 0  # how many may await a PUBACK; 0 while disconnected
-        self._seq = 0
-        self._pumping = self._pump_again = False  # one thread hands messages to paho at a time: order
-        self._handing = threading.Lock()  # held while one message goes from the queue into paho
-        self._heard = time.monotonic()  # the last PUBLISH, PUBACK or SUBACK from the broker
+        self._egress = Egress(client, self._reconnect)
+        self._lock = threading.Lock()  # whether a reconnect was asked for; the SUBSCRIBEs awaiting a SUBACK
+        # The last PUBLISH, PUBACK or SUBACK from the broker: one float, stored whole by paho's thread
+        # (and by pause_reading), read by the watchdog; no lock (the PUBLISH path never took one).
+        self._heard = time.monotonic()
         self._reconnecting = False  # a reconnect was asked for on this connection
         self._subscribing: dict[int, tuple[list[str], float]] = {}  # SUBSCRIBE mid -> filters, sent at
         self._stopped = threading.Event()
@@ -208,8 +143,7 @@ class Connection:
             self._client.paused = paused
             log.debug("%s reading from the broker", "paused" if paused else "resumed")
             if not paused:
-                with self._lock:
-                    self._heard = time.monotonic()  # the pause was ours, not the broker's silence
+                self._heard = time.monotonic()  # the pause was ours, not the broker's silence
 
     def wait_connected(self, timeout: float) -> None:
         if not self.connected.wait(timeout):
@@ -219,8 +153,7 @@ class Connection:
     @property
     def awaiting_ack(self) -> int:
         """Outputs published and not yet acknowledged (queued or in flight)."""
-        with self._lock:
-            return len(self._unsent) + len(self._in_flight)
+        return self._egress.awaiting_ack
 
     @property
     def awaiting_suback(self) -> int:
@@ -235,21 +168,11 @@ class Connection:
             log.error("%s (retrying with backoff)", self.last_error)
             return
         self.last_error = None
-        # Called before paho resends its unacknowledged messages: take them back, to go again
-        # first and in order with our queue, within the window the broker allows.
-        with self._handing:  # a message being handed to paho is recorded first
-            client.drop_out_messages()
-            with self._lock:
-                again = list(self._in_flight.values())
-                self._in_flight.clear()
-                self._early.clear()
-                for out in again:  # the broker may have passed them on already
-                    out.props.add(POSSIBLE_DUPLICATE)
-                self._unsent.extendleft(reversed(again))
-                self._window = min(PUBLISH_WINDOW, getattr(props, "ReceiveMaximum", 65535))
-                self._heard = time.monotonic()
-                self._reconnecting = False
-                self._subscribing.clear()
+        self._egress.take_back(getattr(props, "ReceiveMaximum", 65535))
+        self._heard = time.monotonic()
+        with self._lock:
+            self._reconnecting = False
+            self._subscribing.clear()
         with self._filters_lock:  # set_filters sees the filters subscribed here, or changes them before
             if self._filters:
                 self._subscribe(self._filters)
@@ -259,7 +182,7 @@ class Connection:
             self._record(self._filters)
             self.connected.set()
         log.info("connected to %s", self._settings.broker)
-        self._pump()
+        self._egress.pump()
 
     def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
         # paho calls this from inside its `except OSError:`: the exception says why (refused,
@@ -271,8 +194,7 @@ class Connection:
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
-        with self._lock:
-            self._window = 0  # hold everything until the next CONNACK
+        self._egress.hold()  # everything until the next CONNACK
         if self._on_disconnect is not None:
             self._on_disconnect()
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
@@ -281,8 +203,9 @@ class Connection:
 
     def _reconnect(self, why: str) -> None:
         """Drop the connection as a network fault would; paho reconnects and both sides resend."""
+        sending = self._egress.window_open
         with self._lock:
-            if self._reconnecting or not self._window:
+            if self._reconnecting or not sending:
                 return
             self._reconnecting = True
         if (skipped := self._lost_acks.due()) is not None:
@@ -298,10 +221,11 @@ class Connection:
         tick = max(0.05, min(1.0, self._ack_timeout / 4, self._suback_timeout / 4))
         while not self._stopped.wait(tick):
             now = time.monotonic()
+            # Egress first: a PUBACK marks the broker heard before it takes its message off.
+            oldest = self._egress.oldest_sent_at()
+            stalled = (oldest is not None and not self._client.paused
+                       and now - self._heard > self._ack_timeout and now - oldest > self._ack_timeout)
             with self._lock:
-                stalled = (self._window and self._in_flight and not self._client.paused
-                           and now - self._heard > self._ack_timeout
-                           and now - next(iter(self._in_flight.values())).sent_at > self._ack_timeout)
                 late = [(mid, filters) for mid, (filters, at) in self._subscribing.items()
                         if now - at > self._suback_timeout]
             if stalled:
@@ -322,8 +246,8 @@ class Connection:
                 self._subscribing[mid] = (list(filters), time.monotonic())
 
     def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
+        self._heard = time.monotonic()
         with self._lock:
-            self._heard = time.monotonic()
             filters, _ = self._subscribing.pop(mid, ([], 0.0))
         refused = [f"{f}: {r}" for f, r in zip(filters, reasons, strict=False) if r.is_failure]
         if refused and (skipped := self._refused_subs.due()) is not None:
@@ -388,73 +312,9 @@ class Connection:
     # -- egress ----------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
                 user_properties: Sequence[tuple[str, str]] = ()) -> None:
-        """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused
-        it (or paho would not take it). Outputs go out in the order of the calls, across reconnects.
-
-        While connected, blocks as long as MAX_UNSENT outputs wait to be sent."""
-        out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties))
-        with self._lock:
-            while self._window and len(self._unsent) >= MAX_UNSENT:
-                self._lock.wait(1.0)
-            self._unsent.append(out)
-        self._pump()
-
-    def _pump(self) -> None:
-        """Hand queued messages to paho while the window has room. Whoever calls this while another
-        thread pumps leaves it to that thread (paho's own thread must never wait here: it holds
-        paho's lock, which the pumping thread needs)."""
-        with self._lock:
-            if self._pumping:
-                self._pump_again = True
-                return
-            self._pumping = True
-        while True:
-            with self._handing:
-                with self._lock:
-                    if not (self._unsent and len(self._in_flight) < self._window):
-                        if not self._pump_again:
-                            self._pumping = False
-                            return
-                        self._pump_again = False
-                        continue
-                    out = self._unsent.popleft()
-                    self._lock.notify_all()  # room for a blocked publish()
-                self._hand_over(out)
-
-    def _hand_over(self, out: _Outgoing) -> None:
-        try:
-            while True:
-                info = self._client.publish(out.topic, out.payload, qos=1, properties=out.props)  # type: ignore[arg-type]
-                # Its only cause here (paho's queue is unbounded): the id came round to a message
-                # still awaiting its PUBACK. paho skipped it; the next one is free.
-                if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
-                    break
-        except ValueError as exc:  # a topic or payload paho refuses
-            out.on_acked(f"not published: {exc}")
-            return
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: resent after the CONNACK
-            out.on_acked(f"not published: {mqtt.error_string(info.rc)}")
-            return
-        with self._lock:
-            refused = self._early.pop(info.mid, _NOT_YET)
-            if refused is _NOT_YET:
-                self._seq += 1
-                out.seq, out.sent_at = self._seq, time.monotonic()
-                self._in_flight[info.mid] = out
-        if refused is not _NOT_YET:
-            out.on_acked(refused)  # type: ignore[arg-type]
+        """See `Egress.publish`: QoS1, in order across reconnects; `on_acked` once, at the PUBACK."""
+        self._egress.publish(topic, payload, on_acked, user_properties)
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
-        refused = str(reason) if reason.is_failure else None
-        with self._lock:
-            self._heard = time.monotonic()
-            out = self._in_flight.pop(mid, None)
-            if out is None:
-                self._early[mid] = refused
-                return
-            # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
-            lost = bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
-        out.on_acked(refused)
-        if lost:
-            self._reconnect("the broker's acknowledgement of an earlier message was lost")
-        self._pump()
+        self._heard = time.monotonic()  # before egress takes the message off: see the watchdog
+        self._egress.acknowledged(mid, str(reason) if reason.is_failure else None)
