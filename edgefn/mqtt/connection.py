@@ -9,10 +9,8 @@ allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against it
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
 from being lost at the broker while the inbox catches up.
 
-Egress (QoS1, in order, our own window, resent after each CONNACK) is `egress.Egress`. Nothing
-waits for the SUBACK: mosquitto writes it behind everything it resends to us, and 2.0.16-2.0.20
-drop it outright (with any other packet) once a client has `max_queued_messages` packets
-unwritten. A SUBACK that does not come within `suback_timeout` is asked for again.
+Egress (QoS1, in order, our own window, resent after each CONNACK) is `egress.Egress`; the
+filters subscribed to, their SUBACKs and the record of them are `subscriptions.Subscriptions`.
 
 Lost PUBACKs (the same mosquitto versions drop them too) are recovered by reconnecting, which
 makes both sides resend: egress asks for it when a PUBACK for a later message shows an earlier
@@ -25,7 +23,6 @@ error: the broker drops the connection).
 
 from __future__ import annotations
 
-import json
 import logging
 import select
 import socket
@@ -43,9 +40,9 @@ from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
-from edgefn.files import write_atomic
 from edgefn.mqtt.client import PausableClient
 from edgefn.mqtt.egress import Egress, OnAcked
+from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
 from edgefn.observe.logs import Every
 
 log = logging.getLogger("edgefn.mqtt")
@@ -54,7 +51,6 @@ RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknow
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
-SUBACK_TIMEOUT_S = 30.0  # no SUBACK this long: subscribe again
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
 
@@ -72,13 +68,8 @@ class Connection:
                  on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
                  receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
                  suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S):
-        self._settings, self._on_message, self._filters = settings, on_message, list(filters)
-        self._receive_maximum, self._ack_timeout, self._suback_timeout = receive_maximum, ack_timeout, suback_timeout
-        self._keepalive = keepalive
-        # The broker keeps the session's subscriptions across restarts: what was subscribed before (by
-        # an earlier release, with other triggers) is recorded here and dropped on connect.
-        self._subscriptions_file = subscriptions_file
-        self._subscribed = set(self._recorded())  # as the broker's session last had them, as far as we know
+        self._settings, self._on_message = settings, on_message
+        self._receive_maximum, self._ack_timeout, self._keepalive = receive_maximum, ack_timeout, keepalive
         self._on_disconnect = on_disconnect
         client = PausableClient(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                                 protocol=mqtt.MQTTv5, manual_ack=True)
@@ -105,18 +96,17 @@ class Connection:
         client.on_subscribe = self._suback
         client.on_socket_open = _no_delay
         self._client = client
+        self.connected = threading.Event()  # set by subscriptions, once a CONNACK's SUBSCRIBE is sent
         self._egress = Egress(client, self._reconnect)
-        self._lock = threading.Lock()  # whether a reconnect was asked for; the SUBSCRIBEs awaiting a SUBACK
+        self._subscriptions = Subscriptions(client, filters, self.connected, subscriptions_file, suback_timeout)
+        self._lock = threading.Lock()  # whether a reconnect was asked for on this connection
         # The last PUBLISH, PUBACK or SUBACK from the broker: one float, stored whole by paho's thread
         # (and by pause_reading), read by the watchdog; no lock (the PUBLISH path never took one).
         self._heard = time.monotonic()
         self._reconnecting = False  # a reconnect was asked for on this connection
-        self._subscribing: dict[int, tuple[list[str], float]] = {}  # SUBSCRIBE mid -> filters, sent at
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
-        self._lost_acks, self._late_subacks, self._refused_subs = Every(10.0), Every(10.0), Every(10.0)
-        self._filters_lock = threading.Lock()  # the filters, and subscribing to them on connect
-        self.connected = threading.Event()
+        self._lost_acks = Every(10.0)
         self.last_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -157,8 +147,7 @@ class Connection:
 
     @property
     def awaiting_suback(self) -> int:
-        with self._lock:
-            return len(self._subscribing)
+        return self._subscriptions.awaiting_suback
 
     # -- connection --------------------------------------------------------------------------------
     def _connected(self, client: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode,
@@ -172,15 +161,7 @@ class Connection:
         self._heard = time.monotonic()
         with self._lock:
             self._reconnecting = False
-            self._subscribing.clear()
-        with self._filters_lock:  # set_filters sees the filters subscribed here, or changes them before
-            if self._filters:
-                self._subscribe(self._filters)
-            stale = sorted(self._subscribed - set(self._filters))
-            if stale:
-                client.unsubscribe(stale)
-            self._record(self._filters)
-            self.connected.set()
+        self._subscriptions.resubscribe()  # and marks the session connected
         log.info("connected to %s", self._settings.broker)
         self._egress.pump()
 
@@ -218,73 +199,26 @@ class Connection:
                 pass
 
     def _watchdog(self) -> None:
-        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._suback_timeout / 4))
+        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._subscriptions.suback_timeout / 4))
         while not self._stopped.wait(tick):
             now = time.monotonic()
             # Egress first: a PUBACK marks the broker heard before it takes its message off.
             oldest = self._egress.oldest_sent_at()
             stalled = (oldest is not None and not self._client.paused
                        and now - self._heard > self._ack_timeout and now - oldest > self._ack_timeout)
-            with self._lock:
-                late = [(mid, filters) for mid, (filters, at) in self._subscribing.items()
-                        if now - at > self._suback_timeout]
             if stalled:
                 self._reconnect(f"no acknowledgement from the broker for {self._ack_timeout:g} s")
-            for mid, filters in late:
-                with self._lock:
-                    self._subscribing.pop(mid, None)
-                if (skipped := self._late_subacks.due()) is not None:
-                    log.warning("no SUBACK for %s within %g s: subscribing again (%d more since the last line)",
-                                ", ".join(filters), self._suback_timeout, skipped)
-                self._subscribe(filters)
+            self._subscriptions.retry_late(now)
 
-    # -- subscriptions -----------------------------------------------------------------------------
-    def _subscribe(self, filters: list[str]) -> None:
-        rc, mid = self._client.subscribe([(f, 1) for f in filters])
-        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-            with self._lock:
-                self._subscribing[mid] = (list(filters), time.monotonic())
-
-    def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
-        self._heard = time.monotonic()
-        with self._lock:
-            filters, _ = self._subscribing.pop(mid, ([], 0.0))
-        refused = [f"{f}: {r}" for f, r in zip(filters, reasons, strict=False) if r.is_failure]
-        if refused and (skipped := self._refused_subs.due()) is not None:
-            log.error("the broker refused the subscription to %s (%d more since the last line)", "; ".join(refused), skipped)
-
+    # -- subscriptions ---------------------------------------------------------------------------
     def set_filters(self, filters: Sequence[str]) -> None:
         """Subscribe to `filters` instead of the current ones (a new release's triggers). While
         disconnected, the next connect subscribes to them."""
-        with self._filters_lock:
-            old, self._filters = set(self._filters), list(filters)
-            if not self.connected.is_set():
-                return
-        added, removed = [f for f in filters if f not in old], sorted(old - set(filters))
-        # New ones first: no event for the new functions is missed while the old ones go.
-        if added:
-            self._subscribe(added)
-        if removed:
-            self._client.unsubscribe(removed)
-        self._record(filters)
+        self._subscriptions.set_filters(filters)
 
-    def _recorded(self) -> list[str]:
-        if self._subscriptions_file is None:
-            return []
-        try:
-            return [str(f) for f in json.loads(self._subscriptions_file.read_bytes())]
-        except (OSError, ValueError, TypeError):
-            return []  # none recorded yet (or unreadable: the broker's session may keep a few extra)
-
-    def _record(self, filters: Sequence[str]) -> None:
-        if set(filters) == self._subscribed:
-            return  # a reconnect to the same subscriptions writes nothing
-        self._subscribed = set(filters)
-        if self._subscriptions_file is not None:
-            try:
-                write_atomic(self._subscriptions_file, json.dumps(sorted(filters)).encode())
-            except OSError as exc:
-                log.warning("%s: cannot record the subscriptions: %s", self._subscriptions_file, exc)
+    def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
+        self._heard = time.monotonic()
+        self._subscriptions.acknowledged(mid, reasons)
 
     # -- ingress ---------------------------------------------------------------------------------
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
