@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -34,13 +33,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
-from edgefn.mqtt.client import PausableClient
+from edgefn.mqtt.client import broker_client
 from edgefn.mqtt.egress import Egress, OnAcked
 from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
 from edgefn.observe.logs import Every
@@ -54,15 +52,6 @@ KEEPALIVE_S = 30
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
 
-def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
-    # The PUBACK of an event goes out just before its result: without TCP_NODELAY, Nagle holds
-    # the result until the broker's delayed ACK of the PUBACK, about 40 ms later.
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
-    except (OSError, AttributeError):
-        pass
-
-
 class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
                  on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
@@ -71,30 +60,13 @@ class Connection:
         self._settings, self._on_message = settings, on_message
         self._receive_maximum, self._ack_timeout, self._keepalive = receive_maximum, ack_timeout, keepalive
         self._on_disconnect = on_disconnect
-        client = PausableClient(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                                protocol=mqtt.MQTTv5, manual_ack=True)
-        # Unbounded: the window is ours (see the module docstring); paho only ever holds what fits it.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if settings.username is not None:
-            password = settings.password.get_secret_value() if settings.password else None
-            client.username_pw_set(settings.username, password)
-        if settings.tls:
-            try:
-                client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                               certfile=str(settings.cert_file) if settings.cert_file else None,
-                               keyfile=str(settings.key_file) if settings.key_file else None,
-                               cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise BrokerError(f"TLS settings: {exc}") from None
+        client = broker_client(settings)
         client.on_connect = self._connected
         client.on_connect_fail = self._connect_failed
         client.on_disconnect = self._disconnected
         client.on_message = self._message
         client.on_publish = self._published
         client.on_subscribe = self._suback
-        client.on_socket_open = _no_delay
         self._client = client
         self.connected = threading.Event()  # set by subscriptions, once a CONNACK's SUBSCRIBE is sent
         self._egress = Egress(client, self._reconnect)
