@@ -1,4 +1,6 @@
-"""The daemon's one connection to the broker (paho-mqtt 2).
+"""The daemon's one connection to the broker (paho-mqtt 2): the session (connect, reconnect, the
+watchdog) and the wiring of paho's client (`client.py`), egress (`egress.py`), subscriptions
+(`subscriptions.py`) and ingress (the daemon's `on_message`, `ack`, `pause_reading`).
 
 MQTT 5. Ingress is acknowledged by hand (`manual_ack=True`): the daemon calls `ack(mid)` only
 once the event is durable, so a crash before that means the broker redelivers it. The session
@@ -9,16 +11,23 @@ allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against it
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
 from being lost at the broker while the inbox catches up.
 
-Egress (QoS1, in order, our own window, resent after each CONNACK) is `egress.Egress`; the
-filters subscribed to, their SUBACKs and the record of them are `subscriptions.Subscriptions`.
-
-Lost PUBACKs (the same mosquitto versions drop them too) are recovered by reconnecting, which
-makes both sides resend: egress asks for it when a PUBACK for a later message shows an earlier
-one's was lost; the watchdog, when nothing is heard from the broker for `ack_timeout` while
-publishes wait (acknowledgements stopped).
+Lost PUBACKs (mosquitto 2.0.16-2.0.20 drop them, like SUBACKs) are recovered by reconnecting,
+which makes both sides resend: egress asks for it when a PUBACK for a later message shows an
+earlier one's was lost; the watchdog, when nothing is heard from the broker for `ack_timeout`
+while publishes wait (acknowledgements stopped). The watchdog also asks again for late SUBACKs.
 
 QoS 0 events are passed on with qos=0 and never acknowledged (a PUBACK for one is a protocol
 error: the broker drops the connection).
+
+Locks. paho calls back holding its own mutexes, so nothing of ours that paho's thread needs may be
+held while calling paho (egress's `_handing` is the one exception, see egress.py). Nested, they
+are taken in this order only, and no two pieces' locks are ever held together:
+    paho's own -> `Egress._handing` -> `Egress._lock`
+    paho's own -> `Subscriptions._filters_lock` -> `Subscriptions._lock`
+    `Connection._lock` alone: whether a reconnect was asked for on this connection.
+`_heard` (the last packet from the broker) is one float, stored whole: no lock. Paho's PUBACK
+callback stores it before egress takes the message off, and the watchdog reads egress before it,
+so the watchdog never pairs an old `_heard` with a window that has already lost its oldest message.
 """
 
 from __future__ import annotations
