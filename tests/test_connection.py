@@ -19,9 +19,11 @@ from paho.mqtt.properties import Properties
 
 from edgefn.config import load_settings
 from edgefn.journal.inbox import Inbox
-from edgefn.mqtt.connection import POSSIBLE_DUPLICATE, Connection, UserProperties
+from edgefn.mqtt.connection import Connection
+from edgefn.mqtt.egress import UserProperties
 from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.local_broker import LocalBroker
+from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 from tests.conftest import Collector
 from tests.mqtt_proxy import PUBACK, SUBACK, DroppingProxy
 

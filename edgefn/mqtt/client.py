@@ -1,5 +1,7 @@
-"""paho's client as the daemon needs it: quick ACKs (so a broker with Nagle on does not stall us),
-and able to stop reading from its socket for a while: TCP's own backpressure.
+"""paho's client as the daemon needs it (`broker_client`): MQTT 5 with manual acks, the settings'
+credentials and TLS, no delay on writes and quick ACKs on reads (so neither side's Nagle stalls an
+event), no window or queue of its own (egress keeps those), and able to stop reading from its socket
+for a while: TCP's own backpressure.
 
 Ingress holds, unacknowledged, what arrives past the inbox's bound; past a bound in bytes on those
 it asks the connection to stop reading. The broker then keeps the rest (its socket to us fills and
@@ -15,12 +17,26 @@ in pyproject.toml; tests/test_connection.py pauses a real connection longer than
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefn.config import Settings
+from edgefn.errors import BrokerError
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux only; elsewhere setsockopt fails and is ignored
 _PAUSED_WAIT_S = 0.005  # the socket stays readable while paused: wait this long per loop instead of spinning
+
+
+def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
+    # The PUBACK of an event goes out just before its result: without TCP_NODELAY, Nagle holds
+    # the result until the broker's delayed ACK of the PUBACK, about 40 ms later.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        pass
 
 
 def _quick_ack(sock: object) -> None:
@@ -48,3 +64,26 @@ class PausableClient(mqtt.Client):
             self._last_bytes_received = mqtt.time_func()
         time.sleep(_PAUSED_WAIT_S)
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def broker_client(settings: Settings) -> PausableClient:
+    """A client for the settings' broker, not yet connected; TLS settings paho refuses raise BrokerError."""
+    client = PausableClient(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+                            protocol=mqtt.MQTTv5, manual_ack=True)
+    # Unbounded: the window is egress's (edgefn/mqtt/egress.py); paho only ever holds what fits it.
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    if settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else None
+        client.username_pw_set(settings.username, password)
+    if settings.tls:
+        try:
+            client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                           certfile=str(settings.cert_file) if settings.cert_file else None,
+                           keyfile=str(settings.key_file) if settings.key_file else None,
+                           cert_reqs=ssl.CERT_REQUIRED)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise BrokerError(f"TLS settings: {exc}") from None
+    client.on_socket_open = _no_delay
+    return client

@@ -1,4 +1,6 @@
-"""The daemon's one connection to the broker (paho-mqtt 2).
+"""The daemon's one connection to the broker (paho-mqtt 2): the session (connect, reconnect, the
+watchdog) and the wiring of paho's client (`client.py`), egress (`egress.py`), subscriptions
+(`subscriptions.py`) and ingress (the daemon's `on_message`, `ack`, `pause_reading`).
 
 MQTT 5. Ingress is acknowledged by hand (`manual_ack=True`): the daemon calls `ack(mid)` only
 once the event is durable, so a crash before that means the broker redelivers it. The session
@@ -9,123 +11,54 @@ allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against it
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst
 from being lost at the broker while the inbox catches up.
 
-Egress is QoS1; `publish` calls back exactly once, when the broker's PUBACK arrives (or with the
-reason it refused). The connection keeps its own queue and in-flight window (paho is given only
-what fits the window: a window inside paho would send a later message before queued ones after a
-reconnect). On each CONNACK, what was in flight is taken back from paho and sent again first, in
-order, marked as a possible duplicate; then the queue. Nothing waits for the SUBACK: mosquitto
-writes it behind everything it resends to us, and 2.0.16-2.0.20 drop it outright (with any other
-packet) once a client has `max_queued_messages` packets unwritten. A SUBACK that does not come
-within `suback_timeout` is asked for again.
-
-Lost PUBACKs (the same mosquitto versions drop them too) are recovered by reconnecting, which
-makes both sides resend: a broker acknowledges in order, so a PUBACK for a later message means
-the earlier ones' were lost; and nothing heard from the broker for `ack_timeout` while publishes
-wait means acknowledgements stopped.
+Lost PUBACKs (mosquitto 2.0.16-2.0.20 drop them, like SUBACKs) are recovered by reconnecting,
+which makes both sides resend: egress asks for it when a PUBACK for a later message shows an
+earlier one's was lost; the watchdog, when nothing is heard from the broker for `ack_timeout`
+while publishes wait (acknowledgements stopped). The watchdog also asks again for late SUBACKs.
 
 QoS 0 events are passed on with qos=0 and never acknowledged (a PUBACK for one is a protocol
 error: the broker drops the connection).
+
+Locks. paho calls back holding its own mutexes, so nothing of ours that paho's thread needs may be
+held while calling paho (egress's `_handing` is the one exception, see egress.py). Nested, they
+are taken in this order only, and no two pieces' locks are ever held together:
+    paho's own -> `Egress._handing` -> `Egress._lock`
+    paho's own -> `Subscriptions._filters_lock` -> `Subscriptions._lock`
+    `Connection._lock` alone: whether a reconnect was asked for on this connection.
+`_heard` (the last packet from the broker) is one float, stored whole: no lock. Paho's PUBACK
+callback stores it before egress takes the message off, and the watchdog reads egress before it,
+so the watchdog never pairs an old `_heard` with a window that has already lost its oldest message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import select
 import socket
-import ssl
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
-from edgefn.files import write_atomic
-from edgefn.mqtt.client import PausableClient
+from edgefn.mqtt.client import broker_client
+from edgefn.mqtt.egress import Egress, OnAcked
+from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
 from edgefn.observe.logs import Every
-from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 
 log = logging.getLogger("edgefn.mqtt")
 
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
-# QoS1 publishes of ours awaiting a PUBACK, at most (and no more than the broker's own Receive
-# Maximum, 20 on a stock mosquitto): few enough that their PUBACKs never crowd the broker's queue
-# for us, and far from paho's message ids wrapping at 65,535.
-PUBLISH_WINDOW = 256
-MAX_UNSENT = 60_000  # publish() blocks past this many queued outputs while connected (memory)
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
-SUBACK_TIMEOUT_S = 30.0  # no SUBACK this long: subscribe again
-OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
-
-
-def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
-    # The PUBACK of an event goes out just before its result: without TCP_NODELAY, Nagle holds
-    # the result until the broker's delayed ACK of the PUBACK, about 40 ms later.
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
-    except (OSError, AttributeError):
-        pass
-
-
-_NOT_YET = object()
-
-
-@dataclass(slots=True)
-class _Outgoing:
-    topic: str
-    payload: bytes
-    on_acked: OnAcked
-    props: UserProperties
-    seq: int = 0  # order handed to paho on this connection
-    sent_at: float = 0.0
-
-
-class UserProperties:
-    """The MQTT 5 user properties of one PUBLISH, packed once. paho asks only for `pack()`; its own
-    Properties class packs in Python at about 25 µs a message, a fifth of the daemon's time per event."""
-
-    __slots__ = ("pairs", "_packed")
-
-    def __init__(self, pairs: Sequence[tuple[str, str]] = ()):
-        self.pairs = list(pairs)
-        self._packed: bytes | None = None
-
-    def add(self, pair: tuple[str, str]) -> None:
-        if pair not in self.pairs:
-            self.pairs.append(pair)
-            self._packed = None
-
-    def pack(self) -> bytes:
-        if self._packed is None:
-            body = b"".join(b"\x26" + _utf8(key) + _utf8(value) for key, value in self.pairs)
-            self._packed = _variable_byte_integer(len(body)) + body
-        return self._packed
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def _variable_byte_integer(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 class Connection:
@@ -133,55 +66,28 @@ class Connection:
                  on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
                  receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
                  suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S):
-        self._settings, self._on_message, self._filters = settings, on_message, list(filters)
-        self._receive_maximum, self._ack_timeout, self._suback_timeout = receive_maximum, ack_timeout, suback_timeout
-        self._keepalive = keepalive
-        # The broker keeps the session's subscriptions across restarts: what was subscribed before (by
-        # an earlier release, with other triggers) is recorded here and dropped on connect.
-        self._subscriptions_file = subscriptions_file
-        self._subscribed = set(self._recorded())  # as the broker's session last had them, as far as we know
+        self._settings, self._on_message = settings, on_message
+        self._receive_maximum, self._ack_timeout, self._keepalive = receive_maximum, ack_timeout, keepalive
         self._on_disconnect = on_disconnect
-        client = PausableClient(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                                protocol=mqtt.MQTTv5, manual_ack=True)
-        # Unbounded: the window is ours (see the module docstring); paho only ever holds what fits it.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if settings.username is not None:
-            password = settings.password.get_secret_value() if settings.password else None
-            client.username_pw_set(settings.username, password)
-        if settings.tls:
-            try:
-                client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                               certfile=str(settings.cert_file) if settings.cert_file else None,
-                               keyfile=str(settings.key_file) if settings.key_file else None,
-                               cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise BrokerError(f"TLS settings: {exc}") from None
+        client = broker_client(settings)
         client.on_connect = self._connected
         client.on_connect_fail = self._connect_failed
         client.on_disconnect = self._disconnected
         client.on_message = self._message
         client.on_publish = self._published
         client.on_subscribe = self._suback
-        client.on_socket_open = _no_delay
         self._client = client
-        self._lock = threading.Condition()  # the queue, the window and what awaits a PUBACK
-        self._unsent: deque[_Outgoing] = deque()  # not handed to paho yet, in publish() order
-        self._in_flight: dict[int, _Outgoing] = {}  # by mid, in the order handed to paho
-        self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of their mid being recorded
-        self._window = 0  # how many may await a PUBACK; 0 while disconnected
-        self._seq = 0
-        self._pumping = self._pump_again = False  # one thread hands messages to paho at a time: order
-        self._handing = threading.Lock()  # held while one message goes from the queue into paho
-        self._heard = time.monotonic()  # the last PUBLISH, PUBACK or SUBACK from the broker
+        self.connected = threading.Event()  # set by subscriptions, once a CONNACK's SUBSCRIBE is sent
+        self._egress = Egress(client, self._reconnect)
+        self._subscriptions = Subscriptions(client, filters, self.connected, subscriptions_file, suback_timeout)
+        self._lock = threading.Lock()  # whether a reconnect was asked for on this connection
+        # The last PUBLISH, PUBACK or SUBACK from the broker: one float, stored whole by paho's thread
+        # (and by pause_reading), read by the watchdog; no lock (the PUBLISH path never took one).
+        self._heard = time.monotonic()
         self._reconnecting = False  # a reconnect was asked for on this connection
-        self._subscribing: dict[int, tuple[list[str], float]] = {}  # SUBSCRIBE mid -> filters, sent at
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
-        self._lost_acks, self._late_subacks, self._refused_subs = Every(10.0), Every(10.0), Every(10.0)
-        self._filters_lock = threading.Lock()  # the filters, and subscribing to them on connect
-        self.connected = threading.Event()
+        self._lost_acks = Every(10.0)
         self.last_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -208,8 +114,7 @@ class Connection:
             self._client.paused = paused
             log.debug("%s reading from the broker", "paused" if paused else "resumed")
             if not paused:
-                with self._lock:
-                    self._heard = time.monotonic()  # the pause was ours, not the broker's silence
+                self._heard = time.monotonic()  # the pause was ours, not the broker's silence
 
     def wait_connected(self, timeout: float) -> None:
         if not self.connected.wait(timeout):
@@ -219,13 +124,11 @@ class Connection:
     @property
     def awaiting_ack(self) -> int:
         """Outputs published and not yet acknowledged (queued or in flight)."""
-        with self._lock:
-            return len(self._unsent) + len(self._in_flight)
+        return self._egress.awaiting_ack
 
     @property
     def awaiting_suback(self) -> int:
-        with self._lock:
-            return len(self._subscribing)
+        return self._subscriptions.awaiting_suback
 
     # -- connection --------------------------------------------------------------------------------
     def _connected(self, client: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode,
@@ -235,31 +138,13 @@ class Connection:
             log.error("%s (retrying with backoff)", self.last_error)
             return
         self.last_error = None
-        # Called before paho resends its unacknowledged messages: take them back, to go again
-        # first and in order with our queue, within the window the broker allows.
-        with self._handing:  # a message being handed to paho is recorded first
-            client.drop_out_messages()
-            with self._lock:
-                again = list(self._in_flight.values())
-                self._in_flight.clear()
-                self._early.clear()
-                for out in again:  # the broker may have passed them on already
-                    out.props.add(POSSIBLE_DUPLICATE)
-                self._unsent.extendleft(reversed(again))
-                self._window = min(PUBLISH_WINDOW, getattr(props, "ReceiveMaximum", 65535))
-                self._heard = time.monotonic()
-                self._reconnecting = False
-                self._subscribing.clear()
-        with self._filters_lock:  # set_filters sees the filters subscribed here, or changes them before
-            if self._filters:
-                self._subscribe(self._filters)
-            stale = sorted(self._subscribed - set(self._filters))
-            if stale:
-                client.unsubscribe(stale)
-            self._record(self._filters)
-            self.connected.set()
+        self._egress.take_back(getattr(props, "ReceiveMaximum", 65535))
+        self._heard = time.monotonic()
+        with self._lock:
+            self._reconnecting = False
+        self._subscriptions.resubscribe()  # and marks the session connected
         log.info("connected to %s", self._settings.broker)
-        self._pump()
+        self._egress.pump()
 
     def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
         # paho calls this from inside its `except OSError:`: the exception says why (refused,
@@ -271,8 +156,7 @@ class Connection:
     def _disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
-        with self._lock:
-            self._window = 0  # hold everything until the next CONNACK
+        self._egress.hold()  # everything until the next CONNACK
         if self._on_disconnect is not None:
             self._on_disconnect()
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
@@ -281,8 +165,9 @@ class Connection:
 
     def _reconnect(self, why: str) -> None:
         """Drop the connection as a network fault would; paho reconnects and both sides resend."""
+        sending = self._egress.window_open
         with self._lock:
-            if self._reconnecting or not self._window:
+            if self._reconnecting or not sending:
                 return
             self._reconnecting = True
         if (skipped := self._lost_acks.due()) is not None:
@@ -295,72 +180,26 @@ class Connection:
                 pass
 
     def _watchdog(self) -> None:
-        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._suback_timeout / 4))
+        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._subscriptions.suback_timeout / 4))
         while not self._stopped.wait(tick):
             now = time.monotonic()
-            with self._lock:
-                stalled = (self._window and self._in_flight and not self._client.paused
-                           and now - self._heard > self._ack_timeout
-                           and now - next(iter(self._in_flight.values())).sent_at > self._ack_timeout)
-                late = [(mid, filters) for mid, (filters, at) in self._subscribing.items()
-                        if now - at > self._suback_timeout]
+            # Egress first: a PUBACK marks the broker heard before it takes its message off.
+            oldest = self._egress.oldest_sent_at()
+            stalled = (oldest is not None and not self._client.paused
+                       and now - self._heard > self._ack_timeout and now - oldest > self._ack_timeout)
             if stalled:
                 self._reconnect(f"no acknowledgement from the broker for {self._ack_timeout:g} s")
-            for mid, filters in late:
-                with self._lock:
-                    self._subscribing.pop(mid, None)
-                if (skipped := self._late_subacks.due()) is not None:
-                    log.warning("no SUBACK for %s within %g s: subscribing again (%d more since the last line)",
-                                ", ".join(filters), self._suback_timeout, skipped)
-                self._subscribe(filters)
+            self._subscriptions.retry_late(now)
 
-    # -- subscriptions -----------------------------------------------------------------------------
-    def _subscribe(self, filters: list[str]) -> None:
-        rc, mid = self._client.subscribe([(f, 1) for f in filters])
-        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-            with self._lock:
-                self._subscribing[mid] = (list(filters), time.monotonic())
-
-    def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
-        with self._lock:
-            self._heard = time.monotonic()
-            filters, _ = self._subscribing.pop(mid, ([], 0.0))
-        refused = [f"{f}: {r}" for f, r in zip(filters, reasons, strict=False) if r.is_failure]
-        if refused and (skipped := self._refused_subs.due()) is not None:
-            log.error("the broker refused the subscription to %s (%d more since the last line)", "; ".join(refused), skipped)
-
+    # -- subscriptions ---------------------------------------------------------------------------
     def set_filters(self, filters: Sequence[str]) -> None:
         """Subscribe to `filters` instead of the current ones (a new release's triggers). While
         disconnected, the next connect subscribes to them."""
-        with self._filters_lock:
-            old, self._filters = set(self._filters), list(filters)
-            if not self.connected.is_set():
-                return
-        added, removed = [f for f in filters if f not in old], sorted(old - set(filters))
-        # New ones first: no event for the new functions is missed while the old ones go.
-        if added:
-            self._subscribe(added)
-        if removed:
-            self._client.unsubscribe(removed)
-        self._record(filters)
+        self._subscriptions.set_filters(filters)
 
-    def _recorded(self) -> list[str]:
-        if self._subscriptions_file is None:
-            return []
-        try:
-            return [str(f) for f in json.loads(self._subscriptions_file.read_bytes())]
-        except (OSError, ValueError, TypeError):
-            return []  # none recorded yet (or unreadable: the broker's session may keep a few extra)
-
-    def _record(self, filters: Sequence[str]) -> None:
-        if set(filters) == self._subscribed:
-            return  # a reconnect to the same subscriptions writes nothing
-        self._subscribed = set(filters)
-        if self._subscriptions_file is not None:
-            try:
-                write_atomic(self._subscriptions_file, json.dumps(sorted(filters)).encode())
-            except OSError as exc:
-                log.warning("%s: cannot record the subscriptions: %s", self._subscriptions_file, exc)
+    def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
+        self._heard = time.monotonic()
+        self._subscriptions.acknowledged(mid, reasons)
 
     # -- ingress ---------------------------------------------------------------------------------
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
@@ -388,73 +227,9 @@ class Connection:
     # -- egress ----------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
                 user_properties: Sequence[tuple[str, str]] = ()) -> None:
-        """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused
-        it (or paho would not take it). Outputs go out in the order of the calls, across reconnects.
-
-        While connected, blocks as long as MAX_UNSENT outputs wait to be sent."""
-        out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties))
-        with self._lock:
-            while self._window and len(self._unsent) >= MAX_UNSENT:
-                self._lock.wait(1.0)
-            self._unsent.append(out)
-        self._pump()
-
-    def _pump(self) -> None:
-        """Hand queued messages to paho while the window has room. Whoever calls this while another
-        thread pumps leaves it to that thread (paho's own thread must never wait here: it holds
-        paho's lock, which the pumping thread needs)."""
-        with self._lock:
-            if self._pumping:
-                self._pump_again = True
-                return
-            self._pumping = True
-        while True:
-            with self._handing:
-                with self._lock:
-                    if not (self._unsent and len(self._in_flight) < self._window):
-                        if not self._pump_again:
-                            self._pumping = False
-                            return
-                        self._pump_again = False
-                        continue
-                    out = self._unsent.popleft()
-                    self._lock.notify_all()  # room for a blocked publish()
-                self._hand_over(out)
-
-    def _hand_over(self, out: _Outgoing) -> None:
-        try:
-            while True:
-                info = self._client.publish(out.topic, out.payload, qos=1, properties=out.props)  # type: ignore[arg-type]
-                # Its only cause here (paho's queue is unbounded): the id came round to a message
-                # still awaiting its PUBACK. paho skipped it; the next one is free.
-                if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
-                    break
-        except ValueError as exc:  # a topic or payload paho refuses
-            out.on_acked(f"not published: {exc}")
-            return
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: resent after the CONNACK
-            out.on_acked(f"not published: {mqtt.error_string(info.rc)}")
-            return
-        with self._lock:
-            refused = self._early.pop(info.mid, _NOT_YET)
-            if refused is _NOT_YET:
-                self._seq += 1
-                out.seq, out.sent_at = self._seq, time.monotonic()
-                self._in_flight[info.mid] = out
-        if refused is not _NOT_YET:
-            out.on_acked(refused)  # type: ignore[arg-type]
+        """See `Egress.publish`: QoS1, in order across reconnects; `on_acked` once, at the PUBACK."""
+        self._egress.publish(topic, payload, on_acked, user_properties)
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
-        refused = str(reason) if reason.is_failure else None
-        with self._lock:
-            self._heard = time.monotonic()
-            out = self._in_flight.pop(mid, None)
-            if out is None:
-                self._early[mid] = refused
-                return
-            # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
-            lost = bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
-        out.on_acked(refused)
-        if lost:
-            self._reconnect("the broker's acknowledgement of an earlier message was lost")
-        self._pump()
+        self._heard = time.monotonic()  # before egress takes the message off: see the watchdog
+        self._egress.acknowledged(mid, str(reason) if reason.is_failure else None)
