@@ -117,9 +117,16 @@ class Connection:
                 self._heard = time.monotonic()  # the pause was ours, not the broker's silence
 
     def wait_connected(self, timeout: float) -> None:
+        """Until connected and subscribed: the broker has our subscriptions (its SUBACK came), so an
+        event published from now on reaches us. Results do not wait for this (see the docstring)."""
+        deadline = time.monotonic() + timeout
         if not self.connected.wait(timeout):
             raise BrokerError(f"no connection to {self._settings.broker} within {timeout:g} s"
                               + (f": {self.last_error}" if self.last_error else ""))
+        while self.awaiting_suback and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.awaiting_suback:
+            raise BrokerError(f"no SUBACK from {self._settings.broker} within {timeout:g} s")
 
     @property
     def awaiting_ack(self) -> int:
