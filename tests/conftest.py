@@ -15,6 +15,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings, load_settings
 from edgefn.functions.build import build
@@ -114,7 +116,11 @@ class Collector:
         self.client.on_message = self._on
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect("127.0.0.1", port)
+        # A consumer of results as the README says one should be: MQTT 5 with a large Receive Maximum,
+        # so that a stock broker (20 in flight, 1000 queued) never drops results on their way to it.
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = 65535
+        self.client.connect("127.0.0.1", port, properties=props)
         self.client.subscribe([(f, 1) for f in filters])
         self.client.loop_start()
         assert subscribed.wait(5), "collector could not subscribe"
