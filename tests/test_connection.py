@@ -230,3 +230,20 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
             sensor.disconnect()
         finally:
             conn.stop()
+
+
+@pytest.mark.broker
+def test_a_pause_never_keeps_the_pubacks_of_our_results_unread(tmp_path):
+    """PUBACKs come in the same stream as the events: a pause that kept them unread stalled publishing,
+    then answering, then the room the pause waited for (50 s without a result in a 10-minute overload)."""
+    with LocalBroker() as broker:
+        conn = _connection(tmp_path, broker.port, lambda *event: None, ["sensors/#"])
+        acks = Acks()
+        try:
+            conn.pause_reading(True)
+            for n in range(50):
+                conn.publish("results/t", b"%d" % n, acks.callback(n))
+            assert _wait(lambda: len(acks.calls) == 50, 5), f"{50 - len(acks.calls)} results still await a PUBACK"
+            assert set(acks.calls.values()) == {1}
+        finally:
+            conn.stop()

@@ -51,12 +51,17 @@ def _quick_ack(sock: object) -> None:
 
 
 class PausableClient(mqtt.Client):
-    """An `mqtt.Client` whose network loop skips reading while `paused` is set."""
+    """An `mqtt.Client` whose network loop skips reading while `paused` is set, unless `must_read()`
+    says otherwise: PUBACKs for our results wait in the same stream as the events, and a pause that
+    kept them unread would stall publishing, then answering, then the very room the pause waits for."""
 
     paused = False
 
+    def must_read(self) -> bool:
+        return False
+
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        if not self.paused:
+        if not self.paused or self.must_read():
             rc = super().loop_read(max_packets)
             _quick_ack(self.socket())
             return rc

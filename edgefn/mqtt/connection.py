@@ -58,6 +58,7 @@ RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknow
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
+PAUSED_ACK_WAIT_S = 0.2
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
 
@@ -79,6 +80,7 @@ class Connection:
         self._client = client
         self.connected = threading.Event()  # set by subscriptions, once a CONNACK's SUBSCRIBE is sent
         self._egress = Egress(client, self._reconnect)
+        client.must_read = self._must_read  # type: ignore[method-assign]
         self._subscriptions = Subscriptions(client, filters, self.connected, subscriptions_file, suback_timeout)
         self._lock = threading.Lock()  # whether a reconnect was asked for on this connection
         # The last PUBLISH, PUBACK or SUBACK from the broker: one float, stored whole by paho's thread
@@ -107,6 +109,13 @@ class Connection:
         self._client.loop_stop()
         if self._watch is not None:
             self._watch.join(timeout=5)
+
+    def _must_read(self) -> bool:
+        """While paused: read anyway once a result has waited PAUSED_ACK_WAIT_S for its PUBACK (it
+        sits behind events in the broker's stream to us): held events may then pass their bound in
+        bytes for a moment, but publishing never stalls on our own pause."""
+        oldest = self._egress.oldest_sent_at()
+        return oldest is not None and time.monotonic() - oldest > PAUSED_ACK_WAIT_S
 
     def pause_reading(self, paused: bool) -> None:
         """Stop (or resume) reading from the broker: ingress holds as much as it may in memory."""

@@ -42,6 +42,7 @@ log = logging.getLogger("edgefn.ingress")
 _Received = tuple[str, bytes, int, int, float, bool, int]  # topic, payload, mid, qos, received_ms, redelivered, dropped
 
 
+HELD_OVERHEAD = 256  # what a held event costs in memory besides its payload (its tuple, topic, ...)
 HEAD_BYTES = 1024  # what is kept of a payload over max_payload_bytes: enough for the sensor's own id
 
 
@@ -106,14 +107,14 @@ class Ingress:
                 return
             self._held_qos0 += 1
         self._held.append(item)
-        self._held_bytes += len(item[1])
+        self._held_bytes += len(item[1]) + HELD_OVERHEAD
         if self._held_bytes > self._max_held_bytes and not self.paused:
             self._set_paused(True)
 
     def _take_held(self) -> None:
         item = self._held.popleft()
         self._held_qos0 -= item[3] == 0
-        self._held_bytes -= len(item[1])
+        self._held_bytes -= len(item[1]) + HELD_OVERHEAD
         self._take(item)
 
     def _set_paused(self, paused: bool) -> None:
@@ -191,7 +192,7 @@ class Ingress:
         which it does not keep)."""
         with self._lock:
             self._held = deque(item for item in self._held if item[3] == 0)
-            self._held_bytes = sum(len(item[1]) for item in self._held)
+            self._held_bytes = sum(len(item[1]) + HELD_OVERHEAD for item in self._held)
             self._resume_if_room()
             kept = [item for item in self._pending if item[3] == 0]
             self._pending = kept  # not journaled, not acknowledged: redelivered too
