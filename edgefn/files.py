@@ -3,6 +3,7 @@ files that open whole, or are moved aside for inspection while a fresh one takes
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import tempfile
@@ -40,8 +41,11 @@ def remove_leftovers(folder: Path) -> list[Path]:
     of a process still running is left alone. Returns what was removed."""
     removed = []
     for tmp in Path(folder).glob(f"*{TMP_SUFFIX}"):
-        pid = next((int(p) for p in tmp.name.split(".") if p.isdigit()), None)
-        if pid is not None and pid != os.getpid() and _running(pid):
+        # write_atomic names it .<name>.<pid>.<random>.tmp: the pid is the second dotted part from the end
+        # (the name itself may hold digits, e.g. a version).
+        owner = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 2)
+        pid = int(owner[-2]) if len(owner) == 3 and owner[-2].isdigit() else None
+        if pid is not None and pid > 1 and pid != os.getpid() and _running(pid):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
@@ -126,3 +130,12 @@ def move_aside(path: Path) -> Path:
         os.replace(wal, aside.with_name(aside.name + "-wal"))
     path.with_name(path.name + "-shm").unlink(missing_ok=True)
     return aside
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256 (hex), read a chunk at a time (a bundle, a model file, a compiled component)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

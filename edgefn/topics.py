@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from paho.mqtt.matcher import MQTTMatcher
+from paho.mqtt.client import topic_matches_sub
 
 # Where an event that a function could not handle goes, with the reason.
 ERRORS_TOPIC = "edgefn/errors/{function}"
@@ -28,10 +28,7 @@ def is_errors_topic(topic: str) -> bool:
 
 def matches_any(topic: str, filters: Iterable[str]) -> bool:
     """True when `topic` matches one of the MQTT `filters` (`+` one level, `#` the rest)."""
-    matcher = MQTTMatcher()
-    for f in filters:
-        matcher[f] = True
-    return next(matcher.iter_match(topic), None) is not None
+    return any(topic_matches_sub(f, topic) for f in filters)
 
 
 def topic_problem(topic: str) -> str | None:

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from edgefn.cli.main import app
 from edgefn.errors import BundleError, GuestError
 from edgefn.events import Event
-from edgefn.fleet.bundle import BUNDLE_JSON, file_sha256
+from edgefn.files import file_sha256
+from edgefn.fleet.bundle import BUNDLE_JSON
 from edgefn.fleet.health import HealthCheck, Sample, check_health, load_health
 from edgefn.fleet.pack import BundleInfo, build_bundle
 from edgefn.fleet.unpack import COMPLETE, read_bundle, read_manifest, unpack, verify_bundle

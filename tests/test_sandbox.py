@@ -489,6 +489,25 @@ def test_runtime_removes_what_an_interrupted_compile_left(tmp_path: Path):
         assert not left.exists()
 
 
+def test_leftovers_of_a_dead_writer_go_and_those_of_a_live_one_stay(tmp_path: Path):
+    """Names as write_atomic makes them (.<name>.<pid>.<random>.tmp), where the name holds digits too."""
+    from edgefn.files import remove_leftovers
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        name = f"{'0' * 32}-wasmtime50.0.1.cwasm"
+        dead = tmp_path / f".{name}.{gone.pid}.k2x9q.tmp"
+        live = tmp_path / f".{name}.{alive.pid}.a8bq1.tmp"
+        dead.write_bytes(b"x")
+        live.write_bytes(b"x")
+        assert remove_leftovers(tmp_path) == [dead] and live.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_component_on_a_full_disk_runs_uncached_and_leaves_nothing_behind(small_disk: Path, answer_wasm: Path):
     cache = small_disk / "components"
     cache.mkdir()

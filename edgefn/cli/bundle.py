@@ -83,7 +83,7 @@ def inspect_cmd(
                                                          "tables.")] = False,
 ) -> None:
     """Show what a bundle holds and check every file against the sha256 its bundle.json records."""
-    from edgefn.fleet.bundle import file_sha256
+    from edgefn.files import file_sha256
     from edgefn.fleet.unpack import contents, verify_bundle
 
     with cli_errors():

@@ -267,7 +267,7 @@ def push(
     The repository in --keys keeps every signed version. Metadata the server did not take (it was down)
     is sent again with the next push.
     """
-    from edgefn.fleet.bundle import file_sha256
+    from edgefn.files import file_sha256
     from edgefn.fleet.signing import add_release, keys_dir, metadata_dir, refresh_timestamp
     from edgefn.fleet.unpack import read_bundle
 

@@ -127,11 +127,11 @@ def _spec_table(title: str, specs: list[TensorSpec]) -> Table:
 
 
 def _sha_state(path: Path, sha256: str | None) -> str:
-    import hashlib
+    from edgefn.files import file_sha256
 
     if not path.is_file():
         return "[red]missing[/]"
-    if hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+    if file_sha256(path) == sha256:
         return "[green]ok[/]"
     return "[red]mismatch[/]"
 

@@ -77,7 +77,13 @@ class LoadedFunction:
                 self._into_lane(event, pending, under_pressure)
 
     def refill(self, read: ReadEvents, under_pressure: bool) -> None:
-        """Bring parked events back from disk into the lanes, oldest first, as far as the share has room."""
+        """Bring parked events back from disk into the lanes, oldest first, as far as the share has room
+        (again while every head read was gone from the journal: else nothing would ever call it again)."""
+        while self._refill_once(read, under_pressure):
+            pass
+
+    def _refill_once(self, read: ReadEvents, under_pressure: bool) -> bool:
+        """One round of `refill`; True when it read heads of which none was left to run."""
         with self.share.lock:
             heads: list[Pending] = []
             room = self.share.max_events - self.share.events
@@ -90,13 +96,16 @@ class LoadedFunction:
                 heads.append(self.share.parked.popleft()[1])
                 nbytes += size
             if not heads:
-                return
+                return False
             events = {e.id: e for e in read([p.event_id for p in heads])}
+            taken = 0
             for pending in heads:
                 event = events.get(pending.event_id)
                 if event is None:  # not in the journal (a replay raced a settle): nothing left to do
                     continue
                 self._into_lane(replace(event, replayed=pending.replayed), pending, under_pressure)
+                taken += 1
+            return taken == 0 and bool(self.share.parked)
 
     def _into_lane(self, event: Event, pending: Pending, under_pressure: bool) -> None:
         cloud = self.lanes.get("cloud")

@@ -47,10 +47,6 @@ def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
     return Message(ERRORS_TOPIC.format(function=fn.name), json.dumps(body).encode())
 
 
-def _too_large(event: Event, limit: int) -> bool:
-    return bool(event.dropped) or len(event.payload) > limit
-
-
 _HEAD_ID = re.compile(rb'^\s*\{.*?"id"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))', re.S)
 
 
@@ -130,14 +126,21 @@ class Workers:
                 for _ in batch:
                     lane.queue.task_done()
                 if fn.share.parked:
-                    self._refill(fn)
+                    try:
+                        self._refill(fn)
+                    except Exception:  # the journal cannot be read now: the next batch tries again
+                        log.exception("%s: parked events could not be read back", fn.name)
 
     def process(self, fn: LoadedFunction, lane: Lane, batch: list[Item]) -> None:
         limit = self.max_payload_bytes
-        events = [e for e, _, _ in batch if not _too_large(e, limit)]
-        answers: dict[str, list[Message] | FunctionError] = {
-            e.id: PayloadTooLarge(f"payload of {e.dropped or len(e.payload)} bytes exceeds max_payload_bytes ({limit})")
-            for e, _, _ in batch if _too_large(e, limit)}  # refused before it costs the sandbox anything
+        events: list[Event] = []
+        answers: dict[str, list[Message] | FunctionError] = {}
+        for e, _, _ in batch:
+            if e.dropped or len(e.payload) > limit:  # refused before it costs the sandbox anything
+                answers[e.id] = PayloadTooLarge(f"payload of {e.dropped or len(e.payload)} bytes exceeds "
+                                                f"max_payload_bytes ({limit})")
+            else:
+                events.append(e)
         if events:
             self.metrics.batch_events.labels(fn.name).observe(len(events))
             fn.sandbox.host.plan(lane.where)

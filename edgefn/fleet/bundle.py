@@ -16,7 +16,6 @@ and the rules every path in a bundle follows. `pack` builds a bundle; a device u
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path, PurePosixPath
 
@@ -40,13 +39,6 @@ def safe_path(path: str) -> str:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    """A file's sha256 (hex), read a chunk at a time: a bundle's name, or a model file's check."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class BundleFunction(BaseModel):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgefn.errors import BundleError, EdgefnError, UpdateRefused
-from edgefn.fleet.bundle import file_sha256
+from edgefn.files import file_sha256
 from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
 from edgefn.fleet.health import check_health, load_health

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefn.errors import BundleError, ManifestError
-from edgefn.fleet.bundle import BUNDLE_JSON, BUNDLE_NAME, HEALTH_JSON, BundleManifest, file_sha256, safe_path
+from edgefn.files import file_sha256
+from edgefn.fleet.bundle import BUNDLE_JSON, BUNDLE_NAME, HEALTH_JSON, BundleManifest, safe_path
 from edgefn.fleet.health import load_health
 from edgefn.functions.build import component_path, discover, needs_build
 from edgefn.functions.manifest import MANIFEST, Manifest, load_manifest

@@ -17,7 +17,8 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from edgefn.errors import BundleError, validation_text
-from edgefn.fleet.bundle import BUNDLE_JSON, CHUNK, BundleManifest, file_sha256, safe_path
+from edgefn.files import file_sha256
+from edgefn.fleet.bundle import BUNDLE_JSON, CHUNK, BundleManifest, safe_path
 
 COMPLETE = ".complete"  # written last into an unpacked bundle: the folder is whole
 

@@ -24,7 +24,7 @@ from wasmtime import component as wc
 
 import edgefn
 from edgefn.errors import BuildError
-from edgefn.files import write_atomic
+from edgefn.files import file_sha256, write_atomic
 
 NOT_A_COMPONENT, NOT_WRITTEN = 1, 2
 
@@ -46,11 +46,7 @@ def problem_with(artifact: Path) -> str | None:
         expected = checksum_of(artifact).read_text().strip()
     except FileNotFoundError:
         return "no checksum beside it"
-    digest = hashlib.sha256()
-    with open(artifact, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return None if digest.hexdigest() == expected else "its bytes do not match its checksum"
+    return None if file_sha256(artifact) == expected else "its bytes do not match its checksum"
 
 
 def write_artifact(artifact: Path, data: bytes) -> None:

@@ -98,6 +98,8 @@ class Quarantine:
 
     def screen(self, payload: bytes) -> Quarantined | bool:
         """The refusal for a quarantined payload; else True for a suspect (struck before), False otherwise."""
+        if not self._table:  # nothing ever struck (nearly always): no hashing on the hot path
+            return False
         keys, now = self._keys(payload), self._clock()
         suspect = False
         with self._lock:

@@ -11,7 +11,6 @@ keeps failing is quarantined (edgefn/functions/quarantine.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -37,7 +36,7 @@ from edgefn.errors import (
     Quarantined,
 )
 from edgefn.events import Event, Message
-from edgefn.files import remove_leftovers
+from edgefn.files import file_sha256, remove_leftovers
 from edgefn.functions import compile as compiler
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
@@ -79,7 +78,7 @@ class Runtime:
     def load(self, wasm: Path) -> wc.Component:
         """The component for `wasm`, compiled for this CPU once, in a child process, then mapped from
         the cache. Compiling peaks at hundreds of MB: in the daemon, that would stay in its RSS."""
-        digest = hashlib.sha256(Path(wasm).read_bytes()).hexdigest()[:32]
+        digest = file_sha256(Path(wasm))[:32]
         cached = self.cache_dir / f"{digest}-wasmtime{_WASMTIME_VERSION}.cwasm"
         if cached.exists() and (component := self._mapped(cached)) is not None:
             return component

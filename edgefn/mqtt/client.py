@@ -63,7 +63,8 @@ class PausableClient(mqtt.Client):
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         if not self.paused or self.must_read():
             rc = super().loop_read(max_packets)
-            _quick_ack(self.socket())
+            if rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                _quick_ack(self.socket())
             return rc
         with self._msgtime_mutex:  # bytes are waiting to be read: the broker is alive
             self._last_bytes_received = mqtt.time_func()

@@ -102,10 +102,14 @@ class Subscriptions:
         for mid, filters in late:
             with self._lock:
                 self._pending.pop(mid, None)
-            if (skipped := self._late_subacks.due()) is not None:
-                log.warning("no SUBACK for %s within %g s: subscribing again (%d more since the last line)",
-                            ", ".join(filters), self.suback_timeout, skipped)
-            self._subscribe(filters)
+            with self._filters_lock:  # only what is still wanted: a release swap may have dropped some
+                filters = [f for f in filters if f in self._filters]
+                if not filters:
+                    continue
+                if (skipped := self._late_subacks.due()) is not None:
+                    log.warning("no SUBACK for %s within %g s: subscribing again (%d more since the last line)",
+                                ", ".join(filters), self.suback_timeout, skipped)
+                self._subscribe(filters)
 
     def _subscribe(self, filters: list[str]) -> None:
         rc, mid = self._client.subscribe([(f, 1) for f in filters])
