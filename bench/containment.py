@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ratio": beside["p50_ms"] / alone["p50_ms"], "p99_ratio": beside["p99_ms"] / alone["p99_ms"],
         "hostile_sent": dict(sent), "hostile_endings": dict(endings),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    e2e.write_results(RESULTS, doc)
     if args.json_only:
         print(json.dumps(doc, indent=2))
         return 0

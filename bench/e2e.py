@@ -436,6 +436,12 @@ def _print_table(doc: dict[str, Any]) -> None:
     console.print(f"results written to {RESULTS.relative_to(ROOT)}")
 
 
+def write_results(path: Path, doc: dict[str, Any]) -> None:
+    """A benchmark's results as indented JSON under bench/results/ (every benchmark writes its own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from edgefn.mqtt.local_broker import LocalBroker, mosquitto_binary
 
@@ -484,8 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "plain": results["plain"], "edgefn": results["edgefn"],
         "summary": _summary(results["plain"], results["edgefn"]), "targets": TARGETS,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    write_results(RESULTS, doc)
     return doc
 
 

@@ -43,10 +43,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402  (the digits images and the build step)
 
-from edgefn.daemon import FunctionHost  # noqa: E402
 from edgefn.errors import FunctionError  # noqa: E402
 from edgefn.events import Event, Message  # noqa: E402
 from edgefn.functions.build import component_path  # noqa: E402
+from edgefn.functions.host import FunctionHost  # noqa: E402
 from edgefn.functions.manifest import load_manifest  # noqa: E402
 from edgefn.functions.sandbox import FunctionSandbox, Runtime, _lowered  # noqa: E402
 from edgefn.functions.state import StateStore  # noqa: E402
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": f"after: good throughput at 10 % poison >= {TARGET}x at 0 %",
         "after_ratio_at_10pct": after_10, "target_met": min(after_10.values()) >= TARGET,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    e2e.write_results(RESULTS, doc)
     if args.json_only:
         print(json.dumps(doc, indent=2))
         return 0

@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             clients.close()
         doc["broker_restart"] = broker_restarts(Path(tmp), args.stream, args.restarts, images, labels)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    e2e.write_results(RESULTS, doc)
     if args.json_only:
         print(json.dumps(doc, indent=2))
         return 0

@@ -487,8 +487,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
                         clients.close()
                 say(f"  [red]failed: {result['error']}[/]" if "error" in result else "  done")
                 doc.setdefault(scenario, {})[name] = result
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    e2e.write_results(RESULTS, doc)
     return doc
 
 
