@@ -223,7 +223,7 @@ class Daemon:
 
     @property
     def connected(self) -> bool:
-        return self.connection.connected.is_set()
+        return self.connection.up
 
     @property
     def broker_error(self) -> str | None:

@@ -252,3 +252,33 @@ def test_a_pause_never_keeps_the_pubacks_of_our_results_unread(tmp_path):
             assert set(acks.calls.values()) == {1}
         finally:
             conn.stop()
+
+
+@pytest.mark.broker
+def test_results_are_acknowledged_at_once_while_events_crowd_the_stream_to_us(tmp_path):
+    """Under overload the broker's stream to the daemon holds thousands of events, read only as fast as
+    the inbox takes them. PUBACKs for results once queued behind them (20 in flight on a stock broker):
+    219 of 110,219 events answered in a 5-minute overload. Results have a session of their own."""
+    read: list[int] = []
+
+    def slow_inbox(topic, payload, mid, qos, dup):  # a full inbox: 2 ms an event, never acknowledged
+        read.append(mid)
+        time.sleep(0.002)
+
+    with LocalBroker() as broker:
+        conn = _connection(tmp_path, broker.port, slow_inbox, ["sensors/#"])
+        sensor = _sensor(broker.port)
+        acks = Acks()
+        try:
+            infos = [sensor.publish("sensors/a/x", b"e", qos=1) for _ in range(10_000)]
+            [info.wait_for_publish(20) for info in infos]
+            assert _wait(lambda: len(read) > 100, 5)  # the stream to us is busy now
+            started = time.monotonic()
+            for n in range(500):
+                conn.publish("results/t", b"%d" % n, acks.callback(n))
+            assert _wait(lambda: len(acks.calls) == 500, 5), f"{500 - len(acks.calls)} results await a PUBACK"
+            assert len(read) < 10_000, "the events were all read first: the test proves nothing"
+            assert set(acks.calls.values()) == {1}, time.monotonic() - started
+        finally:
+            sensor.loop_stop()
+            conn.stop()

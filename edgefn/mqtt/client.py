@@ -5,10 +5,10 @@ for a while: TCP's own backpressure.
 
 Ingress holds, unacknowledged, what arrives past the inbox's bound; past a bound in bytes on those
 it asks the connection to stop reading. The broker then keeps the rest (its socket to us fills and
-it queues), and memory stays bounded whatever the payloads weigh. Writing goes on meanwhile
-(results still leave, and our PINGREQs keep the broker's keepalive happy); the bytes that wait in
-the socket show the broker is there, which paho's own keepalive check is told, since it cannot read
-the PINGRESP while paused.
+it queues), and memory stays bounded whatever the payloads weigh. Writing goes on meanwhile (our
+acknowledgements, and PINGREQs that keep the broker's keepalive happy); the bytes that wait in the
+socket show the broker is there, which paho's own keepalive check is told, since it cannot read the
+PINGRESP while paused. Results leave on a connection of their own (connection.py), never paused.
 
 It leans on paho-mqtt 2's `loop_read` and its keepalive clock `_last_bytes_received` (pinned below 3
 in pyproject.toml; tests/test_connection.py pauses a real connection longer than its keepalive).
@@ -31,8 +31,8 @@ _PAUSED_WAIT_S = 0.005  # the socket stays readable while paused: wait this long
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
-    # The PUBACK of an event goes out just before its result: without TCP_NODELAY, Nagle holds
-    # the result until the broker's delayed ACK of the PUBACK, about 40 ms later.
+    # Small writes follow each other (an event's PUBACK and the next, one result and the next):
+    # without TCP_NODELAY, Nagle holds the second until the broker's delayed ACK of the first, ~40 ms.
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
     except (OSError, AttributeError):
@@ -51,17 +51,12 @@ def _quick_ack(sock: object) -> None:
 
 
 class PausableClient(mqtt.Client):
-    """An `mqtt.Client` whose network loop skips reading while `paused` is set, unless `must_read()`
-    says otherwise: PUBACKs for our results wait in the same stream as the events, and a pause that
-    kept them unread would stall publishing, then answering, then the very room the pause waits for."""
+    """An `mqtt.Client` whose network loop skips reading while `paused` is set."""
 
     paused = False
 
-    def must_read(self) -> bool:
-        return False
-
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        if not self.paused or self.must_read():
+        if not self.paused:
             rc = super().loop_read(max_packets)
             if rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
                 _quick_ack(self.socket())
@@ -72,9 +67,9 @@ class PausableClient(mqtt.Client):
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
-def broker_client(settings: Settings) -> PausableClient:
+def broker_client(settings: Settings, client_id: str) -> PausableClient:
     """A client for the settings' broker, not yet connected; TLS settings paho refuses raise BrokerError."""
-    client = PausableClient(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+    client = PausableClient(CallbackAPIVersion.VERSION2, client_id=client_id,
                             protocol=mqtt.MQTTv5, manual_ack=True)
     # Unbounded: the window is egress's (edgefn/mqtt/egress.py); paho only ever holds what fits it.
     client.max_inflight_messages_set(0)
