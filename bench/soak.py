@@ -316,10 +316,11 @@ def overload(ctx: Context, broker: Broker, clients: e2e.Clients) -> dict[str, An
         drain = _drain(daemon, clients, before, load["stopped"] + DRAIN_S, load["broker_acked"])
         gap = _longest_gap(clients, load["start"], drain["ended"] if drain["lost"] > 0 else None)
         doc = {"capacity_eps": capacity["throughput_eps"], "capacity_lost": capacity["lost"], **load, **drain,
-               "drain_s": drain["ended"] - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb()}
+               "drain_s": drain["ended"] - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb(),
+               "health_at_end": daemon.health()}
     finally:
         stopped = daemon.stop()
-    return {**doc, **stopped}
+    return {**doc, **stopped, "log_tail": daemon.system.log_tail(3000)}
 
 
 def restart(ctx: Context, broker: Broker, clients: e2e.Clients) -> dict[str, Any]:

@@ -41,13 +41,13 @@ from edgefn.observe.device import Sensors, device_profile
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.observe.window import HealthWindow
-from edgefn.offload.client import connect_cloud
 from edgefn.protocol.fleet import Health
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from edgefn.fleet.agent import FleetAgent
+    from edgefn.offload.client import CloudClient
 
 log = logging.getLogger("edgefn.daemon")
 _TICK_S = 0.005  # the longest a received event waits for its group's commit
@@ -85,7 +85,11 @@ class Daemon:
         self.runtime = Runtime(s.state_dir / "components")
         self.profile = device_profile(s.profile, s.device_root, self.metrics)
         self.state = StateStore(s.state_dir / "state.sqlite")
-        self.cloud = connect_cloud(s, self.metrics)
+        self.cloud: CloudClient | None = None
+        if s.cloud_url:
+            from edgefn.offload.client import connect_cloud  # httpx only where an endpoint is configured
+
+            self.cloud = connect_cloud(s, self.metrics)
         self.sensors = Sensors(self.profile, s.device_root, self.metrics)
         self.sensors.read()
         self.loader = Loader(s, self.runtime, self.profile, self.state, self.cloud, self.metrics, self.fleet)

@@ -186,7 +186,7 @@ def test_hand_over_moves_what_the_old_function_holds_to_the_new_one_in_order():
     gone.offer(event(9), Pending.of(event(9), 1), False)
     nothing: list[tuple[str, str]] = []
     hand_over([old, gone], {"f": new}, lambda pending, fn: nothing.append((pending.event_id, fn.name)))
-    assert [p.event_id for _, p in new.share.parked] == ["0", "1", "2", "3"], "parked with the new one, in order"
+    assert [p.event_id for p in new.share.parked] == ["0", "1", "2", "3"], "parked with the new one, in order"
     assert nothing == [("9", "g")], "a function the new release lacks answers with nothing"
     assert old.local.queue.unfinished_tasks == 0 and not old.share.parked and gone.local.queue.unfinished_tasks == 0
     new.refill(lambda ids: [event(int(i)) for i in ids], False)
@@ -201,7 +201,7 @@ def test_retire_hands_over_past_the_deadline_and_closes_the_old_sandboxes():
     stuck.start()
     old.workers.append(stuck)
     retire([old], [new], drain_timeout=0.05, answer_nothing=lambda p, f: None)
-    assert [p.event_id for _, p in new.share.parked] == ["1"]
+    assert [p.event_id for p in new.share.parked] == ["1"]
     assert old.sandbox.closed
 
 
@@ -271,7 +271,7 @@ def test_share_counts_bytes_and_always_takes_one_event_when_empty():
     assert queued(fn) == ["1"], "an event larger than the share still runs, alone"
     small = Event("2", "sensors/a/x", b"y", 0.0)
     fn.offer(small, Pending.of(small, 1), False)
-    assert [p.event_id for _, p in fn.share.parked] == ["2"] and fn.share.bytes == 5000
+    assert [p.event_id for p in fn.share.parked] == ["2"] and fn.share.bytes == 5000
 
 
 def test_a_flood_of_one_function_does_not_hold_up_another():

@@ -31,7 +31,8 @@ from edgefn.cli.main import app
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import from_wire, to_wire
-from edgefn.offload import BreakerState, CircuitBreaker, CloudClient
+from edgefn.offload.breaker import BreakerState, CircuitBreaker
+from edgefn.offload.client import CloudClient
 from edgefn.protocol.oip import HEADER_LENGTH
 from tests.conftest import MODELS
 

@@ -72,7 +72,7 @@ class LoadedFunction:
         so is every later event until the parked ones have had their turn (arrival order is kept)."""
         with self.share.lock:
             if self.share.parked or not self.share.has_room(pending.size):
-                self.share.parked.append((event.topic, pending))
+                self.share.parked.append(pending)
             else:
                 self._into_lane(event, pending, under_pressure)
 
@@ -89,11 +89,11 @@ class LoadedFunction:
             room = self.share.max_events - self.share.events
             nbytes = self.share.bytes
             while self.share.parked and len(heads) < room:
-                size = self.share.parked[0][1].size
+                size = self.share.parked[0].size
                 if heads or self.share.events:  # an empty share takes one event whatever its size
                     if nbytes + size > self.share.max_bytes:
                         break
-                heads.append(self.share.parked.popleft()[1])
+                heads.append(self.share.parked.popleft())
                 nbytes += size
             if not heads:
                 return False
@@ -153,7 +153,7 @@ def hand_over(old: list[LoadedFunction], new: dict[str, LoadedFunction], answer_
     of the new function of the same name, in arrival order; an event whose function the new release
     lacks is answered with nothing."""
     for fn in old:
-        held: list[tuple[str, Pending]] = []
+        held: list[Pending] = []
         for lane in fn.lanes.values():
             while True:
                 try:
@@ -163,16 +163,16 @@ def hand_over(old: list[LoadedFunction], new: dict[str, LoadedFunction], answer_
                 if item is not None:
                     event, pending, ticket = item
                     lane.order.release(ticket)  # its place in the old order: given up, nothing published
-                    held.append((event.topic, pending))
+                    held.append(pending)
                 lane.queue.task_done()
         with fn.share.lock:
             held += fn.share.parked
             fn.share.parked = deque()
-        held.sort(key=lambda parked: int(parked[1].event_id))  # journal ids follow arrival order
+        held.sort(key=lambda pending: int(pending.event_id))  # journal ids follow arrival order
         successor = new.get(fn.name)
         if successor is not None:
             with successor.share.lock:
                 successor.share.parked.extend(held)
         else:
-            for _, pending in held:
+            for pending in held:
                 answer_nothing(pending, fn)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgefn.config import Settings
 from edgefn.dispatch.lanes import Lane, LoadedFunction
@@ -23,11 +24,13 @@ from edgefn.inference.delegates import chains_from_profile
 from edgefn.inference.registry import ModelRegistry
 from edgefn.observe.metrics import Metrics
 from edgefn.observe.window import HealthWindow
-from edgefn.offload.client import CloudClient
 from edgefn.offload.planner import Planner
 from edgefn.profiles import Profile
 from edgefn.protocol.offload import Policy
 from edgefn.protocol.outputs import FUNCTION, MODELS, RELEASE
+
+if TYPE_CHECKING:
+    from edgefn.offload.client import CloudClient
 
 log = logging.getLogger("edgefn.daemon")
 

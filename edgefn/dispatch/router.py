@@ -67,7 +67,7 @@ class Router:
                     self._unrouted(pending)
                 for fn in routes:
                     with fn.share.lock:
-                        fn.share.parked.append((event.topic, pending))
+                        fn.share.parked.append(pending)
 
     @contextmanager
     def swap(self) -> Iterator[None]:

@@ -2,7 +2,7 @@
 
 Every event is journaled on disk before it is acknowledged; only a bounded number of each
 function's events are also held in memory, in its lanes. Past its share, a function's events wait
-on disk only (parked: an id and a size each) and are read back in arrival order as its workers free
+on disk only (parked: their `Pending`, about 200 bytes each) and are read back in arrival order as its workers free
 room. So a flood of one function backs up only that function, and memory stays bounded in bytes
 whatever the payloads weigh; the journal's own bound (on disk) is the ingress's business.
 """
@@ -23,7 +23,7 @@ class Share:
         self.lock = threading.Lock()
         self.events = 0
         self.bytes = 0
-        self.parked: deque[tuple[str, Pending]] = deque()  # (topic, pending) in arrival order, payload on disk
+        self.parked: deque[Pending] = deque()  # in arrival order; the events themselves on disk
 
     def has_room(self, size: int) -> bool:
         """Room for one more event of `size` bytes (an empty share always has room: no event is too big)."""
