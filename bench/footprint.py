@@ -54,6 +54,7 @@ CASES = {"digits": ["digits"], "both": ["digits", "digits-cnn"]}
 TARGETS = {"start_s_max": 1.0, "rss_mb_max": 100.0, "growth_mb_max": 5.0, "lost_max": 0}
 WINDOW = 1000  # events unanswered at once, at most
 START_TIMEOUT_S = 120.0
+WARM_TIMEOUT_S = 300.0  # compiling both example components on 2 busy cores takes a minute or more
 IDLE_TIMEOUT_S = 30.0
 
 
@@ -125,6 +126,14 @@ def _mb(kb: int) -> float:
     return round(kb / 1024, 1)
 
 
+def _private(pid: int) -> dict[str, float]:
+    """What the daemon holds of its own (RSS counts, besides, the pages of shared libraries and the mapped
+    compiled component, which are clean: the kernel can drop them and other processes share them)."""
+    rollup = {line.split(":")[0]: int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]}
+    return {"private_mb": _mb(rollup.get("Private_Dirty", 0) + rollup.get("Private_Clean", 0)),
+            "anonymous_mb": _mb(rollup.get("Anonymous", 0))}
+
+
 def where_memory_goes(pid: int) -> dict[str, float]:
     """Resident MB by kind of mapping, from /proc/PID/smaps."""
     kinds: Counter[str] = Counter()
@@ -143,13 +152,13 @@ def _kind(path: str) -> str:
         return "heap and anonymous (Python objects, wasmtime's linear memories and compiled code, onnxruntime)"
     if path.startswith("["):
         return "stacks and other"
+    if "/components/" in path:
+        return "compiled components (mapped)"
     for lib in ("onnxruntime", "wasmtime", "numpy", "sqlite", "python3", "libpython", "ssl", "crypto"):
         if lib in path:
             return f"{lib} (code and data)"
     if path.endswith(".so") or ".so." in path:
         return "other native libraries"
-    if "/components/" in path:
-        return "compiled components (mapped)"
     return "other files"
 
 
@@ -178,8 +187,7 @@ def run_case(name: str, functions: list[str], args: argparse.Namespace, images: 
         daemon = e2e.edgefn_run(name, broker.url, workdir, paths, log_level="warning")
         try:
             say(f"[bold]{name}[/]: warm-up start (component cache, session at the broker)")
-            daemon.start()
-            _publish_all(sensor, results, daemon, topics, images, "warmup", len(topics), 0)
+            _warm(daemon, sensor, results, topics, images)
             daemon.stop()
             row = {"functions": functions}
             row.update(_start(daemon, sensor, results, topics, images))
@@ -191,6 +199,7 @@ def run_case(name: str, functions: list[str], args: argparse.Namespace, images: 
             row["rss_events_mb"] = _mb(_status_kb(pid, "VmRSS"))
             more = _publish_all(sensor, results, daemon, topics, images, "b", args.more, results.count())
             row["rss_more_mb"] = _mb(_status_kb(pid, "VmRSS"))
+            row.update(_private(pid))
             row.update(events=args.events, more=args.more, lost=args.events + args.more - answered - more,
                        growth_mb=round(row["rss_more_mb"] - row["rss_events_mb"], 1),
                        peak_rss_mb=_mb(_status_kb(pid, "VmHWM")), where_mb=where_memory_goes(pid))
@@ -212,6 +221,20 @@ def run_case(name: str, functions: list[str], args: argparse.Namespace, images: 
             results.close()
 
 
+def _warm(daemon: e2e.System, sensor: mqtt.Client, results: Results, topics: list[str],
+          images: list[list[int]]) -> None:
+    """Start the daemon (compiling what the cache lacks) and probe until every function has answered."""
+    results.reset()
+    daemon.start()
+    deadline = time.perf_counter() + WARM_TIMEOUT_S
+    while not results.wait_until(lambda: len(results.first) >= len(topics), 1.0):
+        daemon.check()
+        if time.perf_counter() > deadline:
+            raise e2e.BenchError(f"not every function answered within {WARM_TIMEOUT_S:g} s:\n{daemon.log_tail()}")
+        for topic in topics:
+            sensor.publish(topic, json.dumps({"id": f"warm-{time.monotonic_ns()}", "pixels": images[0]}), qos=1)
+
+
 def _start(daemon: e2e.System, sensor: mqtt.Client, results: Results, topics: list[str],
            images: list[list[int]]) -> dict[str, Any]:
     """Events waiting at the broker, then the daemon started: how long to the answers, and RSS then."""
@@ -221,7 +244,9 @@ def _start(daemon: e2e.System, sensor: mqtt.Client, results: Results, topics: li
     [info.wait_for_publish(10) for info in infos]
     t0 = time.perf_counter()
     daemon.start()
-    if not results.wait_until(lambda: len(results.first) >= 1, START_TIMEOUT_S):
+    answered = results.wait_until(lambda: len(results.first) >= 1, START_TIMEOUT_S)
+    daemon.check()
+    if not answered:
         raise e2e.BenchError(f"no answer within {START_TIMEOUT_S:g} s:\n{daemon.log_tail()}")
     assert daemon.proc is not None
     rss = _status_kb(daemon.proc.pid, "VmRSS")
@@ -251,6 +276,8 @@ def _print(doc: dict[str, Any]) -> None:
                                ("rss_events_mb", f"RSS after {doc['config']['events']:,} events (MB)", "<= 100 (digits)"),
                                ("rss_more_mb", f"RSS after {doc['config']['events'] + doc['config']['more']:,} (MB)", ""),
                                ("growth_mb", "growth between the two (MB)", "<= 5"),
+                               ("private_mb", "of which private to the daemon (MB)", ""),
+                               ("anonymous_mb", "of which anonymous (heap, linear memories) (MB)", ""),
                                ("peak_rss_mb", "peak RSS (MB)", ""), ("lost", "lost", "0")):
         t.add_row(label, *(cell(r, key) for r in rows.values()), target)
     cold = rows.get("digits", {}).get("cold")

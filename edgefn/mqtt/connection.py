@@ -77,8 +77,9 @@ class _Link:
     with backoff; why it is not connected (`last_error`); when the broker was last heard."""
 
     def __init__(self, settings: Settings, client_id: str, what: str, keepalive: int, *, persistent: bool,
-                 receive_maximum: int | None = None):
+                 receive_maximum: int | None = None, network_level: int = logging.WARNING):
         self.settings, self.what, self._keepalive, self._persistent = settings, what, keepalive, persistent
+        self._network_level = network_level  # how loud a failure to reach the broker is logged
         self._receive_maximum = receive_maximum
         self.client = broker_client(settings, client_id)
         self.client.on_connect_fail = self._connect_failed
@@ -120,7 +121,7 @@ class _Link:
         # unreachable, certificate verify failed, ...).
         reason = sys.exc_info()[1]
         self.last_error = f"cannot connect to {self.settings.broker}" + (f": {reason}" if reason else "")
-        log.warning("%s (retrying with backoff)", self.last_error)
+        log.log(self._network_level, "%s (retrying with backoff)", self.last_error)
 
     def drop(self) -> None:
         """Drop the connection as a network fault would; paho reconnects."""
@@ -149,7 +150,9 @@ class Connection:
         events.on_subscribe = self._suback
         self.connected = threading.Event()  # the events session: set by subscriptions, once a CONNACK's SUBSCRIBE is sent
         self._subscriptions = Subscriptions(events, filters, self.connected, subscriptions_file, suback_timeout)
-        self._results = _Link(settings, settings.client_id + RESULTS_SUFFIX, "results", keepalive, persistent=False)
+        # Both sessions meet the same network: the events session says so, the results one at debug level.
+        self._results = _Link(settings, settings.client_id + RESULTS_SUFFIX, "results", keepalive, persistent=False,
+                              network_level=logging.DEBUG)
         results = self._results.client
         results.on_connect = self._results_connected
         results.on_disconnect = self._results_disconnected
