@@ -81,9 +81,10 @@ def run(
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
                                  batch_wait_ms=batch_wait_ms)
-        if build and not settings.fleet_only:
-            build_stale(settings.functions)
-        daemon = Daemon(settings)
+        # A function that does not build is reported by the daemon (status, metrics, its error topic)
+        # while the others serve.
+        broken = build_stale(settings.functions, keep_going=True) if build and not settings.fleet_only else {}
+        daemon = Daemon(settings, broken)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -120,17 +121,40 @@ def status(
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:
             doc = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:  # 503: degraded or stalled, and its document says why
+        doc = _health_document(exc)
+        if doc is None:
+            fail(EdgefnError(f"{url} answers HTTP {exc.code} without a health document (is this edgefn?)"))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         fail(EdgefnError(f"no daemon answers on {url} ({getattr(exc, 'reason', exc)}); "
                          "start it with --metrics-port"))
     if as_json:
         print_json(doc)
-        return
+    else:
+        _print_health(doc)
+    if doc.get("status") != "ok":
+        raise typer.Exit(1)
+
+
+def _health_document(error: Exception) -> dict | None:
+    """The JSON document of a /healthz answer that is not 200, if it is one."""
+    import json
+
+    try:
+        doc = json.loads(error.read())  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "status" in doc else None
+
+
+def _print_health(doc: dict) -> None:
     table = Table(title="edgefn status", show_header=False)
-    for key in ("status", "broker", "profile", "inbox_events", "outbox_messages", "held_unacknowledged"):
-        if key in doc:
+    for key in ("status", "problem", "broker", "profile", "inbox_events", "outbox_messages", "held_unacknowledged"):
+        if doc.get(key) is not None:
             table.add_row(key.replace("_", " "), escape(str(doc[key])))
     table.add_row("functions", escape(", ".join(f"{n} {v}" for n, v in doc.get("functions", {}).items())))
+    for name, why in doc.get("failed_functions", {}).items():
+        table.add_row("did not load", escape(f"{name}: {why}"))
     out.print(table)
     models = Table(title="models")
     for column in ("model", "variant", "delegate", "passed over"):

@@ -53,13 +53,23 @@ def discover(paths: list[Path]) -> list[Path]:
 
 def needs_build(function_dir: Path, manifest: Manifest) -> bool:
     """True when the component is missing or older than a source file or the WIT world."""
+    return why_build(function_dir, manifest) is not None
+
+
+def why_build(function_dir: Path, manifest: Manifest) -> str | None:
+    """Why the component must be built again ("no component yet", "app.py changed"); None: it is fresh."""
     wasm = component_path(function_dir, manifest)
     if not wasm.exists():
-        return True
+        return "no component yet"
     built = wasm.stat().st_mtime
     sources = [*Path(function_dir).rglob("*.py"), Path(function_dir) / MANIFEST, *WIT_DIR.glob("*.wit"),
                *GUEST_DIR.glob("*.py")]
-    return any(p.stat().st_mtime > built for p in sources if "build" not in p.parts)
+    changed = [p for p in sources if "build" not in p.parts and p.stat().st_mtime > built]
+    if not changed:
+        return None
+    first = changed[0]
+    name = first.relative_to(function_dir) if first.is_relative_to(function_dir) else first.name
+    return f"{name} changed" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
 
 
 def build(function_dir: Path) -> Path:

@@ -82,8 +82,12 @@ class Runtime:
         cached = self.cache_dir / f"{digest}-wasmtime{_WASMTIME_VERSION}.cwasm"
         if cached.exists() and (component := self._mapped(cached)) is not None:
             return component
+        # Seconds to minutes on a small board: say so before, and how long it took after.
+        log.info("%s: compiling for this CPU (once; then cached in %s)", wasm, self.cache_dir)
+        started = time.monotonic()
         try:
             compiler.compile_in_child(Path(wasm), cached)
+            log.info("%s: compiled in %.1f s", wasm, time.monotonic() - started)
         except OSError as exc:  # a full or read-only disk: run it uncached rather than not at all
             log.error("%s: cannot cache the compiled component (%s); compiling it in the daemon", wasm, exc)
             try:
