@@ -73,6 +73,34 @@ def test_help_describes_options():
     assert "--topic" in invoke and "--payload" in invoke and "@FILE" in invoke
 
 
+def test_run_help_shows_the_defaults_and_the_environment_variables():
+    text = flat(runner.invoke(app, ["run", "-h"]).output)
+    for default in ("default: ./functions", "default: ./models", "mqtt://127.0.0.1:1883", "~/.local/state/edgefn",
+                    "[default: info]"):
+        assert default in text, default
+    # "[env EDGEFN_USERNAME]" was read as rich markup and printed "Broker user name ."
+    for name in ("EDGEFN_BROKER", "EDGEFN_USERNAME", "EDGEFN_CLOUD_URL", "EDGEFN_FLEET_URL"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("command", [["-h"], ["fn", "-h"], ["fn", "invoke", "-h"], ["model", "bench", "-h"]],
+                         ids=" ".join)
+def test_dash_h_is_help(command: list[str]):
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0 and "Usage:" in result.output, result.output
+
+
+def test_dash_dash_version_prints_the_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("edgefn 0."), result.output
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--log-level", "verbose"), ("--journal", "ram"), ("--offload", "maybe")])
+def test_run_refuses_a_choice_it_does_not_know(tmp_path: Path, flag: str, value: str):
+    result = runner.invoke(app, ["run", flag, value, "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2 and value in result.output and "Traceback" not in result.output, result.output
+
+
 def test_no_args_shows_help():
     result = runner.invoke(app, [])
     assert "Usage:" in result.output

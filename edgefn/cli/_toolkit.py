@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -40,6 +40,9 @@ def cli_errors() -> Iterator[None]:
         yield
     except EdgefnError as exc:
         fail(exc)
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 def setup_logging(level: str) -> None:

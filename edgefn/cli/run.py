@@ -11,29 +11,30 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.cli._toolkit import build_stale, cli_errors, fail, out, print_json, setup_logging
+from edgefn.cli._toolkit import LogLevel, build_stale, cli_errors, fail, out, print_json, setup_logging
 from edgefn.errors import EdgefnError
-from edgefn.protocol.offload import POLICIES
+from edgefn.protocol.offload import Policy
 
 
 def run(
-    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGEFN_BROKER]")] = None,
-    functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable).")] = None,
-    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Journal and compiled-component cache.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT.")] = None,
-    username: Annotated[str | None, typer.Option(help="Broker user name [env EDGEFN_USERNAME].")] = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT (default: mqtt://127.0.0.1:1883; env EDGEFN_BROKER).")] = None,
+    functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable; default: ./functions).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable; default: ./models).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Journal, state and compiled-component cache (default: $XDG_STATE_HOME/edgefn, else ~/.local/state/edgefn).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port; default: not served).")] = None,
+    username: Annotated[str | None, typer.Option(help="Broker user name (env EDGEFN_USERNAME).")] = None,
     ca_file: Annotated[Path | None, typer.Option(help="CA certificate of the broker (enables TLS).")] = None,
     cert_file: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Client private key (PEM) for mutual TLS.")] = None,
-    client_id: Annotated[str | None, typer.Option(help="MQTT client id (the broker keeps its session).")] = None,
-    journal: Annotated[str | None, typer.Option(help="disk (default: events survive a crash) or memory.")] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (the broker keeps its session; default: edgefn-HOSTNAME).")] = None,
+    journal: Annotated[Literal["disk", "memory"] | None,
+                       typer.Option(help="disk (default: events survive a crash) or memory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with any of these settings.")] = None,
     build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
     model_variant: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT: run MODEL as this variant of its "
@@ -41,17 +42,16 @@ def run(
     profile: Annotated[str | None, typer.Option(help="Device profile by name (see `edgefn profile list`; "
                                                      "default: detected).")] = None,
     cloud: Annotated[str | None, typer.Option(help="Cloud inference endpoint (Open Inference Protocol v2), "
-                                                   "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
+                                                   "e.g. http://HOST:8000 (env EDGEFN_CLOUD_URL).")] = None,
     cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
                                                                 "another name (repeatable).")] = None,
-    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: "
-                                                     f"{', '.join(POLICIES)}.")] = None,
+    offload: Annotated[Policy | None, typer.Option(help="Override every function's offload policy.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
                                                           "(detection and sensors; default /).")] = None,
     delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "
                                                               "libraries in first (repeatable).")] = None,
     fleet: Annotated[str | None, typer.Option(help="Fleet server URL (edgefn cloud serve --data): install the "
-                                                   "releases it assigns to this device [env EDGEFN_FLEET_URL].")] = None,
+                                                   "releases it assigns to this device (env EDGEFN_FLEET_URL).")] = None,
     device_id: Annotated[str | None, typer.Option(help="This device's id in the fleet (default: the host name).")] = None,
     group: Annotated[str | None, typer.Option(help="The fleet group of this device (default: default).")] = None,
     fleet_root: Annotated[Path | None, typer.Option(help="The fleet's TUF root (1.root.json of `edgefn fleet keys "
@@ -61,7 +61,7 @@ def run(
                                                       "inference, here or on the cloud (default 16; 1: off).")] = None,
     batch_wait_ms: Annotated[float | None, typer.Option(help="Longest an infer call waits for others to stack with, "
                                                               "only while other calls are in flight (default 2).")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="How much the daemon says.")] = "info",
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
 
