@@ -89,9 +89,11 @@ def build_stale(paths: list[Path], *, keep_going: bool = False) -> dict[Path, st
             why = why_build(folder, load_manifest(folder))
             if why is None:
                 continue
-            started = time.monotonic()
+            started, notes = time.monotonic(), []
             with console.status(f"building {folder} ({why}; componentize-py, about 10 s)"):
-                wasm = build_function(folder)
+                wasm = build_function(folder, notes)
+            for note in notes:
+                console.print(note, markup=False, highlight=False)
             console.print(f"built {escape(str(wasm))} ({why}) in {time.monotonic() - started:.1f} s")
         except (BuildError, ManifestError) as exc:
             if not keep_going:

@@ -36,13 +36,21 @@ def fn_build(
     """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
     from edgefn.config import default_state_dir
     from edgefn.functions.build import build as build_function
-    from edgefn.functions.sandbox import Runtime
+    from edgefn.functions.precheck import check_sources
+
+    with cli_errors():
+        for folder in folders:  # every source checked (a moment) before any componentize-py (seconds)
+            check_sources(folder)
+    from edgefn.functions.sandbox import Runtime  # wasmtime: only once the sources are fine
 
     with cli_errors(), Runtime((state_dir or default_state_dir()) / "components") as runtime:
         for folder in folders:
             t0 = time.perf_counter()
+            notes: list[str] = []
             with console.status(f"componentize-py {folder}"):
-                wasm = build_function(folder)
+                wasm = build_function(folder, notes)
+            for note in notes:
+                console.print(note, markup=False, highlight=False)
             t1 = time.perf_counter()
             with console.status(f"precompiling {wasm.name} for this CPU"):
                 runtime.load(wasm)
