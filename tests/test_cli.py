@@ -129,7 +129,7 @@ def test_new_creates_a_loadable_function(tmp_path: Path):
     assert manifest.publish.topics == ["results/+/probe"]
     assert json.loads((folder / "event.json").read_text())["id"] == "sample-1"
     compile((folder / "app.py").read_text(), "app.py", "exec")
-    assert "created" in result.output and "edgefn fn build" in flat(result.output)
+    assert "created" in result.output and f"next: edgefn fn invoke {folder}" in flat(result.output)
 
 
 @pytest.mark.parametrize("name", ["Bad Name", "a/b", "../escape", "1st", "UPPER", ""])
@@ -219,6 +219,49 @@ def test_invoke_inline_payload(digits_fn: Path, state_dir: Path, digit: tuple[li
     [out] = lines_on(result.stdout, "results/dev7/digits")
     assert out["event_id"] == "invoke-1"  # no id in the payload: the event's own
     assert out["label"] == digit[1]
+
+
+def test_invoke_takes_the_topic_from_the_trigger_and_the_payload_from_event_json(
+        tmp_path: Path, digits_fn: Path, state_dir: Path, digit: tuple[list[int], int]):
+    folder = tmp_path / "digits"
+    shutil.copytree(digits_fn, folder)  # mtimes kept: still built
+    (folder / "event.json").write_text(json.dumps({"id": "sample-1", "pixels": digit[0]}))
+    result = runner.invoke(app, ["fn", "invoke", str(folder), "-m", str(MODELS), "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    [out] = lines_on(result.stdout, "results/dev1/digits")  # sensors/+/digits -> sensors/dev1/digits
+    assert (out["event_id"], out["label"]) == ("sample-1", digit[1])
+    assert "warning" not in result.output
+    # A topic the daemon would not run the function for is said, and run anyway.
+    typo = runner.invoke(app, ["fn", "invoke", str(folder), "-m", str(MODELS), "--state-dir", str(state_dir),
+                               "--topic", "sensor/dev1/digits"])
+    assert "warning: sensor/dev1/digits matches none of digits's triggers (sensors/+/digits)" in flat(typo.output)
+    # Without event.json, --payload is asked for by name.
+    (folder / "event.json").unlink()
+    missing = runner.invoke(app, ["fn", "invoke", str(folder), "-m", str(MODELS), "--state-dir", str(state_dir)])
+    assert missing.exit_code == 2 and "no --payload, and no" in flat(missing.output)
+
+
+def test_invoke_without_models_hints_at_the_flag(tmp_path: Path, digits_fn: Path, state_dir: Path, monkeypatch,
+                                                 digit: tuple[list[int], int]):
+    monkeypatch.chdir(tmp_path)  # no ./models here: it said "no model named 'digits' (known: none)"
+    result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--payload", json.dumps({"pixels": digit[0]}),
+                                 "--state-dir", str(state_dir)])
+    assert result.exit_code == 1, result.output
+    [err] = lines_on(result.stdout, "edgefn/errors/digits")
+    assert "no model named 'digits': no model at all under models (give the folder of models with --models)" \
+        in err["error"]
+
+
+def test_invoke_keeps_its_own_state_and_starts_fresh_on_request(tmp_path: Path, hostile_fn: Path, state_dir: Path):
+    def count(*extra: str) -> int:
+        result = runner.invoke(app, ["fn", "invoke", str(hostile_fn), "--payload", "count", "--state-dir",
+                                     str(state_dir), "--state", str(tmp_path / "mine"), *extra])
+        assert result.exit_code == 0, result.output
+        return int(result.stdout.split()[-1].strip("'\""))
+
+    assert [count("--fresh"), count(), count(), count("--fresh")] == [1, 2, 3, 1]
+    assert (tmp_path / "mine" / "state.sqlite").is_file()
+    assert not (state_dir / "state.sqlite").exists()  # the daemon's state is not touched
 
 
 def test_invoke_bad_payload_prints_error_message(digits_fn: Path, state_dir: Path):

@@ -40,6 +40,7 @@ class ModelRegistry:
         self._chains, self._precisions, self._search = chains, tuple(precisions), tuple(search)
         self._latency_file = latency_file
         self._infos: dict[str, ModelInfo] = {}
+        self._folders = [str(f) for f in folders]
         for folder in folders:
             for meta in sorted(Path(folder).glob("*/model.json")):
                 info = ModelInfo.read(meta.parent)
@@ -59,8 +60,10 @@ class ModelRegistry:
     def info(self, name: str) -> ModelInfo:
         info = self._infos.get(name)
         if info is None:
-            known = ", ".join(self.names()) or "none"
-            raise ModelError(f"no model named {name!r} (known: {known})")
+            if not self._infos:  # most often: run from a folder without ./models
+                raise ModelError(f"no model named {name!r}: no model at all under {', '.join(self._folders) or '-'} "
+                                 "(give the folder of models with --models)")
+            raise ModelError(f"no model named {name!r} (known: {', '.join(self.names())})")
         return info
 
     def get(self, name: str) -> Backend:
