@@ -320,3 +320,47 @@ def test_status_without_a_daemon_says_how_to_get_one():
     assert result.exit_code == 2, result.output
     assert "no daemon answers on http://127.0.0.1:" in result.output and "--metrics-port" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_watch_rebuilds_and_runs_again_on_each_save(tmp_path: Path):
+    """`fn watch`: an answer, then after a save the new answer; a syntax error is said at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "probe"
+    assert runner.invoke(app, ["fn", "new", "probe", "--dir", str(tmp_path)]).exit_code == 0
+    watch = subprocess.Popen([sys.executable, "-m", "edgefn.cli", "fn", "watch", str(folder), "--runs", "3",
+                              "--state-dir", str(tmp_path / "state"), "--interval", "0.05"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "COLUMNS": "300"})
+    lines: list[str] = []
+
+    def until(text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = watch.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} in:\n{''.join(lines)}")
+
+    try:
+        until("start -> answer in", 180)
+        source = folder / "app.py"
+        source.write_text(source.read_text().replace('"keys": sorted', '"edited": True, "keys": sorted'))
+        until('"edited": true', 180)
+        until("save -> answer in", 5)
+        source.write_text(source.read_text() + "\ndef broken(:\n")
+        until(f"error: {source}:", 10)
+        said = until("save -> error in", 5)
+        assert float(said.split(" in ")[1].split()[0]) < 1.0, said  # checked on the host, no componentize-py
+        assert watch.wait(10) == 0
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()

@@ -88,12 +88,58 @@ def fn_invoke(
     with cli_errors():
         messages, code = _invoke_once(folder, topic, payload, models, state, fresh, state_dir)
     for m in messages:
-        try:
-            shown = json.dumps(json.loads(m.payload))
-        except ValueError:
-            shown = repr(m.payload)
-        out.print(f"{m.topic} {shown}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"{m.topic} {_shown(m.payload)}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@fn_app.command("watch")
+def fn_watch(
+    folder: Annotated[Path, typer.Argument(help="Function folder.")],
+    topic: Annotated[str | None, typer.Option(help="As for invoke (default: from the manifest's trigger).")] = None,
+    payload: Annotated[str | None, typer.Option(help="As for invoke (default: @FOLDER/event.json).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable; "
+                                                                             "default: ./models).")] = None,
+    state: Annotated[Path | None, typer.Option(help="As for invoke (default: FOLDER/build/invoke-state).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache (default: the daemon's).")] = None,
+    runs: Annotated[int | None, typer.Option(min=1, help="Stop after this many runs (default: until Ctrl-C).")] = None,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between looks at the sources.")] = 0.25,
+) -> None:
+    """Invoke a function now and again after each save: its sources are checked at once, then it is
+    rebuilt and the event runs through it; each run says how long it took from the save."""
+    from edgefn.errors import EdgefnError
+    from edgefn.functions.build import watched_sources
+
+    def snapshot() -> dict[Path, float]:
+        return {p: p.stat().st_mtime for p in watched_sources(folder) if p.exists()}
+
+    seen, done, saved_at = snapshot(), 0, time.time()
+    while True:
+        outcome = "answer"
+        try:
+            messages, _ = _invoke_once(folder, topic, payload, models, state, False, state_dir)
+        except EdgefnError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            outcome = "error"
+        else:
+            for m in messages:
+                out.print(f"{m.topic} {_shown(m.payload)}", markup=False, highlight=False, soft_wrap=True)
+        took = time.time() - saved_at
+        console.print(f"{'start' if done == 0 else 'save'} -> {outcome} in {took:.1f} s; watching {escape(str(folder))}",
+                      highlight=False)
+        done += 1
+        if runs is not None and done >= runs:
+            return
+        while (now := snapshot()) == seen:
+            time.sleep(interval)
+        saved_at = max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
+        seen = now
+
+
+def _shown(payload: bytes) -> str:
+    try:
+        return json.dumps(json.loads(payload))
+    except ValueError:
+        return repr(payload)
 
 
 def _invoke_once(folder: Path, topic: str | None, payload: str | None, models: list[Path] | None,

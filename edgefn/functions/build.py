@@ -57,15 +57,19 @@ def needs_build(function_dir: Path, manifest: Manifest) -> bool:
     return why_build(function_dir, manifest) is not None
 
 
+def watched_sources(function_dir: Path) -> list[Path]:
+    """What a component is built from: the function's Python files and manifest, the WIT world, edgefn_guest."""
+    return [*(p for p in Path(function_dir).rglob("*.py") if "build" not in p.parts), Path(function_dir) / MANIFEST,
+            *WIT_DIR.glob("*.wit"), *GUEST_DIR.glob("*.py")]
+
+
 def why_build(function_dir: Path, manifest: Manifest) -> str | None:
     """Why the component must be built again ("no component yet", "app.py changed"); None: it is fresh."""
     wasm = component_path(function_dir, manifest)
     if not wasm.exists():
         return "no component yet"
     built = wasm.stat().st_mtime
-    sources = [*Path(function_dir).rglob("*.py"), Path(function_dir) / MANIFEST, *WIT_DIR.glob("*.wit"),
-               *GUEST_DIR.glob("*.py")]
-    changed = [p for p in sources if "build" not in p.parts and p.stat().st_mtime > built]
+    changed = [p for p in watched_sources(function_dir) if p.stat().st_mtime > built]
     if not changed:
         return None
     first = changed[0]
