@@ -18,15 +18,16 @@ from pathlib import Path
 
 from edgefn.errors import BuildError
 
-# Standard modules CPython on WASI has not: importing one fails in the guest ("No module named
-# 'socket'"), a build later. (threading imports there, but no thread can start.)
-MISSING_ON_WASI = {
-    "socket": "WASI gives a function no sockets: publish messages instead",
-    "ssl": "WASI gives a function no sockets: publish messages instead",
-    "select": "WASI gives a function no sockets: publish messages instead",
-    "sqlite3": "CPython on WASI ships without it: keep small state with host.state_get/state_set",
-    "multiprocessing": "a function runs in one sandboxed instance, with no processes",
-    "subprocess": "a function runs in one sandboxed instance, with no processes",
+# Standard modules a function's own code may not import. Measured with componentize-py 0.25: the
+# first ones are not in CPython for WASI (the build fails, 10 s later, on a missing `_ssl`, ...); the
+# others import, and then fail on every use. (sqlite3 works, in memory; threading imports, but no
+# thread can start.)
+_NOT_IN_WASI = "not in CPython for WASI"
+REFUSED = {
+    "ssl": _NOT_IN_WASI, "ctypes": _NOT_IN_WASI, "mmap": _NOT_IN_WASI, "lzma": _NOT_IN_WASI, "bz2": _NOT_IN_WASI,
+    "socket": "the sandbox refuses every connection: a function's output is the messages it returns",
+    "subprocess": "WASI has no processes",
+    "multiprocessing": "WASI has no processes",
 }
 # Written by componentize-py at build time, or built into every component.
 _GENERATED = ("wit_world", "componentize_py_types", "componentize_py_runtime", "componentize_py_async_support",
@@ -96,8 +97,8 @@ def _imported(node: ast.AST) -> list[str]:
 
 def _check_import(name: str, path: Path, line: int, function_dir: Path, checked: Checked) -> None:
     where = f"{path}:{line}"
-    if name in MISSING_ON_WASI:
-        raise BuildError(f"{where}: import {name}: not available to a function ({MISSING_ON_WASI[name]})")
+    if name in REFUSED:
+        raise BuildError(f"{where}: import {name}: not available to a function ({REFUSED[name]})")
     if name in sys.stdlib_module_names or name in _GENERATED or name in checked.bundled:
         return
     if (function_dir / f"{name}.py").is_file() or (function_dir / name / "__init__.py").is_file() \
