@@ -31,7 +31,7 @@ REFUSED = {
 }
 # Written by componentize-py at build time, or built into every component.
 _GENERATED = ("wit_world", "componentize_py_types", "componentize_py_runtime", "componentize_py_async_support",
-              "poll_loop", "edgefn_guest")
+              "poll_loop", "edgefn_guest", "edgefn_tensors")
 _NATIVE_SUFFIXES = (".so", ".pyd", ".dylib")
 
 
