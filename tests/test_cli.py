@@ -353,7 +353,8 @@ def test_watch_rebuilds_and_runs_again_on_each_save(tmp_path: Path):
         until("start -> answer in", 180)
         source = folder / "app.py"
         source.write_text(source.read_text().replace('"keys": sorted', '"edited": True, "keys": sorted'))
-        until('"edited": true', 180)
+        until("(app.py changed) in", 180)  # a rebuild says why, and how long it took
+        until('"edited": true', 60)
         until("save -> answer in", 5)
         source.write_text(source.read_text() + "\ndef broken(:\n")
         until(f"error: {source}:", 10)
