@@ -17,9 +17,11 @@ version) before their workers stop.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgefn.config import Settings
@@ -42,10 +44,9 @@ from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.observe.window import HealthWindow
 from edgefn.protocol.fleet import Health
+from edgefn.topics import ERRORS_TOPIC
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from edgefn.fleet.agent import FleetAgent
     from edgefn.offload.client import CloudClient
 
@@ -59,8 +60,9 @@ class Daemon:
     """One edgefn daemon: `start()`, then `stop()` (the CLI's `run` does both around a signal).
     It is also the device the fleet agent drives (`edgefn.fleet.device.Device`)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, broken: dict[Path, str] | None = None):
         self.settings = settings
+        self._broken = dict(broken or {})  # function folders whose build failed: reported, not run
         self.metrics = Metrics()
         self._stopping = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -93,6 +95,7 @@ class Daemon:
         self.sensors = Sensors(self.profile, s.device_root, self.metrics)
         self.sensors.read()
         self.loader = Loader(s, self.runtime, self.profile, self.state, self.cloud, self.metrics, self.fleet)
+        self.loader.broken = self._broken
         self.registry, functions = self._load_active()
         self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:", durability=s.durability)
         replay, unsent = self.inbox.heads(), self.inbox.outbox()
@@ -118,6 +121,7 @@ class Daemon:
         self._housekeeper = threading.Thread(target=self._housekeeping, name="edgefn-housekeeping", daemon=True)
         self._housekeeper.start()
         self.connection.start()
+        self._report_failed()
         if s.metrics_port is not None:
             self.observe = ObserveServer(self.metrics, self.health, s.metrics_port)
         if s.fleet_url:
@@ -125,6 +129,14 @@ class Daemon:
 
             self.agent = FleetAgent(self)
             self.agent.start()
+
+    def _report_failed(self) -> None:
+        """Each local function that did not load: a metric, and one message on its error topic (sent
+        once connected) that says why; `health()` shows them too."""
+        for name, why in self.loader.failed.items():
+            self.metrics.function_load_failed.labels(name).set(1)
+            body = {"function": name, "reason": "load-failed", "error": why}
+            self.connection.publish(ERRORS_TOPIC.format(function=name), json.dumps(body).encode(), lambda _r: None)
 
     def _deliver(self, events: list[Event]) -> None:
         """Events the ingress has journaled (and acknowledged): to their functions' lanes."""
@@ -248,6 +260,8 @@ class Daemon:
             return "stalled", f"{pending} events or answers pending, nothing published or settled for {idle:.0f} s"
         if not self.connected:
             return "degraded", self.broker_error or "connecting to the broker"
+        if self.loader.failed:
+            return "degraded", "; ".join(f"function {n} did not load: {why}" for n, why in self.loader.failed.items())
         return "ok", None
 
     def health(self) -> dict:
@@ -265,6 +279,7 @@ class Daemon:
             "pressure": self.sensors.health(),
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
+            "failed_functions": dict(self.loader.failed),
             "release": self.release.label if self.release else None,
             "models": {name: self._model_status(name) for name in self._models_in_use()},
         }

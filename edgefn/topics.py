@@ -31,6 +31,12 @@ def matches_any(topic: str, filters: Iterable[str]) -> bool:
     return any(topic_matches_sub(f, topic) for f in filters)
 
 
+def example_topic(topic_filter: str, device: str = "dev1") -> str:
+    """A topic `topic_filter` matches: each `+` as `device`, a `#` as "test" (`sensors/+/t` -> `sensors/dev1/t`)."""
+    levels = topic_filter.split("/")
+    return "/".join(device if level == "+" else "test" if level == "#" else level for level in levels)
+
+
 def topic_problem(topic: str) -> str | None:
     """Why `topic` cannot be published to (None when it can): a broker drops the connection of a
     client that sends a control character, and wildcards are for filters, not topics."""

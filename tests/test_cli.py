@@ -73,6 +73,34 @@ def test_help_describes_options():
     assert "--topic" in invoke and "--payload" in invoke and "@FILE" in invoke
 
 
+def test_run_help_shows_the_defaults_and_the_environment_variables():
+    text = flat(runner.invoke(app, ["run", "-h"]).output)
+    for default in ("default: ./functions", "default: ./models", "mqtt://127.0.0.1:1883", "~/.local/state/edgefn",
+                    "[default: info]"):
+        assert default in text, default
+    # "[env EDGEFN_USERNAME]" was read as rich markup and printed "Broker user name ."
+    for name in ("EDGEFN_BROKER", "EDGEFN_USERNAME", "EDGEFN_CLOUD_URL", "EDGEFN_FLEET_URL"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("command", [["-h"], ["fn", "-h"], ["fn", "invoke", "-h"], ["model", "bench", "-h"]],
+                         ids=" ".join)
+def test_dash_h_is_help(command: list[str]):
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0 and "Usage:" in result.output, result.output
+
+
+def test_dash_dash_version_prints_the_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("edgefn 0."), result.output
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--log-level", "verbose"), ("--journal", "ram"), ("--offload", "maybe")])
+def test_run_refuses_a_choice_it_does_not_know(tmp_path: Path, flag: str, value: str):
+    result = runner.invoke(app, ["run", flag, value, "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2 and value in result.output and "Traceback" not in result.output, result.output
+
+
 def test_no_args_shows_help():
     result = runner.invoke(app, [])
     assert "Usage:" in result.output
@@ -101,7 +129,7 @@ def test_new_creates_a_loadable_function(tmp_path: Path):
     assert manifest.publish.topics == ["results/+/probe"]
     assert json.loads((folder / "event.json").read_text())["id"] == "sample-1"
     compile((folder / "app.py").read_text(), "app.py", "exec")
-    assert "created" in result.output and "edgefn fn build" in flat(result.output)
+    assert "created" in result.output and f"next: edgefn fn invoke {folder}" in flat(result.output)
 
 
 @pytest.mark.parametrize("name", ["Bad Name", "a/b", "../escape", "1st", "UPPER", ""])
@@ -193,6 +221,49 @@ def test_invoke_inline_payload(digits_fn: Path, state_dir: Path, digit: tuple[li
     assert out["label"] == digit[1]
 
 
+def test_invoke_takes_the_topic_from_the_trigger_and_the_payload_from_event_json(
+        tmp_path: Path, digits_fn: Path, state_dir: Path, digit: tuple[list[int], int]):
+    folder = tmp_path / "digits"
+    shutil.copytree(digits_fn, folder)  # mtimes kept: still built
+    (folder / "event.json").write_text(json.dumps({"id": "sample-1", "pixels": digit[0]}))
+    result = runner.invoke(app, ["fn", "invoke", str(folder), "-m", str(MODELS), "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    [out] = lines_on(result.stdout, "results/dev1/digits")  # sensors/+/digits -> sensors/dev1/digits
+    assert (out["event_id"], out["label"]) == ("sample-1", digit[1])
+    assert "warning" not in result.output
+    # A topic the daemon would not run the function for is said, and run anyway.
+    typo = runner.invoke(app, ["fn", "invoke", str(folder), "-m", str(MODELS), "--state-dir", str(state_dir),
+                               "--topic", "sensor/dev1/digits"])
+    assert "warning: sensor/dev1/digits matches none of digits's triggers (sensors/+/digits)" in flat(typo.output)
+    # Without event.json, --payload is asked for by name.
+    (folder / "event.json").unlink()
+    missing = runner.invoke(app, ["fn", "invoke", str(folder), "-m", str(MODELS), "--state-dir", str(state_dir)])
+    assert missing.exit_code == 2 and "no --payload, and no" in flat(missing.output)
+
+
+def test_invoke_without_models_hints_at_the_flag(tmp_path: Path, digits_fn: Path, state_dir: Path, monkeypatch,
+                                                 digit: tuple[list[int], int]):
+    monkeypatch.chdir(tmp_path)  # no ./models here: it said "no model named 'digits' (known: none)"
+    result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--payload", json.dumps({"pixels": digit[0]}),
+                                 "--state-dir", str(state_dir)])
+    assert result.exit_code == 1, result.output
+    [err] = lines_on(result.stdout, "edgefn/errors/digits")
+    assert "no model named 'digits': no model at all under models (give the folder of models with --models)" \
+        in err["error"]
+
+
+def test_invoke_keeps_its_own_state_and_starts_fresh_on_request(tmp_path: Path, hostile_fn: Path, state_dir: Path):
+    def count(*extra: str) -> int:
+        result = runner.invoke(app, ["fn", "invoke", str(hostile_fn), "--payload", "count", "--state-dir",
+                                     str(state_dir), "--state", str(tmp_path / "mine"), *extra])
+        assert result.exit_code == 0, result.output
+        return int(result.stdout.split()[-1].strip("'\""))
+
+    assert [count("--fresh"), count(), count(), count("--fresh")] == [1, 2, 3, 1]
+    assert (tmp_path / "mine" / "state.sqlite").is_file()
+    assert not (state_dir / "state.sqlite").exists()  # the daemon's state is not touched
+
+
 def test_invoke_bad_payload_prints_error_message(digits_fn: Path, state_dir: Path):
     result = runner.invoke(app, ["fn", "invoke", str(digits_fn), "--topic", "sensors/dev1/digits",
                                  "--payload", '{"id": "bad-1", "pixels": [1, 2, 3]}', "--state-dir", str(state_dir),
@@ -249,3 +320,48 @@ def test_status_without_a_daemon_says_how_to_get_one():
     assert result.exit_code == 2, result.output
     assert "no daemon answers on http://127.0.0.1:" in result.output and "--metrics-port" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_watch_rebuilds_and_runs_again_on_each_save(tmp_path: Path):
+    """`fn watch`: an answer, then after a save the new answer; a syntax error is said at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "probe"
+    assert runner.invoke(app, ["fn", "new", "probe", "--dir", str(tmp_path)]).exit_code == 0
+    watch = subprocess.Popen([sys.executable, "-m", "edgefn.cli", "fn", "watch", str(folder), "--runs", "3",
+                              "--state-dir", str(tmp_path / "state"), "--interval", "0.05"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "COLUMNS": "300"})
+    lines: list[str] = []
+
+    def until(text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = watch.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} in:\n{''.join(lines)}")
+
+    try:
+        until("start -> answer in", 180)
+        source = folder / "app.py"
+        source.write_text(source.read_text().replace('"keys": sorted', '"edited": True, "keys": sorted'))
+        until("(app.py changed) in", 180)  # a rebuild says why, and how long it took
+        until('"edited": true', 60)
+        until("save -> answer in", 5)
+        source.write_text(source.read_text() + "\ndef broken(:\n")
+        until(f"error: {source}:", 10)
+        said = until("save -> error in", 5)
+        assert float(said.split(" in ")[1].split()[0]) < 1.0, said  # checked on the host, no componentize-py
+        assert watch.wait(10) == 0
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()

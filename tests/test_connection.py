@@ -3,6 +3,9 @@ QoS 0 events, lost SUBACKs and PUBACKs against a real mosquitto (stock, and with
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -282,3 +285,39 @@ def test_results_are_acknowledged_at_once_while_events_crowd_the_stream_to_us(tm
         finally:
             sensor.loop_stop()
             conn.stop()
+
+
+@pytest.mark.parametrize("answer", [b"", b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"],
+                         ids=["silent", "http"])
+def test_a_port_that_is_not_a_brokers_is_said_within_seconds(tmp_path, caplog, answer):
+    # A port that takes the TCP connection but never answers CONNECT left the daemon silent until
+    # its keepalive (30 s); one that answers something else, silent for good.
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                peer, _ = server.accept()
+                accepted.append(peer)
+                if answer:
+                    peer.recv(1024)
+                    peer.sendall(answer)
+                    peer.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    settings = load_settings(broker=f"mqtt://127.0.0.1:{server.getsockname()[1]}", state_dir=tmp_path / "state")
+    conn = Connection(settings, lambda *a: None, ["sensors/#"], connack_wait=0.5)
+    caplog.set_level(logging.WARNING, logger="edgefn.mqtt")
+    conn.start()
+    try:
+        assert _wait(lambda: any("is it an MQTT broker?" in r.getMessage() for r in caplog.records), 5), \
+            [r.getMessage() for r in caplog.records]
+        assert "is it an MQTT broker?" in (conn.last_error or "")
+        said = [r for r in caplog.records if "MQTT broker?" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]  # one line, not one per retry or per session
+    finally:
+        conn.stop()
+        server.close()
+        for peer in accepted:
+            peer.close()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -580,3 +581,48 @@ def test_one_event_on_a_stock_broker_is_answered_well_under_the_delayed_ack(brok
         sensor.disconnect()
     p50 = sorted(took[5:])[len(took[5:]) // 2]
     assert p50 < 0.020, f"p50 {p50 * 1000:.1f} ms: something waits for a delayed ACK"
+
+
+
+def test_a_function_that_does_not_load_is_reported_while_the_others_serve(broker, daemon, collector, digits_fn,
+                                                                           tmp_path, caplog):
+    # One broken function (here: its model is not there) used to stop the whole daemon, and what a
+    # daemon subscribed to was never said.
+    broken = tmp_path / "broken"
+    (broken / "build").mkdir(parents=True)
+    (broken / "edgefn.toml").write_text('[function]\nname = "broken"\nversion = "1.0.0"\n\n[trigger]\n'
+                                        'topics = ["sensors/+/broken"]\n\n[models]\nuse = ["no-such-model"]\n')
+    (broken / "app.py").write_text("")
+    (broken / "build" / "broken.wasm").write_bytes(b"\0asm\x0d\0\x01\0")
+    errors, results = collector("edgefn/errors/#"), collector("results/#")
+    caplog.set_level("INFO", logger="edgefn")
+    d = daemon(digits_fn, broken, metrics_port=0)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("function digits 1.0.0" in m and "triggered by sensors/+/digits" in m for m in said), said
+    assert any(m.startswith("function broken does not load") and "no-such-model" in m for m in said), said
+    deadline = time.monotonic() + 5
+    while not any(m == "subscribed to sensors/+/digits" for m in said) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        said = [r.getMessage() for r in caplog.records]
+    assert "subscribed to sensors/+/digits" in said
+
+    publish(broker.port, "sensors/dev1/digits", digit_payloads(3, "neighbour")[0])
+    assert len(results.wait_for(3)) == 3  # the healthy one serves
+    [(topic, body)] = errors.wait_for(1)
+    assert topic == "edgefn/errors/broken" and body["reason"] == "load-failed" and "no-such-model" in body["error"]
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/healthz")
+        raise AssertionError("a daemon with a function that did not load answered 200")
+    except urllib.error.HTTPError as answer:
+        assert answer.code == 503
+        health = json.loads(answer.read())
+    assert health["status"] == "degraded" and "function broken did not load" in health["problem"]
+    assert health["functions"] == {"digits": "1.0.0"} and "no-such-model" in health["failed_functions"]["broken"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/metrics").read().decode()
+    assert 'edgefn_function_load_failed{function="broken"} 1.0' in text
+    # `edgefn status` shows the degraded daemon's document (it said "no daemon answers").
+    status = subprocess.run([sys.executable, "-m", "edgefn.cli", "status", "--port", str(d.observe.port)],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert status.returncode == 1, status.stderr
+    assert "degraded" in status.stdout and "did not load" in status.stdout and "no daemon" not in status.stderr

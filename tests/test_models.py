@@ -24,6 +24,8 @@ from edgefn.inference.registry import ModelRegistry
 from edgefn.observe.metrics import Metrics
 from tests.conftest import MODELS
 
+runner = CliRunner()
+
 DIGITS = MODELS / "digits"
 
 
@@ -76,6 +78,45 @@ def test_registry_refuses_a_tampered_or_truncated_model(tmp_path: Path):
 
 
 # --- variants: which one runs, and why ------------------------------------------------------------
+
+
+def test_a_latency_measured_here_chooses_the_variant_and_says_why(tmp_path: Path):
+    # By precision alone digits ran as int8 ONNX, the slowest of its variants on this kind of CPU.
+    latency = tmp_path / "latency.json"
+    assert ModelRegistry([MODELS], latency_file=latency).choice("digits").variant == "int8"  # none recorded
+    result = runner.invoke(app, ["model", "bench", "digits", "--models", str(MODELS), "--state-dir", str(tmp_path),
+                                 "--variant", "int8", "--variant", "tflite-fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    medians = {v["variant"]: v["latency"][0]["median_ms"] for v in doc["variants"]}
+    fastest = min(medians, key=medians.__getitem__)
+    assert doc["fastest"] == fastest and doc["in_use"] == fastest and doc["was_in_use"] == "int8"
+    choice = ModelRegistry([MODELS], latency_file=latency).choice("digits")
+    assert choice.variant == fastest
+    slower = "int8" if fastest == "tflite-fp32" else "tflite-fp32"
+    reasons = dict(choice.passed_over)
+    assert "slower here" in reasons[slower] and "edgefn model bench" in reasons[slower]
+    assert "not measured here" in reasons["fp32"]
+    # A pin still wins; a record of a file that changed since counts for nothing.
+    assert ModelRegistry([MODELS], latency_file=latency, variants={"digits": "int8"}).choice("digits").variant == "int8"
+    doc = json.loads(latency.read_text())
+    doc["digits"][fastest]["sha256"] = "0" * 64
+    doc["digits"][slower]["sha256"] = "0" * 64
+    latency.write_text(json.dumps(doc))
+    assert ModelRegistry([MODELS], latency_file=latency).choice("digits").variant == "int8"
+
+
+def test_bench_marks_the_variant_in_use_and_the_fastest(tmp_path: Path):
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["model", "bench", "digits", "--models", str(MODELS),
+                                                            "--state-dir", str(tmp_path), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "latency.json").exists()
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert "in use" in rows["int8"]
+    fastest = next(name for name, line in rows.items() if line.rstrip().endswith("fastest"))
+    assert f"fastest here: {fastest}" in result.output
+    if fastest != "int8":
+        assert f"--model-variant digits={fastest}" in result.output
 
 
 def model_folder(root: Path, variants: list[dict], files: dict[str, bytes] | None = None) -> Path:

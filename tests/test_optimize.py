@@ -257,9 +257,10 @@ def test_cli_inspect_shows_a_changed_file(tmp_path: Path):
     assert missing.exit_code == 2 and "no model named 'nope'" in missing.output
 
 
-def test_cli_bench_times_every_variant(optimized):
+def test_cli_bench_times_every_variant(optimized, tmp_path: Path):
     folder, _ = optimized
-    result = runner.invoke(app, ["model", "bench", "digits", "--models", str(folder.parent), "--json"])
+    result = runner.invoke(app, ["model", "bench", "digits", "--models", str(folder.parent), "--json",
+                                 "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert [v["variant"] for v in doc["variants"]] == ["fp32", "int8", "pruned50", "pruned50-int8"]
@@ -267,7 +268,7 @@ def test_cli_bench_times_every_variant(optimized):
         assert [lat["batch"] for lat in v["latency"]] == [1, 16]
         assert all(0 < lat["median_ms"] <= lat["p99_ms"] for lat in v["latency"])
         assert v["accuracy"] > 0.85
-    one = runner.invoke(app, ["model", "bench", str(folder), "--variant", "int8"])
+    one = runner.invoke(app, ["model", "bench", str(folder), "--variant", "int8", "--no-record"])
     assert one.exit_code == 0 and "int8" in one.output and "pruned50" not in one.output
     bad = runner.invoke(app, ["model", "bench", str(folder), "--variant", "int4"])
     assert bad.exit_code == 2 and "has no variant 'int4'" in bad.output
@@ -277,7 +278,7 @@ def test_cli_bench_lists_a_variant_that_cannot_run(optimized, tmp_path: Path):
     folder = tmp_path / "digits"
     shutil.copytree(optimized[0], folder)
     (folder / "model.int8.onnx").write_bytes(b"truncated")
-    result = runner.invoke(app, ["model", "bench", str(folder)])
+    result = runner.invoke(app, ["model", "bench", str(folder), "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert row_of(result.output, "int8")[-3:] == ["cannot", "run", "here"]
     assert "int8: cannot run here: " in result.output and "sha256 does not match" in result.output

@@ -35,7 +35,7 @@ from edgefn.functions.quarantine import Quarantine
 from edgefn.functions.sandbox import FunctionSandbox, Runtime, _CallCosts
 from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
-from tests.conftest import MODELS, fill
+from tests.conftest import GUESTS, MODELS, fill
 
 OUTPUT_KEYS = {"event_id", "label", "score", "function", "version", "ran_on", "latency_ms"}
 
@@ -75,6 +75,12 @@ def held_out() -> list[tuple[list[int], int]]:
 
 def _event(topic: str, payload: bytes, event_id: str = "e1") -> Event:
     return Event(event_id, topic, payload, time.time() * 1000)
+
+
+def _line_of(text: str) -> int:
+    """The line of the hostile guest's source that holds `text`."""
+    lines = (GUESTS / "hostile" / "app.py").read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if text in line)
 
 
 def misdeed(sandbox: FunctionSandbox, what: str, event_id: str = "e1"):
@@ -117,7 +123,8 @@ def test_memory_unbounded_allocation_is_out_of_memory(hostile: FunctionSandbox):
 def test_trap_uncaught_exception_names_it(hostile: FunctionSandbox):
     with pytest.raises(GuestTrap) as info:
         misdeed(hostile, "trap")
-    assert "RuntimeError: guest bug" in str(info.value)
+    # With where it was raised, in the function's own file (componentize-py calls it /0/app.py).
+    assert str(info.value) == f"uncaught exception: RuntimeError: guest bug (app.py line {_line_of('guest bug')}, in handle)"
     assert info.value.reason == "trap"
     assert_ok(hostile)
 
@@ -165,8 +172,9 @@ def test_isolation_guest_cannot_read_host_files(hostile: FunctionSandbox):
     # No preopened directory: the guest's open() fails with WASI's ENOENT (errno 44), uncaught.
     with pytest.raises(GuestTrap) as info:
         misdeed(hostile, "file")
+    line = _line_of('open("/etc/hostname")')
     assert str(info.value) == ("uncaught exception: FileNotFoundError: [Errno 44] "
-                               "No such file or directory: '/etc/hostname'")
+                               f"No such file or directory: '/etc/hostname' (app.py line {line}, in handle)")
     assert not content or content not in str(info.value).replace("/etc/hostname", "")
     assert_ok(hostile)
 
@@ -176,7 +184,7 @@ def test_isolation_guest_cannot_open_sockets(hostile: FunctionSandbox):
     # wasi:sockets, which the host links without any socket permission (WasiConfig default).
     with pytest.raises(GuestTrap) as info:
         misdeed(hostile, "socket")
-    assert str(info.value) == "uncaught exception: ModuleNotFoundError: No module named 'socket'"
+    assert str(info.value).startswith("uncaught exception: ModuleNotFoundError: No module named 'socket' (app.py line ")
     assert_ok(hostile)
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -42,6 +42,9 @@ def cli_errors() -> Iterator[None]:
         fail(exc)
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,16 +72,35 @@ def format_size(size: int) -> str:
 
 # ---- functions ----
 
-def build_stale(paths: list[Path]) -> None:
-    """Build the functions under `paths` whose component is missing or older than their source."""
+def build_stale(paths: list[Path], *, keep_going: bool = False) -> dict[Path, str]:
+    """Build the functions under `paths` whose component is missing or older than their source, each
+    with a line saying why and how long it took. With `keep_going`, a function that fails to build is
+    said and skipped (the folder -> why is returned); without, its BuildError ends the command."""
+    import time
+
+    from edgefn.errors import BuildError, ManifestError
     from edgefn.functions.build import build as build_function
-    from edgefn.functions.build import discover, needs_build
+    from edgefn.functions.build import discover, why_build
     from edgefn.functions.manifest import load_manifest
 
+    failed: dict[Path, str] = {}
     for folder in discover(paths):
-        if needs_build(folder, load_manifest(folder)):
-            with console.status(f"building {folder} (componentize-py, about 10 s)"):
-                build_function(folder)
+        try:
+            why = why_build(folder, load_manifest(folder))
+            if why is None:
+                continue
+            started, notes = time.monotonic(), []
+            with console.status(f"building {folder} ({why}; componentize-py, about 10 s)"):
+                wasm = build_function(folder, notes)
+            for note in notes:
+                console.print(note, markup=False, highlight=False)
+            console.print(f"built {escape(str(wasm))} ({why}) in {time.monotonic() - started:.1f} s")
+        except (BuildError, ManifestError) as exc:
+            if not keep_going:
+                raise
+            failed[folder] = str(exc)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    return failed
 
 
 # ---- the fleet server ----

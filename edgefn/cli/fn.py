@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from edgefn.cli._toolkit import build_stale, cli_errors, console, out
 
@@ -25,7 +26,7 @@ def fn_new(
     with cli_errors():
         target = scaffold(name, parent)
     out.print(f"created {target}/ (edgefn.toml, app.py, event.json)\n"
-              f"next: edgefn fn build {target} && edgefn fn invoke {target} --topic sensors/dev1/{name} --payload @{target}/event.json")
+              f"next: edgefn fn invoke {target} (builds it, then runs event.json through it)")
 
 
 @fn_app.command("build")
@@ -36,13 +37,21 @@ def fn_build(
     """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
     from edgefn.config import default_state_dir
     from edgefn.functions.build import build as build_function
-    from edgefn.functions.sandbox import Runtime
+    from edgefn.functions.precheck import check_sources
+
+    with cli_errors():
+        for folder in folders:  # every source checked (a moment) before any componentize-py (seconds)
+            check_sources(folder)
+    from edgefn.functions.sandbox import Runtime  # wasmtime: only once the sources are fine
 
     with cli_errors(), Runtime((state_dir or default_state_dir()) / "components") as runtime:
         for folder in folders:
             t0 = time.perf_counter()
+            notes: list[str] = []
             with console.status(f"componentize-py {folder}"):
-                wasm = build_function(folder)
+                wasm = build_function(folder, notes)
+            for note in notes:
+                console.print(note, markup=False, highlight=False)
             t1 = time.perf_counter()
             with console.status(f"precompiling {wasm.name} for this CPU"):
                 runtime.load(wasm)
@@ -63,12 +72,81 @@ def _read_payload(payload: str) -> bytes:
 @fn_app.command("invoke")
 def fn_invoke(
     folder: Annotated[Path, typer.Argument(help="Function folder.")],
-    topic: Annotated[str, typer.Option(help="Topic the event arrives on, e.g. sensors/dev1/digits.")],
-    payload: Annotated[str, typer.Option(help="Payload text, or @FILE to read it from a file.")],
-    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache.")] = None,
+    topic: Annotated[str | None, typer.Option(help="Topic the event arrives on (default: the manifest's first "
+                                                   "trigger, + as dev1 and # as test).")] = None,
+    payload: Annotated[str | None, typer.Option(help="Payload text, or @FILE to read it from a file "
+                                                     "(default: @FOLDER/event.json).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable; "
+                                                                             "default: ./models).")] = None,
+    state: Annotated[Path | None, typer.Option(help="The function's state (host.state_get/set) between invokes "
+                                                    "(default: FOLDER/build/invoke-state; never the daemon's).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Start from empty state.")] = False,
+    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache (default: the daemon's, "
+                                                        "$XDG_STATE_HOME/edgefn, else ~/.local/state/edgefn).")] = None,
 ) -> None:
     """Run one event through a function, with no broker, and print the messages it would publish."""
+    with cli_errors():
+        messages, code = _invoke_once(folder, topic, payload, models, state, fresh, state_dir)
+    for m in messages:
+        out.print(f"{m.topic} {_shown(m.payload)}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@fn_app.command("watch")
+def fn_watch(
+    folder: Annotated[Path, typer.Argument(help="Function folder.")],
+    topic: Annotated[str | None, typer.Option(help="As for invoke (default: from the manifest's trigger).")] = None,
+    payload: Annotated[str | None, typer.Option(help="As for invoke (default: @FOLDER/event.json).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable; "
+                                                                             "default: ./models).")] = None,
+    state: Annotated[Path | None, typer.Option(help="As for invoke (default: FOLDER/build/invoke-state).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Compiled-component cache (default: the daemon's).")] = None,
+    runs: Annotated[int | None, typer.Option(min=1, help="Stop after this many runs (default: until Ctrl-C).")] = None,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between looks at the sources.")] = 0.25,
+) -> None:
+    """Invoke a function now and again after each save: its sources are checked at once, then it is
+    rebuilt and the event runs through it; each run says how long it took from the save."""
+    from edgefn.errors import EdgefnError
+    from edgefn.functions.build import watched_sources
+
+    def snapshot() -> dict[Path, float]:
+        return {p: p.stat().st_mtime for p in watched_sources(folder) if p.exists()}
+
+    seen, done, saved_at = snapshot(), 0, time.time()
+    while True:
+        outcome = "answer"
+        try:
+            messages, _ = _invoke_once(folder, topic, payload, models, state, False, state_dir)
+        except EdgefnError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            outcome = "error"
+        else:
+            for m in messages:
+                out.print(f"{m.topic} {_shown(m.payload)}", markup=False, highlight=False, soft_wrap=True)
+        took = time.time() - saved_at
+        console.print(f"{'start' if done == 0 else 'save'} -> {outcome} in {took:.1f} s; watching {escape(str(folder))}",
+                      highlight=False)
+        done += 1
+        if runs is not None and done >= runs:
+            return
+        while (now := snapshot()) == seen:
+            time.sleep(interval)
+        saved_at = max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
+        seen = now
+
+
+def _shown(payload: bytes) -> str:
+    try:
+        return json.dumps(json.loads(payload))
+    except ValueError:
+        return repr(payload)
+
+
+def _invoke_once(folder: Path, topic: str | None, payload: str | None, models: list[Path] | None,
+                 state: Path | None, fresh: bool, state_dir: Path | None) -> tuple[list, int]:
+    """Build the function where it is stale, run one event through it; its messages, and 0 or 1 (failed)."""
+    import shutil
+
     from edgefn.config import default_state_dir
     from edgefn.dispatch.worker import error_message  # the daemon's own host and error document
     from edgefn.errors import FunctionError
@@ -79,29 +157,36 @@ def fn_invoke(
     from edgefn.functions.sandbox import FunctionSandbox, Runtime
     from edgefn.functions.state import StateStore
     from edgefn.inference.registry import ModelRegistry
+    from edgefn.topics import example_topic, matches_any
 
+    manifest = load_manifest(folder)
+    triggers = manifest.trigger.topics
+    if topic is None:
+        topic = example_topic(triggers[0])
+    elif not matches_any(topic, triggers):
+        console.print(f"[yellow]warning:[/] {escape(topic)} matches none of {manifest.name}'s triggers "
+                      f"({escape(', '.join(triggers))}): the daemon would not run it for this event")
+    if payload is None:
+        sample = Path(folder) / "event.json"
+        if not sample.is_file():
+            raise typer.BadParameter(f"no --payload, and no {sample} to take it from", param_hint="--payload")
+        payload = f"@{sample}"
     body = _read_payload(payload)
-    with cli_errors():
-        manifest = load_manifest(folder)
-        if needs_build(folder, manifest):
-            build_stale([folder])
-        registry = ModelRegistry(models or [Path("models")])
-        state = StateStore((state_dir or default_state_dir()) / "state.sqlite")
-        with Runtime((state_dir or default_state_dir()) / "components") as runtime:
-            sandbox = FunctionSandbox(runtime, manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})}),
-                                      component_path(folder, manifest), FunctionHost(manifest.name, registry, state))
-            event = Event("invoke-1", topic, body, time.time() * 1000)
-            try:
-                messages, code = sandbox.handle(event), 0
-            except FunctionError as exc:
-                messages, code = [error_message(manifest, event, exc)], 1
-            finally:
-                sandbox.close()
-                state.close()
-    for m in messages:
+    if needs_build(folder, manifest):
+        build_stale([folder])
+    registry = ModelRegistry(models or [Path("models")])
+    state = state or Path(folder) / "build" / "invoke-state"
+    if fresh:
+        shutil.rmtree(state, ignore_errors=True)
+    store = StateStore(state / "state.sqlite")
+    with Runtime((state_dir or default_state_dir()) / "components") as runtime:
+        one = manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})})
+        sandbox = FunctionSandbox(runtime, one, component_path(folder, manifest), FunctionHost(manifest.name, registry, store))
+        event = Event("invoke-1", topic, body, time.time() * 1000)
         try:
-            shown = json.dumps(json.loads(m.payload))
-        except ValueError:
-            shown = repr(m.payload)
-        out.print(f"{m.topic} {shown}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+            return sandbox.handle(event), 0
+        except FunctionError as exc:
+            return [error_message(manifest, event, exc)], 1
+        finally:
+            sandbox.close()
+            store.close()

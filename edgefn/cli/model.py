@@ -187,14 +187,23 @@ def bench(
     variant: Annotated[list[str] | None, typer.Option(help="Time only this variant (repeatable).")] = None,
     models: Annotated[Path, typer.Option(help=MODELS_HELP)] = Path("models"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    record: Annotated[bool, typer.Option(help="Keep the medians in the state dir: the daemon then runs the "
+                                              "fastest variant here by default.")] = True,
+    state_dir: Annotated[Path | None, typer.Option(help="The daemon's state dir (default: $XDG_STATE_HOME/edgefn, "
+                                                        "else ~/.local/state/edgefn).")] = None,
 ) -> None:
     """Time every variant of a model that runs here: latency at batch 1 and 16 (median and p99, one thread).
 
     Inputs are the model's validation.npz where it has one (then accuracy is shown too), else random
-    inputs of its input shape. A variant that cannot run here is listed with the reason.
+    inputs of its input shape. A variant that cannot run here is listed with the reason. The table marks
+    the fastest variant and the one a daemon runs by default; with --record (the default) the medians
+    are kept, and the default becomes the fastest (a --model-variant pin still wins).
     """
+    from edgefn.config import default_state_dir
     from edgefn.inference.backends import open_variant
     from edgefn.inference.evaluate import accuracy, measure_latency
+    from edgefn.inference.measured import LATENCY_FILE
+    from edgefn.inference.measured import record as record_latencies
 
     with cli_errors():
         info, file = _find(name, models)
@@ -214,13 +223,49 @@ def bench(
             row["accuracy"] = accuracy(backend, samples) if samples.y is not None else None
             row["latency"] = [measure_latency(backend, samples, b).to_json() for b in (1, 16)]
             rows.append(row)
+        medians = {row["variant"]: row["latency"][0]["median_ms"] for row in rows if "latency" in row}
+        latency_file = (state_dir or default_state_dir()) / LATENCY_FILE
+        before = _default_variant(info, latency_file)
+        if record and medians:
+            record_latencies(latency_file, info, medians)
+        in_use = _default_variant(info, latency_file)
+    fastest = min(medians, key=medians.__getitem__) if medians else None
     if as_json:
-        print_json({"model": info.name, "folder": str(info.folder), "variants": rows})
+        print_json({"model": info.name, "folder": str(info.folder), "variants": rows, "fastest": fastest,
+                    "in_use": in_use, "was_in_use": before, "recorded": str(latency_file) if record else None})
         return
-    out.print(_bench_table(info.name, rows))
+    out.print(_bench_table(info.name, rows, fastest, in_use))
     for row in rows:
         if "skipped" in row:
             out.print(f"{row['variant']}: cannot run here: {escape(row['skipped'])}", highlight=False)
+    if fastest is None:
+        return
+    out.print(f"fastest here: {fastest} ({format_ms(medians[fastest])} at batch 1)", highlight=False)
+    if record:
+        changed = f" (was {before})" if before != in_use else ""
+        out.print(f"recorded in {escape(str(latency_file))}: a daemon with this state dir runs {info.name} as "
+                  f"{in_use}{changed}; pin another with --model-variant {info.name}=NAME", highlight=False)
+    elif in_use != fastest:
+        out.print(f"in use: {in_use}; to run the fastest: --model-variant {info.name}={fastest}, or bench with "
+                  "--record", highlight=False)
+
+
+def _default_variant(info: ModelInfo, latency_file: Path) -> str | None:
+    """The variant a daemon runs by default here (this device's profile, the latencies recorded)."""
+    from edgefn.errors import ProfileError
+    from edgefn.inference.choice import DEFAULT_PRECISIONS, choose
+    from edgefn.inference.measured import recorded
+    from edgefn.profiles.detect import detect
+
+    try:
+        precisions = detect().profile.variant_preference
+    except ProfileError:
+        precisions = DEFAULT_PRECISIONS
+    try:
+        _, choice = choose(info, precisions=precisions, latencies=recorded(latency_file, info))
+    except ModelError:
+        return None
+    return choice.variant
 
 
 def _samples_for(info: ModelInfo) -> Samples:
@@ -237,10 +282,10 @@ def _samples_for(info: ModelInfo) -> Samples:
     return Samples(np.random.default_rng(0).random(shape).astype(spec.dtype), None)
 
 
-def _bench_table(model: str, rows: list[dict]) -> Table:
+def _bench_table(model: str, rows: list[dict], fastest: str | None, in_use: str | None) -> Table:
     table = Table(title=f"{model}: latency per call here (one thread)", box=box.SIMPLE, pad_edge=False,
                   collapse_padding=True)
-    for column in ("variant", "format", "accuracy", "b1 median", "b1 p99", "b16 median", "b16 p99"):
+    for column in ("variant", "format", "accuracy", "b1 median", "b1 p99", "b16 median", "b16 p99", ""):
         table.add_column(column, justify="left" if column in ("variant", "format") else "right", no_wrap=True)
     for row in rows:
         if "skipped" in row:
@@ -248,5 +293,6 @@ def _bench_table(model: str, rows: list[dict]) -> Table:
             continue
         acc = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
         lat = [format_ms(lat[k]) for lat in row["latency"] for k in ("median_ms", "p99_ms")]
-        table.add_row(row["variant"], row["format"], acc, *lat)
+        marks = ", ".join(m for m, v in (("in use", in_use), ("fastest", fastest)) if v == row["variant"])
+        table.add_row(row["variant"], row["format"], acc, *lat, marks)
     return table

@@ -11,29 +11,30 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.cli._toolkit import build_stale, cli_errors, fail, out, print_json, setup_logging
+from edgefn.cli._toolkit import LogLevel, build_stale, cli_errors, fail, out, print_json, setup_logging
 from edgefn.errors import EdgefnError
-from edgefn.protocol.offload import POLICIES
+from edgefn.protocol.offload import Policy
 
 
 def run(
-    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT [env EDGEFN_BROKER]")] = None,
-    functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable).")] = None,
-    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Journal and compiled-component cache.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT.")] = None,
-    username: Annotated[str | None, typer.Option(help="Broker user name [env EDGEFN_USERNAME].")] = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT (default: mqtt://127.0.0.1:1883; env EDGEFN_BROKER).")] = None,
+    functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Function folder, or a folder of them (repeatable; default: ./functions).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable; default: ./models).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Journal, state and compiled-component cache (default: $XDG_STATE_HOME/edgefn, else ~/.local/state/edgefn).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port; default: not served).")] = None,
+    username: Annotated[str | None, typer.Option(help="Broker user name (env EDGEFN_USERNAME).")] = None,
     ca_file: Annotated[Path | None, typer.Option(help="CA certificate of the broker (enables TLS).")] = None,
     cert_file: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Client private key (PEM) for mutual TLS.")] = None,
-    client_id: Annotated[str | None, typer.Option(help="MQTT client id (the broker keeps its session).")] = None,
-    journal: Annotated[str | None, typer.Option(help="disk (default: events survive a crash) or memory.")] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (the broker keeps its session; default: edgefn-HOSTNAME).")] = None,
+    journal: Annotated[Literal["disk", "memory"] | None,
+                       typer.Option(help="disk (default: events survive a crash) or memory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with any of these settings.")] = None,
     build: Annotated[bool, typer.Option(help="Build functions whose component is missing or stale.")] = True,
     model_variant: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT: run MODEL as this variant of its "
@@ -41,17 +42,16 @@ def run(
     profile: Annotated[str | None, typer.Option(help="Device profile by name (see `edgefn profile list`; "
                                                      "default: detected).")] = None,
     cloud: Annotated[str | None, typer.Option(help="Cloud inference endpoint (Open Inference Protocol v2), "
-                                                   "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
+                                                   "e.g. http://HOST:8000 (env EDGEFN_CLOUD_URL).")] = None,
     cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
                                                                 "another name (repeatable).")] = None,
-    offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: "
-                                                     f"{', '.join(POLICIES)}.")] = None,
+    offload: Annotated[Policy | None, typer.Option(help="Override every function's offload policy.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
                                                           "(detection and sensors; default /).")] = None,
     delegate_dirs: Annotated[list[Path] | None, typer.Option("--delegate-dirs", help="Folder to look for delegate "
                                                               "libraries in first (repeatable).")] = None,
     fleet: Annotated[str | None, typer.Option(help="Fleet server URL (edgefn cloud serve --data): install the "
-                                                   "releases it assigns to this device [env EDGEFN_FLEET_URL].")] = None,
+                                                   "releases it assigns to this device (env EDGEFN_FLEET_URL).")] = None,
     device_id: Annotated[str | None, typer.Option(help="This device's id in the fleet (default: the host name).")] = None,
     group: Annotated[str | None, typer.Option(help="The fleet group of this device (default: default).")] = None,
     fleet_root: Annotated[Path | None, typer.Option(help="The fleet's TUF root (1.root.json of `edgefn fleet keys "
@@ -61,7 +61,7 @@ def run(
                                                       "inference, here or on the cloud (default 16; 1: off).")] = None,
     batch_wait_ms: Annotated[float | None, typer.Option(help="Longest an infer call waits for others to stack with, "
                                                               "only while other calls are in flight (default 2).")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="How much the daemon says.")] = "info",
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
 
@@ -81,9 +81,10 @@ def run(
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
                                  batch_wait_ms=batch_wait_ms)
-        if build and not settings.fleet_only:
-            build_stale(settings.functions)
-        daemon = Daemon(settings)
+        # A function that does not build is reported by the daemon (status, metrics, its error topic)
+        # while the others serve.
+        broken = build_stale(settings.functions, keep_going=True) if build and not settings.fleet_only else {}
+        daemon = Daemon(settings, broken)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -120,17 +121,40 @@ def status(
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:
             doc = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:  # 503: degraded or stalled, and its document says why
+        doc = _health_document(exc)
+        if doc is None:
+            fail(EdgefnError(f"{url} answers HTTP {exc.code} without a health document (is this edgefn?)"))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         fail(EdgefnError(f"no daemon answers on {url} ({getattr(exc, 'reason', exc)}); "
                          "start it with --metrics-port"))
     if as_json:
         print_json(doc)
-        return
+    else:
+        _print_health(doc)
+    if doc.get("status") != "ok":
+        raise typer.Exit(1)
+
+
+def _health_document(error: Exception) -> dict | None:
+    """The JSON document of a /healthz answer that is not 200, if it is one."""
+    import json
+
+    try:
+        doc = json.loads(error.read())  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "status" in doc else None
+
+
+def _print_health(doc: dict) -> None:
     table = Table(title="edgefn status", show_header=False)
-    for key in ("status", "broker", "profile", "inbox_events", "outbox_messages", "held_unacknowledged"):
-        if key in doc:
+    for key in ("status", "problem", "broker", "profile", "inbox_events", "outbox_messages", "held_unacknowledged"):
+        if doc.get(key) is not None:
             table.add_row(key.replace("_", " "), escape(str(doc[key])))
     table.add_row("functions", escape(", ".join(f"{n} {v}" for n, v in doc.get("functions", {}).items())))
+    for name, why in doc.get("failed_functions", {}).items():
+        table.add_row("did not load", escape(f"{name}: {why}"))
     out.print(table)
     models = Table(title="models")
     for column in ("model", "variant", "delegate", "passed over"):

@@ -21,6 +21,7 @@ from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
 from edgefn.inference.batching import Batcher
 from edgefn.inference.delegates import chains_from_profile
+from edgefn.inference.measured import LATENCY_FILE
 from edgefn.inference.registry import ModelRegistry
 from edgefn.observe.metrics import Metrics
 from edgefn.observe.window import HealthWindow
@@ -43,6 +44,10 @@ class Loader:
                  cloud: CloudClient | None, metrics: Metrics, fleet: FleetStore):
         self.settings, self.runtime, self.profile, self.state = settings, runtime, profile, state
         self.cloud, self.metrics, self.fleet = cloud, metrics, fleet
+        # Local functions (--functions) that did not load, by name -> why; the others serve. Folders
+        # whose build failed before the daemon started (`broken`) count among them.
+        self.failed: dict[str, str] = {}
+        self.broken: dict[Path, str] = {}
 
     def load(self, release: Release | None, window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
         """A fleet release's functions and models from its unpacked bundle; None: --functions and --models."""
@@ -58,17 +63,30 @@ class Loader:
             model_dirs, variants=s.model_variants if release is None else _pins_for(s.model_variants, model_dirs),
             on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
             chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
-            search=s.delegate_dirs)
+            search=s.delegate_dirs, latency_file=s.state_dir / LATENCY_FILE)
         batcher = Batcher(registry, self.cloud, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000,
                           on_batch=self.metrics.observe_inference_batch)
         functions: list[LoadedFunction] = []
+        failed: dict[str, str] = {}
         try:
             for folder in self._function_folders(function_dirs, release):
-                functions.append(self._load_function(folder, registry, batcher, release, window))
+                try:
+                    if folder in self.broken:
+                        raise EdgefnError(self.broken[folder])
+                    functions.append(self._load_function(folder, registry, batcher, release, window))
+                except EdgefnError as exc:
+                    if release is not None:
+                        raise  # a fleet release loads whole or not at all: the agent rolls it back
+                    name = _name_of(folder)
+                    failed[name] = str(exc)
+                    log.error("function %s does not load, the others serve: %s", name, exc)
+            if failed and not functions:
+                raise EdgefnError("no function loads: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
         except BaseException:
             for fn in functions:
                 fn.sandbox.close()
             raise
+        self.failed = failed
         return registry, functions
 
     def _function_folders(self, paths: list[Path], release: Release | None) -> list[Path]:
@@ -106,7 +124,8 @@ class Loader:
                                   instances=sum(lane.workers for lane in lanes.values()))
         planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
                           cloud_workers=s.cloud_workers or 1)
-        log.info("function %s %s from %s", manifest.name, manifest.version, folder)
+        log.info("function %s %s from %s: triggered by %s", manifest.name, manifest.version, folder,
+                 ", ".join(manifest.trigger.topics))
         return LoadedFunction(manifest, sandbox, properties, planner, lanes, window,
                               Share(s.function_max_events, s.function_max_bytes))
 
@@ -118,6 +137,14 @@ class Loader:
                         manifest.name, policy)
             return "never"
         return policy
+
+
+def _name_of(folder: Path) -> str:
+    """A function's name, from its manifest where that loads, else its folder's."""
+    try:
+        return load_manifest(folder).name
+    except EdgefnError:
+        return folder.name
 
 
 def _pins_for(pins: dict[str, str], model_dirs: list[Path]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgefn.errors import BuildError, ManifestError
 from edgefn.functions.manifest import FUNCTION_NAME, MANIFEST, Manifest, load_manifest
+from edgefn.functions.precheck import check_sources
 
 WIT_DIR = Path(__file__).parent / "wit"
 GUEST_DIR = Path(__file__).parent / "guest"  # edgefn_guest.py, importable by every function
@@ -53,21 +54,43 @@ def discover(paths: list[Path]) -> list[Path]:
 
 def needs_build(function_dir: Path, manifest: Manifest) -> bool:
     """True when the component is missing or older than a source file or the WIT world."""
+    return why_build(function_dir, manifest) is not None
+
+
+def watched_sources(function_dir: Path) -> list[Path]:
+    """What a component is built from: the function's Python files and manifest, the WIT world, edgefn_guest."""
+    return [*(p for p in Path(function_dir).rglob("*.py") if "build" not in p.parts), Path(function_dir) / MANIFEST,
+            *WIT_DIR.glob("*.wit"), *GUEST_DIR.glob("*.py")]
+
+
+def why_build(function_dir: Path, manifest: Manifest) -> str | None:
+    """Why the component must be built again ("no component yet", "app.py changed"); None: it is fresh."""
     wasm = component_path(function_dir, manifest)
     if not wasm.exists():
-        return True
+        return "no component yet"
     built = wasm.stat().st_mtime
-    sources = [*Path(function_dir).rglob("*.py"), Path(function_dir) / MANIFEST, *WIT_DIR.glob("*.wit"),
-               *GUEST_DIR.glob("*.py")]
-    return any(p.stat().st_mtime > built for p in sources if "build" not in p.parts)
+    changed = [p for p in watched_sources(function_dir) if p.stat().st_mtime > built]
+    if not changed:
+        return None
+    first = changed[0]
+    name = first.relative_to(function_dir) if first.is_relative_to(function_dir) else first.name
+    return f"{name} changed" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
 
 
-def build(function_dir: Path) -> Path:
-    """Compile a Python function to `build/<name>.wasm`; BuildError carries componentize-py's message."""
+def build(function_dir: Path, notes: list[str] | None = None) -> Path:
+    """Compile a Python function to `build/<name>.wasm`; BuildError carries componentize-py's message.
+
+    The sources are checked on the host first (`precheck`: a syntax error or an import that cannot work
+    is said in a moment, at its file and line); `notes` receives what is worth knowing and not an error
+    (the installed packages bundled into the component)."""
     function_dir = Path(function_dir).resolve()
     manifest = load_manifest(function_dir)
     if not (function_dir / f"{manifest.function.module}.py").is_file():
         raise BuildError(f"{function_dir}: no {manifest.function.module}.py (the manifest's function.module)")
+    checked = check_sources(function_dir)
+    if notes is not None:
+        notes += [f"bundling {name} from {where} (a pure-Python package installed here)"
+                  for name, where in checked.bundled.items()]
     out = component_path(function_dir, manifest)
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".wasm.tmp")
@@ -78,10 +101,17 @@ def build(function_dir: Path) -> Path:
         proc = subprocess.run(cmd, cwd=sources, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        detail = (proc.stderr or proc.stdout).strip()
-        raise BuildError(f"{manifest.name}: componentize-py failed:\n{detail}")
+        raise BuildError(f"{manifest.name}: componentize-py failed:\n{_readable(proc.stderr or proc.stdout, function_dir)}")
     tmp.replace(out)
     return out
+
+
+def _readable(detail: str, function_dir: Path) -> str:
+    """componentize-py's message with the function's real paths (it names its sources /0/...) and
+    without the Rust runtime's panic notes."""
+    lines = [line for line in detail.strip().splitlines()
+             if "RUST_BACKTRACE" not in line and not line.startswith("thread '")]
+    return "\n".join(lines).replace('"/0/', f'"{function_dir}/')
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import importlib.metadata
 import logging
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -82,8 +83,12 @@ class Runtime:
         cached = self.cache_dir / f"{digest}-wasmtime{_WASMTIME_VERSION}.cwasm"
         if cached.exists() and (component := self._mapped(cached)) is not None:
             return component
+        # Seconds to minutes on a small board: say so before, and how long it took after.
+        log.info("%s: compiling for this CPU (once; then cached in %s)", wasm, self.cache_dir)
+        started = time.monotonic()
         try:
             compiler.compile_in_child(Path(wasm), cached)
+            log.info("%s: compiled in %.1f s", wasm, time.monotonic() - started)
         except OSError as exc:  # a full or read-only disk: run it uncached rather than not at all
             log.error("%s: cannot cache the compiled component (%s); compiling it in the daemon", wasm, exc)
             try:
@@ -120,6 +125,11 @@ class Runtime:
         self.close()
 
 
+# A frame of a guest traceback. componentize-py bundles each source folder as /<n>/ (the function's
+# own is /0/): the path shown is the one in the function's folder.
+_FRAME = re.compile(r'^\s+File "(?:/\d+/)?(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>.+)$')
+
+
 class _GuestStderr:
     """Where an instance's stderr goes: a small private file, read only after a trap to name the
     guest's exception. (A file, not a Python callback: wasmtime writes it from its own threads,
@@ -141,16 +151,21 @@ class _GuestStderr:
             return ""
 
     def last_exception(self) -> str | None:
-        """The `Type: message` line of the guest's last Python traceback, if it printed one."""
+        """The `Type: message` line of the guest's last Python traceback, if it printed one, with where
+        it was raised: "KeyError: 'missing' (app.py line 12, in handle)"."""
         lines = self.tail().splitlines()
         starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
         if not starts:
             return None
+        where = None
         for line in lines[starts[-1] + 1:]:
+            if (frame := _FRAME.match(line)) is not None:
+                where = f"{frame['file']} line {frame['line']}, in {frame['function']}"
+                continue
             if line.startswith("object type name:"):  # CPython's report when it cannot print
                 return line.split(":", 1)[1].strip()
             if line and not line.startswith((" ", "object ", "lost sys", "thread ")):
-                return line.strip()
+                return line.strip() + (f" ({where})" if where else "")
         return None
 
     def remove(self) -> None:

@@ -24,6 +24,9 @@ from edgefn.inference.model import ModelInfo, Variant
 #    precision can.
 # 3. ONNX before TFLite: onnxruntime is always installed, and it is the runtime the benchmarks measure.
 # 4. higher validation accuracy first; then the order of model.json.
+# Where latencies were measured on this device (`edgefn model bench`, edgefn.inference.measured), they
+# come first: the measured variants, fastest first, then the others in the order above. Precision is a
+# guess at speed; a measurement is not (digits here: int8 ONNX 19 µs, the slowest; TFLite fp32 9 µs).
 DEFAULT_PRECISIONS = ("int8", "fp16", "fp32")
 _FORMAT_RANK = {"onnx": 0, "tflite": 1}
 
@@ -35,8 +38,13 @@ def preference(variant: Variant, precisions: Sequence[str] = DEFAULT_PRECISIONS)
     return (rank, variant.sparsity, _FORMAT_RANK.get(variant.format, 2), -(variant.accuracy or 0.0))
 
 
-def _ranked_below(loser: Variant, winner: Variant) -> str:
+def _ranked_below(loser: Variant, winner: Variant, latencies: Mapping[str, float] | None = None) -> str:
     """Why `loser` comes after `winner` in the preference, in words."""
+    latencies = latencies or {}
+    if winner.name in latencies:
+        if loser.name not in latencies:
+            return f"not measured here, and {winner.name} was ({_ms(latencies[winner.name])})"
+        return f"slower here: {_ms(latencies[loser.name])} against {_ms(latencies[winner.name])} (edgefn model bench)"
     if loser.precision != winner.precision:
         return f"{winner.precision} before {loser.precision}"
     if loser.sparsity != winner.sparsity:
@@ -46,6 +54,18 @@ def _ranked_below(loser: Variant, winner: Variant) -> str:
     if loser.accuracy != winner.accuracy:
         return f"higher accuracy first ({winner.accuracy} > {loser.accuracy})"
     return "listed later in model.json"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms * 1000:.0f} µs" if ms < 1 else f"{ms:.2f} ms"
+
+
+def ranked(variants: Sequence[Variant], precisions: Sequence[str] = DEFAULT_PRECISIONS,
+           latencies: Mapping[str, float] | None = None) -> list[Variant]:
+    """The variants in the order they are tried: measured ones fastest first, then by `preference`."""
+    latencies = latencies or {}
+    return sorted(variants, key=lambda v: (v.name not in latencies, latencies.get(v.name, 0.0),
+                                           preference(v, precisions)))
 
 
 @dataclass(frozen=True)
@@ -63,15 +83,16 @@ class Choice:
 
 def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
            chains: Mapping[str, Sequence[Delegate]] | None = None,
-           precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = ()) -> tuple[Backend, Choice]:
+           precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = (),
+           latencies: Mapping[str, float] | None = None) -> tuple[Backend, Choice]:
     """Open the best (variant, delegate) that runs here and say why the others were not used.
 
     `chains` is the device profile's delegate chain per format. Accelerated delegates are tried
     first, each with the variants it can run in the order of `precisions`; then the CPU delegates
-    the same way. A pinned variant is the only one tried (on each delegate of its chain)."""
+    the same way; `latencies` (variant -> median ms measured here) put the measured variants first,
+    fastest first. A pinned variant is the only one tried (on each delegate of its chain)."""
     chains = chains or DEFAULT_CHAINS
-    rank = lambda v: preference(v, precisions)  # noqa: E731
-    ranked = [info.variant(pinned)] if pinned is not None else sorted(info.variants, key=rank)
+    order = [info.variant(pinned)] if pinned is not None else ranked(info.variants, precisions, latencies)
     # Delegates that run only a variant made for them (an Edge TPU's compiled file) the model lacks.
     missing = [(f"{d.requires_variant}@{d.name}", f"{d.name} runs only a {d.requires_variant} variant, and "
                 f"model {info.name} has none")
@@ -79,14 +100,14 @@ def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
                if d.requires_variant is not None and d.requires_variant not in info.variant_names()]
     attempts: list[tuple[Variant, Delegate | None]] = []
     for accelerated in (True, False):
-        for variant in ranked:
+        for variant in order:
             if variant.format not in BACKENDS or not chains.get(variant.format):
                 if not accelerated:
                     attempts.append((variant, None))  # open_variant (or the loop below) says why
                 continue
             attempts += [(variant, d) for d in chains[variant.format]
                          if d.accelerated == accelerated and d.requires_variant in (None, variant.name)]
-    failures: dict[str, list[tuple[str, str]]] = {v.name: [] for v in ranked}
+    failures: dict[str, list[tuple[str, str]]] = {v.name: [] for v in order}
     files: dict[str, bytes | ModelError] = {}  # each file read and hashed once, whatever the delegates tried
     for variant, delegate in attempts:
         try:
@@ -104,23 +125,24 @@ def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
         except ModelError as exc:
             failures[variant.name].append((delegate.name if delegate else "-", str(exc)))
             continue
-        passed = missing + _passed_over(ranked, variant, failures, attempts)
+        passed = missing + _passed_over(order, variant, failures, attempts, latencies)
         if pinned is not None:
             passed += [(v.name, f"not pinned (pinned: {pinned})") for v in info.variants if v.name != pinned]
         return backend, Choice(info.name, variant.name, variant.format, backend.delegate, tuple(passed))
     if pinned is not None:
-        reasons = "; ".join(f"{why}" for _, why in _passed_over(ranked, None, failures, attempts))
+        reasons = "; ".join(f"{why}" for _, why in _passed_over(order, None, failures, attempts))
         raise ModelError(f"model {info.name}: pinned variant {pinned} cannot run here: {reasons}")
-    reasons = "; ".join(f"{what}: {why}" for what, why in missing + _passed_over(ranked, None, failures, attempts))
+    reasons = "; ".join(f"{what}: {why}" for what, why in missing + _passed_over(order, None, failures, attempts))
     raise ModelError(f"model {info.name}: no variant can run here: {reasons}")
 
 
-def _passed_over(ranked: Sequence[Variant], winner: Variant | None, failures: Mapping[str, list[tuple[str, str]]],
-                 attempts: Sequence[tuple[Variant, Delegate | None]]) -> list[tuple[str, str]]:
+def _passed_over(order: Sequence[Variant], winner: Variant | None, failures: Mapping[str, list[tuple[str, str]]],
+                 attempts: Sequence[tuple[Variant, Delegate | None]],
+                 latencies: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
     """Per variant: one reason where every delegate it was tried on failed alike (or it was not reached),
     else a reason per delegate."""
     out: list[tuple[str, str]] = []
-    for variant in ranked:
+    for variant in order:
         failed = failures[variant.name]
         tried_all = len(failed) == sum(1 for v, _ in attempts if v is variant)
         if variant is not winner and failed and tried_all and len({why for _, why in failed}) == 1:
@@ -128,5 +150,5 @@ def _passed_over(ranked: Sequence[Variant], winner: Variant | None, failures: Ma
             continue
         out += [(f"{variant.name}@{delegate}", why) for delegate, why in failed]
         if variant is not winner and winner is not None and not tried_all:
-            out.append((variant.name, f"ranked below {winner.name}: {_ranked_below(variant, winner)}"))
+            out.append((variant.name, f"ranked below {winner.name}: {_ranked_below(variant, winner, latencies)}"))
     return out

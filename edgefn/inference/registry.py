@@ -17,6 +17,7 @@ from edgefn.errors import ModelError
 from edgefn.inference.backends.base import Backend
 from edgefn.inference.choice import DEFAULT_PRECISIONS, Choice, choose
 from edgefn.inference.delegates import Delegate
+from edgefn.inference.measured import recorded
 from edgefn.inference.model import ModelInfo
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
 
@@ -27,15 +28,19 @@ class ModelRegistry:
     `variants` pins a model to a variant by name (model -> variant): the pin wins, and a pinned variant
     that cannot run is an error rather than a silent fallback. `chains` (delegates per format) and
     `precisions` come from the device profile; `search` holds folders to find delegate libraries in
-    before the system loader's path. `on_load(choice)` is called once per model, when it is loaded.
+    before the system loader's path; `latency_file` holds the latencies measured here
+    (edgefn.inference.measured), which rank the variants where recorded. `on_load(choice)` is called once per model, when it is loaded.
     """
 
     def __init__(self, folders: Sequence[Path], verify: bool = True, variants: Mapping[str, str] | None = None,
                  on_load: Callable[[Choice], None] | None = None,
                  chains: Mapping[str, Sequence[Delegate]] | None = None,
-                 precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = ()):
+                 precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = (),
+                 latency_file: Path | None = None):
         self._chains, self._precisions, self._search = chains, tuple(precisions), tuple(search)
+        self._latency_file = latency_file
         self._infos: dict[str, ModelInfo] = {}
+        self._folders = [str(f) for f in folders]
         for folder in folders:
             for meta in sorted(Path(folder).glob("*/model.json")):
                 info = ModelInfo.read(meta.parent)
@@ -55,8 +60,10 @@ class ModelRegistry:
     def info(self, name: str) -> ModelInfo:
         info = self._infos.get(name)
         if info is None:
-            known = ", ".join(self.names()) or "none"
-            raise ModelError(f"no model named {name!r} (known: {known})")
+            if not self._infos:  # most often: run from a folder without ./models
+                raise ModelError(f"no model named {name!r}: no model at all under {', '.join(self._folders) or '-'} "
+                                 "(give the folder of models with --models)")
+            raise ModelError(f"no model named {name!r} (known: {', '.join(self.names())})")
         return info
 
     def get(self, name: str) -> Backend:
@@ -78,8 +85,10 @@ class ModelRegistry:
         return self._choices[name]
 
     def _load(self, name: str) -> tuple[Backend, Choice]:
-        return choose(self.info(name), self._pins.get(name), self._verify, self._chains, self._precisions,
-                      self._search)
+        info = self.info(name)
+        latencies = recorded(self._latency_file, info) if self._latency_file is not None else None
+        return choose(info, self._pins.get(name), self._verify, self._chains, self._precisions, self._search,
+                      latencies)
 
     def infer(self, name: str, inputs: list[WireTensor]) -> list[WireTensor]:
         backend = self.get(name)

@@ -68,6 +68,7 @@ RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknow
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
+CONNACK_WAIT_S = 5.0  # a connection open this long with no CONNACK: say the port may not be a broker's
 RESULTS_SUFFIX = "-results"  # the results session's client id: the events session's, and this
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
 
@@ -85,6 +86,13 @@ class _Link:
         self.client.on_connect_fail = self._connect_failed
         self.last_error: str | None = None
         self.heard = time.monotonic()
+        # Whether a CONNACK took us; since when a socket has been open without one (a port that is
+        # not MQTT, or a broker that does not answer, is otherwise silent until the keepalive).
+        self.up = False
+        self._refused = False
+        self._open_since: float | None = None
+        self._silent_said = False
+        self._closed_early = Every(30.0)
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
@@ -106,15 +114,37 @@ class _Link:
         if reason.is_failure:
             self.last_error = f"broker refused the {self.what} connection: {reason}"
             log.error("%s (retrying with backoff)", self.last_error)
+            self._refused = True
             return False
         self.last_error = None
         self.heard = time.monotonic()
+        self.up, self._refused, self._silent_said = True, False, False
         return True
 
     def disconnected(self, reason: mqtt.ReasonCode, was_connected: bool) -> None:
+        self.up, self._open_since = False, None
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
             self.last_error = f"{self.what} connection lost: {reason}"
             log.warning("%s (reconnecting)", self.last_error)
+        elif not was_connected and not self._refused:
+            # The port took the TCP connection, then closed it without a CONNACK: not an MQTT broker's?
+            self.last_error = (f"{self.settings.broker} closed the connection without answering CONNECT "
+                               f"({reason}): is it an MQTT broker?")
+            if self.what == "events" and (skipped := self._closed_early.due()) is not None:  # one line, not two
+                log.warning("%s (retrying with backoff; %d more since the last line)", self.last_error, skipped)
+
+    def check_connack(self, now: float, wait: float) -> None:
+        """The watchdog's: one warning when a socket has been open for `wait` with no CONNACK."""
+        if self.up or self.client.socket() is None:
+            self._open_since = None
+            return
+        if self._open_since is None:
+            self._open_since = now
+        elif now - self._open_since > wait and not self._silent_said:
+            self._silent_said = True
+            self.last_error = (f"no CONNACK from {self.settings.broker} within {wait:g} s of connecting: "
+                               "is it an MQTT broker?")
+            log.warning("%s (still waiting)", self.last_error)
 
     def _connect_failed(self, _client: mqtt.Client, _u: object) -> None:
         # paho calls this from inside its `except OSError:`: the exception says why (refused,
@@ -137,9 +167,10 @@ class Connection:
     def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
                  on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
                  receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
-                 suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S):
+                 suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S,
+                 connack_wait: float = CONNACK_WAIT_S):
         self._settings, self._on_message = settings, on_message
-        self._ack_timeout = ack_timeout
+        self._ack_timeout, self._connack_wait = ack_timeout, connack_wait
         self._on_disconnect = on_disconnect
         self._events = _Link(settings, settings.client_id, "events", keepalive, persistent=True,
                              receive_maximum=receive_maximum)
@@ -217,9 +248,11 @@ class Connection:
         return self._subscriptions.awaiting_suback
 
     def _watchdog(self) -> None:
-        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._subscriptions.suback_timeout / 4))
+        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._subscriptions.suback_timeout / 4,
+                             self._connack_wait / 4))
         while not self._stopped.wait(tick):
             now = time.monotonic()
+            self._events.check_connack(now, self._connack_wait)
             # Egress first: a PUBACK marks the broker heard before it takes its message off.
             oldest = self._egress.oldest_sent_at()
             stalled = (oldest is not None and now - self._results.heard > self._ack_timeout

@@ -92,6 +92,9 @@ class Subscriptions:
         with self._lock:
             filters, _ = self._pending.pop(mid, ([], 0.0))
         refused = [f"{f}: {r}" for f, r in zip(filters, reasons, strict=False) if r.is_failure]
+        granted = [f for f, r in zip(filters, reasons, strict=False) if not r.is_failure]
+        if granted:  # the one line that shows a trigger with a typo: what the broker will send us
+            log.info("subscribed to %s", ", ".join(granted))
         if refused and (skipped := self._refused.due()) is not None:
             log.error("the broker refused the subscription to %s (%d more since the last line)", "; ".join(refused), skipped)
 

@@ -44,6 +44,9 @@ class Metrics:
         self.breaker = Gauge("edgefn_cloud_breaker", "1 for the state of the cloud endpoint's circuit breaker.",
                              ["state"], registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)
+        self.function_load_failed = Gauge("edgefn_function_load_failed", "1 for each function that did not load "
+                                          "(its build failed, a model is missing, ...); the others serve.",
+                                          ["function"], registry=r)
         self.model_variant = Gauge("edgefn_model_variant_info", "1 for the variant each model runs as, its format and "
                                    "delegate.", ["model", "variant", "format", "delegate"], registry=r)
         self.inference_batch = Histogram("edgefn_inference_batch_calls", "Infer calls served by one inference run "

@@ -8,9 +8,39 @@
 
 `Function` supplies `handle_batch` by calling `handle` once per event. A function whose work
 batches well (one `host.infer` for all the events) overrides `handle_batch` as well.
+
+For tensors (edgefn_tensors, re-exported here): `tensor(items, shape, dtype)` and `values(t)` to and
+from the world's `Tensor`; `pack`/`unpack` for raw bytes; `rows`, `argmax`, `top_k`, `softmax`,
+`normalise`, `rescale` and `resize` for pre- and post-processing.
 """
 
 from componentize_py_types import Err, Ok
+from edgefn_tensors import (  # noqa: F401 - re-exported: the guest's tools for tensors
+    TYPECODES,
+    argmax,
+    normalise,
+    pack,
+    rescale,
+    resize,
+    rows,
+    softmax,
+    top_k,
+    unpack,
+)
+from wit_world.imports.types import Dtype, Tensor
+
+_DTYPES = {name: Dtype[name.upper()] for name in TYPECODES}  # looked up once: enum access is dear here
+_NAMES = {member: name for name, member in _DTYPES.items()}
+
+
+def tensor(items, shape, dtype="float32"):
+    """A `Tensor` for host.infer from numbers (row-major), e.g. tensor(pixels, [1, 64])."""
+    return Tensor(_DTYPES[dtype], list(shape), pack(items, dtype))
+
+
+def values(t):
+    """A `Tensor`'s elements as a flat list of numbers (see `rows` to split a batch)."""
+    return unpack(t.data, _NAMES[t.dtype])
 
 
 class Function:
