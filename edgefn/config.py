@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     group: str = Field(default="default", description="The fleet group this device belongs to.")
     fleet_root: Path | None = Field(default=None, description="The fleet's TUF root metadata (1.root.json), "
                                     "trusted from then on; needed once.")
+    device_token: SecretStr | None = Field(default=None, description="This device's fleet credential (from "
+                                           "`edgefn fleet devices enroll`; prefer EDGEFN_DEVICE_TOKEN or the file).")
+    device_token_file: Path | None = Field(default=None, description="File holding this device's fleet credential.")
     fleet_poll_s: float = Field(default=5.0, gt=0, description="Seconds between asking the fleet server for the "
                                 "desired release.")
     config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
@@ -100,6 +103,19 @@ class Settings(BaseSettings):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
         return value
+
+    def fleet_credential(self) -> str | None:
+        """The device's fleet token: from device_token_file, else device_token; None when neither is given."""
+        if self.device_token_file is not None:
+            try:
+                token = self.device_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"device_token_file {self.device_token_file}: cannot read it "
+                                  f"({exc.strerror or exc})") from None
+            if not token:
+                raise ConfigError(f"device_token_file {self.device_token_file} is empty")
+            return token
+        return self.device_token.get_secret_value() if self.device_token is not None else None
 
     @property
     def fleet_only(self) -> bool:

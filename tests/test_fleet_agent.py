@@ -36,6 +36,7 @@ from tests.conftest import MODELS, publish
 
 runner = CliRunner()
 ROOT_FILE = "repository/metadata/1.root.json"
+OPERATOR = {"Authorization": "Bearer ops-s3cret"}  # the fleet server here is closed, as the README starts it
 
 
 @dataclass
@@ -47,11 +48,18 @@ class Fleet:
     def root(self) -> Path:
         return self.ops / ROOT_FILE
 
+    def enroll(self, device_id: str, group: str) -> str:
+        """The device's credential, as `edgefn fleet devices enroll` gets it."""
+        response = httpx.post(f"{self.server.url}{API}/enrollments", json={"device_id": device_id, "group": group},
+                              headers=OPERATOR, timeout=10)
+        assert response.status_code == 201, response.text
+        return response.json()["token"]
+
     def rollout(self, version: str, group: str, gate: str = "", soak_s: float = 0.3) -> Rollout:
         request = RolloutRequest(bundle="digits", version=version, group=group, canary=1, waves=[100],
                                  gate=parse_gate(gate) if gate else [], soak_s=soak_s, wave_timeout_s=120)
         response = httpx.post(f"{self.server.url}{API}/rollouts", content=request.model_dump_json(),
-                              headers={"Content-Type": "application/json"}, timeout=10)
+                              headers={"Content-Type": "application/json", **OPERATOR}, timeout=10)
         assert response.status_code == 201, response.text
         return Rollout.model_validate_json(response.content)
 
@@ -106,14 +114,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_fn: Path) -> Iterator
     base = tmp_path_factory.mktemp("fleet")
     ops = base / "ops"
     init_keys(ops)
-    with start_fleet_server(base / "data", step_s=0.1) as server:
+    with start_fleet_server(base / "data", step_s=0.1, fleet_root=ops / ROOT_FILE,
+                            token=OPERATOR["Authorization"].split()[1]) as server:
         for version, shift in (("2.0.0", 0), ("3.0.0", 1), ("1.5.0", 0)):
             health = base / f"health-{version}.json"
             health.write_text(json.dumps(_health(shift)))
             out = base / f"digits-{version}.bundle.tar"
             build_bundle([_version_of(digits_fn, base, version)], "digits", version, out, models=[MODELS],
                          variants=["fp32"], health=health)
-            result = runner.invoke(app, ["fleet", "push", str(out), "--keys", str(ops), "--server", server.url])
+            result = runner.invoke(app, ["fleet", "push", str(out), "--keys", str(ops), "--server", server.url],
+                                   env={"EDGEFN_FLEET_TOKEN": OPERATOR["Authorization"].split()[1]})
             assert result.exit_code == 0, result.output
         yield Fleet(server, ops)
 
@@ -129,7 +139,8 @@ def device(fleet: Fleet, broker: LocalBroker, settings_for, digits_fn: Path) -> 
 
     def make(device_id: str, group: str) -> Daemon:
         daemon = Daemon(settings_for(broker, digits_fn, fleet_url=fleet.server.url, device_id=device_id, group=group,
-                                     fleet_root=fleet.root, fleet_poll_s=0.1))
+                                     fleet_root=fleet.root, fleet_poll_s=0.1,
+                                     device_token=fleet.enroll(device_id, group)))
         daemon.start()
         daemons.append(daemon)
         daemon.wait_connected(10)
@@ -221,7 +232,8 @@ def test_a_fleet_device_without_local_functions_waits_for_its_release(fleet: Fle
                                                                       tmp_path: Path, collector):
     results = collector("results/+/digits")
     daemon = Daemon(settings_for(broker, tmp_path / "no-functions", fleet_url=fleet.server.url, device_id="bare-1",
-                                 group="bare", fleet_root=fleet.root, fleet_poll_s=0.1))
+                                 group="bare", fleet_root=fleet.root, fleet_poll_s=0.1,
+                                 device_token=fleet.enroll("bare-1", "bare")))
     daemon.start()
     try:
         assert daemon.functions == [] and daemon.health()["functions"] == {}
@@ -239,7 +251,7 @@ def test_an_aborted_rollout_sends_the_device_back_even_mid_soak(fleet: Fleet, de
     daemon = device("abort-1", "abort")
     rollout = fleet.rollout("2.0.0", "abort", soak_s=60)
     fleet.wait_device("abort-1", state="checking", version="2.0.0")
-    response = httpx.post(f"{fleet.server.url}{API}/rollouts/{rollout.id}/abort", timeout=10)
+    response = httpx.post(f"{fleet.server.url}{API}/rollouts/{rollout.id}/abort", headers=OPERATOR, timeout=10)
     assert response.status_code == 200, response.text
     found = fleet.wait_device("abort-1", state="rolled-back", timeout=15)
     assert f"rollout {rollout.id}" in found.detail and found.version is None
@@ -250,7 +262,7 @@ def test_an_aborted_rollout_sends_the_device_back_even_mid_soak(fleet: Fleet, de
 def test_a_release_that_no_longer_loads_at_start_is_rolled_back_by_the_daemon(
         fleet: Fleet, broker: LocalBroker, settings_for, digits_fn: Path):
     settings = settings_for(broker, digits_fn, fleet_url=fleet.server.url, device_id="broken-1", group="broken",
-                            fleet_root=fleet.root, fleet_poll_s=0.1)
+                            fleet_root=fleet.root, fleet_poll_s=0.1, device_token=fleet.enroll("broken-1", "broken"))
     daemon = Daemon(settings)
     daemon.start()
     try:
@@ -300,12 +312,16 @@ class DeviceProcess:
         if kill_at:
             env["EDGEFN_FLEET_KILL_AT"] = kill_at
         self.log = state.parent / f"{device_id}.log"
+        token = state.parent / f"{device_id}.token"  # the credential from a file, as a device is given it
+        if not token.exists():
+            token.write_text(fleet.enroll(device_id, device_id) + "\n")
         self._stderr = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgefn", "run", "--broker", broker.url, "--functions", str(fn), "--models",
              str(MODELS), "--state-dir", str(state), "--client-id", f"kill-{device_id}", "--no-build",
              "--metrics-port", str(self.port), "--fleet", fleet.server.url, "--device-id", device_id,
-             "--group", device_id, "--fleet-root", str(fleet.root), "--fleet-poll", "0.1", "--log-level", "info"],
+             "--group", device_id, "--fleet-root", str(fleet.root), "--device-token-file", str(token),
+             "--fleet-poll", "0.1", "--log-level", "info"],
             env=env, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
     def healthz(self, timeout: float = 30.0) -> dict:

@@ -5,8 +5,9 @@ verify against the root it trusts, and serves them the way python-tuf's ngclient
     DIR/metadata/<v>.targets.json, <v>.snapshot.json, timestamp.json
     DIR/targets/<sha256>.<target>               the bundles (consistent snapshots: addressed by hash)
 
-The server trusts the root it is given (`--fleet-root`) or else the first one published (1.root.json, trust
-on first use). A newer root must be signed by the threshold of the one before it and of itself; targets,
+The server trusts the root the operator gives it at its first start (`--fleet-root`, kept in the data
+folder from then on); a root is never taken from the network on trust (a first 1.root.json uploaded is
+refused: whoever got there first would own the fleet). A newer root must be signed by the threshold of the one before it and of itself; targets,
 snapshot and timestamp by the keys the root names. A version may not go backwards (an old file published
 again is a replay), the same version may not change, a snapshot must match the targets it names and a
 timestamp the snapshot it names, and a bundle the length and sha256 its targets entry signs. A publish is
@@ -100,6 +101,10 @@ class TufRepository:
             raise ConfigError(f"--fleet-root {path}: not signed by its own keys ({exc})") from None
         self._write({name: data, "root.json": data})
 
+    @property
+    def trusts_a_root(self) -> bool:
+        return (self.metadata_dir / "root.json").exists()
+
     # --- reading ------------------------------------------------------------------------------------
 
     def _root(self) -> Metadata[Root] | None:
@@ -169,8 +174,8 @@ class TufRepository:
         if kind == "root":
             return self._check_root(upload, name, data, md, root)
         if root is None:
-            raise PublishRefused(f"{name}: the server trusts no root yet: publish 1.root.json with it (edgefn fleet "
-                                 "push sends it with the first release)")
+            raise PublishRefused(f"{name}: the server trusts no root: start it with --fleet-root (the operator's "
+                                 "1.root.json from `edgefn fleet keys init`)")
         try:
             root.verify_delegate(kind, md)
         except UnsignedMetadataError as exc:
@@ -197,8 +202,9 @@ class TufRepository:
 
     def _check_root(self, upload: _Upload, name: str, data: bytes, md: Metadata, root: Metadata[Root] | None) -> None:
         version = md.signed.version
-        if root is None and version != 1:
-            raise PublishRefused(f"{name}: the server trusts no root yet and takes 1.root.json first")
+        if root is None:
+            raise PublishRefused(f"{name}: the server trusts no root, and takes none from the network: start it "
+                                 "with --fleet-root (the operator's 1.root.json from `edgefn fleet keys init`)")
         if root is not None and version <= root.signed.version:
             if self._get(upload, name) == data:
                 return
@@ -237,8 +243,8 @@ class TufRepository:
         sha256 = digest.hexdigest()
         try:
             manifest = read_bundle(dest)
-        except BundleError as exc:
-            raise PublishRefused(f"the upload is not a bundle: {exc}") from None
+        except BundleError as exc:  # its message names the file: a temporary path of this server, not said
+            raise PublishRefused(f"the upload is not a bundle: {str(exc).replace(str(dest), 'the upload')}") from None
         version = self._latest_version("targets")
         version = max([version] + [int(n.split(".")[0]) for n in upload.files if n.endswith(".targets.json")])
         data = self._get(upload, f"{version}.targets.json")
