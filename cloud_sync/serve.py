@@ -250,6 +250,8 @@ def _arrange(model: ServedModel, tensors: list[tuple[str, np.ndarray, dict]]) ->
                                 f"unknown: {unknown}, missing: {missing}")
     for spec in specs:
         array = given[spec.name]
+        if array.size == 0:  # a 0-row batch: nothing to run, and some models fail on it
+            raise oip.ProtocolError(f"input {spec.name!r} holds no elements (shape {list(array.shape)})")
         if not spec.accepts(array):
             raise oip.ProtocolError(f"input {spec.name!r} must be {_describe(spec)}, "
                                     f"got {oip.datatype(array.dtype)} {list(array.shape)}")
