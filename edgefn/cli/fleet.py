@@ -276,6 +276,7 @@ def push(
     The repository in --keys keeps every signed version. Metadata the server did not take (it was down)
     is sent again with the next push.
     """
+    from edgefn.config import redact_url
     from edgefn.files import file_sha256
     from edgefn.fleet.signing import add_release, keys_dir, metadata_dir, refresh_timestamp
     from edgefn.fleet.unpack import read_bundle
@@ -302,7 +303,7 @@ def push(
             out.print(f"signed [bold]{escape(bundle.target)}[/] (sha256 {file_sha256(file)})", highlight=False)
         _upload(server, file, metadata, token, timeout)
         (keys_dir(keys) / UNPUBLISHED).unlink()
-    out.print(f"uploaded to {escape(server)}: {escape(', '.join(names))}"
+    out.print(f"uploaded to {escape(redact_url(server))}: {escape(', '.join(names))}"
               + (f" and {escape(file.name)}" if file is not None else ""), highlight=False)
 
 

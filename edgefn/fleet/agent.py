@@ -17,6 +17,7 @@ import time
 import httpx
 
 from edgefn import __version__
+from edgefn.config import redact_url
 from edgefn.errors import FleetError
 from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher
@@ -36,12 +37,13 @@ class FleetAgent:
         if not s.fleet_url:
             raise FleetError("the fleet agent needs a fleet server (--fleet URL)")
         self.daemon, self.store = daemon, daemon.fleet
-        self.url = s.fleet_url.rstrip("/")
+        url = s.fleet_url.rstrip("/")
+        self.url = redact_url(url)  # what logs and errors say
         self.device_id = s.device_id
         self.group, self.poll_s = s.group, s.fleet_poll_s
-        self.fetcher = ReleaseFetcher(self.store.dir, self.url, s.fleet_root)
+        self.fetcher = ReleaseFetcher(self.store.dir, url, s.fleet_root)
         token = s.fleet_credential()  # sent on the device's own routes only; a closed server refuses it without
-        self._http = httpx.Client(base_url=f"{self.url}{API}", timeout=10.0,
+        self._http = httpx.Client(base_url=f"{url}{API}", timeout=10.0,
                                   headers={"Authorization": f"Bearer {token}"} if token else {})
         self._etag: str | None = None
         self._polled_at = 0.0

@@ -21,6 +21,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
+from edgefn.config import redact_url
 from edgefn.errors import FleetError, UpdateRefused
 from edgefn.files import write_atomic
 from edgefn.protocol.fleet import METADATA_PATH, TARGETS_PATH, parse_version
@@ -96,6 +97,7 @@ class ReleaseFetcher:
         self.metadata_dir = self.dir / "tuf"
         self.downloads = self.dir / "downloads"
         self.server_url = server_url.rstrip("/")
+        self.shown = redact_url(self.server_url)  # what errors say
         self.timeout = timeout
         if not self.root_path.exists():
             self._bootstrap(root_file)
@@ -127,7 +129,7 @@ class ReleaseFetcher:
             updater.refresh()
             info = updater.get_targetinfo(target)
         except Exception as exc:  # noqa: BLE001 - every python-tuf failure is mapped, see _refusal
-            raise _refusal(exc, f"{self.server_url}{METADATA_PATH}", target=False) from exc
+            raise _refusal(exc, f"{self.shown}{METADATA_PATH}", target=False) from exc
         if info is None:
             raise UpdateRefused(f"{target}: not among the signed targets (not released, or signed with other keys)")
         cached = updater.find_cached_target(info)
