@@ -306,9 +306,10 @@ def _free_port() -> int:
 class DeviceProcess:
     """`edgefn run --fleet ...` as a process of its own, so it can be killed."""
 
-    def __init__(self, fleet: Fleet, broker: LocalBroker, fn: Path, state: Path, device_id: str, kill_at: str | None):
+    def __init__(self, fleet: Fleet, broker: LocalBroker, fn: Path, state: Path, device_id: str, kill_at: str | None,
+                 env_extra: dict[str, str] | None = None):
         self.port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k != "EDGEFN_FLEET_KILL_AT"}
+        env = {**{k: v for k, v in os.environ.items() if k != "EDGEFN_FLEET_KILL_AT"}, **(env_extra or {})}
         if kill_at:
             env["EDGEFN_FLEET_KILL_AT"] = kill_at
         self.log = state.parent / f"{device_id}.log"
@@ -377,3 +378,37 @@ def test_a_device_killed_at_any_step_of_an_update_comes_back_whole_and_finishes_
         assert sorted(b["event_id"] for _, b in answered) == sorted(f"{device_id}-{n}" for n in range(20))
     finally:
         second.stop()
+
+
+# --- a device whose clock is off --------------------------------------------------------------------------
+
+FAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), None)  # Debian's faketime package
+
+
+def test_a_device_whose_clock_is_8_days_fast_reports_clock_skew_and_updates_once_its_clock_is_set(
+        fleet: Fleet, broker: LocalBroker, digits_fn: Path, tmp_path: Path, component_cache: Path):
+    """Its TUF refusal is right (the timestamp looks expired to it), but it is the device's problem: no
+    failed install, no halted rollout, no refusal kept; it updates once its clock is sane."""
+    if FAKETIME is None:
+        pytest.fail("libfaketime is missing: make system-deps installs it (Debian package faketime)")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "components").symlink_to(component_cache, target_is_directory=True)
+    offset = tmp_path / "faketime"
+    offset.write_text("+8d\n")
+    # The wall clock only (monotonic clocks keep going), re-read every second so the test can set it right.
+    clock = {"LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_CACHE_DURATION": "1",
+             "DONT_FAKE_MONOTONIC": "1"}
+    device = DeviceProcess(fleet, broker, digits_fn, state, "skew-1", None, env_extra=clock)
+    try:
+        fleet.wait_device("skew-1", state="idle")
+        rollout = fleet.rollout("2.0.0", "skew-1", soak_s=0.3)
+        found = fleet.wait_device("skew-1", state="clock-skew", timeout=30)
+        assert "8.0 days ahead of the fleet server's" in found.detail, found.detail
+        time.sleep(1.0)  # the engine steps meanwhile: a clock-skew report halts nothing
+        assert fleet.get_rollout(rollout.id).state == "running"
+        offset.write_text("+0\n")  # NTP set the clock
+        fleet.wait_device("skew-1", state="active", version="2.0.0", timeout=60)
+        assert _wait_rollout(fleet, rollout.id, "done").state == "done"
+    finally:
+        device.stop()
