@@ -40,6 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from edgefn.errors import ConfigError, FleetError
 
 BUSY_TIMEOUT_S = 30.0
+GROUP_LOCKS = 0x6564  # the advisory lock space of the groups' rollout changes ("ed")
 ID = String(128)
 
 
@@ -193,6 +194,13 @@ class Database:
         """A session in one transaction: committed when the block ends, rolled back if it raises."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def lock_group(self, session: Session, group: str) -> None:
+        """Hold the group against other servers until the transaction ends (PostgreSQL: an advisory lock on a
+        hash of its name; SQLite's write lock, taken at BEGIN, holds the whole database already)."""
+        if self.dialect == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:group))"),
+                            {"space": GROUP_LOCKS, "group": group})
 
     def insert(self, table: Any) -> Any:
         """The dialect's INSERT, which has `on_conflict_do_update` (an upsert) on both."""

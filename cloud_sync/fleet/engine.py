@@ -16,8 +16,10 @@ or paused rollout (docs/fleet.md, "Fleet server"):
 After the last wave the group's release is the new one (`done`). A step reads the devices of a rollout in
 one query and writes its waves back as one row, so it costs O(devices) and a few queries however many
 devices report. The engine is also where the API changes rollouts (create, pause, resume, abort): one
-lock keeps a step and those changes apart, and the rollout rows are locked (SELECT ... FOR UPDATE) for
-servers sharing a PostgreSQL database.
+lock keeps a step and those changes apart within a server, and the database keeps them apart between
+servers sharing it: the rollout rows are locked (SELECT ... FOR UPDATE), and creating a rollout takes a
+transaction-scoped advisory lock on its group (PostgreSQL; SQLite's write lock already covers it), so two
+servers asked at once make one rollout and refuse the other.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ class RolloutEngine:
     def create(self, request: RolloutRequest, now: float | None = None) -> Rollout:
         now = time.time() if now is None else now
         with self._lock, self.db.transaction() as session:
+            self.db.lock_group(session, request.group)
             bundle = session.scalars(select(BundleRow).where(BundleRow.name == request.bundle,
                                                              BundleRow.version == request.version)).first()
             if bundle is None:

@@ -16,12 +16,14 @@ checked whole before anything of it is stored.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,7 +148,8 @@ class TufRepository:
         called with the bundle before it is stored (to add it to the database; raising there stores nothing).
         Returns the metadata names stored (those already stored byte for byte are left out) and the bundle."""
         now = now or datetime.now(timezone.utc)
-        with self._lock, tempfile.TemporaryDirectory(dir=self.targets_dir) as tmp:
+        with self._lock, _folder_lock(self.metadata_dir.parent / ".publish.lock"), \
+                tempfile.TemporaryDirectory(dir=self.targets_dir) as tmp:
             upload = _Upload()
             for name, data in sorted(metadata, key=lambda f: _order(f[0])):
                 self._check(upload, name, data, now)
@@ -271,6 +274,17 @@ class TufRepository:
             tmp = self.metadata_dir / f".{name}.tmp"
             tmp.write_bytes(files[name])
             os.replace(tmp, self.metadata_dir / name)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the repository folder, for servers sharing it (one publish at a time)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _order(name: str) -> tuple[int, int]:
