@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from cloud_sync.fleet.repository import TufRepository
 from cloud_sync.fleet.server import FleetLimits, FleetServer, start_fleet_server
 from edgefn.cli.main import app
-from edgefn.errors import ConfigError, PublishRefused
+from edgefn.errors import ConfigError, EdgefnError, PublishRefused
 from edgefn.fleet.pack import BundleInfo, build_bundle
 from edgefn.fleet.signing import add_release, init_keys, metadata_dir
 from edgefn.protocol.fleet import API
@@ -302,3 +302,31 @@ def test_an_oversized_bundle_is_refused_and_no_error_names_a_server_path(tmp_pat
         assert answer.status_code == 400 and "the upload is not a bundle" in error
         assert str(tmp_path) not in error and "/tmp" not in error, error
         assert not [p for p in (tmp_path / "data" / "tuf" / "targets").iterdir()], "nothing left behind"
+
+
+# --- TLS ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_server_speaks_https_with_the_certificate_it_is_given(tmp_path: Path, ops: Path):
+    import ssl
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from cloud_sync.serve import Tls
+    from tests.test_tls import _cert, _write
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("fleet test CA", ca_key, ca=True)
+    tls = Tls(_write(tmp_path / "server.pem", _cert("localhost", server_key, ca, ca_key, san=True)),
+              _write(tmp_path / "server.key", key=server_key))
+    with serve(tmp_path, ops, tls=tls) as fleet:
+        assert fleet.url.startswith("https://")
+        trust = ssl.create_default_context(cafile=str(_write(tmp_path / "ca.pem", ca)))
+        answer = httpx.get(f"{fleet.url}{API}/devices", verify=trust, timeout=10)
+        assert answer.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # a client that does not trust it
+            httpx.get(f"{fleet.url}{API}/devices", timeout=10)
+    result = runner.invoke(app, ["cloud", "serve", "--models", "models", "--ssl-certfile", str(tls.certfile)])
+    assert result.exit_code == 2 and "--ssl-keyfile" in result.output
+    with pytest.raises(EdgefnError, match="TLS: cannot use"):
+        serve(tmp_path / "again", ops, tls=Tls(tls.keyfile, tls.keyfile))
