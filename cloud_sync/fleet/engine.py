@@ -176,7 +176,7 @@ class RolloutEngine:
         """Enroll a device (again: a new credential); returns its token."""
         check_device_id(device_id)
         with self.db.transaction() as session:
-            return identity.enroll(session, device_id, group)
+            return identity.enroll(session, self.db.insert, device_id, group)
 
     def revoke(self, device_id: str) -> None:
         with self.db.transaction() as session:

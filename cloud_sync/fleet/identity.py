@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,14 +30,17 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def enroll(session: Session, device_id: str, group: str, now: float | None = None) -> str:
-    """Enroll the device in `group` (again: a new token, the old one stops working); returns its token."""
+def enroll(session: Session, insert: Callable[[Any], Any], device_id: str, group: str,
+           now: float | None = None) -> str:
+    """Enroll the device in `group` (again: a new token, the old one stops working); returns its token.
+    `insert` is the database's INSERT (an upsert: two servers enrolling one new id at once both succeed,
+    the last token wins)."""
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    row = session.get(EnrollmentRow, device_id, with_for_update=True)
-    if row is None:
-        row = EnrollmentRow(device_id=device_id)
-        session.add(row)
-    row.group, row.token_sha256, row.revoked, row.enrolled = group, digest(token), False, time.time() if now is None else now
+    table = EnrollmentRow.__table__
+    values = {"device_id": device_id, "group_name": group, "token_sha256": digest(token), "revoked": False,
+              "enrolled": time.time() if now is None else now}
+    session.execute(insert(table).values(**values).on_conflict_do_update(
+        index_elements=[table.c.device_id], set_={k: v for k, v in values.items() if k != "device_id"}))
     return token
 
 
