@@ -22,7 +22,7 @@ help:
 	@echo "              bench/fleet.py (rollout of a good and a bad bundle to 500 simulated devices)"
 	@echo "make lint   - ruff over the package, the cloud service, tests, benches, models and examples"
 	@echo "make setup  - .venv with every extra, then system-deps"
-	@echo "make system-deps - mosquitto, postgresql and chromium (apt), each only when missing"
+	@echo "make system-deps - mosquitto, postgresql, chromium and faketime (apt), each only when missing"
 	@echo "make models - rebuild models/digits from scikit-learn's digits data, and its int8/pruned variants"
 
 setup: $(BIN)/.installed system-deps
@@ -34,9 +34,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 # What the tests run for real: mosquitto (the broker), PostgreSQL (the fleet server's database; the
-# tests start their own cluster with initdb) and chromium (the fleet page, rendered headless). The demo
-# needs only mosquitto. Each is looked for first; apt runs once, for the missing ones only.
-SYSTEM_DEPS ?= mosquitto postgresql chromium
+# tests start their own cluster with initdb), chromium (the fleet page, rendered headless) and faketime
+# (a device whose clock is off). The demo needs only mosquitto. Each is looked for first; apt runs once,
+# for the missing ones only.
+SYSTEM_DEPS ?= mosquitto postgresql chromium faketime
 
 system-deps:
 	@missing=""; \
@@ -44,6 +45,7 @@ system-deps:
 	    mosquitto) { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing="$$missing $$dep";; \
 	    postgresql) { ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } >/dev/null 2>&1 || missing="$$missing $$dep";; \
 	    chromium) { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 || missing="$$missing $$dep";; \
+	    faketime) ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$$missing $$dep";; \
 	  esac; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing$$missing (Debian packages)"; \

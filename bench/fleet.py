@@ -1,9 +1,11 @@
 """Fleet benchmark: one fleet server, one real device and hundreds of simulated ones, on loopback.
 
-    server     `edgefn cloud serve --data DIR` (a child process: its CPU time is read from /proc)
+    server     `edgefn cloud serve --data DIR` started as the README says (the operator's token, the root
+               pinned; a child process: its CPU time is read from /proc); every device is enrolled
+               (`edgefn fleet devices enroll`) and speaks with its own token
     canary     `edgefn run --fleet URL --device-id a-000` with the digits function and a private
                mosquitto: the real agent, which downloads, verifies, compiles, activates and runs the
-               bundle's health check. Its id sorts first, so it is every rollout's canary.
+               bundle's health check. Every rollout names it the canary (--canary-device).
     the rest   --devices - 1 light agents (threads of this process) speaking the real protocol: report,
                poll the desired release with ETags, fetch it through python-tuf (ngclient: metadata
                refresh, the whole bundle downloaded and its hash checked), report each step and then
@@ -55,8 +57,9 @@ CANARY_ID = "a-000"
 class LightDevice:
     """One simulated device: what it runs, what it ran, and its own trusted TUF metadata."""
 
-    def __init__(self, device_id: str, fleet_dir: Path, server: str, root: Path):
+    def __init__(self, device_id: str, fleet_dir: Path, server: str, root: Path, token: str):
         self.id = device_id
+        self.auth = {"authorization": f"Bearer {token}"}  # its credential from the enrollment
         self.fetcher = ReleaseFetcher(fleet_dir, server, root)
         self.current: Desired | None = None  # the release it runs (None: its local functions)
         self.etag: str | None = None
@@ -70,9 +73,10 @@ class LightDevice:
 class LightFleet:
     """`devices` light agents served by `workers` threads, each thread owning a slice of them."""
 
-    def __init__(self, server: str, root: Path, work: Path, ids: list[str], poll_s: float, workers: int = 24):
+    def __init__(self, server: str, root: Path, work: Path, tokens: dict[str, str], poll_s: float,
+                 workers: int = 24):
         self.server, self.poll_s = server, poll_s
-        self.devices = [LightDevice(i, work / i, server, root) for i in ids]
+        self.devices = [LightDevice(i, work / i, server, root, token) for i, token in tokens.items()]
         self.requests = Counter[str]()
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -118,11 +122,12 @@ class LightFleet:
                               target_version=target.version if target else None, detail=detail,
                               health=health or Health(), agent="bench-light")
         http.post(f"{API}/devices/{d.id}/report", content=report.model_dump_json(),
-                  headers={"content-type": "application/json"}).raise_for_status()
+                  headers={"content-type": "application/json", **d.auth}).raise_for_status()
         self._count("report")
 
     def _tick(self, http: httpx.Client, d: LightDevice) -> None:
-        response = http.get(f"{API}/devices/{d.id}/desired", headers={"if-none-match": d.etag} if d.etag else {})
+        response = http.get(f"{API}/devices/{d.id}/desired",
+                            headers={**d.auth, **({"if-none-match": d.etag} if d.etag else {})})
         self._count("desired")
         if response.status_code == 304:
             return
@@ -197,7 +202,7 @@ def _rollout(http: httpx.Client, server: str, keys: Path, bundle: Path, version:
     before_cpu, before_requests = e2e._cpu_seconds(server_pid), sum(fleet.requests.values())
     started = time.perf_counter()
     created = json.loads(_cli("fleet", "rollout", "create", "--bundle", f"digits@{version}", "--group", GROUP,
-                              "--canary", "1", "--waves", "10,50,100", "--gate", "error_rate<0.01,p99_ms<50",
+                              "--canary-device", CANARY_ID, "--waves", "10,50,100", "--gate", "error_rate<0.01,p99_ms<50",
                               "--soak", f"{args.soak}s", "--wave-timeout", f"{args.wave_timeout}s",
                               "--server", server, "--json"))
     rollout_id = created["id"]
@@ -236,10 +241,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = work / "keys"
         _cli("fleet", "keys", "init", str(keys))
         root = keys / "repository" / "metadata" / "1.root.json"
+        os.environ["EDGEFN_FLEET_TOKEN"] = (keys / "operator.token").read_text().strip()  # for every _cli
 
         port = free_port()
         server = e2e.System("server", [sys.executable, "-m", "edgefn.cli", "cloud", "serve", "--data",
-                                       str(work / "server"), "--port", str(port), "--log-level", "warning"], work)
+                                       str(work / "server"), "--port", str(port), "--fleet-root", str(root),
+                                       "--token-file", str(keys / "operator.token"), "--log-level", "warning"], work)
         systems.append(server)
         server.start()
         url = f"http://127.0.0.1:{port}"
@@ -255,15 +262,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     raise e2e.BenchError(f"the fleet server did not answer:\n{server.log_tail()}") from None
                 time.sleep(0.2)
 
+        canary_token = work / "canary.token"
+        _cli("fleet", "devices", "enroll", CANARY_ID, "--group", GROUP, "--server", url, "--token-out",
+             str(canary_token))
+        started = time.perf_counter()
+        operator = {"authorization": f"Bearer {os.environ['EDGEFN_FLEET_TOKEN']}"}
+        tokens = {}
+        for n in range(1, args.devices):
+            answer = http.post(f"{API}/enrollments", json={"device_id": f"d-{n:03d}", "group": GROUP},
+                               headers=operator)
+            answer.raise_for_status()
+            tokens[f"d-{n:03d}"] = answer.json()["token"]
+        enroll_s = time.perf_counter() - started
+
         broker = LocalBroker().start()
         canary = e2e.edgefn_run("canary", broker.url, work, [e2e.FUNCTION], "--fleet", url, "--device-id", CANARY_ID,
-                                "--group", GROUP, "--fleet-root", str(root), "--fleet-poll", str(args.poll),
-                                log_level="info")
+                                "--group", GROUP, "--fleet-root", str(root), "--device-token-file", str(canary_token),
+                                "--fleet-poll", str(args.poll), log_level="info")
         systems.append(canary)
         canary.start()
 
-        ids = [f"d-{n:03d}" for n in range(1, args.devices)]
-        fleet = LightFleet(url, root, work / "light", ids, args.poll)
+        fleet = LightFleet(url, root, work / "light", tokens, args.poll)
         fleet.start()
         deadline = time.monotonic() + 60
         while len(_server_get(http, f"{API}/devices")["devices"]) < args.devices:
@@ -287,7 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  and d["version"] == "2.1.0")
         bad["halted_at_canary"] = bad["state"] == "halted" and bad["waves"][0]["state"] == "failed" and all(
             w["state"] == "pending" for w in bad["waves"][1:])
-        return {"devices": args.devices, "poll_s": args.poll, "soak_s": args.soak, "cpus": os.cpu_count(),
+        return {"devices": args.devices, "enrolled_in_s": round(enroll_s, 2), "poll_s": args.poll,
+                "soak_s": args.soak, "cpus": os.cpu_count(),
                 "bundle_bytes": bundles["2.0.0"].stat().st_size, "good": good, "bad": bad,
                 "light_agent_errors": fleet.errors[:10], "light_agent_error_count": len(fleet.errors),
                 "requests_by_kind": dict(fleet.requests)}
@@ -305,7 +325,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _print(doc: dict[str, Any]) -> None:
     g, b = doc["good"], doc["bad"]
     print(f"\nfleet of {doc['devices']} devices (1 real daemon + {doc['devices'] - 1} light agents), "
-          f"poll {doc['poll_s']} s, soak {doc['soak_s']} s, bundle {doc['bundle_bytes'] / 1e6:.1f} MB")
+          f"poll {doc['poll_s']} s, soak {doc['soak_s']} s, bundle {doc['bundle_bytes'] / 1e6:.1f} MB; "
+          f"{doc['devices'] - 1} enrolled in {doc['enrolled_in_s']} s")
     print(f"good rollout: {g['state']} in {g['seconds']} s; {g['devices_on_it']}/{doc['devices']} devices active on "
           f"2.0.0; server CPU {g['server_cpu_s']} s; light agents' requests {g['light_requests']} "
           f"({g['light_requests_per_s']}/s)")

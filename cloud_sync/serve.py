@@ -250,6 +250,8 @@ def _arrange(model: ServedModel, tensors: list[tuple[str, np.ndarray, dict]]) ->
                                 f"unknown: {unknown}, missing: {missing}")
     for spec in specs:
         array = given[spec.name]
+        if array.size == 0:  # a 0-row batch: nothing to run, and some models fail on it
+            raise oip.ProtocolError(f"input {spec.name!r} holds no elements (shape {list(array.shape)})")
         if not spec.accepts(array):
             raise oip.ProtocolError(f"input {spec.name!r} must be {_describe(spec)}, "
                                     f"got {oip.datatype(array.dtype)} {list(array.shape)}")
@@ -336,15 +338,31 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+@dataclass(frozen=True)
+class Tls:
+    """The server's certificate chain and private key (PEM files): it then speaks HTTPS only."""
+
+    certfile: Path
+    keyfile: Path
+
+
+def _url(sock: socket.socket, tls: Tls | None = None) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls is not None else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _server(app: FastAPI) -> uvicorn.Server:
+def _server(app: FastAPI, tls: Tls | None = None) -> uvicorn.Server:
     # log_config=None: leave logging to the program (the CLI's format, pytest's capture).
-    return uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                         timeout_graceful_shutdown=2))
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                            ssl_certfile=str(tls.certfile) if tls else None,
+                            ssl_keyfile=str(tls.keyfile) if tls else None)
+    if tls is not None:
+        try:
+            config.load()  # reads the certificate and key now: a bad file is a clear error, not a dead thread
+        except (OSError, ValueError) as exc:
+            raise EdgefnError(f"TLS: cannot use {tls.certfile} and {tls.keyfile}: {exc}") from None
+    return uvicorn.Server(config)
 
 
 _Server = TypeVar("_Server", bound="ThreadServer")
@@ -354,9 +372,13 @@ class ThreadServer:
     """An app serving from a daemon thread of this process: `.url`; `close()` stops it and then releases
     what it served (`_release`), once."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket, name: str):
-        self._sock, self.url = sock, _url(sock)
-        self._server = _server(app)
+    def __init__(self, app: FastAPI, sock: socket.socket, name: str, tls: Tls | None = None):
+        self._sock, self.url = sock, _url(sock, tls)
+        try:
+            self._server = _server(app, tls)
+        except EdgefnError:
+            sock.close()
+            raise
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
         self._thread.start()
         while not self._server.started and self._thread.is_alive():
@@ -410,16 +432,18 @@ def start_server(models: Path | Sequence[Path] | OipEndpoint, *, host: str = "12
     return CloudServer(endpoint, create_app(endpoint), sock)
 
 
-def serve_forever(app: FastAPI, *, host: str, port: int, on_listening: Callable[[str], None] | None = None) -> None:
+def serve_forever(app: FastAPI, *, host: str, port: int, on_listening: Callable[[str], None] | None = None,
+                  tls: Tls | None = None) -> None:
     """Serve `app` in the foreground until SIGINT or SIGTERM (in-flight requests finish first)."""
+    server = _server(app, tls)
     sock = _listen(host, port)
     # uvicorn stops on SIGINT/SIGTERM, then raises the signal again under the handlers it found: let
     # those be no-ops, so a stop asked for is a clean exit (status 0), as with `edgefn run`.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if on_listening is not None:
-            on_listening(_url(sock))
-        _server(app).run(sockets=[sock])
+            on_listening(_url(sock, tls))
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,5 +1,7 @@
 """Settings of `edgefn run`: flags over environment (EDGEFN_*) over a TOML config file over
-defaults. Secrets (the broker password) come from the environment or the file, never logged."""
+defaults. Secrets (the broker password, the device's fleet token) come from the environment or a
+file and are never logged; a password written into a URL (`mqtt://user:pass@host`) is used, and
+every URL is printed through `redact_url`."""
 
 from __future__ import annotations
 
@@ -7,13 +9,36 @@ import os
 import socket
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from edgefn.errors import ConfigError, validation_text
 from edgefn.protocol.offload import Policy
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be printed: a password in it replaced by ***, the user name kept."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a URL that does not parse>"
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}{':***' if parts.password is not None else ''}@{host}"))
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without a user and password, the user, the password), both unquoted; None where absent."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), user, password
 
 
 def default_state_dir() -> Path:
@@ -89,6 +114,9 @@ class Settings(BaseSettings):
     group: str = Field(default="default", description="The fleet group this device belongs to.")
     fleet_root: Path | None = Field(default=None, description="The fleet's TUF root metadata (1.root.json), "
                                     "trusted from then on; needed once.")
+    device_token: SecretStr | None = Field(default=None, description="This device's fleet credential (from "
+                                           "`edgefn fleet devices enroll`; prefer EDGEFN_DEVICE_TOKEN or the file).")
+    device_token_file: Path | None = Field(default=None, description="File holding this device's fleet credential.")
     fleet_poll_s: float = Field(default=5.0, gt=0, description="Seconds between asking the fleet server for the "
                                 "desired release.")
     config_file: Path | None = Field(default=None, exclude=True, description="TOML file with these settings.")
@@ -100,6 +128,46 @@ class Settings(BaseSettings):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
         return value
+
+    @field_validator("fleet_url", "cloud_url")
+    @classmethod
+    def _http_url(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and info.field_name == "fleet_url" and "@" in urlsplit(value).netloc:
+            raise ValueError("the fleet server takes this device's token (--device-token-file or "
+                             "EDGEFN_DEVICE_TOKEN), not a user and password in its URL")
+        return value
+
+    @model_validator(mode="after")
+    def _broker_login(self) -> Settings:
+        """A user name and password written into the broker URL log in; the URL kept holds neither, so it can
+        be printed. Given both ways and different, it is refused rather than one silently ignored."""
+        broker, user, password = split_credentials(self.broker)
+        if broker == self.broker:
+            return self
+        if user is None and password is not None:
+            raise ValueError("broker: a password in the URL needs a user name (mqtt://USER:PASSWORD@HOST)")
+        if user is not None and self.username is not None and self.username != user:
+            raise ValueError("broker: the URL's user name and --username differ; give one")
+        if password is not None and self.password is not None and self.password.get_secret_value() != password:
+            raise ValueError("broker: the URL's password and EDGEFN_PASSWORD differ; give one")
+        self.username = user or self.username
+        if password is not None:
+            self.password = SecretStr(password)
+        self.broker = broker
+        return self
+
+    def fleet_credential(self) -> str | None:
+        """The device's fleet token: from device_token_file, else device_token; None when neither is given."""
+        if self.device_token_file is not None:
+            try:
+                token = self.device_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"device_token_file {self.device_token_file}: cannot read it "
+                                  f"({exc.strerror or exc})") from None
+            if not token:
+                raise ConfigError(f"device_token_file {self.device_token_file} is empty")
+            return token
+        return self.device_token.get_secret_value() if self.device_token is not None else None
 
     @property
     def fleet_only(self) -> bool:

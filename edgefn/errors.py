@@ -15,6 +15,7 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
     ├── FleetError           the fleet server refused a request (status) or could not be reached
     │   ├── BundleError      a bundle that cannot be built or unpacked, or is malformed
     │   ├── UpdateRefused    a release the device will not run (signature, hash, stale, rolled back, mixed)
+    │   ├── ClockSkew        the device's clock is off: signed metadata looks expired here only
     │   └── PublishRefused   the fleet server will not publish an upload (status 400)
     └── FunctionError        an event the function could not handle (goes to edgefn/errors/<fn>)
         ├── GuestError       the guest answered with an error (bad payload, ...)
@@ -106,6 +107,11 @@ class BundleError(FleetError):
 class UpdateRefused(FleetError):
     """A release the device will not run: a bad signature or hash, stale, rolled-back or mixed TUF
     metadata (python-tuf's reason), or a version older than the one running."""
+
+
+class ClockSkew(FleetError):
+    """The fleet's signed metadata looks expired to this device, and its clock disagrees with the fleet
+    server's: the device's own problem, not the release's. Tried again once the clock is sane."""
 
 
 class PublishRefused(FleetError):

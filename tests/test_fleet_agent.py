@@ -36,6 +36,7 @@ from tests.conftest import MODELS, publish
 
 runner = CliRunner()
 ROOT_FILE = "repository/metadata/1.root.json"
+OPERATOR = {"Authorization": "Bearer ops-s3cret"}  # the fleet server here is closed, as the README starts it
 
 
 @dataclass
@@ -47,11 +48,18 @@ class Fleet:
     def root(self) -> Path:
         return self.ops / ROOT_FILE
 
+    def enroll(self, device_id: str, group: str) -> str:
+        """The device's credential, as `edgefn fleet devices enroll` gets it."""
+        response = httpx.post(f"{self.server.url}{API}/enrollments", json={"device_id": device_id, "group": group},
+                              headers=OPERATOR, timeout=10)
+        assert response.status_code == 201, response.text
+        return response.json()["token"]
+
     def rollout(self, version: str, group: str, gate: str = "", soak_s: float = 0.3) -> Rollout:
         request = RolloutRequest(bundle="digits", version=version, group=group, canary=1, waves=[100],
                                  gate=parse_gate(gate) if gate else [], soak_s=soak_s, wave_timeout_s=120)
         response = httpx.post(f"{self.server.url}{API}/rollouts", content=request.model_dump_json(),
-                              headers={"Content-Type": "application/json"}, timeout=10)
+                              headers={"Content-Type": "application/json", **OPERATOR}, timeout=10)
         assert response.status_code == 201, response.text
         return Rollout.model_validate_json(response.content)
 
@@ -106,14 +114,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_fn: Path) -> Iterator
     base = tmp_path_factory.mktemp("fleet")
     ops = base / "ops"
     init_keys(ops)
-    with start_fleet_server(base / "data", step_s=0.1) as server:
+    with start_fleet_server(base / "data", step_s=0.1, fleet_root=ops / ROOT_FILE,
+                            token=OPERATOR["Authorization"].split()[1]) as server:
         for version, shift in (("2.0.0", 0), ("3.0.0", 1), ("1.5.0", 0)):
             health = base / f"health-{version}.json"
             health.write_text(json.dumps(_health(shift)))
             out = base / f"digits-{version}.bundle.tar"
             build_bundle([_version_of(digits_fn, base, version)], "digits", version, out, models=[MODELS],
                          variants=["fp32"], health=health)
-            result = runner.invoke(app, ["fleet", "push", str(out), "--keys", str(ops), "--server", server.url])
+            result = runner.invoke(app, ["fleet", "push", str(out), "--keys", str(ops), "--server", server.url],
+                                   env={"EDGEFN_FLEET_TOKEN": OPERATOR["Authorization"].split()[1]})
             assert result.exit_code == 0, result.output
         yield Fleet(server, ops)
 
@@ -129,7 +139,8 @@ def device(fleet: Fleet, broker: LocalBroker, settings_for, digits_fn: Path) -> 
 
     def make(device_id: str, group: str) -> Daemon:
         daemon = Daemon(settings_for(broker, digits_fn, fleet_url=fleet.server.url, device_id=device_id, group=group,
-                                     fleet_root=fleet.root, fleet_poll_s=0.1))
+                                     fleet_root=fleet.root, fleet_poll_s=0.1,
+                                     device_token=fleet.enroll(device_id, group)))
         daemon.start()
         daemons.append(daemon)
         daemon.wait_connected(10)
@@ -221,7 +232,8 @@ def test_a_fleet_device_without_local_functions_waits_for_its_release(fleet: Fle
                                                                       tmp_path: Path, collector):
     results = collector("results/+/digits")
     daemon = Daemon(settings_for(broker, tmp_path / "no-functions", fleet_url=fleet.server.url, device_id="bare-1",
-                                 group="bare", fleet_root=fleet.root, fleet_poll_s=0.1))
+                                 group="bare", fleet_root=fleet.root, fleet_poll_s=0.1,
+                                 device_token=fleet.enroll("bare-1", "bare")))
     daemon.start()
     try:
         assert daemon.functions == [] and daemon.health()["functions"] == {}
@@ -239,7 +251,7 @@ def test_an_aborted_rollout_sends_the_device_back_even_mid_soak(fleet: Fleet, de
     daemon = device("abort-1", "abort")
     rollout = fleet.rollout("2.0.0", "abort", soak_s=60)
     fleet.wait_device("abort-1", state="checking", version="2.0.0")
-    response = httpx.post(f"{fleet.server.url}{API}/rollouts/{rollout.id}/abort", timeout=10)
+    response = httpx.post(f"{fleet.server.url}{API}/rollouts/{rollout.id}/abort", headers=OPERATOR, timeout=10)
     assert response.status_code == 200, response.text
     found = fleet.wait_device("abort-1", state="rolled-back", timeout=15)
     assert f"rollout {rollout.id}" in found.detail and found.version is None
@@ -250,7 +262,7 @@ def test_an_aborted_rollout_sends_the_device_back_even_mid_soak(fleet: Fleet, de
 def test_a_release_that_no_longer_loads_at_start_is_rolled_back_by_the_daemon(
         fleet: Fleet, broker: LocalBroker, settings_for, digits_fn: Path):
     settings = settings_for(broker, digits_fn, fleet_url=fleet.server.url, device_id="broken-1", group="broken",
-                            fleet_root=fleet.root, fleet_poll_s=0.1)
+                            fleet_root=fleet.root, fleet_poll_s=0.1, device_token=fleet.enroll("broken-1", "broken"))
     daemon = Daemon(settings)
     daemon.start()
     try:
@@ -294,18 +306,23 @@ def _free_port() -> int:
 class DeviceProcess:
     """`edgefn run --fleet ...` as a process of its own, so it can be killed."""
 
-    def __init__(self, fleet: Fleet, broker: LocalBroker, fn: Path, state: Path, device_id: str, kill_at: str | None):
+    def __init__(self, fleet: Fleet, broker: LocalBroker, fn: Path, state: Path, device_id: str, kill_at: str | None,
+                 env_extra: dict[str, str] | None = None):
         self.port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k != "EDGEFN_FLEET_KILL_AT"}
+        env = {**{k: v for k, v in os.environ.items() if k != "EDGEFN_FLEET_KILL_AT"}, **(env_extra or {})}
         if kill_at:
             env["EDGEFN_FLEET_KILL_AT"] = kill_at
         self.log = state.parent / f"{device_id}.log"
+        token = state.parent / f"{device_id}.token"  # the credential from a file, as a device is given it
+        if not token.exists():
+            token.write_text(fleet.enroll(device_id, device_id) + "\n")
         self._stderr = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgefn", "run", "--broker", broker.url, "--functions", str(fn), "--models",
              str(MODELS), "--state-dir", str(state), "--client-id", f"kill-{device_id}", "--no-build",
              "--metrics-port", str(self.port), "--fleet", fleet.server.url, "--device-id", device_id,
-             "--group", device_id, "--fleet-root", str(fleet.root), "--fleet-poll", "0.1", "--log-level", "info"],
+             "--group", device_id, "--fleet-root", str(fleet.root), "--device-token-file", str(token),
+             "--fleet-poll", "0.1", "--log-level", "info"],
             env=env, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
     def healthz(self, timeout: float = 30.0) -> dict:
@@ -361,3 +378,37 @@ def test_a_device_killed_at_any_step_of_an_update_comes_back_whole_and_finishes_
         assert sorted(b["event_id"] for _, b in answered) == sorted(f"{device_id}-{n}" for n in range(20))
     finally:
         second.stop()
+
+
+# --- a device whose clock is off --------------------------------------------------------------------------
+
+FAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), None)  # Debian's faketime package
+
+
+def test_a_device_whose_clock_is_8_days_fast_reports_clock_skew_and_updates_once_its_clock_is_set(
+        fleet: Fleet, broker: LocalBroker, digits_fn: Path, tmp_path: Path, component_cache: Path):
+    """Its TUF refusal is right (the timestamp looks expired to it), but it is the device's problem: no
+    failed install, no halted rollout, no refusal kept; it updates once its clock is sane."""
+    if FAKETIME is None:
+        pytest.fail("libfaketime is missing: make system-deps installs it (Debian package faketime)")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "components").symlink_to(component_cache, target_is_directory=True)
+    offset = tmp_path / "faketime"
+    offset.write_text("+8d\n")
+    # The wall clock only (monotonic clocks keep going), re-read every second so the test can set it right.
+    clock = {"LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_CACHE_DURATION": "1",
+             "DONT_FAKE_MONOTONIC": "1"}
+    device = DeviceProcess(fleet, broker, digits_fn, state, "skew-1", None, env_extra=clock)
+    try:
+        fleet.wait_device("skew-1", state="idle")
+        rollout = fleet.rollout("2.0.0", "skew-1", soak_s=0.3)
+        found = fleet.wait_device("skew-1", state="clock-skew", timeout=30)
+        assert "8.0 days ahead of the fleet server's" in found.detail, found.detail
+        time.sleep(1.0)  # the engine steps meanwhile: a clock-skew report halts nothing
+        assert fleet.get_rollout(rollout.id).state == "running"
+        offset.write_text("+0\n")  # NTP set the clock
+        fleet.wait_device("skew-1", state="active", version="2.0.0", timeout=60)
+        assert _wait_rollout(fleet, rollout.id, "done").state == "done"
+    finally:
+        device.stop()

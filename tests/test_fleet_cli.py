@@ -61,7 +61,7 @@ def test_release_is_name_at_pep440_version() -> None:
 def test_build_request_carries_every_option() -> None:
     request = build_request("digits@1.1.0", "lab", canary=2, waves="10,50,100", gate="error_rate<0.01,p99_ms<=50",
                             soak="5s", wave_timeout="2m")
-    assert request == {"bundle": "digits", "version": "1.1.0", "group": "lab", "canary": 2,
+    assert request == {"bundle": "digits", "version": "1.1.0", "group": "lab", "canary": 2, "canary_devices": [],
                        "waves": [10.0, 50.0, 100.0],
                        "gate": [{"metric": "error_rate", "op": "<", "limit": 0.01},
                                 {"metric": "p99_ms", "op": "<=", "limit": 50.0}],
@@ -166,7 +166,7 @@ def fleet(tmp_path: Path, ops: Path):
     from cloud_sync.fleet.server import start_fleet_server
 
     # step_s=0: the engine moves only when a test calls step(), so what each command sees is decided here.
-    with start_fleet_server(tmp_path / "data", step_s=0,
+    with start_fleet_server(tmp_path / "data", step_s=0, insecure=True,
                             fleet_root=ops / "repository" / "metadata" / "1.root.json") as server:
         yield server
 
@@ -270,10 +270,11 @@ def test_rollout_create_status_list_pause_resume_abort(fleet, published: str) ->
     assert result.exit_code == 0 and result.output.strip() == str(rollout_id + 1), result.output
 
 
-def test_rollout_changes_need_the_token_when_the_server_has_one(tmp_path: Path) -> None:
+def test_rollout_changes_need_the_token_when_the_server_has_one(tmp_path: Path, ops: Path) -> None:
     from cloud_sync.fleet.server import start_fleet_server
 
-    with start_fleet_server(tmp_path / "data", step_s=0, token="s3cret") as server:
+    with start_fleet_server(tmp_path / "data", step_s=0, token="s3cret",
+                            fleet_root=ops / "repository" / "metadata" / "1.root.json") as server:
         create = ["fleet", "rollout", "create", "--bundle", "nope@1.0.0", "--group", "lab", "--server", server.url]
         result = runner.invoke(app, create)
         assert result.exit_code == 2 and "HTTP 401" in result.output and "bearer token" in result.output

@@ -188,7 +188,7 @@ def test_fleet_server_page_in_chromium(tiny_fn: Path, tmp_path: Path) -> None:
     init_keys(tmp_path / "ops")
     signed = add_release(tmp_path / "ops", info.path, expires_days=7)
 
-    with start_fleet_server(tmp_path / "data", step_s=0,
+    with start_fleet_server(tmp_path / "data", step_s=0, insecure=True,
                             fleet_root=metadata_dir(tmp_path / "ops") / "1.root.json") as server, \
             httpx.Client(base_url=server.url + API, timeout=10) as client:
         _upload(server.url, info.path, signed, None, 10)  # raises unless the server took the release

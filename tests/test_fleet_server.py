@@ -60,10 +60,16 @@ def db_url(request: pytest.FixtureRequest) -> str | None:
     return None if request.param == "sqlite" else new_database(request.getfixturevalue("postgres"))
 
 
+def trusted(ops: Path) -> Path:
+    return metadata_dir(ops) / "1.root.json"
+
+
 @pytest.fixture()
-def fleet(tmp_path: Path, db_url: str | None) -> Iterator[FleetServer]:
-    # step_s=0: no engine thread; each test steps it with the clock it wants.
-    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0) as server:
+def fleet(tmp_path: Path, ops: Path, db_url: str | None) -> Iterator[FleetServer]:
+    # step_s=0: no engine thread; each test steps it with the clock it wants. Open (insecure): these tests
+    # are about rollouts; tests/test_fleet_security.py holds a closed server to its credentials.
+    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0, fleet_root=trusted(ops),
+                            insecure=True) as server:
         yield server
 
 
@@ -171,8 +177,8 @@ def test_publish_refuses_metadata_changed_after_signing(ops: Path, bundle, fleet
         (tampered / path.name).write_bytes(data)
     with pytest.raises(FleetError, match=r"HTTP 400.*1\.targets\.json: its signatures do not verify"):
         _upload(fleet.url, info.path, [tampered / p.name for p in files], None, 30)
-    # Refused whole: not even the root that came with it was kept.
-    assert client.get("/tuf/metadata/1.root.json").status_code == 404
+    # Refused whole: nothing of it was kept.
+    assert client.get("/tuf/metadata/1.targets.json").status_code == 404
     assert client.get(f"{API}/bundles").json()["bundles"] == []
 
 
@@ -209,8 +215,8 @@ def test_publish_refuses_replayed_old_metadata(ops: Path, bundle, fleet: FleetSe
 def test_publish_refuses_a_root_the_server_does_not_trust(ops: Path, bundle, tmp_path: Path, db_url: str | None):
     rogue = tmp_path / "rogue"
     init_keys(rogue)
-    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0,
-                            fleet_root=metadata_dir(ops) / "1.root.json") as fleet:
+    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0, fleet_root=trusted(ops),
+                            insecure=True) as fleet:
         result = push(rogue, fleet.url, bundle("1.0.0"))
         assert result.exit_code != 0
         assert "root version 1 is not newer than the trusted version 1" in " ".join(result.output.split())
@@ -253,13 +259,19 @@ def test_publish_refuses_an_upload_that_is_not_a_bundle(ops: Path, bundle, fleet
 
 
 def test_publish_and_rollout_changes_need_the_token(ops: Path, bundle, tmp_path: Path, db_url: str | None):
-    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0, token="s3cret") as fleet, \
+    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0, token="s3cret",
+                            fleet_root=trusted(ops)) as fleet, \
             httpx.Client(base_url=fleet.url, timeout=30) as client:
         refused = push(ops, fleet.url, bundle("1.0.0"))
         assert refused.exit_code != 0 and "401" in refused.output
         result = push(ops, fleet.url, bundle("1.0.0"), "--token-env", "FLEET_TOKEN", env={"FLEET_TOKEN": "s3cret"})
         assert result.exit_code == 0, result.output
-        report(client, "d0")  # devices need no token
+        operator = {"Authorization": "Bearer s3cret"}
+        assert client.post(f"{API}/enrollments", json={"device_id": "d0", "group": "g"}).status_code == 401
+        enrolled = client.post(f"{API}/enrollments", json={"device_id": "d0", "group": "g"}, headers=operator)
+        client.headers["Authorization"] = f"Bearer {enrolled.json()['token']}"
+        report(client, "d0")  # with its own credential
+        del client.headers["Authorization"]
         request = {"bundle": "tiny", "version": "1.0.0", "group": "g"}
         assert client.post(f"{API}/rollouts", json=request).status_code == 401
         made = client.post(f"{API}/rollouts", json=request, headers={"Authorization": "Bearer s3cret"})
@@ -461,7 +473,8 @@ def test_rollout_requests_the_fleet_cannot_carry_out_are_refused(ops: Path, bund
 
 
 def test_the_engine_thread_moves_rollouts_on_by_itself(ops: Path, bundle, tmp_path: Path, db_url: str | None):
-    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0.05) as fleet, \
+    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0.05, fleet_root=trusted(ops),
+                            insecure=True) as fleet, \
             httpx.Client(base_url=fleet.url, timeout=30) as client:
         group(client, 2)
         pushed(ops, fleet.url, bundle("1.0.0"))
@@ -476,7 +489,8 @@ def test_the_engine_thread_moves_rollouts_on_by_itself(ops: Path, bundle, tmp_pa
 def test_concurrent_reports_while_the_engine_steps_lose_nothing(ops: Path, bundle, tmp_path: Path,
                                                                  db_url: str | None):
     """The API's threads and the engine thread share the database: every report lands, none fails."""
-    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0.01) as fleet:
+    with start_fleet_server(tmp_path / "data", db_url=db_url, step_s=0.01, fleet_root=trusted(ops),
+                            insecure=True) as fleet:
         with httpx.Client(base_url=fleet.url, timeout=30) as client:
             devices = group(client, 40)
             pushed(ops, fleet.url, bundle("1.0.0"))
@@ -548,9 +562,10 @@ def _drain(pipe: Any) -> None:
         pipe.read()
 
 
-def test_cloud_serve_with_data_serves_the_fleet_and_the_models(tmp_path: Path):
+def test_cloud_serve_with_data_serves_the_fleet_and_the_models(tmp_path: Path, ops: Path):
     process = subprocess.Popen([sys.executable, "-m", "edgefn", "cloud", "serve", "--data", str(tmp_path / "data"),
-                                "--models", str(MODELS), "--port", "0"], stderr=subprocess.PIPE, text=True,
+                                "--models", str(MODELS), "--port", "0", "--insecure", "--fleet-root", str(trusted(ops))],
+                               stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "COLUMNS": "400"})
     assert process.stderr is not None
     try:

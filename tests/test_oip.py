@@ -572,3 +572,23 @@ def test_cli_serve_clean_errors(tmp_path: Path):
     assert result.exit_code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output
+
+
+# --- hostile requests: a clear 400 or 413, never a 500, and the server stays up -----------------------------
+
+
+@pytest.mark.parametrize(("body", "status", "says"), [
+    (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
+    (json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [0, 64], "data": []}]}).encode(),
+     400, "holds no elements"),
+    (b'{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [' + b"9" * 5000 + b"]}]}",
+     400, "not a JSON object"),
+    (json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
+                             "data": [2**70] * 64}]}).encode(), 400, "must hold numbers"),
+    (b'{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": ['
+     + b"1.0," * (3 << 20) + b"1.0]}]}", 413, "send large tensors as binary data"),
+])
+def test_hostile_bodies_get_a_clear_error(http: httpx.Client, body: bytes, status: int, says: str):
+    answer = http.post("/v2/models/digits/infer", content=body, timeout=60)
+    assert answer.status_code == status and says in answer.json()["error"], answer.text[:300]
+    assert http.get("/v2/health/live").status_code == 200

@@ -2,8 +2,10 @@
 repository devices fetch from, and the fleet page at `/`.
 
 Errors are `{"error": "..."}` (the app's handler): 400 for a request the fleet refuses (bad metadata, an
-empty group), 401 without the bearer token where one is set (publish and rollout changes only: devices
-need none), 404 for what does not exist, 409 for a rollout in the wrong state for the change asked.
+empty group), 401 without a credential, 403 with one that is not the device's own (a closed server: the
+operator's bearer token for publishing, enrolling and rollout changes, each device's own token for its
+report and desired state), 404 for what does not exist, 409 for a rollout in the wrong state for the
+change asked, 413 for a body over its route's limit (cloud_sync.fleet.limits).
 Database work runs on the server's thread pool, never on the event loop.
 """
 
@@ -13,9 +15,9 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import select
@@ -26,10 +28,21 @@ from cloud_sync.fleet.db import BundleRow, Database
 from cloud_sync.fleet.engine import RolloutEngine
 from cloud_sync.fleet.repository import PublishedBundle, TufRepository
 from edgefn.errors import FleetError, PublishRefused
-from edgefn.protocol.fleet import API, METADATA_PATH, TARGETS_PATH, BundleRecord, DeviceReport, RolloutRequest
+from edgefn.protocol.fleet import (
+    API,
+    MAX_ID,
+    METADATA_PATH,
+    TARGETS_PATH,
+    BundleRecord,
+    DeviceReport,
+    Enrollment,
+    EnrollRequest,
+    RolloutRequest,
+)
 
 T = TypeVar("T")
 MAX_METADATA_FILES = 64
+RolloutId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def etag(body: str) -> str:
@@ -52,25 +65,27 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     router = APIRouter()
 
     def operator(request: Request) -> None:
-        """Publishing and rollout changes need the bearer token, when the server has one."""
+        """Publishing, enrolling and rollout changes need the operator's bearer token, when the server has one."""
         if token is None:
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise HTTPException(401, "this fleet server needs a bearer token (Authorization: Bearer ...)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "this fleet server needs the operator's bearer token (Authorization: "
+                                "Bearer ...)", headers={"WWW-Authenticate": "Bearer"})
 
     write = [Depends(operator)]
 
     # --- devices -------------------------------------------------------------------------------------
 
     @router.post(API + "/devices/{device_id}/report")
-    def report(device_id: str, body: DeviceReport) -> Response:
-        return _desired_response(_answer(lambda: engine.report(device_id, body)).model_dump_json())
+    def report(device_id: str, body: DeviceReport, request: Request) -> Response:
+        given = bearer(request)
+        return _desired_response(_answer(lambda: engine.report(device_id, body, token=given)).model_dump_json())
 
     @router.get(API + "/devices/{device_id}/desired")
     def desired(device_id: str, request: Request) -> Response:
-        body = _answer(lambda: engine.desired(device_id)).model_dump_json()
+        given = bearer(request)
+        body = _answer(lambda: engine.desired(device_id, token=given)).model_dump_json()
         tag = etag(body)
         if tag in {t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")}:
             return Response(status_code=304, headers={"ETag": tag})
@@ -79,6 +94,17 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     @router.get(API + "/devices")
     def devices() -> dict[str, Any]:
         return {"devices": [d.model_dump() for d in _answer(engine.devices)]}
+
+    @router.post(API + "/enrollments", dependencies=write)
+    def enroll(body: EnrollRequest) -> JSONResponse:
+        credential = _answer(lambda: engine.enroll(body.device_id, body.group))
+        return JSONResponse(Enrollment(device_id=body.device_id, group=body.group, token=credential).model_dump(),
+                            status_code=201, headers={"Cache-Control": "no-store"})
+
+    @router.post(API + "/enrollments/{device_id}/revoke", dependencies=write)
+    def revoke(device_id: str) -> dict[str, Any]:
+        _answer(lambda: engine.revoke(device_id))
+        return {"device_id": device_id, "revoked": True}
 
     # --- releases ------------------------------------------------------------------------------------
 
@@ -118,13 +144,13 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
         return {"rollouts": [r.model_dump() for r in _answer(engine.rollouts)]}
 
     @router.get(API + "/rollouts/{rollout_id}")
-    def rollout(rollout_id: int) -> dict[str, Any]:
+    def rollout(rollout_id: RolloutId) -> dict[str, Any]:
         return _answer(lambda: engine.rollout(rollout_id)).model_dump()
 
     actions: dict[str, Callable[[int], Any]] = {"pause": engine.pause, "resume": engine.resume, "abort": engine.abort}
 
     @router.post(API + "/rollouts/{rollout_id}/{action}", dependencies=write)
-    def change(rollout_id: int, action: str) -> dict[str, Any]:
+    def change(rollout_id: RolloutId, action: str) -> dict[str, Any]:
         if action not in actions:
             raise HTTPException(404, f"no action {action!r} (pause, resume, abort)")
         return _answer(lambda: actions[action](rollout_id)).model_dump()
@@ -157,6 +183,12 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
         return HTMLResponse(render_page(_answer(engine.devices), _answer(engine.rollouts), now=time.time()))
 
     return router
+
+
+def bearer(request: Request) -> str | None:
+    """The bearer token a request carries, if any."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _desired_response(body: str, tag: str | None = None) -> Response:

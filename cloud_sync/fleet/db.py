@@ -5,6 +5,7 @@
     rollouts      a release rolled out to a group: its waves (JSON), gate and state
     assignments   what a device of a started wave is to run, and what it ran before (for a roll back)
     groups        the release a group has once a rollout of it is done (devices that join later get it)
+    enrollments   the devices the operator enrolled: their group and the sha256 of their credential
 
 Every change runs in one transaction (`Database.transaction`). SQLite takes its write lock at the start of
 each transaction (BEGIN IMMEDIATE), with WAL so reads go on meanwhile and a busy timeout so writers wait
@@ -18,7 +19,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -27,6 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from edgefn.errors import ConfigError, FleetError
 
 BUSY_TIMEOUT_S = 30.0
+GROUP_LOCKS = 0x6564  # the advisory lock space of the groups' rollout changes ("ed")
 ID = String(128)
 
 
@@ -45,8 +59,13 @@ class DeviceRow(Base):
     rollout: Mapped[int | None] = mapped_column(Integer)
     target_version: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(String(2000), default="")
-    events: Mapped[int] = mapped_column(Integer, default=0)
+    events: Mapped[int] = mapped_column(Integer, default=0)  # counted over the rollout: base + what it reports
     errors: Mapped[int] = mapped_column(Integer, default=0)
+    # A device's counters only grow within a rollout; when they go down (it restarted), what it counted
+    # before is kept as a base, and the reset is counted.
+    events_base: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors_base: Mapped[int] = mapped_column(BigInteger, default=0)
+    resets: Mapped[int] = mapped_column(BigInteger, default=0)
     p99_ms: Mapped[float | None] = mapped_column(Float)
     agent: Mapped[str] = mapped_column(String(128), default="")
     first_seen: Mapped[float] = mapped_column(Float)
@@ -111,6 +130,33 @@ class GroupRow(Base):
     rollout: Mapped[int] = mapped_column(Integer)
 
 
+class EnrollmentRow(Base):
+    """A device the operator enrolled: only it may report under its id (closed servers)."""
+
+    __tablename__ = "enrollments"
+
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    group: Mapped[str] = mapped_column("group_name", String(128), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    enrolled: Mapped[float] = mapped_column(Float)
+
+
+# Columns added to a table after its first release: ALTERed into a database made before them.
+_ADDED = {"devices": ("events_base", "errors_base", "resets")}
+
+
+def _upgrade(engine: Engine) -> None:
+    """Add the columns a database made by an older server lacks (create_all makes missing tables only)."""
+    with engine.begin() as connection:
+        found = inspect(connection)
+        for table, columns in _ADDED.items():
+            have = {c["name"] for c in found.get_columns(table)}
+            for column in columns:
+                if column not in have:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
+
+
 def database_url(data_dir: Path, url: str | None) -> str:
     """The SQLAlchemy URL: `url` as given (postgresql:// meaning psycopg 3), else SQLite in the data folder."""
     if url is None:
@@ -137,6 +183,7 @@ class Database:
             url, pool_size=8, max_overflow=8, pool_pre_ping=True)
         try:
             Base.metadata.create_all(self.engine)
+            _upgrade(self.engine)
         except OperationalError as exc:
             self.engine.dispose()
             raise FleetError(f"cannot open the fleet database {parsed.render_as_string()}: {exc.orig}") from None
@@ -147,6 +194,13 @@ class Database:
         """A session in one transaction: committed when the block ends, rolled back if it raises."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def lock_group(self, session: Session, group: str) -> None:
+        """Hold the group against other servers until the transaction ends (PostgreSQL: an advisory lock on a
+        hash of its name; SQLite's write lock, taken at BEGIN, holds the whole database already)."""
+        if self.dialect == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:group))"),
+                            {"space": GROUP_LOCKS, "group": group})
 
     def insert(self, table: Any) -> Any:
         """The dialect's INSERT, which has `on_conflict_do_update` (an upsert) on both."""

@@ -1,7 +1,9 @@
 """The rollout engine: moves each running rollout through its waves, judges them and halts a bad one.
 
-A rollout's devices are fixed when it is made: the group's devices sorted by id, the first `canary` of
-them the canary, then `waves` (cumulative percentages of the group). `step(now)` looks at every running
+A rollout's devices are fixed when it is made: the group's devices (on a closed server, only those
+enrolled and not revoked) sorted by id, the canary (the devices the operator names, else the first
+`canary` of them), then `waves` (cumulative percentages of the group). On a closed server a device's
+report and desired state need its own credential (cloud_sync.fleet.identity). `step(now)` looks at every running
 or paused rollout (docs/fleet.md, "Fleet server"):
 
     pending -> installing    the wave starts: its devices are assigned the new release
@@ -14,8 +16,10 @@ or paused rollout (docs/fleet.md, "Fleet server"):
 After the last wave the group's release is the new one (`done`). A step reads the devices of a rollout in
 one query and writes its waves back as one row, so it costs O(devices) and a few queries however many
 devices report. The engine is also where the API changes rollouts (create, pause, resume, abort): one
-lock keeps a step and those changes apart, and the rollout rows are locked (SELECT ... FOR UPDATE) for
-servers sharing a PostgreSQL database.
+lock keeps a step and those changes apart within a server, and the database keeps them apart between
+servers sharing it: the rollout rows are locked (SELECT ... FOR UPDATE), and creating a rollout takes a
+transaction-scoped advisory lock on its group (PostgreSQL; SQLite's write lock already covers it), so two
+servers asked at once make one rollout and refuse the other.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, defer
 
+from cloud_sync.fleet import identity
 from cloud_sync.fleet.db import AssignmentRow, BundleRow, Database, DeviceRow, GroupRow, RolloutRow
 from edgefn.errors import FleetError
 from edgefn.protocol.fleet import (
+    MAX_COUNTER,
     Desired,
     Device,
     DeviceReport,
@@ -58,11 +64,14 @@ def check_device_id(device_id: str) -> str:
     return device_id
 
 
-def plan_waves(device_ids: list[str], canary: int, waves: list[float]) -> list[dict[str, Any]]:
-    """Split the sorted devices into the canary and the cumulative percentage waves; empty waves are left out."""
-    ids = sorted(device_ids)
+def plan_waves(device_ids: list[str], canary: int, waves: list[float],
+               canary_devices: list[str] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+    """Split the sorted devices into the canary (those named, else the first `canary`) and the cumulative
+    percentage waves; empty waves are left out."""
+    named = list(dict.fromkeys(canary_devices))
+    ids = named + sorted(set(device_ids) - set(named))
     planned: list[dict[str, Any]] = []
-    taken = min(canary, len(ids))
+    taken = len(named) if named else min(canary, len(ids))
     if taken:
         planned.append(_wave("canary", ids[:taken]))
     for percent in waves:
@@ -100,8 +109,9 @@ def to_rollout(row: RolloutRow) -> Rollout:
 class RolloutEngine:
     """Rollouts and the desired state of devices over one fleet database."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, *, closed: bool = True):
         self.db = db
+        self.closed = closed  # devices need their own credential; rollouts take enrolled devices only
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -134,23 +144,43 @@ class RolloutEngine:
 
     # --- devices ---------------------------------------------------------------------------------------
 
-    def report(self, device_id: str, report: DeviceReport, now: float | None = None) -> Desired:
-        """Register or update a device from its report; what it should run."""
+    def report(self, device_id: str, report: DeviceReport, now: float | None = None, *,
+               token: str | None = None) -> Desired:
+        """Register or update a device from its report (on a closed server, only with the device's own
+        credential, in the group it was enrolled in); what it should run."""
         now = time.time() if now is None else now
         check_device_id(device_id)
-        values = {"id": device_id, "group_name": report.group, "state": report.state, "bundle": report.bundle,
-                  "version": report.version, "rollout": report.rollout, "target_version": report.target_version,
-                  "detail": report.detail[:2000], "events": report.health.events, "errors": report.health.errors,
-                  "p99_ms": report.health.p99_ms, "agent": report.agent[:128], "first_seen": now, "last_seen": now}
         with self.db.transaction() as session:
+            if self.closed:
+                enrolled = identity.verify(session, device_id, token)
+                if enrolled.group != report.group:
+                    raise FleetError(f"device {device_id} is enrolled in group {enrolled.group!r}, not "
+                                     f"{report.group!r} (enroll it again to move it)", status=403)
+            values = {"id": device_id, "group_name": report.group, "state": report.state, "bundle": report.bundle,
+                      "version": report.version, "rollout": report.rollout, "target_version": report.target_version,
+                      "detail": report.detail, "agent": report.agent, "p99_ms": report.health.p99_ms,
+                      "first_seen": now, "last_seen": now,
+                      **_counters(session.get(DeviceRow, device_id), device_id, report)}
             session.execute(self._upsert_device, values)
             return self._desired(session, device_id, report.group)
 
-    def desired(self, device_id: str) -> Desired:
+    def desired(self, device_id: str, *, token: str | None = None) -> Desired:
         """What the device should run (nothing, for a device that has not reported yet)."""
         with self.db.transaction() as session:
+            if self.closed:
+                identity.verify(session, device_id, token)
             device = session.get(DeviceRow, device_id)
             return self._desired(session, device_id, device.group) if device else Desired(device_id=device_id)
+
+    def enroll(self, device_id: str, group: str) -> str:
+        """Enroll a device (again: a new credential); returns its token."""
+        check_device_id(device_id)
+        with self.db.transaction() as session:
+            return identity.enroll(session, self.db.insert, device_id, group)
+
+    def revoke(self, device_id: str) -> None:
+        with self.db.transaction() as session:
+            identity.revoke(session, device_id)
 
     def devices(self) -> list[Device]:
         with self.db.transaction() as session:
@@ -179,6 +209,7 @@ class RolloutEngine:
     def create(self, request: RolloutRequest, now: float | None = None) -> Rollout:
         now = time.time() if now is None else now
         with self._lock, self.db.transaction() as session:
+            self.db.lock_group(session, request.group)
             bundle = session.scalars(select(BundleRow).where(BundleRow.name == request.bundle,
                                                              BundleRow.version == request.version)).first()
             if bundle is None:
@@ -190,11 +221,18 @@ class RolloutEngine:
                 raise FleetError(f"rollout {busy.id} of group {request.group!r} is {busy.state}: "
                                  "abort it first", status=409)
             ids = list(session.scalars(select(DeviceRow.id).where(DeviceRow.group == request.group)))
+            if self.closed:  # a device that reported before it was revoked (or on an open server) takes no part
+                ids = sorted(set(ids) & identity.enrolled_ids(session, request.group))
             if not ids:
                 raise FleetError(f"group {request.group!r} has no devices (a device joins its group "
                                  "with its first report)", status=400)
+            strangers = sorted(set(request.canary_devices) - set(ids))
+            if strangers:
+                raise FleetError(f"canary device(s) {', '.join(strangers)} are not devices of group "
+                                 f"{request.group!r} (enrolled and reported)", status=400)
+            waves = plan_waves(ids, request.canary, request.waves, request.canary_devices)
             row = RolloutRow(bundle=bundle.name, version=bundle.version, target=bundle.target, group=request.group,
-                             state="running", waves=plan_waves(ids, request.canary, request.waves), current_wave=0,
+                             state="running", waves=waves, current_wave=0,
                              gate=[g.model_dump() for g in request.gate], soak_s=request.soak_s,
                              wave_timeout_s=request.wave_timeout_s, reason="", rolled_back=False, created=now,
                              updated=now)
@@ -334,6 +372,27 @@ class RolloutEngine:
         log.info("rollout %d done: group %s runs %s %s", row.id, row.group, row.bundle, row.version)
 
 
+def _counters(before: DeviceRow | None, device_id: str, report: DeviceReport) -> dict[str, int]:
+    """The device's counters over its rollout: they only grow while it reports the same rollout and release;
+    lower ones mean it counted again from zero (a restart), so what it had counted is kept as a base."""
+    health = report.health
+    same = before is not None and (before.rollout, before.bundle, before.version) == (
+        report.rollout, report.bundle, report.version)
+    if not same:
+        return {"events": health.events, "errors": health.errors, "events_base": 0, "errors_base": 0,
+                "resets": before.resets if before is not None else 0}
+    assert before is not None
+    events_base, errors_base, resets = before.events_base or 0, before.errors_base or 0, before.resets or 0
+    if health.events < before.events - events_base or health.errors < before.errors - errors_base:
+        events_base, errors_base, resets = before.events, before.errors, resets + 1
+        log.warning("device %s: its counters went down within rollout %s (%d events, %d errors after %d, %d): "
+                    "counted as a reset", device_id, report.rollout, health.events, health.errors,
+                    before.events - (before.events_base or 0), before.errors - (before.errors_base or 0))
+    return {"events": min(events_base + health.events, MAX_COUNTER),
+            "errors": min(errors_base + health.errors, MAX_COUNTER),
+            "events_base": events_base, "errors_base": errors_base, "resets": resets}
+
+
 def _get(session: Session, rollout_id: int, *, lock: bool = False) -> RolloutRow:
     row = session.get(RolloutRow, rollout_id, with_for_update=lock)
     if row is None:
@@ -365,4 +424,5 @@ def _wanted(device_id: str, group: str, assignment: AssignmentRow | None, groups
 def _device(row: DeviceRow, desired: Desired) -> Device:
     return Device(id=row.id, group=row.group, state=row.state, bundle=row.bundle, version=row.version,  # type: ignore[arg-type]
                   desired_version=desired.version, rollout=row.rollout, detail=row.detail,
-                  health=Health(events=row.events, errors=row.errors, p99_ms=row.p99_ms), last_seen=row.last_seen)
+                  health=Health(events=row.events, errors=row.errors, p99_ms=row.p99_ms),
+                  counter_resets=row.resets or 0, last_seen=row.last_seen)

@@ -26,7 +26,7 @@ th,td{border-bottom:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-al
 th{background:#f4f4f4}.empty{color:#777;font-style:italic}.muted{color:#777}
 .state{font-weight:600}.s-active,.s-done,.s-passed{color:#176b2c}
 .s-failed,.s-rolled-back,.s-halted,.s-aborted{color:#a61b1b}
-.s-paused,.s-soaking,.s-installing{color:#8a5a00}.reason{color:#a61b1b}
+.s-paused,.s-soaking,.s-installing,.s-clock-skew{color:#8a5a00}.reason{color:#a61b1b}
 ul.waves{margin:0;padding-left:1.1em}
 """
 

@@ -5,8 +5,9 @@ verify against the root it trusts, and serves them the way python-tuf's ngclient
     DIR/metadata/<v>.targets.json, <v>.snapshot.json, timestamp.json
     DIR/targets/<sha256>.<target>               the bundles (consistent snapshots: addressed by hash)
 
-The server trusts the root it is given (`--fleet-root`) or else the first one published (1.root.json, trust
-on first use). A newer root must be signed by the threshold of the one before it and of itself; targets,
+The server trusts the root the operator gives it at its first start (`--fleet-root`, kept in the data
+folder from then on); a root is never taken from the network on trust (a first 1.root.json uploaded is
+refused: whoever got there first would own the fleet). A newer root must be signed by the threshold of the one before it and of itself; targets,
 snapshot and timestamp by the keys the root names. A version may not go backwards (an old file published
 again is a replay), the same version may not change, a snapshot must match the targets it names and a
 timestamp the snapshot it names, and a bundle the length and sha256 its targets entry signs. A publish is
@@ -15,12 +16,14 @@ checked whole before anything of it is stored.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,6 +103,10 @@ class TufRepository:
             raise ConfigError(f"--fleet-root {path}: not signed by its own keys ({exc})") from None
         self._write({name: data, "root.json": data})
 
+    @property
+    def trusts_a_root(self) -> bool:
+        return (self.metadata_dir / "root.json").exists()
+
     # --- reading ------------------------------------------------------------------------------------
 
     def _root(self) -> Metadata[Root] | None:
@@ -141,7 +148,8 @@ class TufRepository:
         called with the bundle before it is stored (to add it to the database; raising there stores nothing).
         Returns the metadata names stored (those already stored byte for byte are left out) and the bundle."""
         now = now or datetime.now(timezone.utc)
-        with self._lock, tempfile.TemporaryDirectory(dir=self.targets_dir) as tmp:
+        with self._lock, _folder_lock(self.metadata_dir.parent / ".publish.lock"), \
+                tempfile.TemporaryDirectory(dir=self.targets_dir) as tmp:
             upload = _Upload()
             for name, data in sorted(metadata, key=lambda f: _order(f[0])):
                 self._check(upload, name, data, now)
@@ -169,8 +177,8 @@ class TufRepository:
         if kind == "root":
             return self._check_root(upload, name, data, md, root)
         if root is None:
-            raise PublishRefused(f"{name}: the server trusts no root yet: publish 1.root.json with it (edgefn fleet "
-                                 "push sends it with the first release)")
+            raise PublishRefused(f"{name}: the server trusts no root: start it with --fleet-root (the operator's "
+                                 "1.root.json from `edgefn fleet keys init`)")
         try:
             root.verify_delegate(kind, md)
         except UnsignedMetadataError as exc:
@@ -197,8 +205,9 @@ class TufRepository:
 
     def _check_root(self, upload: _Upload, name: str, data: bytes, md: Metadata, root: Metadata[Root] | None) -> None:
         version = md.signed.version
-        if root is None and version != 1:
-            raise PublishRefused(f"{name}: the server trusts no root yet and takes 1.root.json first")
+        if root is None:
+            raise PublishRefused(f"{name}: the server trusts no root, and takes none from the network: start it "
+                                 "with --fleet-root (the operator's 1.root.json from `edgefn fleet keys init`)")
         if root is not None and version <= root.signed.version:
             if self._get(upload, name) == data:
                 return
@@ -237,8 +246,8 @@ class TufRepository:
         sha256 = digest.hexdigest()
         try:
             manifest = read_bundle(dest)
-        except BundleError as exc:
-            raise PublishRefused(f"the upload is not a bundle: {exc}") from None
+        except BundleError as exc:  # its message names the file: a temporary path of this server, not said
+            raise PublishRefused(f"the upload is not a bundle: {str(exc).replace(str(dest), 'the upload')}") from None
         version = self._latest_version("targets")
         version = max([version] + [int(n.split(".")[0]) for n in upload.files if n.endswith(".targets.json")])
         data = self._get(upload, f"{version}.targets.json")
@@ -265,6 +274,17 @@ class TufRepository:
             tmp = self.metadata_dir / f".{name}.tmp"
             tmp.write_bytes(files[name])
             os.replace(tmp, self.metadata_dir / name)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the repository folder, for servers sharing it (one publish at a time)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _order(name: str) -> tuple[int, int]:

@@ -133,9 +133,11 @@ def call_fleet(method: str, server: str, path: str, *, token: str | None = None,
     """One request to the fleet API, its JSON answer back; every way it can go wrong is a one-line FleetError."""
     import httpx
 
+    from edgefn.config import redact_url
     from edgefn.protocol.fleet import API
 
     url = f"{server.rstrip('/')}{API}{path}"
+    shown, server = redact_url(url), redact_url(server)  # what the errors say; `url` keeps a user:password to log in
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.request(method, url, json=body, files=files, headers=headers, timeout=timeout)
@@ -147,9 +149,9 @@ def call_fleet(method: str, server: str, path: str, *, token: str | None = None,
         doc = None
     if response.status_code >= 400:
         detail = doc.get("error") if isinstance(doc, dict) else None
-        raise FleetError(f"{method} {url}: HTTP {response.status_code}: "
+        raise FleetError(f"{method} {shown}: HTTP {response.status_code}: "
                          f"{detail or response.text.strip()[:200] or response.reason_phrase}",
                          status=response.status_code)
     if doc is None:
-        raise FleetError(f"{method} {url}: the answer is not JSON (is this a fleet server?)")
+        raise FleetError(f"{method} {shown}: the answer is not JSON (is this a fleet server?)")
     return doc

@@ -16,6 +16,8 @@ from edgefn.errors import ConfigError, EdgefnError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from cloud_sync.serve import Tls
+
 cloud_app = typer.Typer(help="The cloud side: serve models over the Open Inference Protocol v2 (KServe V2), "
                              "the endpoint devices hand inference off to, and the fleet server that rolls "
                              "releases out to devices.", no_args_is_help=True)
@@ -30,12 +32,22 @@ def serve(
                                                    "repository live in this folder.")] = None,
     db: Annotated[str | None, typer.Option(help="The fleet's database URL instead of the SQLite file in --data, "
                                                 "e.g. postgresql://user@host/fleet.")] = None,
-    fleet_root: Annotated[Path | None, typer.Option(help="The TUF root.json to trust (the operator's "
-                                                         "1.root.json); without it the first root published "
-                                                         "is trusted.")] = None,
-    token_env: Annotated[str | None, typer.Option(help="Environment variable holding the bearer token that "
-                                                       "publishing and rollout changes must carry (devices need "
-                                                       "none).")] = None,
+    fleet_root: Annotated[Path | None, typer.Option(help="The TUF root to trust (the operator's 1.root.json): "
+                                                         "needed at the first start, kept in --data after it; a "
+                                                         "root is never taken from the network.")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the operator's bearer token, which "
+                                                         "publishing, enrolling and rollout changes must carry (the "
+                                                         "operator.token of `edgefn fleet keys init`).")] = None,
+    token_env: Annotated[str | None, typer.Option(help="Environment variable holding that token instead.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve the fleet without credentials: anyone may "
+                                                              "publish, roll out and report as any device (a lab "
+                                                              "only; logged loudly).")] = False,
+    max_bundle_mib: Annotated[int, typer.Option(min=1, help="Largest bundle a publish may upload (MiB).")] = 1024,
+    max_report_kib: Annotated[int, typer.Option(min=1, help="Largest device report, and other fleet request "
+                                                            "(KiB).")] = 64,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate chain (PEM); "
+                                                           "needs --ssl-keyfile.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="The private key (PEM) of --ssl-certfile.")] = None,
     step_s: Annotated[float, typer.Option(min=0.05, help="Seconds between two steps of the rollout "
                                                          "engine.")] = 0.5,
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free one, "
@@ -56,43 +68,74 @@ def serve(
     except ImportError as exc:
         fail(EdgefnError(f"the cloud endpoint needs {exc.name}: pip install 'edgefn[cloud]'"))
     setup_logging(log_level)
+    with cli_errors():
+        tls = _tls(ssl_certfile, ssl_keyfile)
     if data is not None:
         return _serve_fleet(data, models or [], host=host, port=port, db=db, fleet_root=fleet_root,
-                            token_env=token_env, step_s=step_s, delay_ms=delay_ms, auth_header=auth_header,
-                            auth_env=auth_env)
+                            token=_operator_token(token_file, token_env), insecure=insecure, step_s=step_s,
+                            delay_ms=delay_ms, auth_header=auth_header, auth_env=auth_env, tls=tls,
+                            max_bundle_mib=max_bundle_mib, max_report_kib=max_report_kib)
     if not models:
         fail(ConfigError("give --models DIR (the inference endpoint), --data DIR (the fleet server), or both"))
-    if db is not None or fleet_root is not None or token_env is not None:
-        fail(ConfigError("--db, --fleet-root and --token-env are the fleet server's: give --data DIR too"))
+    if db is not None or fleet_root is not None or token_env is not None or token_file is not None or insecure:
+        fail(ConfigError("--db, --fleet-root, --token-file, --token-env and --insecure are the fleet server's: give "
+                         "--data DIR too"))
     assert models is not None
     with cli_errors():
         endpoint = OipEndpoint.from_folders(models, delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
     names = ", ".join(n if m.backend else f"{n} (not ready)" for n, m in endpoint.models.items())
-    _serve(create_app(endpoint), f"{names} (Open Inference Protocol v2)", host=host, port=port, close=endpoint.close)
+    _serve(create_app(endpoint), f"{names} (Open Inference Protocol v2)", host=host, port=port, close=endpoint.close,
+           tls=tls)
 
 
 def _serve_fleet(data: Path, models: list[Path], *, host: str, port: int, db: str | None, fleet_root: Path | None,
-                 token_env: str | None, step_s: float, delay_ms: float, auth_header: str | None,
-                 auth_env: str | None) -> None:
-    from cloud_sync.fleet.server import FleetService
+                 token: str | None, insecure: bool, step_s: float, delay_ms: float, auth_header: str | None,
+                 auth_env: str | None, tls: Tls | None, max_bundle_mib: int, max_report_kib: int) -> None:
+    from cloud_sync.fleet.server import FleetLimits, FleetService
 
+    limits = FleetLimits(report_bytes=max_report_kib << 10, request_bytes=max_report_kib << 10,
+                         bundle_bytes=max_bundle_mib << 20)
     with cli_errors():
-        service = FleetService(data, db_url=db, models=models, fleet_root=fleet_root,
-                               token=token_from_env(token_env, fallback=None), delay_ms=delay_ms,
-                               auth=_auth(auth_header, auth_env))
+        service = FleetService(data, db_url=db, models=models, fleet_root=fleet_root, token=token, insecure=insecure,
+                               limits=limits, delay_ms=delay_ms, auth=_auth(auth_header, auth_env))
+    if insecure:
+        console.print("[bold red]INSECURE:[/] this fleet server serves anyone (--insecure): never expose it")
     service.engine.start(step_s)
     served = "the fleet" + (f" and {', '.join(service.endpoint.models)} (Open Inference Protocol v2)"
                             if service.endpoint is not None else "")
-    _serve(service.app, served, host=host, port=port, close=service.close)
+    _serve(service.app, served, host=host, port=port, close=service.close, tls=tls)
 
 
-def _serve(app: FastAPI, what: str, *, host: str, port: int, close: Callable[[], None]) -> None:
+def _operator_token(token_file: Path | None, token_env: str | None) -> str | None:
+    if token_file is not None and token_env is not None:
+        fail(ConfigError("give --token-file or --token-env, not both"))
+    if token_file is None:
+        with cli_errors():
+            return token_from_env(token_env, fallback=None)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        fail(ConfigError(f"--token-file {token_file}: cannot read it ({exc.strerror or exc})"))
+    if not token:
+        fail(ConfigError(f"--token-file {token_file} is empty"))
+    return token
+
+
+def _tls(certfile: Path | None, keyfile: Path | None) -> Tls | None:
+    from cloud_sync.serve import Tls
+
+    if (certfile is None) != (keyfile is None):
+        raise ConfigError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    return Tls(certfile, keyfile) if certfile is not None and keyfile is not None else None
+
+
+def _serve(app: FastAPI, what: str, *, host: str, port: int, close: Callable[[], None], tls: Tls | None) -> None:
     """Serve `app` in the foreground until SIGINT or SIGTERM; `close` then releases what it served."""
     from cloud_sync.serve import serve_forever
 
     try:
         with cli_errors():
-            serve_forever(app, host=host, port=port, on_listening=lambda url: console.print(
+            serve_forever(app, host=host, port=port, tls=tls, on_listening=lambda url: console.print(
                 f"serving {what} on {url}", markup=False, highlight=False, soft_wrap=True))
     finally:
         close()

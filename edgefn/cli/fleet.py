@@ -1,7 +1,8 @@
 """`edgefn fleet ...`: the operator's side of fleet rollout.
 
-`fleet keys init` makes the TUF keys, `fleet push` signs a bundle and uploads it, `fleet rollout
-create|status|list|pause|resume|abort` drives a rollout, `fleet devices` lists what devices report.
+`fleet keys init` makes the TUF keys and the operator's token, `fleet push` signs a bundle and uploads
+it, `fleet rollout create|status|list|pause|resume|abort` drives a rollout, `fleet devices` lists what
+devices report, `fleet devices enroll|revoke` gives a device its credential or takes it back.
 Every command that talks to the server takes --server (or EDGEFN_FLEET_SERVER) and --token-env.
 
 Every failure (the server down, a rollout it does not know, a request it refuses) is one line on
@@ -23,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgefn.cli._toolkit import (
+    SERVER_ENV,
     ServerOpt,
     TimeoutOpt,
     TokenEnvOpt,
@@ -42,8 +44,10 @@ fleet_app = typer.Typer(help="Roll functions and models out to a fleet: keys, pu
 keys_app = typer.Typer(help="The TUF signing keys of a fleet's releases.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Canary, waves and health gates: create, watch, pause, resume, abort.",
                           no_args_is_help=True)
+devices_app = typer.Typer(help="The fleet's devices: list them (the default), enroll one, revoke one.")
 fleet_app.add_typer(keys_app, name="keys")
 fleet_app.add_typer(rollout_app, name="rollout")
+fleet_app.add_typer(devices_app, name="devices")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON instead of a table.")]
 UNPUBLISHED = "unpublished.json"  # in the keys folder: metadata signed here that the server has not taken yet
@@ -87,7 +91,7 @@ def parse_waves(text: str) -> list[float]:
 
 
 def build_request(release: str, group: str, *, canary: int, waves: str, gate: str, soak: str,
-                  wave_timeout: str) -> dict[str, Any]:
+                  wave_timeout: str, canary_devices: list[str] | None = None) -> dict[str, Any]:
     """The RolloutRequest the options describe, checked here so a typo fails before the server sees it."""
     from pydantic import ValidationError
 
@@ -100,7 +104,7 @@ def build_request(release: str, group: str, *, canary: int, waves: str, gate: st
         raise ConfigError(f"--gate: {exc}") from None
     try:
         request = RolloutRequest(bundle=bundle, version=version, group=group, canary=canary,
-                                 waves=parse_waves(waves), gate=rules,
+                                 canary_devices=canary_devices or [], waves=parse_waves(waves), gate=rules,
                                  soak_s=parse_duration(soak, option="--soak"),
                                  wave_timeout_s=parse_duration(wave_timeout, option="--wave-timeout"))
     except ValidationError as exc:
@@ -209,18 +213,23 @@ def keys_init(
     force: Annotated[bool, typer.Option(help="Replace existing keys and metadata (devices given the old root "
                                              "will refuse every new release).")] = False,
 ) -> None:
-    """Make the Ed25519 keys of root, targets, snapshot and timestamp and the first (root) metadata.
+    """Make the Ed25519 keys of root, targets, snapshot and timestamp, the first (root) metadata, and the
+    operator's token.
 
-    Keep DIR/keys private. Give every device DIR/repository/metadata/1.root.json once (its --fleet-root).
+    Keep DIR/keys private. Give the fleet server DIR/repository/metadata/1.root.json (--fleet-root) and
+    DIR/operator.token (--token-file); give every device the same root once (its --fleet-root).
     """
-    from edgefn.fleet.signing import ROLES, init_keys, keys_dir
+    from edgefn.fleet.signing import ROLES, init_keys, init_operator_token, keys_dir
 
     with cli_errors():
         root = init_keys(repo_dir, force=force)
+        token = init_operator_token(repo_dir, force=force)
     for role in ROLES:
         out.print(f"{role:9} key  {escape(str(keys_dir(repo_dir) / f'{role}.pem'))} (0600)", highlight=False)
-    out.print(f"root metadata  [bold]{escape(str(root))}[/]: give it to each device once "
-              "(edgefn run --fleet-root FILE)", highlight=False)
+    out.print(f"root metadata  [bold]{escape(str(root))}[/]: give it to the fleet server and to each device once "
+              "(--fleet-root FILE)", highlight=False)
+    out.print(f"operator token [bold]{escape(str(token))}[/] (0600): the fleet server's --token-file; "
+              "export EDGEFN_FLEET_TOKEN=$(cat FILE) for these commands", highlight=False)
 
 
 def _pending(keys: Path) -> list[str]:
@@ -267,6 +276,7 @@ def push(
     The repository in --keys keeps every signed version. Metadata the server did not take (it was down)
     is sent again with the next push.
     """
+    from edgefn.config import redact_url
     from edgefn.files import file_sha256
     from edgefn.fleet.signing import add_release, keys_dir, metadata_dir, refresh_timestamp
     from edgefn.fleet.unpack import read_bundle
@@ -293,7 +303,7 @@ def push(
             out.print(f"signed [bold]{escape(bundle.target)}[/] (sha256 {file_sha256(file)})", highlight=False)
         _upload(server, file, metadata, token, timeout)
         (keys_dir(keys) / UNPUBLISHED).unlink()
-    out.print(f"uploaded to {escape(server)}: {escape(', '.join(names))}"
+    out.print(f"uploaded to {escape(redact_url(server))}: {escape(', '.join(names))}"
               + (f" and {escape(file.name)}" if file is not None else ""), highlight=False)
 
 
@@ -314,6 +324,9 @@ def rollout_create(
                                            "seconds).")] = "30s",
     wave_timeout: Annotated[str, typer.Option(help="A wave not healthy by then halts the rollout (30s, 5m, 1h "
                                                    "or seconds).")] = "10m",
+    canary_device: Annotated[list[str] | None, typer.Option(help="A device of the group to be the canary "
+                                                                 "(repeatable; instead of --canary N, which takes "
+                                                                 "the first N by id).")] = None,
     token_env: TokenEnvOpt = None,
     as_json: JsonOpt = False,
     timeout: TimeoutOpt = 30.0,
@@ -321,7 +334,7 @@ def rollout_create(
     """Start a rollout: the canary first, then each wave, each soaked and gated; prints its id."""
     with cli_errors():
         request = build_request(bundle, group, canary=canary, waves=waves, gate=gate, soak=soak,
-                                wave_timeout=wave_timeout)
+                                wave_timeout=wave_timeout, canary_devices=canary_device)
         rollout = _rollout("POST", server, "/rollouts", token_env, timeout, body=request)
     if as_json:
         print_json(rollout.model_dump(mode="json"))
@@ -385,13 +398,19 @@ def rollout_abort(rollout_id: RolloutId, server: ServerOpt, token_env: TokenEnvO
     _act("abort", rollout_id, server, token_env, as_json, timeout)
 
 
-@fleet_app.command("devices")
-def devices(server: ServerOpt,
+@devices_app.callback(invoke_without_command=True)
+def devices(ctx: typer.Context,
+            server: Annotated[str | None, typer.Option(envvar=SERVER_ENV, show_envvar=True,
+                                                       help="The fleet server, e.g. http://HOST:8080.")] = None,
             group: Annotated[str | None, typer.Option(help="Only the devices of this group.")] = None,
             token_env: TokenEnvOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
     """The devices that reported to the server: group, release, update state, health, last seen."""
     from edgefn.protocol.fleet import Device
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if server is None:
+        raise typer.BadParameter("missing --server (or EDGEFN_FLEET_SERVER)", param_hint="--server")
     with cli_errors():
         found = _listed(server, "/devices", "devices", Device, token_env, timeout)
     if group is not None:
@@ -400,3 +419,44 @@ def devices(server: ServerOpt,
         print_json({"devices": [d.model_dump(mode="json") for d in found]})
     else:
         out.print(devices_table(found, now=time.time()))
+
+
+@devices_app.command("enroll")
+def devices_enroll(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id (its --device-id).")],
+    group: Annotated[str, typer.Option(help="The group the device belongs to.")],
+    server: ServerOpt,
+    token_out: Annotated[Path | None, typer.Option(help="Write the device's token to this file (0600) instead of "
+                                                        "printing it.")] = None,
+    token_env: TokenEnvOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+    """Enroll a device in a group and print its credential (once: the server keeps only its hash).
+
+    The device gives it with `edgefn run --device-token-file FILE` (or EDGEFN_DEVICE_TOKEN). Enrolling an
+    enrolled device again issues a new token; the old one stops working.
+    """
+    from edgefn.files import write_atomic
+    from edgefn.protocol.fleet import Enrollment
+
+    with cli_errors():
+        doc = call_fleet("POST", server, "/enrollments", token=token_from_env(token_env),
+                         body={"device_id": device_id, "group": group}, timeout=timeout)
+        enrollment = _model(Enrollment, doc, "enrollment")
+        if token_out is not None:
+            write_atomic(token_out, (enrollment.token + "\n").encode())  # mkstemp: 0600
+    if as_json:
+        print_json(enrollment.model_dump(mode="json") if token_out is None else
+                   {"device_id": enrollment.device_id, "group": enrollment.group, "token_file": str(token_out)})
+    elif token_out is not None:
+        typer.echo(f"device {enrollment.device_id} enrolled in {enrollment.group}; its token is in {token_out}")
+    else:
+        typer.echo(enrollment.token)
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id.")],
+                   server: ServerOpt, token_env: TokenEnvOpt = None, timeout: TimeoutOpt = 30.0) -> None:
+    """Take a device's credential back: its reports are refused, and new rollouts leave it out."""
+    with cli_errors():
+        call_fleet("POST", server, f"/enrollments/{device_id}/revoke", token=token_from_env(token_env),
+                   timeout=timeout)
+    typer.echo(f"device {device_id}: revoked")

@@ -56,6 +56,9 @@ def run(
     group: Annotated[str | None, typer.Option(help="The fleet group of this device (default: default).")] = None,
     fleet_root: Annotated[Path | None, typer.Option(help="The fleet's TUF root (1.root.json of `edgefn fleet keys "
                                                          "init`); needed the first time only.")] = None,
+    device_token_file: Annotated[Path | None, typer.Option(help="File holding this device's fleet credential (from "
+                                                                "`edgefn fleet devices enroll`; or set "
+                                                                "EDGEFN_DEVICE_TOKEN).")] = None,
     fleet_poll: Annotated[float | None, typer.Option(help="Seconds between polls of the fleet server (default 5).")] = None,
     batch_max: Annotated[int | None, typer.Option(help="Most concurrent infer calls of one model stacked into one "
                                                       "inference, here or on the cloud (default 16; 1: off).")] = None,
@@ -79,7 +82,8 @@ def run(
                                  cloud_model_map=_pairs("--cloud-model", cloud_model),
                                  device_root=device_root, delegate_dirs=delegate_dirs, cloud_url=cloud,
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
-                                 fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
+                                 fleet_root=fleet_root, device_token_file=device_token_file,
+                                 fleet_poll_s=fleet_poll, batch_max=batch_max,
                                  batch_wait_ms=batch_wait_ms)
         # A function that does not build is reported by the daemon (status, metrics, its error topic)
         # while the others serve.

@@ -17,6 +17,7 @@ import time
 import httpx
 
 from edgefn import __version__
+from edgefn.config import redact_url
 from edgefn.errors import FleetError
 from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher
@@ -36,11 +37,14 @@ class FleetAgent:
         if not s.fleet_url:
             raise FleetError("the fleet agent needs a fleet server (--fleet URL)")
         self.daemon, self.store = daemon, daemon.fleet
-        self.url = s.fleet_url.rstrip("/")
+        url = s.fleet_url.rstrip("/")
+        self.url = redact_url(url)  # what logs and errors say
         self.device_id = s.device_id
         self.group, self.poll_s = s.group, s.fleet_poll_s
-        self.fetcher = ReleaseFetcher(self.store.dir, self.url, s.fleet_root)
-        self._http = httpx.Client(base_url=f"{self.url}{API}", timeout=10.0)
+        self.fetcher = ReleaseFetcher(self.store.dir, url, s.fleet_root)
+        token = s.fleet_credential()  # sent on the device's own routes only; a closed server refuses it without
+        self._http = httpx.Client(base_url=f"{url}{API}", timeout=10.0,
+                                  headers={"Authorization": f"Bearer {token}"} if token else {})
         self._etag: str | None = None
         self._polled_at = 0.0
         self._desired: Desired | None = None
@@ -124,6 +128,11 @@ class FleetAgent:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise FleetError(f"{self.url} cannot be reached: {exc}") from None
+        if response.status_code in (401, 403):
+            raise FleetError(f"the fleet server refuses this device's credential (HTTP {response.status_code}): "
+                             f"enroll it (edgefn fleet devices enroll {self.device_id} --group {self.group}) and "
+                             "give its token (--device-token-file or EDGEFN_DEVICE_TOKEN)",
+                             status=response.status_code)
         if response.status_code >= 400 and response.status_code != 404:
             raise FleetError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}",
                              status=response.status_code)

@@ -8,20 +8,25 @@
 wrong hash or length, a bad signature, metadata older than what the device already trusts
 (rollback), expired metadata (freeze) and metadata that does not agree with itself (mix-and-match).
 Each refusal becomes `UpdateRefused` saying which, in words; a server that cannot be reached
-becomes `FleetError`. `check_not_older` is the release-level check TUF cannot make: a correctly
+becomes `FleetError`. Metadata that looks expired while this device's clock is off from the
+server's (its HTTP Date) is `ClockSkew`: the device's problem, not a refusal of the release. `check_not_older` is the release-level check TUF cannot make: a correctly
 signed bundle that is older than the one running.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+import httpx
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
-from edgefn.errors import FleetError, UpdateRefused
+from edgefn.config import redact_url
+from edgefn.errors import ClockSkew, FleetError, UpdateRefused
 from edgefn.files import write_atomic
 from edgefn.protocol.fleet import METADATA_PATH, TARGETS_PATH, parse_version
 
@@ -38,6 +43,13 @@ def check_not_older(current_version: str | None, new_version: str) -> None:
     if current is not None and new < current:
         raise UpdateRefused(f"release {new_version} is older than {current_version}, which runs here "
                             "(a downgrade is refused)")
+
+
+CLOCK_TOLERANCE_S = 300.0  # a device clock further than this from the server's is off
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if abs(seconds) >= 86400 else f"{seconds:.0f} s"
 
 
 _ROLLBACK = re.compile(r"must be >=|Expected \S+\.json version|Expected root version")
@@ -96,6 +108,7 @@ class ReleaseFetcher:
         self.metadata_dir = self.dir / "tuf"
         self.downloads = self.dir / "downloads"
         self.server_url = server_url.rstrip("/")
+        self.shown = redact_url(self.server_url)  # what errors say
         self.timeout = timeout
         if not self.root_path.exists():
             self._bootstrap(root_file)
@@ -120,6 +133,20 @@ class ReleaseFetcher:
         except (tuf_errors.RepositoryError, ValueError) as exc:
             raise UpdateRefused(f"{self.root_path}: not a valid, self-signed TUF root: {exc}") from None
 
+    def _check_clock(self, exc: Exception) -> None:
+        """Expired metadata: ClockSkew when this device's clock is off from the server's, else nothing (the
+        metadata really expired: a refusal)."""
+        try:
+            answer = httpx.get(f"{self.server_url}{METADATA_PATH}timestamp.json", timeout=self.timeout)
+            server = parsedate_to_datetime(answer.headers["date"]).timestamp()
+        except (httpx.HTTPError, KeyError, TypeError, ValueError):
+            return  # no time to compare with: judged as TUF judged it
+        skew = time.time() - server
+        if abs(skew) > CLOCK_TOLERANCE_S:
+            raise ClockSkew(f"this device's clock is {_days(abs(skew))} {'ahead of' if skew > 0 else 'behind'} the "
+                            f"fleet server's, so its signed metadata looks expired here ({exc}); set the clock "
+                            "(NTP): the update is tried again then") from None
+
     def fetch(self, target: str) -> Path:
         """Refresh the metadata, then the target's verified file (downloaded, or the one already here)."""
         updater = self._updater()
@@ -127,7 +154,9 @@ class ReleaseFetcher:
             updater.refresh()
             info = updater.get_targetinfo(target)
         except Exception as exc:  # noqa: BLE001 - every python-tuf failure is mapped, see _refusal
-            raise _refusal(exc, f"{self.server_url}{METADATA_PATH}", target=False) from exc
+            if isinstance(exc, tuf_errors.ExpiredMetadataError):
+                self._check_clock(exc)
+            raise _refusal(exc, f"{self.shown}{METADATA_PATH}", target=False) from exc
         if info is None:
             raise UpdateRefused(f"{target}: not among the signed targets (not released, or signed with other keys)")
         cached = updater.find_cached_target(info)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from edgefn.errors import BundleError, EdgefnError, UpdateRefused
+from edgefn.errors import BundleError, ClockSkew, EdgefnError, UpdateRefused
 from edgefn.files import file_sha256
 from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
@@ -125,6 +125,11 @@ class Installation:
         try:
             self._step("downloading")
             return self.agent.fetcher.fetch(self.release.target)
+        except ClockSkew as exc:  # the device's problem: not a refusal, tried again at the next poll
+            log.warning("not updating to %s: %s", self.release.label, exc)
+            self.agent.say("clock-skew", str(exc))
+            self.store.end_update()
+            return None
         except UpdateRefused as exc:
             self._refuse(str(exc))
             return None

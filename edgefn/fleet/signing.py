@@ -4,6 +4,7 @@
     DIR/repository/metadata/1.root.json   the root of trust (given to devices once), also as root.json
     DIR/repository/metadata/<v>.targets.json, <v>.snapshot.json, timestamp.json
     DIR/repository/targets/<sha256>.<name>-<version>.bundle.tar
+    DIR/operator.token                    the operator's bearer token for the fleet server (0600)
 
 Consistent snapshots are on: every version of targets and snapshot stays under its own name, so a
 device always reads one coherent set. Each release bumps and signs targets, snapshot and timestamp;
@@ -14,6 +15,7 @@ Written with python-tuf's Metadata API (`tuf.api.metadata`) and securesystemslib
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -91,6 +93,19 @@ def init_keys(repo_dir: Path, *, force: bool = False, expires_days: float = ROOT
     write_atomic(metadata_dir(repo_dir) / "root.json", data)
     targets_dir(repo_dir).mkdir(parents=True, exist_ok=True)
     return root_file(repo_dir)
+
+
+def operator_token_file(repo_dir: Path) -> Path:
+    """The operator's bearer token: the fleet server's --token-file, and what the operator's commands send."""
+    return Path(repo_dir) / "operator.token"
+
+
+def init_operator_token(repo_dir: Path, *, force: bool = False) -> Path:
+    """A new random operator token in DIR/operator.token (0600); an existing one is kept unless `force`."""
+    path = operator_token_file(repo_dir)
+    if force or not path.exists():
+        write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode())  # mkstemp's 0600 stays
+    return path
 
 
 class Repository:

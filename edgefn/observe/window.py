@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from edgefn.protocol.fleet import Health
+from edgefn.protocol.fleet import MAX_COUNTER, MAX_MS, Health
 
 
 class HealthWindow:
@@ -28,4 +28,6 @@ class HealthWindow:
     def snapshot(self) -> Health:
         with self._lock:
             p99 = float(np.percentile(np.fromiter(self._ms, float), 99)) if self._ms else None
-            return Health(events=self.events, errors=self.errors, p99_ms=p99)
+            # Held within what a report may say (the server refuses more): a device up for years saturates.
+            return Health(events=min(self.events, MAX_COUNTER), errors=min(self.errors, MAX_COUNTER),
+                          p99_ms=None if p99 is None else min(p99, MAX_MS))

@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import httpx
 
+from edgefn.config import redact_url, split_credentials
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError, ModelError
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
 from edgefn.offload.breaker import BreakerState, CircuitBreaker
@@ -97,10 +98,18 @@ class CloudClient:
                  breaker: CircuitBreaker | None = None, max_connections: int = 16,
                  environ: Mapping[str, str] = os.environ, transport: httpx.BaseTransport | None = None):
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"cloud_url must be an http:// or https:// URL, got {url!r}")
+            raise ConfigError(f"cloud_url must be an http:// or https:// URL, got {redact_url(url)!r}")
         if timeout_s <= 0 or retries < 0:
             raise ConfigError("cloud_timeout_s must be positive and cloud_retries not negative")
-        self.url = url.rstrip("/")
+        # A user:password in the URL logs in (HTTP Basic) but is kept out of the URL itself, which httpx logs
+        # with every request.
+        url, user, password = split_credentials(url.rstrip("/"))
+        auth: httpx.Auth | None = _secret(auth_header, auth_env, environ)
+        if user is not None and auth is not None:
+            raise ConfigError("cloud_url carries a user and password, and cloud_auth_header is set too: give one")
+        if user is not None:
+            auth = httpx.BasicAuth(user, password or "")
+        self.url = url
         self.model_map = dict(model_map or {})
         self.auth_header = auth_header
         self.timeout_s, self.retries = timeout_s, retries
@@ -112,7 +121,7 @@ class CloudClient:
         transport = transport or httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, auth=_secret(auth_header, auth_env, environ),
+        self._http = httpx.Client(base_url=url, timeout=timeout_s, auth=auth,
                                   transport=transport)
         self._input_names: dict[str, list[str]] = {}  # one dict write is atomic: no lock
 

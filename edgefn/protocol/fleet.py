@@ -3,9 +3,11 @@ and the words the CLI and the server's page both use to show it.
 
 Routes (JSON unless said otherwise; see docs/fleet.md for the whole contract):
 
-    POST /fleet/v1/devices/{id}/report     DeviceReport -> Desired   (registers on first report)
-    GET  /fleet/v1/devices/{id}/desired    -> Desired, ETag; If-None-Match -> 304
+    POST /fleet/v1/devices/{id}/report     DeviceReport -> Desired   (the device's own credential)
+    GET  /fleet/v1/devices/{id}/desired    -> Desired, ETag; If-None-Match -> 304   (the same)
     GET  /fleet/v1/devices                 -> {"devices": [Device...]}
+    POST /fleet/v1/enrollments             EnrollRequest -> Enrollment (its token, shown once)
+    POST /fleet/v1/enrollments/{id}/revoke -> {"device_id", "revoked": true}
     POST /fleet/v1/publish                 multipart: the bundle and the TUF metadata that signs it
     GET  /fleet/v1/bundles                 -> {"bundles": [BundleRecord...]}
     POST /fleet/v1/rollouts                RolloutRequest -> Rollout
@@ -17,10 +19,10 @@ Routes (JSON unless said otherwise; see docs/fleet.md for the whole contract):
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 API = "/fleet/v1"
 METADATA_PATH = "/tuf/metadata/"
@@ -28,11 +30,21 @@ TARGETS_PATH = "/tuf/targets/"
 
 # What the device agent is doing; the steps of an update in the order they happen.
 UPDATE_STEPS = ("downloading", "verifying", "compiling", "activating", "checking", "reporting")
+# clock-skew: the device refused the fleet's metadata as expired while its own clock is off (the server's
+# Date says so): the device's problem, never counted as a failed install.
 DeviceState = Literal["idle", "downloading", "verifying", "compiling", "activating", "checking", "active",
-                      "failed", "rolled-back"]
+                      "failed", "rolled-back", "clock-skew"]
 RolloutState = Literal["running", "paused", "halted", "aborted", "done"]
 WaveState = Literal["pending", "installing", "soaking", "passed", "failed"]
 GateMetric = Literal["error_rate", "p99_ms", "install_failures"]
+
+# Bounds of what a device or an operator may send: a report is a few hundred bytes, and the database's
+# integer columns are 32 bits.
+MAX_COUNTER = 2**31 - 1
+MAX_MS = 1e7
+MAX_ID = 2**31 - 1
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$"  # device ids, groups, bundle names and versions
+Name = Annotated[str, StringConstraints(pattern=NAME)]
 
 
 def parse_version(text: str) -> Version:
@@ -51,7 +63,7 @@ def target_name(bundle: str, version: str) -> str:
 class GateRule(BaseModel):
     metric: GateMetric
     op: Literal["<", "<="]
-    limit: float
+    limit: float = Field(allow_inf_nan=False)
 
     def passes(self, value: float | None) -> bool:
         if value is None:  # nothing measured yet counts as passing; install failures are always counted
@@ -86,9 +98,15 @@ def parse_gate(text: str) -> list[GateRule]:
 class Health(BaseModel):
     """What a device measured of its active version since it was activated."""
 
-    events: int = 0
-    errors: int = 0
-    p99_ms: float | None = None
+    events: int = Field(default=0, ge=0, le=MAX_COUNTER)
+    errors: int = Field(default=0, ge=0, le=MAX_COUNTER)
+    p99_ms: float | None = Field(default=None, ge=0, le=MAX_MS, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _errors_are_events(self) -> Health:
+        if self.errors > self.events:
+            raise ValueError(f"errors ({self.errors}) cannot outnumber events ({self.events})")
+        return self
 
     @property
     def error_rate(self) -> float | None:
@@ -98,15 +116,15 @@ class Health(BaseModel):
 class DeviceReport(BaseModel):
     """POST by the agent at start, at every update step and every poll; registers the device."""
 
-    group: str
+    group: Name
     state: DeviceState
-    bundle: str | None = None  # what is active on the device (None: nothing from the fleet yet)
-    version: str | None = None
-    rollout: int | None = None  # the rollout the state refers to
-    target_version: str | None = None  # the version being installed or refused
-    detail: str = ""  # why it failed or rolled back, in words
+    bundle: Name | None = None  # what is active on the device (None: nothing from the fleet yet)
+    version: Name | None = None
+    rollout: int | None = Field(default=None, ge=1, le=MAX_ID)  # the rollout the state refers to
+    target_version: Name | None = None  # the version being installed or refused
+    detail: str = Field(default="", max_length=2000)  # why it failed or rolled back, in words
     health: Health = Field(default_factory=Health)
-    agent: str = ""
+    agent: str = Field(default="", max_length=128)
 
 
 class Desired(BaseModel):
@@ -131,6 +149,7 @@ class Device(BaseModel):
     rollout: int | None = None
     detail: str = ""
     health: Health = Field(default_factory=Health)
+    counter_resets: int = 0  # times its counters went down within a rollout (a restart, or a liar)
     last_seen: float  # unix seconds
 
 
@@ -143,15 +162,30 @@ class BundleRecord(BaseModel):
     published: float
 
 
-class RolloutRequest(BaseModel):
-    bundle: str
-    version: str
+class EnrollRequest(BaseModel):
+    """The operator enrolls a device in a group; the answer carries its credential, once."""
+
+    device_id: Name
+    group: Name
+
+
+class Enrollment(BaseModel):
+    device_id: str
     group: str
-    canary: int = Field(default=1, ge=0)
-    waves: list[float] = Field(default_factory=lambda: [100.0])  # cumulative % of the group
-    gate: list[GateRule] = Field(default_factory=list)
-    soak_s: float = Field(default=30.0, ge=0)
-    wave_timeout_s: float = Field(default=600.0, gt=0)  # a wave not healthy by then halts the rollout
+    token: str  # the device's bearer token: give it to the device (--device-token-file, EDGEFN_DEVICE_TOKEN)
+
+
+class RolloutRequest(BaseModel):
+    bundle: Name
+    version: Name
+    group: Name
+    canary: int = Field(default=1, ge=0, le=100_000)
+    # The canary devices by name (the operator's choice), else the first `canary` of the group by id.
+    canary_devices: list[Name] = Field(default_factory=list, max_length=1000)
+    waves: list[float] = Field(default_factory=lambda: [100.0], max_length=100)  # cumulative % of the group
+    gate: list[GateRule] = Field(default_factory=list, max_length=16)
+    soak_s: float = Field(default=30.0, ge=0, le=30 * 86400)
+    wave_timeout_s: float = Field(default=600.0, gt=0, le=30 * 86400)  # a wave not healthy by then halts it
 
     @field_validator("waves")
     @classmethod
