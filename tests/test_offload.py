@@ -84,9 +84,9 @@ def results_of(collector, n: int) -> list[dict]:
 
 
 def offload_count(d: Daemon, outcome: str) -> float:
-    prefix = f'edgefn_offload_total{{function="digits",outcome="{outcome}"}} '
-    return next((float(line.split()[-1]) for line in d.metrics.render().decode().splitlines()
-                 if line.startswith(prefix)), 0.0)
+    prefix = f'edgefn_offload_total{{function="digits",outcome="{outcome}",'
+    return sum(float(line.split()[-1]) for line in d.metrics.render().decode().splitlines()
+               if line.startswith(prefix))
 
 
 @pytest.mark.broker

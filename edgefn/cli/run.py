@@ -131,6 +131,8 @@ def status(
         if key in doc:
             table.add_row(key.replace("_", " "), escape(str(doc[key])))
     table.add_row("functions", escape(", ".join(f"{n} {v}" for n, v in doc.get("functions", {}).items())))
+    for key, value in _cloud_rows(doc.get("cloud")):
+        table.add_row(key, escape(value))
     out.print(table)
     models = Table(title="models")
     for column in ("model", "variant", "delegate", "passed over"):
@@ -139,6 +141,20 @@ def status(
         passed = "\n".join(f"{what}: {why}" for what, why in m.get("passed_over", []))
         models.add_row(name, m.get("variant", "?"), m.get("delegate", "?"), escape(passed) or "-")
     out.print(models)
+
+
+def _cloud_rows(cloud: dict | None) -> list[tuple[str, str]]:
+    """The hand-off's lines of the status table: where to, in what state, and its last error."""
+    if not cloud:
+        return [("cloud", "none (everything runs here)")]
+    state = cloud.get("state", "?")
+    if cloud.get("failing"):
+        state += f" ({', '.join(cloud['failing'])})"
+    rows = [("cloud", f"{cloud.get('url', '?')}: {state}, breaker {cloud.get('breaker', '?')}, "
+                      f"{cloud.get('handed_off', 0)} handed off, {sum(cloud.get('failures', {}).values())} failed")]
+    if (error := cloud.get("last_error")) is not None:
+        rows.append(("cloud last error", f"{error.get('model')} ({error.get('reason')}): {error.get('error')}"))
+    return rows
 
 
 def demo(
