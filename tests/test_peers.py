@@ -6,6 +6,7 @@ Test ids name the server."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,13 +16,15 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from typer.testing import CliRunner
 
+from edgefn.cli.main import app
 from edgefn.daemon import Daemon
 from edgefn.errors import CloudError
 from edgefn.inference.registry import ModelRegistry
 from edgefn.inference.tensors import from_wire, to_wire
 from edgefn.offload.client import CloudClient
-from tests.conftest import MODELS, publish
+from tests.conftest import DIGITS_FN, MODELS, publish
 from tests.peers.servers import MLSERVER_ROUTES, PeerServer, mlserver_repository, start_kserve, start_mlserver
 from tests.test_daemon import X, digit_payloads
 
@@ -168,3 +171,17 @@ def test_mlserver_killed_mid_stream_loses_nothing(repository: Path, broker, coll
     finally:
         d.stop(drain_timeout=2)
         server.kill()
+
+
+@pytest.mark.parametrize("peer", PEERS, indirect=True)
+def test_cloud_check_passes_the_peer_and_names_a_wrong_route(peer):
+    url, routes = peer
+    cloud_model = [f"digits={routes['digits']}"] if routes else []
+    args = ["cloud", "check", url, "-f", str(DIGITS_FN), "-m", str(MODELS), "--json"]
+    result = CliRunner().invoke(app, [*args, *(["--cloud-model", *cloud_model] if cloud_model else [])])
+    assert result.exit_code == 0, result.output
+    (digits,) = json.loads(result.output)["models"]
+    assert digits["ok"] and digits["rows"] == 397 and digits["agreement"] >= 0.95
+    wrong = CliRunner().invoke(app, [*args, "--cloud-model", "digits=digits-gone"])
+    assert wrong.exit_code == 1
+    assert json.loads(wrong.output)["models"][0]["problem"].startswith("not-served")

@@ -17,7 +17,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.cli._toolkit import build_stale, cli_errors, fail, out, print_json, setup_logging
+from edgefn.cli._toolkit import (
+    CLOUD_MODEL_HELP,
+    build_stale,
+    cli_errors,
+    fail,
+    name_values,
+    out,
+    print_json,
+    setup_logging,
+)
 from edgefn.errors import EdgefnError
 from edgefn.protocol.offload import POLICIES
 
@@ -42,8 +51,7 @@ def run(
                                                      "default: detected).")] = None,
     cloud: Annotated[str | None, typer.Option(help="Cloud inference endpoint (Open Inference Protocol v2), "
                                                    "e.g. http://HOST:8000 [env EDGEFN_CLOUD_URL].")] = None,
-    cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
-                                                                "another name (repeatable).")] = None,
+    cloud_model: Annotated[list[str] | None, typer.Option(help=CLOUD_MODEL_HELP)] = None,
     offload: Annotated[str | None, typer.Option(help="Override every function's offload policy: "
                                                      f"{', '.join(POLICIES)}.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
@@ -75,8 +83,8 @@ def run(
         settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
-                                 model_variants=_pairs("--model-variant", model_variant), profile=profile,
-                                 cloud_model_map=_pairs("--cloud-model", cloud_model),
+                                 model_variants=name_values("--model-variant", model_variant), profile=profile,
+                                 cloud_model_map=name_values("--cloud-model", cloud_model),
                                  device_root=device_root, delegate_dirs=delegate_dirs, cloud_url=cloud,
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, fleet_poll_s=fleet_poll, batch_max=batch_max,
@@ -93,17 +101,6 @@ def run(
         stop.wait()
         logging.getLogger("edgefn").info("stopping: draining events in hand")
         daemon.stop()
-
-
-def _pairs(flag: str, values: list[str] | None) -> dict[str, str] | None:
-    """["a=b", ...] -> {"a": "b", ...}; None when the flag was not given."""
-    if not values:
-        return None
-    pairs = [v.split("=", 1) for v in values]
-    bad = [v for v, p in zip(values, pairs, strict=True) if len(p) != 2 or not all(p)]
-    if bad:
-        raise typer.BadParameter(f"{bad[0]!r} is not NAME=VALUE", param_hint=flag)
-    return dict(pairs)
 
 
 def status(

@@ -164,7 +164,7 @@ class CloudClient:
         key = (model, None if contract is None else (contract.inputs, contract.outputs))
         plan = self._plans.get(key)
         if plan is None:
-            route = self._route(model)
+            route = self.route(model)
             try:
                 plan = contract_.plan(route, contract, self.metadata(model))
             except CloudError as exc:
@@ -195,7 +195,7 @@ class CloudClient:
         if len(plan.inputs) != len(arrays):
             raise CloudError(f"model {plan.model} on {self.url} takes {len(plan.inputs)} input(s) "
                              f"({', '.join(plan.inputs)}), got {len(arrays)}")
-        asked = _asked(plan, outputs, self._route(model))
+        asked = _asked(plan, outputs, self.route(model))
         threshold = self.binary_threshold
         binary = threshold is not None and any(a.nbytes >= threshold for a in arrays) and self._takes_binary()
         head: dict[str, Any] = {"inputs": []}
@@ -250,11 +250,12 @@ class CloudClient:
             self._binary = isinstance(extensions, list) and oip.EXTENSIONS[0] in extensions
         return self._binary
 
-    def _route(self, model: str) -> contract_.Route:
+    def route(self, model: str) -> contract_.Route:
+        """Where `model` is on the endpoint: its name and its tensors' names there."""
         return self._routes.get(model) or contract_.Route(model)
 
     def _cloud_name(self, model: str) -> str:
-        return self._route(model).name
+        return self.route(model).name
 
     def _path(self, model: str, *tail: str) -> str:
         return "/".join(("/v2/models", quote(self._cloud_name(model), safe=""), *tail))
