@@ -194,7 +194,7 @@ class CloudClient:
         arrays = [from_wire(t) for t in inputs]
         if len(plan.inputs) != len(arrays):
             raise CloudError(f"model {plan.model} on {self.url} takes {len(plan.inputs)} input(s) "
-                             f"({', '.join(plan.inputs)}), got {len(arrays)}")
+                             f"({', '.join(plan.inputs)}), got {len(arrays)}", reason="mismatch")
         asked = _asked(plan, outputs, self.route(model))
         threshold = self.binary_threshold
         binary = threshold is not None and any(a.nbytes >= threshold for a in arrays) and self._takes_binary()
