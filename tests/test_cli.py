@@ -18,7 +18,8 @@ from tests.conftest import DIGITS_FN, MODELS
 # Wide, so that rich does not wrap long paths and messages in the middle of what is checked.
 runner = CliRunner(env={"COLUMNS": "400"})
 
-COMMANDS = [[], ["run"], ["demo"], ["version"], ["status"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"]]
+COMMANDS = [[], ["run"], ["demo"], ["version"], ["status"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"],
+            ["cloud", "check"]]
 
 
 def lines_on(output: str, topic: str) -> list[dict]:
