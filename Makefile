@@ -9,7 +9,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup system-deps demo test bench lint models clean
+.PHONY: help setup system-deps peers demo test bench lint models clean
 
 help:
 	@echo "make demo   - local broker + daemon + digits function + simulated sensors, live table"
@@ -22,6 +22,7 @@ help:
 	@echo "              bench/fleet.py (rollout of a good and a bad bundle to 500 simulated devices)"
 	@echo "make lint   - ruff over the package, the cloud service, tests, benches, models and examples"
 	@echo "make setup  - .venv with every extra, then system-deps"
+	@echo "make peers  - .venv-peers: Seldon MLServer and KServe, each in its own venv (the tests hand off to them)"
 	@echo "make system-deps - mosquitto, postgresql, chromium and faketime (apt), each only when missing"
 	@echo "make models - rebuild models/digits from scikit-learn's digits data, and its int8/pruned variants"
 
@@ -53,11 +54,25 @@ system-deps:
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  fi
 
+# Third-party inference servers the tests hand work off to (tests/test_peers.py), each in a venv of its own:
+# their pins clash with edgefn's and with each other's (MLServer's FastAPI wants an older Starlette than
+# KServe's). Rebuilt when their requirements change.
+PEERS ?= .venv-peers
+PEER_KINDS := mlserver kserve
+
+peers: $(foreach k,$(PEER_KINDS),$(PEERS)/$(k)/.installed)
+
+$(PEERS)/%/.installed: tests/peers/%.txt
+	rm -rf $(PEERS)/$*
+	$(PYTHON) -m venv $(PEERS)/$*
+	$(PEERS)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
 demo: $(BIN)/.installed
 	@$(MAKE) --no-print-directory system-deps SYSTEM_DEPS=mosquitto
 	$(BIN)/edgefn demo $(DEMO_ARGS)
 
-test: setup
+test: setup peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
@@ -86,4 +101,4 @@ models: setup
 	  || exit 1; done
 
 clean:
-	rm -rf $(VENV) examples/functions/*/build .pytest_cache
+	rm -rf $(VENV) $(PEERS) examples/functions/*/build .pytest_cache

@@ -66,7 +66,9 @@ class Settings(BaseSettings):
                                            "model.json to run (default: the best one that runs here).")
     cloud_url: str | None = Field(default=None, description="The cloud inference endpoint (Open Inference Protocol "
                                   "v2, http:// or https://).")
-    cloud_model_map: dict[str, str] = Field(default_factory=dict, description="Model name here -> its name there.")
+    cloud_model_map: dict[str, str] = Field(default_factory=dict, description="Model name here -> its name there, "
+                                            "then TENSOR=NAME for its inputs or outputs named otherwise there "
+                                            "(\"digits-sk,label=predict\").")
     cloud_auth_header: str | None = Field(default=None, description="Header that carries the endpoint's credential.")
     cloud_auth_env: str | None = Field(default=None, description="Environment variable holding that credential.")
     cloud_timeout_s: float = Field(default=2.0, gt=0, description="Per cloud call: connect, send, answer.")

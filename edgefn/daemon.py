@@ -282,7 +282,14 @@ class Daemon:
             "failed_functions": dict(self.loader.failed),
             "release": self.release.label if self.release else None,
             "models": {name: self._model_status(name) for name in self._models_in_use()},
+            "cloud": self._cloud_status(),
         }
+
+    def _cloud_status(self) -> dict | None:
+        """The hand-off: its endpoint, its breaker, whether its last calls went through, its last error."""
+        if self.cloud is None:
+            return None
+        return {**self.cloud.status.snapshot(), "breaker": self.cloud.breaker.state.value}
 
     def _model_status(self, name: str) -> dict:
         choice = self.registry.choice(name)

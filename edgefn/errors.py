@@ -80,11 +80,24 @@ class BrokerError(EdgefnError):
 
 
 class CloudError(HttpStatus, EdgefnError):
-    """The cloud endpoint (OIP v2) refused a request or answered nonsense; `status` is its HTTP status, if any."""
+    """The cloud endpoint (OIP v2) refused a request or answered nonsense; `status` is its HTTP status, if any.
+
+    `reason` names the kind of failure in a word, for the offload metric and the log: refused (a 4xx),
+    not-served (the endpoint has no such model), mismatch (its names, datatypes or shapes are not the
+    local model's), bad-answer (not an OIP answer, or one that does not fit the model); and for
+    `CloudUnavailable`: breaker-open, unreachable, timeout, server-error (5xx)."""
+
+    default_reason = "refused"
+
+    def __init__(self, message: str, status: int | None = None, reason: str | None = None):
+        super().__init__(message, status)
+        self.reason: str = reason or self.default_reason
 
 
 class CloudUnavailable(CloudError):
     """No answer from the cloud endpoint (breaker open, connection failed, timed out, 5xx): run it here instead."""
+
+    default_reason = "unreachable"
 
 
 class StorageError(EdgefnError):

@@ -10,14 +10,16 @@ import pytest
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
+from cloud_sync.serve import start_server
 from edgefn.cli.main import app
 from edgefn.functions.manifest import load_manifest
-from tests.conftest import MODELS
+from tests.conftest import DIGITS_FN, MODELS
 
 # Wide, so that rich does not wrap long paths and messages in the middle of what is checked.
 runner = CliRunner(env={"COLUMNS": "400"})
 
-COMMANDS = [[], ["run"], ["demo"], ["version"], ["status"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"]]
+COMMANDS = [[], ["run"], ["demo"], ["version"], ["status"], ["fn"], ["fn", "new"], ["fn", "build"], ["fn", "invoke"],
+            ["cloud", "check"]]
 
 
 def lines_on(output: str, topic: str) -> list[dict]:
@@ -365,3 +367,28 @@ def test_watch_rebuilds_and_runs_again_on_each_save(tmp_path: Path):
         watch.kill()
         watch.wait()
         watch.stdout.close()
+
+
+# --- edgefn cloud check ---------------------------------------------------------------------------------
+
+
+def test_cloud_check_says_the_endpoint_can_take_the_functions_models():
+    with start_server(MODELS) as cloud:
+        result = runner.invoke(app, ["cloud", "check", cloud.url, "-f", str(DIGITS_FN), "-m", str(MODELS), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["ok"] and [m["model"] for m in doc["models"]] == ["digits"]  # only what the function uses
+    (digits,) = doc["models"]
+    assert digits["ready"] and digits["inputs"] == ["pixels FP32 [-1, 64]"]
+    assert digits["outputs"] == ["label INT64 [397]", "probabilities FP32 [397, 10]"]
+    assert digits["rows"] == 397 and digits["agreement"] >= 0.95
+
+
+def test_cloud_check_fails_for_a_model_the_endpoint_cannot_serve():
+    with start_server(MODELS) as cloud:
+        result = runner.invoke(app, ["cloud", "check", cloud.url, "-m", str(MODELS),
+                                     "--cloud-model", "digits=digits-gone"])
+    assert result.exit_code == 1, result.output
+    text = flat(result.output)
+    assert "digits-gone" in text and "not-served" in text and "404" in text
+    assert "digits-cnn" in text  # every model of --models, without --functions

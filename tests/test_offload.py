@@ -4,12 +4,15 @@ that is gone costs nothing but the hand-off, low confidence asks the cloud's mod
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from cloud_sync.serve import start_server
+from edgefn.cli.main import app
 from edgefn.daemon import Daemon
 from edgefn.functions.host import _unsure
 from edgefn.offload.planner import Planner
@@ -84,9 +87,9 @@ def results_of(collector, n: int) -> list[dict]:
 
 
 def offload_count(d: Daemon, outcome: str) -> float:
-    prefix = f'edgefn_offload_total{{function="digits",outcome="{outcome}"}} '
-    return next((float(line.split()[-1]) for line in d.metrics.render().decode().splitlines()
-                 if line.startswith(prefix)), 0.0)
+    prefix = f'edgefn_offload_total{{function="digits",outcome="{outcome}",'
+    return sum(float(line.split()[-1]) for line in d.metrics.render().decode().splitlines()
+               if line.startswith(prefix))
 
 
 @pytest.mark.broker
@@ -180,5 +183,33 @@ def test_hand_off_resumes_when_the_cloud_comes_back(broker, collector, settings_
                 results_of(results, sent)
                 time.sleep(0.1)
             assert "cloud" in {doc["ran_on"] for doc in results_of(results, sent)}, "hand-off never resumed"
+    finally:
+        d.stop(drain_timeout=2)
+
+
+@pytest.mark.broker
+def test_an_endpoint_that_cannot_serve_the_model_is_named_at_the_first_event(broker, collector, settings_for,
+                                                                            digits_fn, cloud, caplog):
+    """The event runs here, and the hand-off says why out loud: a warning at once, the metric's reason,
+    /healthz and `edgefn status`."""
+    caplog.set_level(logging.WARNING, logger="edgefn.offload")
+    results = collector("results/+/digits")
+    d = Daemon(settings_for(broker, digits_fn, cloud_url=cloud.url, offload="always",
+                            cloud_model_map={"digits": "digits-gone"}, metrics_port=0))
+    d.start()
+    try:
+        d.wait_connected(10)
+        publish(broker.port, "sensors/dev5/digits", digit_payloads(1, "gone")[0])
+        assert [doc["ran_on"] for doc in results_of(results, 1)] == ["local"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("hand-off of digits" in w and "not-served" in w and "digits-gone" in w for w in warnings), warnings
+        assert 'reason="not-served"' in d.metrics.render().decode()
+        cloud_health = d.health()["cloud"]
+        assert (cloud_health["state"], cloud_health["failing"]) == ("failing", ["digits"])
+        assert cloud_health["last_error"]["reason"] == "not-served"
+        status = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["status", "--port", str(d.observe.port)])
+        assert status.exit_code == 0, status.output
+        assert f"{cloud.url}: failing (digits), breaker closed" in status.output
+        assert "cloud last error" in status.output and "digits (not-served)" in status.output
     finally:
         d.stop(drain_timeout=2)

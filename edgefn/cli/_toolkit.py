@@ -50,6 +50,24 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# ---- options ----
+
+CLOUD_MODEL_HELP = ("MODEL=NAME[,TENSOR=NAME...]: the endpoint serves MODEL under another name, and names "
+                    "some of its inputs or outputs otherwise, e.g. digits=digits-sk,label=predict,"
+                    "probabilities=predict_proba (repeatable).")
+
+
+def name_values(flag: str, values: list[str] | None) -> dict[str, str] | None:
+    """["a=b", ...] -> {"a": "b", ...}; None when the flag was not given."""
+    if not values:
+        return None
+    pairs = [v.split("=", 1) for v in values]
+    bad = [v for v, p in zip(values, pairs, strict=True) if len(p) != 2 or not all(p)]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not NAME=VALUE", param_hint=flag)
+    return dict(pairs)
+
+
 # ---- output ----
 
 def print_json(doc: Any) -> None:

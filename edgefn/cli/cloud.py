@@ -1,5 +1,6 @@
 """`edgefn cloud serve`: the cloud side from the same command: the inference endpoint devices hand work
-off to (Open Inference Protocol v2) and, with --data, the fleet server."""
+off to (Open Inference Protocol v2) and, with --data, the fleet server. `edgefn cloud check`: whether
+an endpoint (ours, MLServer, KServe, Triton) can take a device's models over."""
 
 from __future__ import annotations
 
@@ -9,14 +10,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
+from rich.table import Table
 
-from edgefn.cli._toolkit import cli_errors, console, fail, setup_logging, token_from_env
+from edgefn.cli._toolkit import (
+    CLOUD_MODEL_HELP,
+    cli_errors,
+    console,
+    fail,
+    name_values,
+    out,
+    print_json,
+    setup_logging,
+    token_from_env,
+)
 from edgefn.errors import ConfigError, EdgefnError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from cloud_sync.serve import Tls
+    from edgefn.offload.check import ModelCheck
 
 cloud_app = typer.Typer(help="The cloud side: serve models over the Open Inference Protocol v2 (KServe V2), "
                              "the endpoint devices hand inference off to, and the fleet server that rolls "
@@ -86,6 +100,65 @@ def serve(
     names = ", ".join(n if m.backend else f"{n} (not ready)" for n, m in endpoint.models.items())
     _serve(create_app(endpoint), f"{names} (Open Inference Protocol v2)", host=host, port=port, close=endpoint.close,
            tls=tls)
+
+
+@cloud_app.command("check")
+def check(
+    url: Annotated[str, typer.Argument(help="The endpoint, e.g. http://HOST:8080.")],
+    functions: Annotated[list[Path] | None, typer.Option("--functions", "-f", help="Check the models these "
+                                                                                   "functions use (a function "
+                                                                                   "folder or a folder of them; "
+                                                                                   "repeatable).")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", "-m", help="Folder of models (repeatable; "
+                                                                             "default: models).")] = None,
+    cloud_model: Annotated[list[str] | None, typer.Option(help=CLOUD_MODEL_HELP)] = None,
+    timeout_s: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for each answer.")] = 10.0,
+    auth_header: Annotated[str | None, typer.Option(help="Send this header, e.g. Authorization; its value "
+                                                         "comes from --auth-env.")] = None,
+    auth_env: Annotated[str | None, typer.Option(help="Environment variable holding --auth-header's "
+                                                      "value.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+) -> None:
+    """For each model the functions use (default: every model in --models): is it ready on the endpoint, do
+    its names, datatypes and shapes agree with the local model.json, and does one real inference of its
+    validation sample answer as the local model does. Exit code 1 when a model cannot be handed off."""
+    from edgefn.functions.build import discover
+    from edgefn.functions.manifest import load_manifest
+    from edgefn.inference.registry import ModelRegistry
+    from edgefn.offload.check import check_model
+    from edgefn.offload.client import CloudClient
+
+    with cli_errors():
+        registry = ModelRegistry(models or [Path("models")])
+        if functions:
+            names = sorted({m for folder in discover(functions) for m in load_manifest(folder).models.use})
+        else:
+            names = registry.names()
+        for name in names:
+            registry.info(name)  # a model the functions use and --models lacks: say so before any call
+        with CloudClient(url, model_map=name_values("--cloud-model", cloud_model), timeout_s=timeout_s,
+                         retries=0, auth_header=auth_header, auth_env=auth_env) as client:
+            checks = [check_model(client, registry, name) for name in names]
+    if as_json:
+        print_json({"url": url, "ok": all(c.ok for c in checks), "models": [c.to_json() for c in checks]})
+    else:
+        out.print(_check_table(url, checks))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+def _check_table(url: str, checks: list[ModelCheck]) -> Table:
+    table = Table(title=f"can {url} take these models over?")
+    for column in ("model", "there", "ready", "sent", "answered", "declared there", "agreement with here",
+                   "max diff", "verdict"):
+        table.add_column(column)
+    for c in checks:
+        agreement = "-" if c.agreement is None else f"{c.agreement:.1%} of {c.rows} ({c.variant})"
+        diff = "-" if c.max_difference is None else f"{c.max_difference:.2g}"
+        verdict = "[green]ok[/]" if c.ok else f"[red]no[/]: {escape(c.problem or '')}"
+        table.add_row(c.model, escape(c.served_as), "yes" if c.ready else "[red]no[/]", escape("\n".join(c.inputs)),
+                      escape("\n".join(c.outputs)) or "-", escape(c.declared), agreement, diff, verdict)
+    return table
 
 
 def _serve_fleet(data: Path, models: list[Path], *, host: str, port: int, db: str | None, fleet_root: Path | None,

@@ -17,7 +17,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgefn.cli._toolkit import LogLevel, build_stale, cli_errors, fail, out, print_json, setup_logging
+from edgefn.cli._toolkit import (
+    CLOUD_MODEL_HELP,
+    LogLevel,
+    build_stale,
+    cli_errors,
+    fail,
+    name_values,
+    out,
+    print_json,
+    setup_logging,
+)
 from edgefn.errors import EdgefnError
 from edgefn.protocol.offload import Policy
 
@@ -43,8 +53,7 @@ def run(
                                                      "default: detected).")] = None,
     cloud: Annotated[str | None, typer.Option(help="Cloud inference endpoint (Open Inference Protocol v2), "
                                                    "e.g. http://HOST:8000 (env EDGEFN_CLOUD_URL).")] = None,
-    cloud_model: Annotated[list[str] | None, typer.Option(help="MODEL=NAME: the endpoint serves MODEL under "
-                                                                "another name (repeatable).")] = None,
+    cloud_model: Annotated[list[str] | None, typer.Option(help=CLOUD_MODEL_HELP)] = None,
     offload: Annotated[Policy | None, typer.Option(help="Override every function's offload policy.")] = None,
     device_root: Annotated[Path | None, typer.Option(help="Read /proc, /sys, /dev and /etc under this folder "
                                                           "(detection and sensors; default /).")] = None,
@@ -78,8 +87,8 @@ def run(
         settings = load_settings(config, broker=broker, functions=functions, models=models, state_dir=state_dir,
                                  metrics_port=metrics_port, username=username, ca_file=ca_file,
                                  cert_file=cert_file, key_file=key_file, client_id=client_id, journal=journal,
-                                 model_variants=_pairs("--model-variant", model_variant), profile=profile,
-                                 cloud_model_map=_pairs("--cloud-model", cloud_model),
+                                 model_variants=name_values("--model-variant", model_variant), profile=profile,
+                                 cloud_model_map=name_values("--cloud-model", cloud_model),
                                  device_root=device_root, delegate_dirs=delegate_dirs, cloud_url=cloud,
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, device_token_file=device_token_file,
@@ -98,17 +107,6 @@ def run(
         stop.wait()
         logging.getLogger("edgefn").info("stopping: draining events in hand")
         daemon.stop()
-
-
-def _pairs(flag: str, values: list[str] | None) -> dict[str, str] | None:
-    """["a=b", ...] -> {"a": "b", ...}; None when the flag was not given."""
-    if not values:
-        return None
-    pairs = [v.split("=", 1) for v in values]
-    bad = [v for v, p in zip(values, pairs, strict=True) if len(p) != 2 or not all(p)]
-    if bad:
-        raise typer.BadParameter(f"{bad[0]!r} is not NAME=VALUE", param_hint=flag)
-    return dict(pairs)
 
 
 def status(
@@ -159,6 +157,8 @@ def _print_health(doc: dict) -> None:
     table.add_row("functions", escape(", ".join(f"{n} {v}" for n, v in doc.get("functions", {}).items())))
     for name, why in doc.get("failed_functions", {}).items():
         table.add_row("did not load", escape(f"{name}: {why}"))
+    for key, value in _cloud_rows(doc.get("cloud")):
+        table.add_row(key, escape(value))
     out.print(table)
     models = Table(title="models")
     for column in ("model", "variant", "delegate", "passed over"):
@@ -167,6 +167,20 @@ def _print_health(doc: dict) -> None:
         passed = "\n".join(f"{what}: {why}" for what, why in m.get("passed_over", []))
         models.add_row(name, m.get("variant", "?"), m.get("delegate", "?"), escape(passed) or "-")
     out.print(models)
+
+
+def _cloud_rows(cloud: dict | None) -> list[tuple[str, str]]:
+    """The hand-off's lines of the status table: where to, in what state, and its last error."""
+    if not cloud:
+        return [("cloud", "none (everything runs here)")]
+    state = cloud.get("state", "?")
+    if cloud.get("failing"):
+        state += f" ({', '.join(cloud['failing'])})"
+    rows = [("cloud", f"{cloud.get('url', '?')}: {state}, breaker {cloud.get('breaker', '?')}, "
+                      f"{cloud.get('handed_off', 0)} handed off, {sum(cloud.get('failures', {}).values())} failed")]
+    if (error := cloud.get("last_error")) is not None:
+        rows.append(("cloud last error", f"{error.get('model')} ({error.get('reason')}): {error.get('error')}"))
+    return rows
 
 
 def demo(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgefn.errors import CloudError
+from edgefn.errors import CloudError, ModelError
 from edgefn.inference.tensors import WireTensor as Tensor
 
 if TYPE_CHECKING:  # types only: `fn invoke` and the tests build a host without a cloud client or batcher
@@ -38,7 +38,7 @@ class FunctionHost:
         self.cloud, self.policy, self.confidence, self.metrics = cloud, policy, confidence, metrics
         # Through a batcher, concurrent calls of one model are stacked into one run (here or on the endpoint).
         self._infer_here = batcher.local if batcher is not None else registry.infer
-        self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else cloud.infer
+        self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else self._cloud_infer
         self._log = logging.getLogger(f"edgefn.fn.{name}")
         self._plan = threading.local()  # where this worker's current batch runs its inference
 
@@ -65,20 +65,29 @@ class FunctionHost:
         return outputs, "local"
 
     def _on_cloud(self, model: str, inputs: list[Tensor], why: str) -> list[Tensor] | None:
-        """The cloud's answer, or None (breaker open, endpoint away or refusing): then it runs here."""
+        """The cloud's answer, or None (breaker open, endpoint away or refusing): then it runs here. The
+        client has said why in its log (the first failure of each kind, then rate-limited)."""
         assert self._infer_there is not None
         try:
             answer = self._infer_there(model, inputs)
         except CloudError as exc:
-            self._count("ran-here-instead")
-            self._log.debug("cloud inference of %s failed, running it here: %s", model, exc)
+            self._count("ran-here-instead", exc.reason)
             return None
         self._count(why)
         return answer
 
-    def _count(self, outcome: str) -> None:
+    def _cloud_infer(self, model: str, inputs: list[Tensor]) -> list[Tensor]:
+        """One call to the endpoint without a batcher, named and read by the local model.json."""
+        assert self.cloud is not None
+        try:
+            contract = self.registry.info(model)
+        except ModelError:
+            contract = None  # known only there
+        return self.cloud.infer(model, inputs, contract=contract)
+
+    def _count(self, outcome: str, reason: str = "") -> None:
         if self.metrics is not None:
-            self.metrics.offload.labels(self.name, outcome).inc()
+            self.metrics.offload.labels(self.name, outcome, reason).inc()
 
     def log(self, level: int, message: str) -> None:
         self._log.log(level if level in (10, 20, 30, 40, 50) else 20, "%s", message[:4096])

@@ -37,7 +37,7 @@ from edgefn.errors import ModelError
 from edgefn.inference.tensors import DTYPES, WireTensor
 
 if TYPE_CHECKING:
-    from edgefn.inference.model import TensorSpec
+    from edgefn.inference.model import ModelInfo, TensorSpec
     from edgefn.inference.registry import ModelRegistry
     from edgefn.offload.client import CloudClient
 
@@ -261,10 +261,11 @@ class Batcher:
             if client is None:
                 raise ModelError(f"model {model}: no cloud endpoint to run it on")
             try:
-                specs = registry.info(model).inputs  # model.json: the contract both ends share
+                contract: ModelInfo | None = registry.info(model)  # model.json: the contract both ends share
             except ModelError:
-                specs = ()  # a model known only there: nothing says it takes a batch dimension
-            run = lambda inputs: client.infer(model, inputs)  # noqa: E731
+                contract = None  # a model known only there: nothing says it takes a batch dimension
+            specs = contract.inputs if contract is not None else ()
+            run = lambda inputs: client.infer(model, inputs, contract=contract)  # noqa: E731
         batchable = bool(specs) and all(spec.shape and spec.shape[0] < 0 for spec in specs)
         on_batch = self._on_batch
         return Coalescer(run, batchable=batchable, max_calls=self.max_calls, wait_s=self.wait_s,

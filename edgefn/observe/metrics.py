@@ -39,8 +39,10 @@ class Metrics:
         self.pressure = Gauge("edgefn_device_pressure", "1 for the current state of each kind of pressure, against "
                               "the profile's limits.", ["kind", "state"], registry=r)
         self.offload = Counter("edgefn_offload", "Inference calls sent to the cloud endpoint, by outcome: handed-off "
-                               "(overload or always), asked-again (low confidence), ran-here-instead (it failed).",
-                               ["function", "outcome"], registry=r)
+                               "(overload or always), asked-again (low confidence), ran-here-instead (it failed, "
+                               "and `reason` says how: breaker-open, unreachable, timeout, server-error, refused, "
+                               "not-served, mismatch, bad-answer; empty for the others).",
+                               ["function", "outcome", "reason"], registry=r)
         self.breaker = Gauge("edgefn_cloud_breaker", "1 for the state of the cloud endpoint's circuit breaker.",
                              ["state"], registry=r)
         self.broker_connected = Gauge("edgefn_broker_connected", "1 while connected to the broker.", registry=r)

@@ -24,6 +24,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -33,11 +34,14 @@ import httpx
 from edgefn.config import redact_url, split_credentials
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError, ModelError
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
+from edgefn.offload import contract as contract_
 from edgefn.offload.breaker import BreakerState, CircuitBreaker
+from edgefn.offload.status import HandoffStatus
 from edgefn.protocol import oip
 
 if TYPE_CHECKING:
     from edgefn.config import Settings
+    from edgefn.inference.model import ModelInfo
     from edgefn.observe.metrics import Metrics
 
 log = logging.getLogger("edgefn.offload")
@@ -84,7 +88,8 @@ def _secret(auth_header: str | None, auth_env: str | None, environ: Mapping[str,
 
 
 class CloudClient:
-    """An OIP v2 endpoint at `url`; `model_map` renames edge models to the endpoint's (default: same name).
+    """An OIP v2 endpoint at `url`; `model_map` renames edge models to the endpoint's (default: same name),
+    and their tensors where a value reads "NAME,TENSOR=NAME,..." (`edgefn.offload.contract.parse_routes`).
 
     Each call has `timeout_s` to connect, to send and to get its answer; connection failures and 5xx are
     tried `retries` more times, `backoff_s` apart at first, doubling up to `max_backoff_s` (with jitter).
@@ -123,7 +128,11 @@ class CloudClient:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=url, timeout=timeout_s, auth=auth,
                                   transport=transport)
-        self._input_names: dict[str, list[str]] = {}  # one dict write is atomic: no lock
+        self._routes = contract_.parse_routes(self.model_map)
+        self.status = HandoffStatus(self.url)
+        # Settled once (one dict write is atomic: no lock; two threads may both ask the first time).
+        self._plans: dict[tuple[str, Any], contract_.Plan] = {}
+        self._binary: bool | None = None
 
     def __repr__(self) -> str:
         return (f"CloudClient(url={self.url!r}, model_map={self.model_map!r}, auth_header={self.auth_header!r}, "
@@ -145,62 +154,117 @@ class CloudClient:
         except httpx.HTTPError:
             return False
 
+    def metadata(self, model: str) -> dict[str, Any]:
+        """The endpoint's metadata of `model` (GET /v2/models/{name}), through the breaker."""
+        response = self._send("GET", self._path(model))
+        try:
+            doc = response.json()
+        except ValueError as exc:
+            raise CloudError(f"{self.url}: model {self._cloud_name(model)}: unusable metadata: {exc}",
+                             reason="bad-answer") from None
+        if not isinstance(doc, dict):
+            raise CloudError(f"{self.url}: model {self._cloud_name(model)}: unusable metadata: not a JSON object",
+                             reason="bad-answer")
+        return doc
+
+    def plan(self, model: str, contract: ModelInfo | None = None) -> contract_.Plan:
+        """The exchange for `model` (its names there, checked against the endpoint's metadata), settled
+        once per model and contract."""
+        key = (model, None if contract is None else (contract.inputs, contract.outputs))
+        plan = self._plans.get(key)
+        if plan is None:
+            route = self.route(model)
+            try:
+                plan = contract_.plan(route, contract, self.metadata(model))
+            except CloudError as exc:
+                if type(exc) is CloudError and exc.reason in ("mismatch", "bad-answer"):
+                    raise CloudError(f"{self.url}: {exc}", exc.status, exc.reason) from None
+                raise
+            self._plans[key] = plan
+        return plan
+
     def infer(self, model: str, inputs: list[WireTensor], outputs: list[str] | None = None, *,
-              request_id: str | None = None) -> list[WireTensor]:
-        """Run `model` on the endpoint: `inputs` in the model's input order; the outputs named (all the
-        model's, in its order, when None)."""
+              request_id: str | None = None, contract: ModelInfo | None = None) -> list[WireTensor]:
+        """Run `model` on the endpoint: `inputs` in the model's input order. `contract` is the local
+        model.json: inputs are named and outputs read by it, and come back as the local model gives them
+        (all its outputs in its order, or those named in `outputs`). Without one, the endpoint's metadata
+        names the inputs and the outputs come back as answered. Each outcome is recorded in `status`."""
+        try:
+            answer = self._infer(model, inputs, outputs, request_id, contract)
+        except CloudError as exc:
+            self.status.failed(model, exc)
+            raise
+        self.status.succeeded(model)
+        return answer
+
+    def _infer(self, model: str, inputs: list[WireTensor], outputs: list[str] | None, request_id: str | None,
+               contract: ModelInfo | None) -> list[WireTensor]:
+        plan = self.plan(model, contract)
         arrays = [from_wire(t) for t in inputs]
-        names = self._inputs(model)
-        if len(names) != len(arrays):
-            raise CloudError(f"model {self._cloud_name(model)} on {self.url} takes {len(names)} input(s) "
-                             f"({', '.join(names)}), got {len(arrays)}")
+        if len(plan.inputs) != len(arrays):
+            raise CloudError(f"model {plan.model} on {self.url} takes {len(plan.inputs)} input(s) "
+                             f"({', '.join(plan.inputs)}), got {len(arrays)}", reason="mismatch")
+        asked = _asked(plan, outputs, self.route(model))
         threshold = self.binary_threshold
+        binary = threshold is not None and any(a.nbytes >= threshold for a in arrays) and self._takes_binary()
         head: dict[str, Any] = {"inputs": []}
         blobs = []
-        for name, array in zip(names, arrays, strict=True):
-            entry, blob = oip.tensor_entry(name, array, threshold is not None and array.nbytes >= threshold)
+        for name, array in zip(plan.inputs, arrays, strict=True):
+            entry, blob = oip.tensor_entry(name, array, binary and array.nbytes >= threshold)  # type: ignore[operator]
             head["inputs"].append(entry)
             if blob is not None:
                 blobs.append(blob)
-        binary = bool(blobs)  # a server that takes binary inputs gives binary outputs: cheaper to read
-        if request_id is not None:
-            head["id"] = request_id
-        if outputs is not None:
-            head["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
+        # Always an id: KServe's custom models echo the request's, and fail without one.
+        head["id"] = request_id if request_id is not None else uuid.uuid4().hex
+        # A server that takes binary inputs gives binary outputs: cheaper to read.
+        if asked is not None:
+            head["outputs"] = [{"name": n, "parameters": {"binary_data": True}} if binary else {"name": n}
+                               for n in asked]
         elif binary:
             head["parameters"] = {"binary_data_output": True}
         body, headers = oip.encode_body(head, blobs)
         response = self._send("POST", self._path(model, "infer"), body, headers)
-        return self._outputs(model, response, outputs, request_id)
+        return self._outputs(plan, response, asked, head["id"])
 
-    def _outputs(self, model: str, response: httpx.Response, wanted: list[str] | None,
-                 request_id: str | None) -> list[WireTensor]:
+    def _outputs(self, plan: contract_.Plan, response: httpx.Response, asked: list[str] | None,
+                 request_id: str) -> list[WireTensor]:
         try:
             head, rest = oip.decode_body(response.content, response.headers.get(oip.HEADER_LENGTH))
-            if request_id is not None and head.get("id") != request_id:
+            if head.get("id") not in (request_id, None):  # an answer need not repeat the id
                 raise oip.ProtocolError(f"it answers request {head.get('id')!r}, not {request_id!r}")
-            got = {name: array for name, array, _ in oip.read_tensors(head.get("outputs"), rest, "outputs")}
-            if wanted is not None and (missing := [n for n in wanted if n not in got]):
+            got = {name: array for name, array, _ in oip.read_tensors(head.get("outputs"), rest, "outputs",
+                                                                       lenient=True)}
+            if plan.outputs is not None:
+                kept = [(n, s) for n, s in plan.outputs if asked is None or n in asked]
+                return [to_wire(a) for a in contract_.conform(contract_.Plan(plan.model, plan.inputs, tuple(kept)),
+                                                              got)]
+            if asked is not None and (missing := [n for n in asked if n not in got]):
                 raise oip.ProtocolError(f"outputs {missing} are missing")
-            return [to_wire(got[n]) for n in (wanted if wanted is not None else got)]
+            return [to_wire(got[n]) for n in (asked if asked is not None else got)]
         except (oip.ProtocolError, ModelError) as exc:
-            raise CloudError(f"{self.url}: model {self._cloud_name(model)}: unusable answer: {exc}") from None
+            raise CloudError(f"{self.url}: model {plan.model}: unusable answer: {exc}", reason="bad-answer") from None
+        except CloudError as exc:
+            raise CloudError(f"{self.url}: {exc}", exc.status, exc.reason) from None
 
-    def _inputs(self, model: str) -> list[str]:
-        """The endpoint model's input names, in order (its metadata, asked for once)."""
-        names = self._input_names.get(model)
-        if names is None:
-            response = self._send("GET", self._path(model))
+    def _takes_binary(self) -> bool:
+        """Whether the endpoint lists the binary tensor extension (GET /v2, asked once): MLServer does not,
+        and refuses such a body."""
+        if self._binary is None:
             try:
-                doc = response.json()
-                names = [str(i["name"]) for i in doc["inputs"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CloudError(f"{self.url}: model {self._cloud_name(model)}: unusable metadata: {exc!r}") from None
-            self._input_names[model] = names
-        return names
+                extensions = self._send("GET", "/v2").json().get("extensions", [])
+            except CloudUnavailable:
+                raise
+            except (CloudError, ValueError, AttributeError):
+                extensions = []
+            self._binary = isinstance(extensions, list) and oip.EXTENSIONS[0] in extensions
+        return self._binary
+
+    def route(self, model: str) -> contract_.Route:
+        """Where `model` is on the endpoint: its name and its tensors' names there."""
+        return self._routes.get(model) or contract_.Route(model)
 
     def _cloud_name(self, model: str) -> str:
-        return self.model_map.get(model, model)
+        return self.route(model).name
 
     def _path(self, model: str, *tail: str) -> str:
         return "/".join(("/v2/models", quote(self._cloud_name(model), safe=""), *tail))
@@ -210,7 +274,8 @@ class CloudClient:
         """One exchange through the breaker, tried again on connection failures and 5xx; a 2xx response."""
         permit = self.breaker.acquire()
         if permit is None:
-            raise CloudUnavailable(f"{self.url}: circuit breaker open (the endpoint failed recently)")
+            raise CloudUnavailable(f"{self.url}: circuit breaker open (the endpoint failed recently)",
+                                   reason="breaker-open")
         try:
             response = self._exchange(method, path, body, headers)
         except BaseException:
@@ -219,7 +284,7 @@ class CloudClient:
         permit.succeeded()  # it answered: a 4xx is the request's fault, not the endpoint's
         if response.status_code >= 400:
             raise CloudError(f"{self.url}{path}: {response.status_code} {_error_text(response)}",
-                             response.status_code)
+                             response.status_code, "not-served" if response.status_code == 404 else "refused")
         return response
 
     def _exchange(self, method: str, path: str, body: bytes | None,
@@ -234,7 +299,8 @@ class CloudClient:
                     raise CloudUnavailable(f"{self.url}{path}: unreachable after {attempt + 1} tries ({problem})") \
                         from None
             except httpx.TimeoutException:
-                raise CloudUnavailable(f"{self.url}{path}: no answer within {self.timeout_s} s") from None
+                raise CloudUnavailable(f"{self.url}{path}: no answer within {self.timeout_s} s",
+                                       reason="timeout") from None
             except httpx.HTTPError as exc:
                 raise CloudUnavailable(f"{self.url}{path}: {type(exc).__name__}: {exc}") from None
             else:
@@ -243,12 +309,20 @@ class CloudClient:
                 problem = f"{response.status_code} {_error_text(response)}"
                 if last:
                     raise CloudUnavailable(f"{self.url}{path}: {problem} after {attempt + 1} tries",
-                                           response.status_code)
+                                           response.status_code, "server-error")
             pause = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
             log.info("cloud endpoint %s%s: %s; try %d of %d in %.2f s", self.url, path, problem, attempt + 2,
                      self.retries + 1, pause)
             time.sleep(pause)
         raise AssertionError("unreachable")
+
+
+def _asked(plan: contract_.Plan, outputs: list[str] | None, route: contract_.Route) -> list[str] | None:
+    """The output names to ask the endpoint for: those named (local names), else all the local model's;
+    None (everything) without a local model.json and no names."""
+    if outputs is not None:
+        return [route.there(n) for n in outputs]
+    return None if plan.outputs is None else [n for n, _ in plan.outputs]
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -40,6 +40,9 @@ DATATYPES: dict[str, np.dtype] = {
     "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+# Some servers answer with numpy's names ("float32", "int64") where the protocol says FP32, INT64: a client
+# accepts those in answers (`lenient`); requests and this side's answers use the protocol's names only.
+NUMPY_NAMES: dict[str, str] = {dtype.name: name for name, dtype in DATATYPES.items()}
 
 
 class OipError(HttpStatus, Exception):
@@ -63,8 +66,10 @@ def datatype(dtype: np.dtype | str) -> str:
     return name
 
 
-def dtype_of(name: Any) -> np.dtype:
-    """The numpy dtype of an OIP datatype name."""
+def dtype_of(name: Any, lenient: bool = False) -> np.dtype:
+    """The numpy dtype of an OIP datatype name (or, `lenient`, of numpy's name for it)."""
+    if lenient and isinstance(name, str):
+        name = NUMPY_NAMES.get(name, name)
     dtype = DATATYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise ProtocolError(f"datatype {name!r} is not supported (supported: {', '.join(DATATYPES)})")
@@ -124,9 +129,11 @@ def tensor_entry(name: str, array: np.ndarray, binary: bool) -> tuple[dict[str, 
     return entry, None
 
 
-def read_tensors(entries: Any, rest: memoryview, kind: str) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+def read_tensors(entries: Any, rest: memoryview, kind: str,
+                 lenient: bool = False) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
     """(name, array, parameters) of each tensor entry of `kind` ("inputs" or "outputs"), its binary data
-    taken from `rest` in order; every byte of `rest` must belong to one of them."""
+    taken from `rest` in order; every byte of `rest` must belong to one of them. `lenient`: numpy's
+    datatype names are taken too (a client reading other servers' answers)."""
     if not isinstance(entries, list):
         raise ProtocolError(f"'{kind}' must be a JSON array")
     tensors, offset = [], 0
@@ -136,7 +143,7 @@ def read_tensors(entries: Any, rest: memoryview, kind: str) -> list[tuple[str, n
         name = entry["name"]
         what = f"{kind[:-1]} {name!r}"
         params = parameters(entry, what)
-        dtype, shape = dtype_of(entry.get("datatype")), _shape(entry.get("shape"), what)
+        dtype, shape = dtype_of(entry.get("datatype"), lenient), _shape(entry.get("shape"), what)
         size = params.get("binary_data_size")
         if size is not None:
             if "data" in entry:
@@ -156,8 +163,11 @@ def read_tensors(entries: Any, rest: memoryview, kind: str) -> list[tuple[str, n
 
 
 def parameters(doc: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """The `parameters` object of a request, tensor or requested output ({} when absent)."""
-    params = doc.get("parameters", {})
+    """The `parameters` object of a request, tensor or requested output ({} when absent, or null as KServe
+    writes it)."""
+    params = doc.get("parameters")
+    if params is None:
+        return {}
     if not isinstance(params, dict):
         raise ProtocolError(f"{what}: 'parameters' must be a JSON object")
     if "shared_memory_region" in params:
