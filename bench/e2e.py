@@ -101,6 +101,26 @@ def _cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def results_subscriber(port: int, topic: str, on_message: Any, name: str) -> mqtt.Client:
+    """A subscriber of results, subscribed when this returns: MQTT 5 with a large Receive Maximum, so that
+    it is never where results get lost (a 3.1.1 one that falls behind loses them at mosquitto's queue)."""
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}-{time.monotonic_ns()}",
+                         protocol=mqtt.MQTTv5)
+    client.on_socket_open = _no_delay
+    client.on_message = on_message
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
+    props = Properties(PacketTypes.CONNECT)
+    props.ReceiveMaximum = 65535
+    client.connect("127.0.0.1", port, properties=props)
+    client.loop_start()
+    if not subscribed.wait(10):
+        client.loop_stop()
+        raise BenchError(f"the benchmark's subscriber to {topic} did not subscribe")
+    return client
+
+
 class Clients:
     """The sensor (publisher) and the subscriber of results, both in this process."""
 

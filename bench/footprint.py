@@ -40,8 +40,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402  (child processes, building, digits images)
@@ -59,25 +57,14 @@ IDLE_TIMEOUT_S = 30.0
 
 
 class Results:
-    """A subscriber to every result (MQTT 5, a large Receive Maximum: it is never where results are lost)."""
+    """The answers to every function, by event id."""
 
     def __init__(self, port: int):
         self.lock = threading.Lock()
         self.answered: set[str] = set()
         self.first: dict[str, float] = {}  # function (the topic's last level) -> perf_counter of its first result
         self.changed = threading.Condition(self.lock)
-        ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-footprint-results-{time.monotonic_ns()}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_message = self._message
-        self.client.on_subscribe = lambda *_a: ready.set()
-        self.client.on_connect = lambda c, *_a: c.subscribe("results/#", qos=1)
-        props = Properties(PacketTypes.CONNECT)
-        props.ReceiveMaximum = 65535
-        self.client.connect("127.0.0.1", port, properties=props)
-        self.client.loop_start()
-        if not ready.wait(10):
-            raise e2e.BenchError("the results subscriber did not connect")
+        self.client = e2e.results_subscriber(port, "results/#", self._message, "bench-footprint-results")
 
     def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         now = time.perf_counter()

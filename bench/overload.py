@@ -53,8 +53,6 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402  (child processes, payloads, digits images)
@@ -73,24 +71,12 @@ class Results:
         self.lock = threading.Lock()
         self.sent: dict[str, float] = {}
         self.got: dict[str, tuple[float, str]] = {}  # event id -> (latency s, ran_on)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-overload-{os.getpid()}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_socket_open = e2e._no_delay
-        self.client.on_message = self._message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        self.client.on_connect = lambda c, *_a: c.subscribe("results/+/digits-cnn", qos=1)
-        props = Properties(PacketTypes.CONNECT)
-        props.ReceiveMaximum = 65535
-        self.client.connect("127.0.0.1", port, properties=props)
-        self.client.loop_start()
+        self.client = e2e.results_subscriber(port, "results/+/digits-cnn", self._message, "bench-overload")
         self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-overload-pub-{os.getpid()}",
                                protocol=mqtt.MQTTv5)
         self.pub.max_inflight_messages_set(0)
         self.pub.connect("127.0.0.1", port)
         self.pub.loop_start()
-        if not subscribed.wait(10):
-            raise e2e.BenchError("the benchmark's subscriber did not subscribe")
 
     def _message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         now = time.perf_counter()
