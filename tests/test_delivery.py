@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def test_a_retained_last_alert_reaches_a_subscriber_that_comes_later(broker, ale
     assert live.delivery == [(1, False), (0, False), (1, False)]  # QoS 0 went out as asked
     assert live.properties[0]["severity"] == "high" and live.properties[0]["edgefn-event"]
     assert "severity" not in live.properties[2]  # the defaults: no properties of the function's
+    deadline = time.monotonic() + 5  # the QoS 0 one too is done, though no PUBACK comes for it
+    while alerts_daemon.outbox.awaiting_ack and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert alerts_daemon.outbox.awaiting_ack == 0
 
     later = collector("alerts/#")  # subscribes after the alert was published
     [(topic, body)] = later.wait_for(1)
