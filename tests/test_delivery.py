@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from edgefn.cli.main import app
 from edgefn.daemon import Daemon
 from tests.conftest import GUESTS, _built_copy, publish
 
@@ -87,3 +89,16 @@ def test_retain_is_refused_unless_the_manifest_allows_it(broker, settings_for, a
         assert alerts.messages == []
     finally:
         d.stop(drain_timeout=2)
+
+
+@pytest.mark.slow
+def test_fn_invoke_shows_what_is_not_the_default(alerts_fn, component_cache):
+    runner = CliRunner(env={"COLUMNS": "400"})
+    common = ["fn", "invoke", str(alerts_fn), "--topic", "sensors/dev1/alerts", "--state-dir", str(component_cache)]
+    alert = runner.invoke(app, [*common, "--payload", "alert:overheat"])
+    assert alert.exit_code == 0, alert.output
+    assert "alerts/dev1/last b'overheat'  [retained, severity=high]" in alert.output
+    fast = runner.invoke(app, [*common, "--payload", "fast"])
+    assert "results/dev1/alerts b'fast'  [qos 0]" in fast.output
+    plain = runner.invoke(app, [*common, "--payload", "plain"])
+    assert "results/dev1/alerts b'plain'\n" in plain.output
