@@ -47,6 +47,7 @@ def values(t):
     """A `Tensor`'s elements as a flat list of numbers (see `rows` to split a batch)."""
     return unpack(t.data, _NAMES[t.dtype])
 
+
 _message_init = Message.__init__
 
 
