@@ -23,3 +23,6 @@ class Message:
 
     topic: str
     payload: bytes
+    qos: int = 1  # 1: until the broker's PUBACK (kept in the outbox); 0: at most once
+    retain: bool = False
+    properties: tuple[tuple[str, str], ...] = ()  # the function's MQTT 5 user properties

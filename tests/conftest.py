@@ -110,6 +110,7 @@ class Collector:
     def __init__(self, port: int, *filters: str):
         self.messages: list[tuple[str, object]] = []
         self.properties: list[dict[str, str]] = []  # each message's MQTT 5 user properties, in the same order
+        self.delivery: list[tuple[int, bool]] = []  # each message's (qos, retain) as delivered to us
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{time.monotonic_ns()}",
                                   protocol=mqtt.MQTTv5)
@@ -133,6 +134,7 @@ class Collector:
         with self._cond:
             self.messages.append((msg.topic, body))
             self.properties.append(dict(getattr(msg.properties, "UserProperty", None) or []))
+            self.delivery.append((msg.qos, bool(msg.retain)))
             self._cond.notify_all()
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, object]]:

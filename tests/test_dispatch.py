@@ -210,10 +210,10 @@ class Broker:
     """Stands in for Connection.publish: records publishes; PUBACKs are given by the test."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, object, list]] = []
+        self.sent: list[tuple[str, bytes, object, list, int, bool]] = []
 
-    def publish(self, topic, payload, on_acked, props) -> None:
-        self.sent.append((topic, payload, on_acked, list(props)))
+    def publish(self, topic, payload, on_acked, props, qos, retain) -> None:
+        self.sent.append((topic, payload, on_acked, list(props), qos, retain))
 
 
 def test_outbox_settles_answered_events_and_keeps_unacknowledged_outputs(tmp_path: Path):
@@ -239,13 +239,17 @@ def test_outbox_settles_answered_events_and_keeps_unacknowledged_outputs(tmp_pat
 def test_outbox_replays_unsent_outputs_marked_as_possible_duplicates(tmp_path: Path):
     store, broker = Inbox(tmp_path / "inbox.sqlite"), Broker()
     e = store.append("sensors/a/x", b"1")
-    rows = store.settle([e.id], [(e.id, Message("results/a", b"r"))])
-    outbox = Outbox(store, broker.publish, Metrics(), on_settled=lambda n, b: None, rows=1)
+    rows = store.settle([e.id], [(e.id, Message("results/a", b"r")),
+                                 (e.id, Message("alerts/a", b"hot", 0, True, (("severity", "high"),)))])
+    outbox = Outbox(store, broker.publish, Metrics(), on_settled=lambda n, b: None, rows=2)
     outbox.replay(store.outbox())
-    assert broker.sent[0][3] == [("edgefn-event", e.id), ("edgefn-duplicate", "possible")]
+    assert broker.sent[0][3:] == ([("edgefn-event", e.id), ("edgefn-duplicate", "possible")], 1, False)
+    # The function's own properties follow edgefn's, and its QoS and retain flag come back from the outbox.
+    assert broker.sent[1][3:] == ([("edgefn-event", e.id), ("edgefn-duplicate", "possible"), ("severity", "high")], 0, True)
+    broker.sent[1][2](None)
     broker.sent[0][2]("not authorized")  # refused: it stays in the outbox
     outbox.settle()
-    assert [r for r, _, _ in store.outbox()] == rows
+    assert [r for r, _, _ in store.outbox()] == rows[:1]
 
 
 # -- a function's share of memory -------------------------------------------------------------------------

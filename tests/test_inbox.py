@@ -192,3 +192,33 @@ def test_whole_journal_reports_no_damage(tmp_path: Path):
     _journal_with_200_events(path)
     with Inbox(path) as inbox:
         assert inbox.damage is None and inbox.problem is None and len(inbox) == 200
+
+
+def test_outbox_keeps_qos_retain_and_user_properties_across_reopen(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    alert = Message("alerts/a/last", b"hot", qos=1, retain=True, properties=(("severity", "high"), ("zone", "2")))
+    fast = Message("results/a", b"r", qos=0)
+    with Inbox(path) as inbox:
+        a = inbox.append("sensors/a/x", b"one")
+        inbox.settle([a.id], [(a.id, alert), (a.id, fast)])
+    with Inbox(path) as inbox:
+        assert [m for _, _, m in inbox.outbox()] == [alert, fast]
+
+
+def test_an_outbox_written_before_delivery_options_reads_as_qos1_not_retained(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    with sqlite3.connect(path) as db:  # the tables as an edgefn without QoS, retain and properties made them
+        db.executescript("""
+            CREATE TABLE inbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                                payload BLOB NOT NULL, received_ms REAL NOT NULL, dropped INTEGER NOT NULL DEFAULT 0);
+            CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL,
+                                 topic TEXT NOT NULL, payload BLOB NOT NULL);
+            INSERT INTO outbox (event, topic, payload) VALUES ('7', 'results/a', x'6f6c64');
+        """)
+    db.close()
+    with Inbox(path) as inbox:
+        [(_, event, old)] = inbox.outbox()
+        assert (event, old) == ("7", Message("results/a", b"old", qos=1, retain=False, properties=()))
+        b = inbox.append("sensors/a/x", b"two")
+        inbox.settle([b.id], [(b.id, Message("results/a", b"new", qos=0, retain=True, properties=(("k", "v"),)))])
+        assert inbox.outbox()[1][2] == Message("results/a", b"new", qos=0, retain=True, properties=(("k", "v"),))

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from edgefn.cli._toolkit import build_stale, cli_errors, console, out
+from edgefn.events import Message
 
 fn_app = typer.Typer(help="Write, build and try functions.", no_args_is_help=True)
 
@@ -88,7 +89,7 @@ def fn_invoke(
     with cli_errors():
         messages, code = _invoke_once(folder, topic, payload, models, state, fresh, state_dir)
     for m in messages:
-        out.print(f"{m.topic} {_shown(m.payload)}", markup=False, highlight=False, soft_wrap=True)
+        out.print(_line(m), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -122,7 +123,7 @@ def fn_watch(
             outcome = "error"
         else:
             for m in messages:
-                out.print(f"{m.topic} {_shown(m.payload)}", markup=False, highlight=False, soft_wrap=True)
+                out.print(_line(m), markup=False, highlight=False, soft_wrap=True)
         took = time.time() - saved_at
         console.print(f"{'start' if done == 0 else 'save'} -> {outcome} in {took:.1f} s; watching {escape(str(folder))}",
                       highlight=False)
@@ -133,6 +134,13 @@ def fn_watch(
             time.sleep(interval)
         saved_at = max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
         seen = now
+
+
+def _line(m: Message) -> str:
+    """One message as `fn invoke` shows it: topic, payload, then whatever is not the default."""
+    asked = ([] if m.qos == 1 else [f"qos {m.qos}"]) + (["retained"] if m.retain else [])
+    asked += [f"{key}={value}" for key, value in m.properties]
+    return f"{m.topic} {_shown(m.payload)}" + (f"  [{', '.join(asked)}]" if asked else "")
 
 
 def _shown(payload: bytes) -> str:

@@ -10,6 +10,9 @@
 
     [publish]
     topics = ["results/+/digits"]       # filters its outputs must match
+    retain = false                      # whether its messages may ask the broker to retain them
+    max_properties = 8                  # user properties per message
+    max_property_bytes = 1024           # their keys and values together, UTF-8 bytes per message
 
     [models]
     use = ["digits"]                    # models it may call through host.infer
@@ -71,6 +74,13 @@ class TopicsSection(_Section):
         return [check_filter(t) for t in value]
 
 
+class PublishSection(TopicsSection):
+    retain: bool = Field(default=False, description="Whether messages may be retained by the broker.")
+    max_properties: int = Field(default=8, ge=0, le=256, description="User properties per message.")
+    max_property_bytes: int = Field(default=1024, ge=0, le=65_535,
+                                    description="User properties' keys and values, UTF-8 bytes per message.")
+
+
 class ModelsSection(_Section):
     use: list[str] = Field(default_factory=list, description="Models the function may call.")
 
@@ -88,7 +98,7 @@ class LimitsSection(_Section):
 class Manifest(_Section):
     function: FunctionSection
     trigger: TopicsSection
-    publish: TopicsSection = Field(default_factory=TopicsSection)
+    publish: PublishSection = Field(default_factory=PublishSection)
     models: ModelsSection = Field(default_factory=ModelsSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     latency_budget_ms: float = Field(default=100.0, gt=0, description="Target latency of one event.")

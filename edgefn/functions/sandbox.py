@@ -43,6 +43,7 @@ from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
 from edgefn.functions.quarantine import Quarantine
 from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
+from edgefn.protocol.outputs import RESERVED_PREFIX
 from edgefn.topics import matches_any, topic_problem
 
 log = logging.getLogger("edgefn.sandbox")
@@ -180,6 +181,15 @@ class _Instance:
     handle_batch: ExportCall | None  # absent from components built against an older world
     stderr: _GuestStderr
     events: int = 0
+
+
+def _message(fields: tuple[Any, ...]) -> Message:
+    """A `message` record as lifted: (topic, payload, qos, retain, properties), or (topic, payload)
+    from a component built against the world before qos, retain and properties (QoS1, not retained)."""
+    if len(fields) == 2:
+        return Message(*fields)
+    topic, payload, qos, retain, properties = fields
+    return Message(topic, payload, qos, retain, tuple(properties))
 
 
 def _classify(exc: wasmtime.WasmtimeError, stderr: _GuestStderr, timeout_ms: int, memory_mb: int) -> FunctionError:
@@ -366,7 +376,7 @@ class FunctionSandbox:
         if not ok:
             return GuestError(str(value))
         try:
-            return self._check_outputs([Message(t, p) for t, p in value])
+            return self._check_outputs([_message(fields) for fields in value])
         except FunctionError as exc:
             return exc
 
@@ -431,6 +441,8 @@ class FunctionSandbox:
         if size > limits.max_output_bytes:
             raise OutputRejected(f"{size} output bytes exceed the limit of {limits.max_output_bytes}")
         for m in messages:
+            if m.qos not in (0, 1) or m.retain or m.properties:
+                self._check_delivery(m)
             ok = self._allowed_topics.get(m.topic)
             if ok is None:
                 problem = topic_problem(m.topic)
@@ -442,6 +454,26 @@ class FunctionSandbox:
             if not ok:
                 raise OutputRejected(f"topic {m.topic!r} is not in the manifest's [publish] topics")
         return messages
+
+    def _check_delivery(self, m: Message) -> None:
+        """QoS, retain and user properties, against the manifest's `[publish]` bounds."""
+        publish = self.manifest.publish
+        if m.qos not in (0, 1):
+            raise OutputRejected(f"qos {m.qos} on {m.topic!r:.80}: only 0 and 1 are offered")
+        if m.retain and not publish.retain:
+            raise OutputRejected(f"a retained message on {m.topic!r:.80}, but the manifest's [publish] "
+                                 "does not allow retain")
+        if len(m.properties) > publish.max_properties:
+            raise OutputRejected(f"{len(m.properties)} user properties on {m.topic!r:.80} exceed the "
+                                 f"limit of {publish.max_properties}")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in m.properties)
+        if size > publish.max_property_bytes:
+            raise OutputRejected(f"{size} bytes of user properties on {m.topic!r:.80} exceed the limit "
+                                 f"of {publish.max_property_bytes}")
+        for key, _ in m.properties:
+            if key.lower().startswith(RESERVED_PREFIX):
+                raise OutputRejected(f"user property {key!r:.80}: keys starting {RESERVED_PREFIX!r} "
+                                     "are the daemon's")
 
     def close(self) -> None:
         """Drop the warm instances (idempotent); events still running finish on theirs."""

@@ -60,9 +60,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL,
     topic TEXT NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL DEFAULT 1,
+    retain INTEGER NOT NULL DEFAULT 0,
+    properties TEXT NOT NULL DEFAULT '[]'
 );
 """
+
+_OUTBOX_DELIVERY = (("qos", "INTEGER NOT NULL DEFAULT 1"), ("retain", "INTEGER NOT NULL DEFAULT 0"),
+                    ("properties", "TEXT NOT NULL DEFAULT '[]'"))  # a JSON list of [key, value]
 
 
 def _setup(db: sqlite3.Connection, durability: str) -> None:
@@ -74,6 +80,10 @@ def _setup(db: sqlite3.Connection, durability: str) -> None:
     db.executescript(_SCHEMA)
     if "dropped" not in {row[1] for row in db.execute("PRAGMA table_info(inbox)")}:  # a journal of an older edgefn
         db.execute("ALTER TABLE inbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
+    outbox = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+    for column, kind in _OUTBOX_DELIVERY:  # an outbox of an edgefn before QoS, retain and user properties
+        if column not in outbox:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
 
 
 class _Reserve:
@@ -281,8 +291,10 @@ class Inbox:
         ids = []
         with self._transaction() as db:
             for event_id, message in undelivered:
-                cur = db.execute("INSERT INTO outbox (event, topic, payload) VALUES (?, ?, ?)",
-                                 (event_id, message.topic, message.payload))
+                cur = db.execute("INSERT INTO outbox (event, topic, payload, qos, retain, properties) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)",
+                                 (event_id, message.topic, message.payload, message.qos, message.retain,
+                                  json.dumps(message.properties) if message.properties else "[]"))
                 ids.append(cur.lastrowid)
             db.executemany("DELETE FROM inbox WHERE seq = ?", done)
             db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
@@ -342,8 +354,10 @@ class Inbox:
     def outbox(self) -> list[tuple[int, str, Message]]:
         """Outputs not yet delivered (row id, event id, message), in the order they were answered."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, event, topic, payload FROM outbox ORDER BY seq").fetchall()
-        return [(seq, event, Message(topic, bytes(payload))) for seq, event, topic, payload in rows]
+            rows = self._db.execute("SELECT seq, event, topic, payload, qos, retain, properties FROM outbox "
+                                    "ORDER BY seq").fetchall()
+        return [(seq, event, Message(topic, bytes(payload), qos, bool(retain), tuple(map(tuple, json.loads(props)))))
+                for seq, event, topic, payload, qos, retain, props in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from edgefn.protocol.outputs import EVENT, POSSIBLE_DUPLICATE
 log = logging.getLogger("edgefn.journal")
 
 OnAcked = Callable[[str | None], None]  # None when delivered, else why the broker refused it
-Publish = Callable[[str, bytes, OnAcked, Sequence[tuple[str, str]]], None]  # Connection.publish
+Publish = Callable[[str, bytes, OnAcked, Sequence[tuple[str, str]], int, bool], None]  # Connection.publish
 
 
 @dataclass(eq=False)
@@ -109,13 +109,16 @@ class Outbox:
             return len(self._answered)
 
     def send(self, out: Output, replayed: bool, properties: Sequence[tuple[str, str]] = ()) -> None:
+        message = out.message
         props = [(EVENT, out.event_id), *properties]
         if replayed:
             props.append(POSSIBLE_DUPLICATE)
+        props.extend(message.properties)  # the function's own follow edgefn's
         with self._lock:
             self._awaiting_ack += 1
         try:
-            self._publish(out.message.topic, out.message.payload, lambda r: self._acked(out, r), props)
+            self._publish(message.topic, message.payload, lambda r: self._acked(out, r), props, message.qos,
+                          message.retain)
         except Exception:  # kept: it waits in the outbox and is published again after a restart
             log.exception("event %s: could not publish to %r", out.event_id, out.message.topic)
             self._acked(out, "not published")

@@ -1,6 +1,7 @@
-"""Egress: the daemon's QoS1 publishes, in order, within our own window, across reconnects.
+"""Egress: the daemon's publishes, in order, within our own window, across reconnects.
 
-`publish` calls back exactly once, when the broker's PUBACK arrives (or with the reason it refused).
+`publish` calls back exactly once: for QoS1, when the broker's PUBACK arrives (or with the reason
+it refused); for QoS0, which has no PUBACK, once paho has written it to the socket.
 Egress keeps its own queue and in-flight window: paho is given only what fits the window (a window
 inside paho would send a later message before queued ones after a reconnect). On each CONNACK
 (`take_back`), what was in flight is taken back from paho to be sent again first, in order, marked
@@ -88,6 +89,8 @@ class _Outgoing:
     payload: bytes
     on_acked: OnAcked
     props: UserProperties
+    qos: int = 1
+    retain: bool = False
     seq: int = 0  # order handed to paho on this connection
     sent_at: float = 0.0
 
@@ -149,12 +152,13 @@ class Egress:
 
     # -- publishing ----------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
-                user_properties: Sequence[tuple[str, str]] = ()) -> None:
-        """Publish at QoS1; `on_acked(None)` once the broker has it, `on_acked(reason)` if it refused
-        it (or paho would not take it). Outputs go out in the order of the calls, across reconnects.
+                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False) -> None:
+        """Publish at QoS1 (or 0); `on_acked(None)` once the broker has it (QoS0: once written),
+        `on_acked(reason)` if it refused it (or paho would not take it). Outputs go out in the order
+        of the calls, across reconnects.
 
         While connected, blocks as long as MAX_UNSENT outputs wait to be sent."""
-        out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties))
+        out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties), qos, retain)
         with self._lock:
             while self._window and len(self._unsent) >= MAX_UNSENT:
                 self._lock.wait(1.0)
@@ -186,7 +190,8 @@ class Egress:
     def _hand_over(self, out: _Outgoing) -> None:
         try:
             while True:
-                info = self._client.publish(out.topic, out.payload, qos=1, properties=out.props)  # type: ignore[arg-type]
+                info = self._client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain,
+                                            properties=out.props)  # type: ignore[arg-type]
                 # Its only cause here (paho's queue is unbounded): the id came round to a message
                 # still awaiting its PUBACK. paho skipped it; the next one is free.
                 if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
@@ -207,14 +212,16 @@ class Egress:
             out.on_acked(refused)  # type: ignore[arg-type]
 
     def acknowledged(self, mid: int, refused: str | None) -> None:
-        """The broker's PUBACK for `mid` (paho's thread, holding paho's lock): None, or why it refused."""
+        """The broker's PUBACK for `mid` (paho's thread, holding paho's lock): None, or why it refused.
+        For a QoS0 message, paho calls this once it has written it."""
         with self._lock:
             out = self._in_flight.pop(mid, None)
             if out is None:
                 self._early[mid] = refused
                 return
             # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
-            lost = bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
+            # (A QoS0 message is only written, in order: its callback says nothing of the others'.)
+            lost = out.qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
         out.on_acked(refused)
         if lost:
             self._reconnect("the broker's acknowledgement of an earlier message was lost")

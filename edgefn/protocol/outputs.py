@@ -6,6 +6,9 @@
     edgefn-function   name@version of the function that answered
     edgefn-release    bundle@version, when a fleet release runs
     edgefn-models     model=variant/format/delegate,... the models the function ran on
+
+A function may add its own user properties (within its manifest's `[publish]` bounds); they follow
+these, and no key of theirs may start with `edgefn-`.
 """
 
 from __future__ import annotations
@@ -15,3 +18,4 @@ FUNCTION = "edgefn-function"
 RELEASE = "edgefn-release"
 MODELS = "edgefn-models"
 POSSIBLE_DUPLICATE = ("edgefn-duplicate", "possible")
+RESERVED_PREFIX = "edgefn-"  # keys the daemon sets: a function's own user properties may not use them

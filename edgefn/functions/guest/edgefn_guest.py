@@ -9,6 +9,11 @@
 `Function` supplies `handle_batch` by calling `handle` once per event. A function whose work
 batches well (one `host.infer` for all the events) overrides `handle_batch` as well.
 
+Messages: `Message(topic, payload)` publishes at QoS1, not retained, with no user properties, as
+before. Importing this module gives the world's `Message` keyword defaults for the rest:
+`Message(topic, payload, qos=0)`, `Message(topic, payload, retain=True, properties={"k": "v"})`
+(a dict, or pairs, or `Property` records). The manifest's `[publish]` bounds them.
+
 For tensors (edgefn_tensors, re-exported here): `tensor(items, shape, dtype)` and `values(t)` to and
 from the world's `Tensor`; `pack`/`unpack` for raw bytes; `rows`, `argmax`, `top_k`, `softmax`,
 `normalise`, `rescale` and `resize` for pre- and post-processing.
@@ -27,7 +32,7 @@ from edgefn_tensors import (  # noqa: F401 - re-exported: the guest's tools for 
     top_k,
     unpack,
 )
-from wit_world.imports.types import Dtype, Tensor
+from wit_world.imports.types import Dtype, Message, Property, Tensor
 
 _DTYPES = {name: Dtype[name.upper()] for name in TYPECODES}  # looked up once: enum access is dear here
 _NAMES = {member: name for name, member in _DTYPES.items()}
@@ -41,6 +46,19 @@ def tensor(items, shape, dtype="float32"):
 def values(t):
     """A `Tensor`'s elements as a flat list of numbers (see `rows` to split a batch)."""
     return unpack(t.data, _NAMES[t.dtype])
+
+
+_message_init = Message.__init__
+
+
+def _message_with_defaults(self, topic, payload, qos=1, retain=False, properties=()):
+    pairs = properties.items() if isinstance(properties, dict) else properties
+    _message_init(self, topic, payload, qos, retain,
+                  [p if isinstance(p, Property) else Property(str(p[0]), str(p[1])) for p in pairs])
+
+
+# The world's record has no defaults: functions written as Message(topic, payload) keep working.
+Message.__init__ = _message_with_defaults
 
 
 class Function:

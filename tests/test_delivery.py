@@ -1,0 +1,104 @@
+"""Messages with QoS, retain and user properties: a real function, a real mosquitto, the manifest's bounds."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgefn.cli.main import app
+from edgefn.daemon import Daemon
+from tests.conftest import GUESTS, _built_copy, publish
+
+
+@pytest.fixture(scope="module")
+def alerts_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guests/alerts, built once for this module."""
+    return _built_copy(GUESTS / "alerts", tmp_path_factory.mktemp("fn"))
+
+
+@pytest.fixture()
+def alerts_daemon(broker, settings_for, alerts_fn) -> Iterator[Daemon]:
+    d = Daemon(settings_for(broker, alerts_fn))
+    d.start()
+    d.wait_connected(10)
+    yield d
+    d.stop(drain_timeout=2)
+
+
+@pytest.mark.slow
+def test_a_retained_last_alert_reaches_a_subscriber_that_comes_later(broker, alerts_daemon, collector):
+    live = collector("alerts/#", "results/#")
+    publish(broker.port, "sensors/dev1/alerts", [b"alert:overheat", b"fast", b"plain"])
+    got = live.wait_for(3)
+    assert got == [("alerts/dev1/last", b"overheat"), ("results/dev1/alerts", b"fast"),
+                   ("results/dev1/alerts", b"plain")]
+    assert live.delivery == [(1, False), (0, False), (1, False)]  # QoS 0 went out as asked
+    assert live.properties[0]["severity"] == "high" and live.properties[0]["edgefn-event"]
+    assert "severity" not in live.properties[2]  # the defaults: no properties of the function's
+    deadline = time.monotonic() + 5  # the QoS 0 one too is done, though no PUBACK comes for it
+    while alerts_daemon.outbox.awaiting_ack and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert alerts_daemon.outbox.awaiting_ack == 0
+
+    later = collector("alerts/#")  # subscribes after the alert was published
+    [(topic, body)] = later.wait_for(1)
+    assert (topic, body, later.delivery[0]) == ("alerts/dev1/last", b"overheat", (1, True))
+    assert later.properties[0]["severity"] == "high"
+
+
+@pytest.mark.slow
+def test_messages_past_the_manifests_bounds_are_refused_on_the_error_topic(broker, alerts_daemon, collector):
+    errors = collector("edgefn/errors/alerts")
+    results = collector("results/#")
+    publish(broker.port, "sensors/dev1/alerts", [b"crowded", b"heavy", b"reserved", b"qos2", b"plain"])
+    errs = [doc for _, doc in errors.wait_for(4)]
+    assert [e["reason"] for e in errs] == ["output-rejected"] * 4
+    texts = [e["error"] for e in errs]
+    assert "3 user properties" in texts[0] and "limit of 2" in texts[0]
+    assert "bytes of user properties" in texts[1] and "limit of 64" in texts[1]
+    assert "'edgefn-event'" in texts[2]
+    assert "qos 2" in texts[3]
+    assert [m for m in results.wait_for(1)] == [("results/dev1/alerts", b"plain")]  # it still serves
+    assert "forged" not in str(results.properties)
+
+
+@pytest.mark.slow
+def test_retain_is_refused_unless_the_manifest_allows_it(broker, settings_for, alerts_fn, collector, tmp_path):
+    """The same component with `retain` left out of its manifest (the default: not allowed)."""
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+    for part in alerts_fn.iterdir():
+        (folder / part.name).symlink_to(part)
+    manifest = (alerts_fn / "edgefn.toml").read_text()
+    (folder / "edgefn.toml").unlink()
+    (folder / "edgefn.toml").write_text(manifest.replace("retain = true\n", ""))
+    shutil.copystat(alerts_fn / "edgefn.toml", folder / "edgefn.toml")  # no newer than the built component
+    errors, alerts = collector("edgefn/errors/alerts"), collector("alerts/#")
+    d = Daemon(settings_for(broker, folder))
+    d.start()
+    try:
+        d.wait_connected(10)
+        publish(broker.port, "sensors/dev1/alerts", [b"alert:overheat"])
+        [(_, err)] = errors.wait_for(1)
+        assert err["reason"] == "output-rejected" and "does not allow retain" in err["error"]
+        assert alerts.messages == []
+    finally:
+        d.stop(drain_timeout=2)
+
+
+@pytest.mark.slow
+def test_fn_invoke_shows_what_is_not_the_default(alerts_fn, component_cache):
+    runner = CliRunner(env={"COLUMNS": "400"})
+    common = ["fn", "invoke", str(alerts_fn), "--topic", "sensors/dev1/alerts", "--state-dir", str(component_cache)]
+    alert = runner.invoke(app, [*common, "--payload", "alert:overheat"])
+    assert alert.exit_code == 0, alert.output
+    assert "alerts/dev1/last b'overheat'  [retained, severity=high]" in alert.output
+    fast = runner.invoke(app, [*common, "--payload", "fast"])
+    assert "results/dev1/alerts b'fast'  [qos 0]" in fast.output
+    plain = runner.invoke(app, [*common, "--payload", "plain"])
+    assert "results/dev1/alerts b'plain'\n" in plain.output
