@@ -1,5 +1,5 @@
 """The Open Inference Protocol v2 endpoint (`cloud_sync.serve`, `edgefn cloud serve`) and the edge's client
-(`edgefn.offload.CloudClient`), on real loopback sockets with the real models: each against the other, the
+(`edgefn.offload.client.CloudClient`), on real loopback sockets with the real models: each against the other, the
 endpoint against NVIDIA's tritonclient, every answer equal to local onnxruntime's."""
 
 from __future__ import annotations
