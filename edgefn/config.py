@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         "also a power loss, at the cost of an fsync per commit.")
     inbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="Payload bytes journaled and not yet "
                                  "answered (on disk) before ingress stops acknowledging.")
-    inbox_max_events: int = Field(default=200_000, ge=1, description="Events journaled and not yet answered (on "
+    inbox_max_events: int = Field(default=50_000, ge=1, description="Events journaled and not yet answered (on "
                                   "disk; about 200 bytes each in memory) before ingress stops acknowledging.")
     stall_s: float = Field(default=30.0, gt=0, description="/healthz says stalled when work is pending and nothing "
                            "was published or settled for this long.")
