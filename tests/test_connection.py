@@ -321,3 +321,22 @@ def test_a_port_that_is_not_a_brokers_is_said_within_seconds(tmp_path, caplog, a
         server.close()
         for peer in accepted:
             peer.close()
+
+
+def test_a_drop_after_a_session_was_up_never_asks_whether_the_broker_is_mqtt(tmp_path, caplog):
+    """paho may report one drop twice (its keepalive check, then its loop): the second call finds the
+    session down already, and once said "closed the connection without answering CONNECT: is it an
+    MQTT broker?" of a broker that had served the session for minutes."""
+    from paho.mqtt.packettypes import PacketTypes as Packets
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edgefn.mqtt.connection import _Link
+
+    settings = load_settings(broker="mqtt://127.0.0.1:1", state_dir=tmp_path / "state")
+    link = _Link(settings, "edgefn-twice", "events", 30, persistent=True)
+    link.connected(ReasonCode(Packets.CONNACK, "Success"))
+    keepalive = ReasonCode(Packets.DISCONNECT, "Keep alive timeout")
+    link.disconnected(keepalive, was_connected=True)
+    link.disconnected(keepalive, was_connected=False)
+    assert "is it an MQTT broker" not in (link.last_error or "") + caplog.text
+    assert link.last_error == "events connection lost: Keep alive timeout"

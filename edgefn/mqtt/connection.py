@@ -89,6 +89,7 @@ class _Link:
         # Whether a CONNACK took us; since when a socket has been open without one (a port that is
         # not MQTT, or a broker that does not answer, is otherwise silent until the keepalive).
         self.up = False
+        self._ever_up = False  # a broker that once took us is an MQTT broker: no "is it one?" after that
         self._refused = False
         self._open_since: float | None = None
         self._silent_said = False
@@ -118,7 +119,7 @@ class _Link:
             return False
         self.last_error = None
         self.heard = time.monotonic()
-        self.up, self._refused, self._silent_said = True, False, False
+        self.up, self._ever_up, self._refused, self._silent_said = True, True, False, False
         return True
 
     def disconnected(self, reason: mqtt.ReasonCode, was_connected: bool) -> None:
@@ -126,8 +127,9 @@ class _Link:
         if reason.value != 0 and was_connected:  # after a refusal, keep the refusal's reason
             self.last_error = f"{self.what} connection lost: {reason}"
             log.warning("%s (reconnecting)", self.last_error)
-        elif not was_connected and not self._refused:
+        elif not was_connected and not self._refused and not self._ever_up:
             # The port took the TCP connection, then closed it without a CONNACK: not an MQTT broker's?
+            # (paho may also report one drop twice: the second finds the session down already.)
             self.last_error = (f"{self.settings.broker} closed the connection without answering CONNECT "
                                f"({reason}): is it an MQTT broker?")
             if self.what == "events" and (skipped := self._closed_early.due()) is not None:  # one line, not two
