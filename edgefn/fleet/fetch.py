@@ -149,14 +149,18 @@ class ReleaseFetcher:
 
     def fetch(self, target: str) -> Path:
         """Refresh the metadata, then the target's verified file (downloaded, or the one already here)."""
-        updater = self._updater()
-        try:
-            updater.refresh()
-            info = updater.get_targetinfo(target)
-        except Exception as exc:  # noqa: BLE001 - every python-tuf failure is mapped, see _refusal
-            if isinstance(exc, tuf_errors.ExpiredMetadataError):
-                self._check_clock(exc)
-            raise _refusal(exc, f"{self.shown}{METADATA_PATH}", target=False) from exc
+        for attempt in (1, 2):
+            updater = self._updater()
+            try:
+                updater.refresh()
+                info = updater.get_targetinfo(target)
+                break
+            except Exception as exc:  # noqa: BLE001 - every python-tuf failure is mapped, see _refusal
+                if isinstance(exc, tuf_errors.ExpiredMetadataError):
+                    self._check_clock(exc)
+                    if attempt == 1:  # the clock looks sane now: NTP may have set it since TUF looked
+                        continue
+                raise _refusal(exc, f"{self.shown}{METADATA_PATH}", target=False) from exc
         if info is None:
             raise UpdateRefused(f"{target}: not among the signed targets (not released, or signed with other keys)")
         cached = updater.find_cached_target(info)
