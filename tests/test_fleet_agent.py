@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from cloud_sync.fleet.server import FleetServer, start_fleet_server
+from edgefn.childproc import stop_gracefully
 from edgefn.cli.main import app
 from edgefn.daemon import Daemon
 from edgefn.fleet.pack import build_bundle
@@ -336,13 +337,7 @@ class DeviceProcess:
         raise AssertionError(f"no /healthz: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc, 20)
         self._stderr.close()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from edgefn.childproc import stop_gracefully
 from edgefn.cli.main import app
 from edgefn.config import load_settings, redact_url
 from edgefn.errors import ConfigError
@@ -60,13 +60,7 @@ class Process:
         raise AssertionError(f"no {pattern!r} in: {''.join(self.lines)[-3000:]}")
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc, 30)
         time.sleep(0.2)  # the reader thread takes the last lines
         return "".join(self.lines)
 
