@@ -141,6 +141,8 @@ class Daemon:
     def _deliver(self, events: list[Event]) -> None:
         """Events the ingress has journaled (and acknowledged): to their functions' lanes."""
         self.metrics.events_received.inc(len(events))
+        if redelivered := sum(e.replayed for e in events):  # ingress marks the broker's DUP copies replayed
+            self.metrics.events_redelivered.inc(redelivered)
         self.router.deliver(events)
 
     def stop(self, drain_timeout: float = 10.0) -> None:

@@ -5,12 +5,16 @@ mosquitto 2.0.16-2.0.20 drop any packet to a client (PUBACK, SUBACK, ...) once t
 on any version, deterministically: `drop(kind, n, connection)` decides for the n-th packet of a
 kind (4 = PUBACK, 9 = SUBACK, ...) on a client id's connection-th connection (both counted from 1:
 the daemon's events and results sessions are two client ids, each counted on its own).
+
+`read_slowly` makes the broker read a client id's stream late, one packet per `pace` seconds, as a
+busy mosquitto does (it reads one packet per socket per pass of its loop).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -20,9 +24,10 @@ PUBACK, SUBACK = 4, 9
 
 
 class DroppingProxy:
-    def __init__(self, broker_port: int, drop: Callable[[int, int, int], bool]):
+    def __init__(self, broker_port: int, drop: Callable[[int, int, int], bool] = lambda *_: False):
         self.port = free_port()
         self._broker_port, self._drop = broker_port, drop
+        self.read_slowly: dict[str, float] = {}  # client id -> seconds per packet it sends
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._connections: Counter[str] = Counter()  # by client id
         self.dropped: Counter[int] = Counter()
@@ -48,7 +53,9 @@ class DroppingProxy:
         client_id = _client_id(connect)
         self._connections[client_id] += 1
         broker.sendall(connect)
-        threading.Thread(target=self._copy, args=(client, broker), daemon=True).start()
+        pace = self.read_slowly.get(client_id)
+        copy = (lambda src, dst: self._copy_paced(src, dst, pace)) if pace else self._copy
+        threading.Thread(target=copy, args=(client, broker), daemon=True).start()
         self._filter(broker, client, self._connections[client_id])
 
     @staticmethod
@@ -57,6 +64,17 @@ class DroppingProxy:
             while data := src.recv(65536):
                 dst.sendall(data)
         except OSError:
+            pass
+        _close(src, dst)
+
+    @staticmethod
+    def _copy_paced(src: socket.socket, dst: socket.socket, pace: float) -> None:
+        reader = src.makefile("rb")
+        try:
+            while packet := _read_packet(reader):
+                time.sleep(pace)
+                dst.sendall(packet)
+        except (OSError, IndexError):
             pass
         _close(src, dst)
 

@@ -241,6 +241,50 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
 
 
 @pytest.mark.broker
+def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(tmp_path):
+    """mosquitto reads one packet per socket per pass of its loop: under load our PUBACKs for the
+    sensors' events wait in its socket, our PINGREQ behind them, and once the sensors stop nothing
+    comes back for a while. paho dropped the session for its keepalive, and the broker resent every
+    event in flight (seen at ~2.5 min of a 2x overload, results stopped for a minute)."""
+    got: list[tuple[int, bool]] = []
+    disconnects: list[int] = []
+    holder: list[Connection] = []
+
+    def journaled(topic, payload, mid, qos, dup):
+        got.append((mid, dup))
+        holder[0].ack(mid, qos)
+
+    client_id = f"edgefn-late-{time.monotonic_ns()}"
+    with LocalBroker() as broker:
+        proxy = DroppingProxy(broker.port)
+        proxy.read_slowly[client_id] = 0.01  # the broker reads 100 of our packets a second
+        conn = _connection(tmp_path, proxy.port, journaled, ["sensors/#"], client_id=client_id, keepalive=1)
+        holder.append(conn)
+        conn._on_disconnect = lambda: disconnects.append(1)
+        sensor = _sensor(broker.port)
+        acks = Acks()
+        try:
+            infos = [sensor.publish("sensors/a/x", b"e", qos=1) for _ in range(400)]
+            [info.wait_for_publish(10) for info in infos]
+            assert _wait(lambda: len(got) == 400, 10), len(got)
+            deadline = time.monotonic() + 5  # the broker reads the last of 400 PUBACKs ~4 s from now
+            n = 0
+            while time.monotonic() < deadline:  # results flow meanwhile: the broker is alive
+                conn.publish("results/t", b"%d" % n, acks.callback(n))
+                n += 1
+                time.sleep(0.1)
+            assert disconnects == [] and proxy._connections[client_id] == 1, "the events session was dropped"
+            assert not any(dup for _, dup in got) and len(got) == 400, "events were sent again"
+            assert _wait(lambda: conn._events.client._ping_t == 0, 5), "the PINGRESP never came"
+            conn._results.client.heard_at = 0.0  # the other session silent too: the broker may be gone
+            assert not conn._events_silence_excused()
+        finally:
+            sensor.loop_stop()
+            conn.stop()
+            proxy.close()
+
+
+@pytest.mark.broker
 def test_a_pause_never_keeps_the_pubacks_of_our_results_unread(tmp_path):
     """PUBACKs come in the same stream as the events: a pause that kept them unread stalled publishing,
     then answering, then the room the pause waited for (50 s without a result in a 10-minute overload)."""

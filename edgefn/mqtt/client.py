@@ -9,9 +9,12 @@ it queues), and memory stays bounded whatever the payloads weigh. Writing goes o
 acknowledgements, and PINGREQs that keep the broker's keepalive happy); the bytes that wait in the
 socket show the broker is there, which paho's own keepalive check is told, since it cannot read the
 PINGRESP while paused. Results leave on a connection of their own (connection.py), never paused.
+The same clock is kept fresh while the connection says the broker's silence is explained
+(`silence_excused`: the broker alive, and behind on reading our acknowledgements).
 
-It leans on paho-mqtt 2's `loop_read` and its keepalive clock `_last_bytes_received` (pinned below 3
-in pyproject.toml; tests/test_connection.py pauses a real connection longer than its keepalive).
+It leans on paho-mqtt 2's `loop_read`, `_check_keepalive` and its keepalive clock
+`_last_bytes_received` (pinned below 3 in pyproject.toml; tests/test_connection.py pauses a real
+connection longer than its keepalive, and keeps one whose broker reads it late).
 """
 
 from __future__ import annotations
@@ -51,20 +54,36 @@ def _quick_ack(sock: object) -> None:
 
 
 class PausableClient(mqtt.Client):
-    """An `mqtt.Client` whose network loop skips reading while `paused` is set."""
+    """An `mqtt.Client` whose network loop skips reading while `paused` is set, and whose keepalive
+    lets the broker be silent while `silence_excused()` says why (see `_check_keepalive`)."""
 
     paused = False
+    heard_at = 0.0  # when bytes were last read from the broker (monotonic)
+
+    @staticmethod
+    def silence_excused() -> bool:
+        return False
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         if not self.paused:
             rc = super().loop_read(max_packets)
             if rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.heard_at = time.monotonic()
                 _quick_ack(self.socket())
             return rc
         with self._msgtime_mutex:  # bytes are waiting to be read: the broker is alive
             self._last_bytes_received = mqtt.time_func()
         time.sleep(_PAUSED_WAIT_S)
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _check_keepalive(self) -> None:
+        # paho drops a session that has heard nothing, not even a PINGRESP, for a keepalive after its
+        # PINGREQ. The connection may know the broker is alive and only behind on reading what we
+        # sent (our PINGREQ waits behind it): then the silence is not a dead broker.
+        if self.silence_excused():
+            with self._msgtime_mutex:
+                self._last_bytes_received = mqtt.time_func()
+        super()._check_keepalive()
 
 
 def broker_client(settings: Settings, client_id: str) -> PausableClient:

@@ -68,6 +68,7 @@ RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknow
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
+MAX_SILENCE_S = 300.0  # the longest the events session may hear nothing while its silence is excused
 CONNACK_WAIT_S = 5.0  # a connection open this long with no CONNACK: say the port may not be a broker's
 RESULTS_SUFFIX = "-results"  # the results session's client id: the events session's, and this
 OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
@@ -181,6 +182,9 @@ class Connection:
         events.on_disconnect = self._events_disconnected
         events.on_message = self._message
         events.on_subscribe = self._suback
+        events.silence_excused = self._events_silence_excused  # type: ignore[method-assign]
+        self._keepalive = keepalive
+        self._acked_at = 0.0  # when the events session last acknowledged an event (monotonic)
         self.connected = threading.Event()  # the events session: set by subscriptions, once a CONNACK's SUBSCRIBE is sent
         self._subscriptions = Subscriptions(events, filters, self.connected, subscriptions_file, suback_timeout)
         # Both sessions meet the same network: the events session says so, the results one at debug level.
@@ -305,7 +309,26 @@ class Connection:
     def ack(self, mid: int, qos: int = 1) -> None:
         """Acknowledge an event received at `qos`; QoS 0 has nothing to acknowledge."""
         if qos > 0:
+            self._acked_at = time.monotonic()
             self._events.client.ack(mid, qos)
+
+    def _events_silence_excused(self) -> bool:
+        """Whether the broker's silence on the events session (not even a PINGRESP) is explained.
+
+        mosquitto reads one packet per socket per pass of its loop. Under load its loop serves each
+        sensor's socket once a pass too, so our stream of PUBACKs, one for each of their events, is
+        read far slower than we write it; tens of thousands (up to the Receive Maximum) may wait in
+        its socket, and our PINGREQ behind them. Once the sensors stop, the broker has nothing more
+        to send us until it reaches the PINGREQ: paho heard nothing for a keepalive and dropped the
+        session (seen at ~2.5 min of a 2x overload), the broker resent every event in flight, and
+        results stopped for a minute. The silence is excused while the broker answers on the results
+        session (a PUBACK or a PINGRESP), this session had acknowledgements to read when it fell silent,
+        and for at most MAX_SILENCE_S."""
+        now, events = time.monotonic(), self._events.client
+        # The results session hears a PUBACK or PINGRESP at least once a keepalive while the broker lives.
+        return (self._results.up and now - self._results.client.heard_at < 2 * self._keepalive
+                and self._acked_at > events.heard_at - self._keepalive
+                and now - events.heard_at < MAX_SILENCE_S)
 
     # -- the results session -----------------------------------------------------------------------
     def _results_connected(self, _c: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode,

@@ -19,6 +19,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.events_received = Counter("edgefn_events_received", "Events journaled from the broker.", registry=r)
+        self.events_redelivered = Counter("edgefn_events_redelivered", "Of those, events the broker sent again "
+                                          "(DUP set: sent before the last reconnect, perhaps answered).", registry=r)
         self.events_handled = Counter("edgefn_events_handled", "Events handled, by function and outcome.",
                                       ["function", "outcome"], registry=r)
         self.event_seconds = Histogram("edgefn_event_seconds", "Receive to outputs handed to the broker.",
