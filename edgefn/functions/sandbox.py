@@ -303,6 +303,7 @@ class FunctionSandbox:
         self._failed_at = 0.0  # when an instance could last not be made (not again for a second)
         self._costs = _CallCosts()
         self.cold_starts = 0  # instances made because an event found none
+        self.cold_start_ms = 0.0  # what making the last of them took
         probe = self._probe()
         # Components built against an older world have no handle-batch: they get events one by one.
         self._batches = probe.handle_batch is not None
@@ -336,7 +337,8 @@ class FunctionSandbox:
         with self._cond:
             live, idle = self._live, len(self._idle)
         return {"instances": live, "idle": idle, "min": self.min_instances, "max": self.max_instances,
-                "instance_mb": round(self.instance_bytes / 2**20, 1), "cold_starts": self.cold_starts}
+                "instance_mb": round(self.instance_bytes / 2**20, 1), "cold_starts": self.cold_starts,
+                "last_cold_start_ms": round(self.cold_start_ms, 2)}
 
     def _make_linker(self) -> wc.Linker:
         linker = wc.Linker(self.runtime.engine)
@@ -529,6 +531,7 @@ class FunctionSandbox:
             found = self._idle_or_room(arrived)
             if isinstance(found, _Instance):
                 return found
+            started = time.perf_counter()
             try:
                 inst = self._new_instance()
             except Exception:
@@ -538,6 +541,7 @@ class FunctionSandbox:
                 log.exception("%s: cannot create an instance; the event waits, tried again in 1 s", self.manifest.name)
                 continue
             self.cold_starts += 1
+            self.cold_start_ms = (time.perf_counter() - started) * 1000
             inst.reserved = found
             return inst
 
@@ -560,8 +564,10 @@ class FunctionSandbox:
                         return nbytes
                     if not refused:
                         refused = True
-                        log.debug("%s: no scale-up past %d instances: the memory budget is full (%s)",
-                                  self.manifest.name, self._live, self.budget.snapshot())
+                        # Holding none, the function waits for other functions' instances to idle out.
+                        log.log(logging.WARNING if self._live == 0 else logging.DEBUG,
+                                "%s: no scale-up past %d instances: the memory budget is full (%s); its events "
+                                "wait", self.manifest.name, self._live, self.budget.snapshot())
                 # Woken by an instance coming back; the share, the budget and a retry are polled.
                 remaining = self._scale_after_s - waited
                 self._cond.wait(min(0.02, remaining) if remaining > 0.001 else 0.02)
@@ -603,21 +609,22 @@ class FunctionSandbox:
             inst.reserved = nbytes
             self._give_back(inst, keep=True)
 
-    def keep(self) -> None:
-        """Release the instances idle for idle_s, down to min_instances (the pool keeper calls this)."""
-        now = time.monotonic()
+    def keep(self, idle_s: float | None = None) -> None:
+        """Release the instances idle for `idle_s` (default: the manifest's), down to min_instances (the
+        pool keeper calls this)."""
+        now, idle_s = time.monotonic(), self.limits.idle_s if idle_s is None else idle_s
         released: list[_Instance] = []
         with self._cond:
             while (self._live - len(released) > self.min_instances and self._idle
-                   and now - self._idle[0].idle_since >= self.limits.idle_s):
+                   and now - self._idle[0].idle_since >= idle_s):
                 released.append(self._idle.pop(0))
         for inst in released:
             inst.drop()
             self._lost_one(inst.reserved)
         if released:
             return_freed_memory()
-            log.debug("%s: scaled down to %d instances (%d idle for %.0f s)", self.manifest.name, self._live,
-                      len(released), self.limits.idle_s)
+            log.debug("%s: scaled down to %d instances (%d idle for %g s)", self.manifest.name, self._live,
+                      len(released), idle_s)
         if self._live < self.min_instances:
             self._top_up()
 
