@@ -68,7 +68,8 @@ def budgeted(component_cache: Path) -> Iterator[Runtime]:
 
 def test_the_memory_budget_is_never_exceeded_by_two_functions_scaling_up(
         budgeted: Runtime, digits_fn: Path, registry: ModelRegistry, tmp_path: Path):
-    limits = "min_instances = 0\nmax_instances = 4\nidle_s = 60"
+    # idle_s short: a function the budget leaves without an instance gets room as the other's idle out.
+    limits = "min_instances = 0\nmax_instances = 4\nidle_s = 0.2"
     pools = [sandbox_of(budgeted, elastic_copy(digits_fn, tmp_path / str(i), limits), registry) for i in range(2)]
     try:
         for pool in pools:  # warm: each function's estimate settles on what its instances hold
@@ -79,7 +80,7 @@ def test_the_memory_budget_is_never_exceeded_by_two_functions_scaling_up(
         budget = budgeted.budget
         assert budget.used == 0
         each = max(pool.instance_bytes for pool in pools)
-        budget.total = int(2.5 * each)  # room for two instances of the eight the functions want
+        budget.total = int(3.5 * each)  # room for three instances of the eight the functions want
         budget.peak = 0
         seen: list[int] = []
         answered: list[str] = []
@@ -109,7 +110,7 @@ def test_the_memory_budget_is_never_exceeded_by_two_functions_scaling_up(
         watcher.join()
         assert len(answered) == 8 * 15 and len(set(answered)) == 8 * 15  # every event waited its turn, none lost
         assert budget.peak <= budget.total, (budget.peak, budget.total)
-        assert 1 <= max(seen) <= 2, f"instances held at once: {max(seen)} (the budget has room for 2)"
+        assert 1 <= max(seen) <= 3, f"instances held at once: {max(seen)} (the budget has room for 3)"
         assert budget.used <= budget.total
     finally:
         for pool in pools:

@@ -323,6 +323,7 @@ class FunctionSandbox:
         probe = self._new_instance()
         self._creation_bytes = max(anon_rss_bytes() - before, 0)
         self._first_calls: list[int] = []  # what the last instances' first calls added
+        self._releases: list[int] = []  # what releasing the last idle instances gave back, each
         self.instance_bytes = max(self._creation_bytes, _MIN_INSTANCE_BYTES)
         log.debug("%s: an instance holds about %.1f MiB", self.manifest.name, self.instance_bytes / 2**20)
         return probe
@@ -504,14 +505,13 @@ class FunctionSandbox:
         """What an instance's first call adds to the process's memory (the guest's runtime warming up)
         is part of what it holds. The function's estimate is what creating one added plus the median
         of the last first calls (a median: other threads allocate meanwhile, and the function's very
-        first call may load what the host shares, such as a model). This instance's reservation grows
+        first call may load what the host shares, such as a model), or what releasing warm ones gave
+        back where that is more (`_estimate`). This instance's reservation grows
         to the estimate if the budget has room; if not, False: it is dropped after this call, so the
         budget is never exceeded."""
         with self._cond:
             self._first_calls = [*self._first_calls[-8:], max(grown, 0)]
-            ordered = sorted(self._first_calls)
-            estimate = self._creation_bytes + ordered[len(ordered) // 2]
-            self.instance_bytes = min(max(estimate, _MIN_INSTANCE_BYTES), self.limits.memory_mb << 20)
+            self._estimate()
             extra = self.instance_bytes - inst.reserved
         if extra <= 0:
             return True
@@ -520,6 +520,16 @@ class FunctionSandbox:
             return True
         log.debug("%s: a warm instance does not fit the memory budget: dropped after its call", self.manifest.name)
         return False
+
+    def _estimate(self) -> None:
+        """What an instance is counted for (under `_cond`): the larger of what a new one comes to after its
+        first call and what releasing a warm one gave back (medians of the last few), within
+        [1 MiB, memory_mb]."""
+        def median(values: list[int]) -> int:
+            return sorted(values)[len(values) // 2] if values else 0
+
+        estimate = max(self._creation_bytes + median(self._first_calls), median(self._releases))
+        self.instance_bytes = min(max(estimate, _MIN_INSTANCE_BYTES), self.limits.memory_mb << 20)
 
     def _take(self) -> _Instance:
         """An idle instance (the warmest); else a new one, once the event has waited its share of the
@@ -618,11 +628,17 @@ class FunctionSandbox:
             while (self._live - len(released) > self.min_instances and self._idle
                    and now - self._idle[0].idle_since >= idle_s):
                 released.append(self._idle.pop(0))
-        for inst in released:
-            inst.drop()
-            self._lost_one(inst.reserved)
         if released:
+            before = anon_rss_bytes()
+            for inst in released:
+                inst.drop()
             return_freed_memory()
+            freed = (before - anon_rss_bytes()) // len(released)
+            for inst in released:
+                self._lost_one(inst.reserved)
+            with self._cond:  # what a warm instance held, measured as it goes: part of the estimate
+                self._releases = [*self._releases[-8:], max(freed, 0)]
+                self._estimate()
             log.debug("%s: scaled down to %d instances (%d idle for %g s)", self.manifest.name, self._live,
                       len(released), idle_s)
         if self._live < self.min_instances:
