@@ -550,8 +550,9 @@ class FunctionSandbox:
                     self._failed_at = time.monotonic()
                 log.exception("%s: cannot create an instance; the event waits, tried again in 1 s", self.manifest.name)
                 continue
-            self.cold_starts += 1
-            self.cold_start_ms = (time.perf_counter() - started) * 1000
+            with self._cond:
+                self.cold_starts += 1
+                self.cold_start_ms = (time.perf_counter() - started) * 1000
             inst.reserved = found
             return inst
 
