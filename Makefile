@@ -20,6 +20,7 @@ help:
 	@echo "              bench/models.py (every model variant against its fp32 ONNX)"
 	@echo "              bench/overload.py (capacity, hand-off to the cloud endpoint, cloud killed)"
 	@echo "              bench/fleet.py (rollout of a good and a bad bundle to 500 simulated devices)"
+	@echo "              bench/elastic.py (cold start after scale to zero, memory freed, elastic vs fixed pool)"
 	@echo "make lint   - ruff over the package, the cloud service, tests, benches, models and examples"
 	@echo "make setup  - .venv with every extra, then system-deps"
 	@echo "make peers  - .venv-peers: Seldon MLServer and KServe, each in its own venv (the tests hand off to them)"
@@ -82,6 +83,7 @@ bench: setup
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/overload.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/elastic.py
 
 lint: setup
 	$(BIN)/ruff check edgefn cloud_sync tests bench models examples

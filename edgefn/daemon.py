@@ -84,8 +84,8 @@ class Daemon:
     def start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self.runtime = Runtime(s.state_dir / "components")
         self.profile = device_profile(s.profile, s.device_root, self.metrics)
+        self.runtime = Runtime(s.state_dir / "components", memory_budget_mb=self.profile.capacity.memory_budget_mb)
         self.state = StateStore(s.state_dir / "state.sqlite")
         self.cloud: CloudClient | None = None
         if s.cloud_url:
@@ -281,6 +281,8 @@ class Daemon:
             "pressure": self.sensors.health(),
             "held_unacknowledged": self.ingress.held,
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
+            "instances": {f.manifest.name: f.sandbox.pool() for f in self.functions},
+            "memory_budget": self.runtime.budget.snapshot(),
             "failed_functions": dict(self.loader.failed),
             "release": self.release.label if self.release else None,
             "models": {name: self._model_status(name) for name in self._models_in_use()},

@@ -57,9 +57,32 @@ def test_load_minimal_defaults(tmp_path: Path):
     m = load_manifest(write(tmp_path / "probe", '[function]\nname = "p"\nversion = "1"\n[trigger]\ntopics = ["a/#"]\n'))
     assert m.function.module == "app"
     assert m.publish.topics == [] and m.models.use == []
-    assert (m.limits.memory_mb, m.limits.timeout_ms, m.limits.instances, m.limits.max_messages,
-            m.limits.max_output_bytes, m.limits.recycle_after) == (64, 500, 2, 16, 65_536, 5_000)
+    assert (m.limits.memory_mb, m.limits.timeout_ms, m.limits.instance_bounds, m.limits.max_messages,
+            m.limits.max_output_bytes, m.limits.recycle_after) == (64, 500, (2, 2), 16, 65_536, 5_000)
     assert m.latency_budget_ms == 100.0
+
+
+@pytest.mark.parametrize(("limits", "bounds"), [
+    ("instances = 3", (3, 3)),  # the older key: a fixed pool
+    ("min_instances = 0\nmax_instances = 4", (0, 4)),
+    ("min_instances = 0", (0, 2)),
+    ("min_instances = 5", (5, 5)),
+    ("max_instances = 4", (4, 4)),
+])
+def test_limits_instance_bounds(tmp_path: Path, limits: str, bounds: tuple[int, int]):
+    m = load_manifest(write(tmp_path, VALID + f"\n[limits]\n{limits}\nidle_s = 0.5\n"))
+    assert m.limits.instance_bounds == bounds
+    assert m.limits.idle_s == 0.5
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    ("instances = 2\nmax_instances = 4", "instances sets both bounds"),
+    ("min_instances = 3\nmax_instances = 2", "min_instances (3) is above max_instances (2)"),
+    ("max_instances = 0", "limits.max_instances:"),
+    ("idle_s = 0", "limits.idle_s:"),
+])
+def test_error_instance_bounds(tmp_path: Path, limits: str, expected: str):
+    assert expected in manifest_error(write(tmp_path, VALID + f"\n[limits]\n{limits}\n"))
 
 
 @pytest.mark.parametrize("topic", ["#", "+", "a/+/b/#", "+/+", "sensors/dev-1/x y"])

@@ -468,3 +468,9 @@ def test_cli_extra_profiles_folder(tmp_path: Path):
     assert result.exit_code == 2
     assert flat(result.output) == (f"error: {tmp_path / 'my-board.toml'}: hardware.cores: Input should be a valid "
                                    "integer, unable to parse string as an integer")
+
+
+def test_every_shipped_profile_gives_its_instances_a_memory_budget():
+    for profile in load_profiles().values():
+        budget = profile.capacity.memory_budget_mb
+        assert budget is not None and 64 <= budget <= profile.hardware.memory_mb // 4, profile.name

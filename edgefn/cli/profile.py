@@ -123,7 +123,8 @@ def show(
     _print(f"[bold]limits[/]: throttle at {thermal.throttle_c:g} °C, critical at {thermal.critical_c:g} °C "
            f"(zones: {escape(', '.join(thermal.zones) or 'all')}); at least {p.limits.memory.min_free_mb} MB free")
     _print(f"[bold]capacity[/]: {c.instances} instances, queue bound {c.queue_bound}, "
-           f"latency budget {c.latency_budget_ms:g} ms")
+           f"latency budget {c.latency_budget_ms:g} ms, memory budget for instances "
+           f"{f'{c.memory_budget_mb} MB' if c.memory_budget_mb is not None else 'unbounded'}")
 
 
 def _rules_table(p: Profile) -> Table:

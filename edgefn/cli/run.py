@@ -157,6 +157,8 @@ def _print_health(doc: dict) -> None:
     table.add_row("functions", escape(", ".join(f"{n} {v}" for n, v in doc.get("functions", {}).items())))
     for name, why in doc.get("failed_functions", {}).items():
         table.add_row("did not load", escape(f"{name}: {why}"))
+    for key, value in _instance_rows(doc):
+        table.add_row(key, escape(value))
     for key, value in _cloud_rows(doc.get("cloud")):
         table.add_row(key, escape(value))
     out.print(table)
@@ -167,6 +169,19 @@ def _print_health(doc: dict) -> None:
         passed = "\n".join(f"{what}: {why}" for what, why in m.get("passed_over", []))
         models.add_row(name, m.get("variant", "?"), m.get("delegate", "?"), escape(passed) or "-")
     out.print(models)
+
+
+def _instance_rows(doc: dict) -> list[tuple[str, str]]:
+    """Each function's sandbox instances (held now, idle, its bounds) and the device's memory budget."""
+    rows = [("instances", f"{name}: {p.get('instances', '?')} ({p.get('idle', '?')} idle; {p.get('min', '?')}.."
+                          f"{p.get('max', '?')}, ~{p.get('instance_mb', '?')} MiB each, {p.get('cold_starts', 0)} "
+                          "cold starts)")
+            for name, p in doc.get("instances", {}).items()]
+    if (budget := doc.get("memory_budget")) is not None:
+        total = budget.get("budget_mb")
+        rows.append(("memory budget", f"{budget.get('used_mb')} of {total if total is not None else 'unbounded'} "
+                                      f"MiB held by instances (peak {budget.get('peak_mb')})"))
+    return rows
 
 
 def _cloud_rows(cloud: dict | None) -> list[tuple[str, str]]:

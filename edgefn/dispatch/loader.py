@@ -117,12 +117,15 @@ class Loader:
         if models:
             properties.append((MODELS, models))
         # `always`: the function's own lane hands every batch off; `on-overload`: a cloud lane of its own.
-        lanes = {"local": Lane("cloud" if policy == "always" else "local", manifest.limits.instances)}
+        # A worker per instance the function may scale up to; idle workers hold no instance.
+        most = manifest.limits.instance_bounds[1]
+        lanes = {"local": Lane("cloud" if policy == "always" else "local", most)}
         if policy == "on-overload" and s.cloud_workers:
             lanes["cloud"] = Lane("cloud", s.cloud_workers)
         sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
-                                  instances=sum(lane.workers for lane in lanes.values()))
-        planner = Planner(policy, manifest.latency_budget_ms, manifest.limits.instances,
+                                  max_instances=sum(lane.workers for lane in lanes.values()))
+        self.metrics.watch_instances(manifest.name, sandbox)
+        planner = Planner(policy, manifest.latency_budget_ms, most,
                           cloud_workers=s.cloud_workers or 1)
         log.info("function %s %s from %s: triggered by %s", manifest.name, manifest.version, folder,
                  ", ".join(manifest.trigger.topics))

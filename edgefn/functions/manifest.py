@@ -20,7 +20,10 @@
     [limits]
     memory_mb = 64                      # linear memory of one instance
     timeout_ms = 500                    # wall-clock deadline per event (epoch interruption)
-    instances = 2                       # warm instances in its pool (events run concurrently)
+    min_instances = 0                   # instances kept warm however idle (0: scale to zero)
+    max_instances = 4                   # the most it scales up to (events run concurrently)
+    idle_s = 30                         # an instance idle this long is released, down to min_instances
+    # instances = 2                     # the older key: a fixed pool (both bounds); default when none is given
     max_messages = 16                   # outputs per event
     max_output_bytes = 65536            # total payload bytes per event
     recycle_after = 5000                # events before an instance is replaced by a fresh one
@@ -33,7 +36,7 @@ import re
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgefn.errors import ManifestError, validation_text
 from edgefn.protocol.offload import Policy
@@ -88,11 +91,36 @@ class ModelsSection(_Section):
 class LimitsSection(_Section):
     memory_mb: int = Field(default=64, ge=8, le=4096, description="Linear memory of one instance, MiB.")
     timeout_ms: int = Field(default=500, ge=1, le=600_000, description="Wall-clock deadline per event.")
-    instances: int = Field(default=2, ge=1, le=64, description="Warm instances (events run concurrently).")
+    instances: int | None = Field(default=None, ge=1, le=64, description="A fixed pool: both min_instances and "
+                                  "max_instances (the older key; 2 when no bound is given).")
+    min_instances: int | None = Field(default=None, ge=0, le=64, description="Instances kept warm however idle "
+                                      "(0: scale to zero; default: max_instances).")
+    max_instances: int | None = Field(default=None, ge=1, le=64, description="The most instances it scales up to "
+                                      "(events run concurrently; default: min_instances, or 2).")
+    idle_s: float = Field(default=30.0, gt=0, le=86_400, description="An instance idle this long is released, "
+                          "down to min_instances.")
     max_messages: int = Field(default=16, ge=0, le=10_000, description="Output messages per event.")
     max_output_bytes: int = Field(default=65_536, ge=0, description="Output payload bytes per event.")
     recycle_after: int = Field(default=5_000, ge=1, description="Events before an instance is renewed.")
     max_batch: int = Field(default=32, ge=1, le=1024, description="Queued events handed over in one call (1: never batch).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LimitsSection:
+        if self.instances is not None and (self.min_instances is not None or self.max_instances is not None):
+            raise ValueError("instances sets both bounds: give it alone, or min_instances and max_instances")
+        least, most = self.instance_bounds
+        if least > most:
+            raise ValueError(f"min_instances ({least}) is above max_instances ({most})")
+        return self
+
+    @property
+    def instance_bounds(self) -> tuple[int, int]:
+        """(min_instances, max_instances), from whichever keys the manifest gives."""
+        if self.instances is not None:
+            return self.instances, self.instances
+        most = self.max_instances if self.max_instances is not None else max(self.min_instances or 0, 2)
+        least = self.min_instances if self.min_instances is not None else most
+        return least, most
 
 
 class Manifest(_Section):

@@ -1,4 +1,4 @@
-"""The sandbox: one wasmtime engine per process, one pool of warm instances per function.
+"""The sandbox: one wasmtime engine per process, one elastic pool of instances per function.
 
 A guest gets only what the `edgefn:function` world imports (host.infer, log, state, info) plus
 WASI with no preopened directory, no socket permission and no inherited stdio: no files, no
@@ -6,6 +6,14 @@ network. Each instance has a memory limit; each event a wall-clock deadline enfo
 interruption. An instance that trapped, timed out or ran out of memory is thrown away, and the
 next event gets a fresh one. A batch that fails is bisected to find its culprit; a payload that
 keeps failing is quarantined (edgefn/functions/quarantine.py).
+
+The pool is elastic, between the manifest's min_instances and max_instances. An event that finds
+no idle instance waits for one for up to `SCALE_UP_SHARE` of the function's latency budget (counted
+from its arrival), then a new instance is made for it, if the device's memory budget
+(edgefn/functions/budget.py) has room; else it waits on until an instance or room comes back: it
+is never dropped. With no instance at all (scaled to zero), the first event makes one at once: the
+compiled component and the linker stay loaded, so this cold start costs an instantiation only. An
+instance idle for `idle_s` is released, down to min_instances, by the runtime's pool keeper.
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ import contextlib
 import importlib.metadata
 import logging
 import os
-import queue
 import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +48,7 @@ from edgefn.events import Event, Message
 from edgefn.files import file_sha256, remove_leftovers
 from edgefn.functions import compile as compiler
 from edgefn.functions._boundary import ExportCall, add_host_func
+from edgefn.functions.budget import MemoryBudget, anon_rss_bytes, return_freed_memory
 from edgefn.functions.manifest import Manifest
 from edgefn.functions.quarantine import Quarantine
 from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
@@ -50,6 +59,9 @@ log = logging.getLogger("edgefn.sandbox")
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 HOST_INTERFACE = "edgefn:function/host@0.1.0"
 EPOCH_TICK_S = 0.01  # deadline granularity
+SCALE_UP_SHARE = 0.25  # of the latency budget an event waits for an idle instance before one is added
+KEEP_EVERY_S = 0.05  # how often idle instances are looked at for release
+_MIN_INSTANCE_BYTES = 1 << 20  # the least an instance is counted for (a measurement can come out low)
 
 
 class Host(Protocol):
@@ -62,20 +74,38 @@ class Host(Protocol):
 
 
 class Runtime:
-    """The process-wide wasmtime engine, its epoch ticker and the compiled-component cache."""
+    """The process-wide wasmtime engine, its epoch ticker, the compiled-component cache, the memory
+    budget every function's instances share (`memory_budget_mb`; None: unbounded) and the pool
+    keeper that releases idle instances."""
 
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, memory_budget_mb: int | None = None):
         self.engine = compiler.engine()
+        self.budget = MemoryBudget(None if memory_budget_mb is None else memory_budget_mb << 20)
+        self._pools: weakref.WeakSet[FunctionSandbox] = weakref.WeakSet()
         self.cache_dir = Path(cache_dir)
         if self.cache_dir.is_dir() and (left := remove_leftovers(self.cache_dir)):
             log.info("removed %d unfinished files an interrupted compile left in %s", len(left), self.cache_dir)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="edgefn-epoch", daemon=True)
         self._ticker.start()
+        # Apart from the ticker: dropping a store takes milliseconds, which would delay deadlines.
+        self._keeper = threading.Thread(target=self._keep, name="edgefn-pool-keeper", daemon=True)
+        self._keeper.start()
 
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_TICK_S):
             self.engine.increment_epoch()
+
+    def register(self, pool: FunctionSandbox) -> None:
+        self._pools.add(pool)
+
+    def _keep(self) -> None:
+        while not self._stop.wait(KEEP_EVERY_S):
+            for pool in list(self._pools):
+                try:
+                    pool.keep()
+                except Exception:  # a bug of ours must not stop scaling down for every function
+                    log.exception("%s: idle instances could not be looked after", pool.manifest.name)
 
     def load(self, wasm: Path) -> wc.Component:
         """The component for `wasm`, compiled for this CPU once, in a child process, then mapped from
@@ -118,6 +148,7 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         self._ticker.join()
+        self._keeper.join()
 
     def __enter__(self) -> Runtime:
         return self
@@ -181,6 +212,13 @@ class _Instance:
     handle_batch: ExportCall | None  # absent from components built against an older world
     stderr: _GuestStderr
     events: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+    reserved: int = 0  # bytes of the memory budget it holds
+
+    def drop(self) -> None:
+        """Free the store (its linear memory goes back to the OS) and the stderr file."""
+        self.stderr.remove()
+        self.store.close()
 
 
 def _message(fields: tuple[Any, ...]) -> Message:
@@ -237,29 +275,71 @@ def _lowered(event: Event) -> tuple[str, str, bytes, float]:
 
 
 class FunctionSandbox:
-    """A function's compiled component and its pool of warm instances.
+    """A function's compiled component and its elastic pool of instances.
 
-    `quarantine`: True for a `Quarantine` with its defaults, False for none, or one of your own."""
+    `max_instances` overrides the manifest's upper bound (the daemon gives it the workers of all the
+    function's lanes). `quarantine`: True for a `Quarantine` with its defaults, False for none, or one
+    of your own."""
 
-    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host, instances: int | None = None,
-                 quarantine: Quarantine | bool = True):
+    def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host,
+                 max_instances: int | None = None, quarantine: Quarantine | bool = True):
         self.runtime, self.manifest, self.host = runtime, manifest, host
         self.limits = manifest.limits
-        self.instances = instances or self.limits.instances  # the pool's size
+        least, most = self.limits.instance_bounds
+        self.max_instances = max(max_instances or most, 1)
+        self.min_instances = min(least, self.max_instances)
+        self.budget = runtime.budget
         self.quarantine = Quarantine() if quarantine is True else (quarantine or None)
         self.component = runtime.load(wasm)
         self._linker = self._make_linker()
-        self._idle: queue.LifoQueue[_Instance] = queue.LifoQueue()
+        self._cond = threading.Condition()  # guards the pool: _idle, _live
+        self._idle: list[_Instance] = []  # a stack: the warmest on top, the longest idle at [0]
+        self._live = 0  # idle, busy and being made
+        self._scale_after_s = SCALE_UP_SHARE * manifest.latency_budget_ms / 1000
+        self._arrival = threading.local()  # the oldest event of the batch a worker runs (its wait counts)
         self._deadline_ticks = max(1, round(self.limits.timeout_ms / 1000 / EPOCH_TICK_S))
         self._closed = False
         self._allowed_topics: dict[str, bool] = {}
-        self._missing = 0  # pool slots whose instance could not be renewed yet
-        self._missing_lock = threading.Lock()
+        self._failed_at = 0.0  # when an instance could last not be made (not again for a second)
         self._costs = _CallCosts()
-        for _ in range(self.instances):
-            self._idle.put(self._new_instance())
+        self.cold_starts = 0  # instances made because an event found none
+        self.cold_start_ms = 0.0  # what making the last of them took
+        probe = self._probe()
         # Components built against an older world have no handle-batch: they get events one by one.
-        self._batches = self._idle.queue[0].handle_batch is not None
+        self._batches = probe.handle_batch is not None
+        if self.min_instances and self.budget.reserve(self.instance_bytes):
+            self._live, probe.reserved = 1, self.instance_bytes
+            self._idle.append(probe)
+        else:
+            probe.drop()
+        self._top_up()
+        runtime.register(self)
+
+    def _probe(self) -> _Instance:
+        """A first instance, made at load so that a broken component fails the load and not an event;
+        what it adds to the process's own memory is what each instance is counted for, until an
+        instance's first call shows more (`_measured_first_call`)."""
+        before = anon_rss_bytes()
+        probe = self._new_instance()
+        self._creation_bytes = max(anon_rss_bytes() - before, 0)
+        self._first_calls: list[int] = []  # what the last instances' first calls added
+        self._releases: list[int] = []  # what releasing the last idle instances gave back, each
+        self.instance_bytes = max(self._creation_bytes, _MIN_INSTANCE_BYTES)
+        log.debug("%s: an instance holds about %.1f MiB", self.manifest.name, self.instance_bytes / 2**20)
+        return probe
+
+    @property
+    def instances(self) -> int:
+        """The instances the function holds now (idle, busy, being made)."""
+        return self._live
+
+    def pool(self) -> dict[str, float | int]:
+        """The pool's bounds and state, for /healthz."""
+        with self._cond:
+            live, idle = self._live, len(self._idle)
+        return {"instances": live, "idle": idle, "min": self.min_instances, "max": self.max_instances,
+                "instance_mb": round(self.instance_bytes / 2**20, 1), "cold_starts": self.cold_starts,
+                "last_cold_start_ms": round(self.cold_start_ms, 2)}
 
     def _make_linker(self) -> wc.Linker:
         linker = wc.Linker(self.runtime.engine)
@@ -316,6 +396,16 @@ class FunctionSandbox:
         A quarantined payload is answered `Quarantined` without running. A suspect (it failed
         before) runs alone, so it cannot spoil a batch again; the other events run in order, as
         batches between suspects (see `_bisect`)."""
+        outermost = getattr(self._arrival, "ms", None) is None
+        if outermost and events:  # how long its events have waited counts toward scaling up
+            self._arrival.ms = min(e.received_ms for e in events)
+        try:
+            return self._screened(events)
+        finally:
+            if outermost:
+                self._arrival.ms = None
+
+    def _screened(self, events: list[Event]) -> list[list[Message] | FunctionError]:
         answers: list[list[Message] | FunctionError | None] = [None] * len(events)
         waiting: list[int] = []  # events to run together, in order, up to the next suspect
 
@@ -386,11 +476,16 @@ class FunctionSandbox:
             raise FunctionError(f"{self.manifest.name} is closed")
         inst = self._take()
         started = time.perf_counter()
-        keep, failure = True, None
+        keep, fits, failure = True, True, None
         try:
             inst.handle.set_deadline(self._deadline_ticks * events)
             try:
-                result = call(inst)
+                if inst.events:
+                    result = call(inst)
+                else:  # its first call: the guest's runtime warms up, and what it holds is measured
+                    before = anon_rss_bytes()
+                    result = call(inst)
+                    fits = self._measured_first_call(inst, anon_rss_bytes() - before)
             except wasmtime.WasmtimeError as exc:
                 keep, failure = False, _classify(exc, inst.stderr, self.limits.timeout_ms, self.limits.memory_mb)
                 raise failure from None
@@ -402,36 +497,153 @@ class FunctionSandbox:
         finally:
             # The guest's heap grows slowly even in a well-behaved function (componentize-py's
             # runtime), so an instance is renewed after `recycle_after` events.
-            if keep and inst.events < self.limits.recycle_after:
-                self._idle.put(inst)
-            else:
-                inst.stderr.remove()
-                self._renew()
+            self._give_back(inst, keep and fits and inst.events < self.limits.recycle_after)
             if not isinstance(failure, GuestTimeout):  # it cost its deadline; a timed-out batch is never halved
                 self._costs.note(time.perf_counter() - started, failed=not keep, events=events)
 
-    def _renew(self) -> None:
-        """Put a fresh instance in the pool; if that fails now (no memory, /tmp full), the slot is
-        remembered and filled by a later `_take` instead of being lost for good."""
-        if self._closed:
-            return
-        try:
-            self._idle.put(self._new_instance())
-        except Exception:
-            log.exception("%s: cannot create an instance; will retry", self.manifest.name)
-            with self._missing_lock:
-                self._missing += 1
+    def _measured_first_call(self, inst: _Instance, grown: int) -> bool:
+        """What an instance's first call adds to the process's memory (the guest's runtime warming up)
+        is part of what it holds. The function's estimate is what creating one added plus the median
+        of the last first calls (a median: other threads allocate meanwhile, and the function's very
+        first call may load what the host shares, such as a model), or what releasing warm ones gave
+        back where that is more (`_estimate`). This instance's reservation grows
+        to the estimate if the budget has room; if not, False: it is dropped after this call, so the
+        budget is never exceeded."""
+        with self._cond:
+            self._first_calls = [*self._first_calls[-8:], max(grown, 0)]
+            self._estimate()
+            extra = self.instance_bytes - inst.reserved
+        if extra <= 0:
+            return True
+        if self.budget.reserve(extra):
+            inst.reserved += extra
+            return True
+        log.debug("%s: a warm instance does not fit the memory budget: dropped after its call", self.manifest.name)
+        return False
+
+    def _estimate(self) -> None:
+        """What an instance is counted for (under `_cond`): the larger of what a new one comes to after its
+        first call and what releasing a warm one gave back (medians of the last few), within
+        [1 MiB, memory_mb]."""
+        def median(values: list[int]) -> int:
+            return sorted(values)[len(values) // 2] if values else 0
+
+        estimate = max(self._creation_bytes + median(self._first_calls), median(self._releases))
+        self.instance_bytes = min(max(estimate, _MIN_INSTANCE_BYTES), self.limits.memory_mb << 20)
 
     def _take(self) -> _Instance:
+        """An idle instance (the warmest); else a new one, once the event has waited its share of the
+        latency budget (at once with none at all), within max_instances and the memory budget; else
+        wait for either. A worker waits here rather than give its events up: they are never lost."""
+        arrived_ms = getattr(self._arrival, "ms", None)
+        arrived = time.time() if arrived_ms is None else arrived_ms / 1000
         while True:
+            found = self._idle_or_room(arrived)
+            if isinstance(found, _Instance):
+                return found
+            started = time.perf_counter()
             try:
-                return self._idle.get(timeout=1.0)
-            except queue.Empty:
-                with self._missing_lock:
-                    if not self._missing:
-                        continue
-                    self._missing -= 1
-                self._renew()
+                inst = self._new_instance()
+            except Exception:
+                self._lost_one(found)
+                with self._cond:
+                    self._failed_at = time.monotonic()
+                log.exception("%s: cannot create an instance; the event waits, tried again in 1 s", self.manifest.name)
+                continue
+            with self._cond:
+                self.cold_starts += 1
+                self.cold_start_ms = (time.perf_counter() - started) * 1000
+            inst.reserved = found
+            return inst
+
+    def _idle_or_room(self, arrived: float) -> _Instance | int:
+        """An idle instance, or the bytes reserved once one more may be made (it is counted already)."""
+        refused = False  # said once per wait, at debug level, that the memory budget is full
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise FunctionError(f"{self.manifest.name} is closed")
+                if self._idle:
+                    return self._idle.pop()
+                waited = time.time() - arrived
+                due = self._live == 0 or waited >= self._scale_after_s
+                if due and self._live < self.max_instances and time.monotonic() - self._failed_at > 1.0:
+                    if self.budget.reserve(nbytes := self.instance_bytes):
+                        self._live += 1
+                        log.debug("%s: scaling up to %d instances (an event waited %.0f ms)",
+                                  self.manifest.name, self._live, waited * 1000)
+                        return nbytes
+                    if not refused:
+                        refused = True
+                        # Holding none, the function waits for other functions' instances to idle out.
+                        log.log(logging.WARNING if self._live == 0 else logging.DEBUG,
+                                "%s: no scale-up past %d instances: the memory budget is full (%s); its events "
+                                "wait", self.manifest.name, self._live, self.budget.snapshot())
+                # Woken by an instance coming back; the share, the budget and a retry are polled.
+                remaining = self._scale_after_s - waited
+                self._cond.wait(min(0.02, remaining) if remaining > 0.001 else 0.02)
+
+    def _give_back(self, inst: _Instance, keep: bool) -> None:
+        """An instance done with its call: back on top of the idle stack, or (trapped, recycled) dropped,
+        and the pool made up to min_instances again."""
+        if keep and not self._closed:
+            inst.idle_since = time.monotonic()
+            with self._cond:
+                self._idle.append(inst)
+                self._cond.notify()
+            return
+        inst.drop()
+        self._lost_one(inst.reserved)
+        self._top_up()
+
+    def _lost_one(self, reserved: int) -> None:
+        """An instance is gone (dropped, or never made): its count and its memory go back."""
+        with self._cond:
+            self._live -= 1
+            self._cond.notify()
+        self.budget.release(reserved)
+
+    def _top_up(self) -> None:
+        """Instances up to min_instances, as far as the memory budget allows (the rest on demand)."""
+        while not self._closed and time.monotonic() - self._failed_at > 1.0:
+            with self._cond:
+                if self._live >= self.min_instances or not self.budget.reserve(nbytes := self.instance_bytes):
+                    return
+                self._live += 1
+            try:
+                inst = self._new_instance()
+            except Exception:
+                self._lost_one(nbytes)
+                self._failed_at = time.monotonic()
+                log.exception("%s: cannot create an instance; will retry", self.manifest.name)
+                return
+            inst.reserved = nbytes
+            self._give_back(inst, keep=True)
+
+    def keep(self, idle_s: float | None = None) -> None:
+        """Release the instances idle for `idle_s` (default: the manifest's), down to min_instances (the
+        pool keeper calls this)."""
+        now, idle_s = time.monotonic(), self.limits.idle_s if idle_s is None else idle_s
+        released: list[_Instance] = []
+        with self._cond:
+            while (self._live - len(released) > self.min_instances and self._idle
+                   and now - self._idle[0].idle_since >= idle_s):
+                released.append(self._idle.pop(0))
+        if released:
+            before = anon_rss_bytes()
+            for inst in released:
+                inst.drop()
+            return_freed_memory()
+            freed = (before - anon_rss_bytes()) // len(released)
+            for inst in released:
+                self._lost_one(inst.reserved)
+            with self._cond:  # what a warm instance held, measured as it goes: part of the estimate
+                self._releases = [*self._releases[-8:], max(freed, 0)]
+                self._estimate()
+            log.debug("%s: scaled down to %d instances (%d idle for %g s)", self.manifest.name, self._live,
+                      len(released), idle_s)
+        if self._live < self.min_instances:
+            self._top_up()
 
     def _check_outputs(self, messages: list[Message]) -> list[Message]:
         limits, allowed = self.limits, self.manifest.publish.topics
@@ -476,10 +688,16 @@ class FunctionSandbox:
                                      "are the daemon's")
 
     def close(self) -> None:
-        """Drop the warm instances (idempotent); events still running finish on theirs."""
-        self._closed = True
-        while True:
-            try:
-                self._idle.get_nowait().stderr.remove()
-            except queue.Empty:
-                return
+        """Drop the idle instances (idempotent); events still running finish on theirs, which are
+        dropped when they come back."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for inst in idle:
+            inst.drop()
+            self._lost_one(inst.reserved)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

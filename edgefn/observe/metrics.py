@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _Pool(Protocol):
+    """What the instance gauge reads of a function's sandbox."""
+
+    @property
+    def instances(self) -> int: ...
 
 
 class Metrics:
@@ -53,9 +62,23 @@ class Metrics:
                                           ["function"], registry=r)
         self.model_variant = Gauge("edgefn_model_variant_info", "1 for the variant each model runs as, its format and "
                                    "delegate.", ["model", "variant", "format", "delegate"], registry=r)
+        self.function_instances = Gauge("edgefn_function_instances", "Sandbox instances a function holds now "
+                                        "(idle, busy and being made), between its min_instances and max_instances.",
+                                        ["function"], registry=r)
         self.inference_batch = Histogram("edgefn_inference_batch_calls", "Infer calls served by one inference run "
                                          "(micro-batching), by model and where it ran; 1: the call ran alone.",
                                          ["model", "where"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+
+    def watch_instances(self, function: str, sandbox: _Pool) -> None:
+        """`edgefn_function_instances{function}` reads the sandbox's pool when scraped (a release swapped in
+        takes the label over; the old sandbox is not kept alive by it)."""
+        pool = weakref.ref(sandbox)
+
+        def count() -> float:
+            held = pool()
+            return float(held.instances) if held is not None else 0.0
+
+        self.function_instances.labels(function).set_function(count)
 
     def set_model_variant(self, model: str, variant: str, fmt: str, delegate: str) -> None:
         """Record the variant a model was loaded as (the registry's on_load)."""

@@ -6,7 +6,8 @@
     [delegates]    variant_preference, and the ordered delegate chain per backend
                    (onnxruntime, litert, rknn)
     [limits]       thermal (throttle_c, critical_c, zones) and memory (min_free_mb)
-    [capacity]     defaults: instances, queue_bound, latency_budget_ms
+    [capacity]     defaults: instances, queue_bound, latency_budget_ms; memory_budget_mb (what all
+                   functions' sandbox instances may hold together)
 
 A file that does not validate raises ProfileError naming the file and the field path, e.g.
 `device_profiles/x.toml: delegates.onnxruntime.0.provider: Field required`. Unknown keys are errors,
@@ -225,6 +226,9 @@ class Capacity(_Strict):
     instances: int = Field(ge=1, description="warm sandbox instances per function")
     queue_bound: int = Field(ge=1, description="events queued per function before hand-off")
     latency_budget_ms: float = Field(gt=0, description="default latency budget of an event")
+    memory_budget_mb: int | None = Field(None, ge=1, description="what the sandbox instances of all functions may "
+                                         "hold together (measured per instance); no scale-up goes past it "
+                                         "(absent: unbounded)")
 
 
 class Profile(_Strict):
