@@ -92,7 +92,7 @@ def test_build_writes_the_contract_layout(digits_bundle: BundleInfo, digits_fn: 
         "models/digits/model.int8.onnx", "models/digits/model.json", "models/digits/model.onnx"]
     doc = read_manifest(digits_bundle.path)
     assert doc["name"] == "digits" and doc["version"] == "1.0.0" and doc["health"] == "health.json"
-    assert doc["functions"] == [{"name": "digits", "version": "1.0.0", "path": "functions/digits"}]
+    assert doc["functions"] == [{"name": "digits", "version": "1.0.0", "path": "functions/digits", "targets": []}]
     assert doc["models"] == ["digits"]
     assert doc["files"]["functions/digits/digits.wasm"] == file_sha256(digits_fn / "build" / "digits.wasm")
     assert digits_bundle.target == "digits-1.0.0.bundle.tar"
@@ -128,7 +128,9 @@ def test_build_refuses_a_component_older_than_its_sources(digits_fn: Path, tmp_p
     src = tmp_path / "digits"
     shutil.copytree(digits_fn, src)
     later = time.time() + 10
-    os.utime(src / "app.py", (later, later))
+    os.utime(src / "app.py", (later, later))  # a fresh checkout: new times, the same bytes -> not stale
+    build_bundle([src], "digits", "1.0.0", tmp_path / "a.tar", models=[MODELS])
+    (src / "app.py").write_text((src / "app.py").read_text() + "\n# changed\n")
     with pytest.raises(BundleError, match="older than its sources"):
         build_bundle([src], "digits", "1.0.0", tmp_path / "b.tar", models=[MODELS])
 
