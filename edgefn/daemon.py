@@ -225,6 +225,10 @@ class Daemon:
         """Compile a component into the cache now, so that activating its release costs no compile."""
         self.runtime.load(wasm)
 
+    def record_accuracy(self, accuracy: float | None) -> None:
+        """The accuracy the health check measured of the release running now (reported with its health)."""
+        self.window.accuracy = accuracy
+
     def health_window(self) -> Health:
         """Events, errors and p99 of the functions running now, since they were activated."""
         return self.window.snapshot()
