@@ -44,6 +44,7 @@ from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
 from edgefn.observe.window import HealthWindow
 from edgefn.protocol.fleet import Health
+from edgefn.service.notify import Notifier
 from edgefn.topics import ERRORS_TOPIC
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Daemon:
         self.agent: FleetAgent | None = None
         self.housekeeping_problem: str | None = None  # why the last settle or commit failed (a full disk, ...)
         self._housekeeping_failed = Every(60.0)
+        self.notifier = Notifier()  # systemd, where it runs the daemon (Type=notify): ready, watchdog, stopping
 
     @property
     def functions(self) -> list[LoadedFunction]:
@@ -129,6 +131,7 @@ class Daemon:
 
             self.agent = FleetAgent(self)
             self.agent.start()
+        self.notifier.ready(f"serving {len(self.functions)} functions")
 
     def _report_failed(self) -> None:
         """Each local function that did not load: a metric, and one message on its error topic (sent
@@ -149,6 +152,7 @@ class Daemon:
         """Stop taking events, finish those in hand (within the deadline), then close."""
         if self._stopping.is_set():
             return
+        self.notifier.stopping()
         if self.agent is not None:
             self.agent.stop()
         self._swap.acquire()  # an activation in progress finishes first; none starts after this
@@ -222,6 +226,10 @@ class Daemon:
     def precompile(self, wasm: Path) -> None:
         """Compile a component into the cache now, so that activating its release costs no compile."""
         self.runtime.load(wasm)
+
+    def record_accuracy(self, accuracy: float | None) -> None:
+        """The accuracy the health check measured of the release running now (reported with its health)."""
+        self.window.accuracy = accuracy
 
     def health_window(self) -> Health:
         """Events, errors and p99 of the functions running now, since they were activated."""
@@ -307,6 +315,8 @@ class Daemon:
     def _housekeeping(self) -> None:
         tick = 0
         while not self._stopping.wait(_TICK_S):
+            # Alive while this loop turns: a daemon hung here stops pinging, and systemd restarts it.
+            self.notifier.watchdog()
             try:
                 self.ingress.flush()  # a group left behind by a non-event packet
                 tick += 1

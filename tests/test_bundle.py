@@ -23,7 +23,7 @@ from edgefn.errors import BundleError, GuestError
 from edgefn.events import Event
 from edgefn.files import file_sha256
 from edgefn.fleet.bundle import BUNDLE_JSON
-from edgefn.fleet.health import HealthCheck, Sample, check_health, load_health
+from edgefn.fleet.health import HealthCheck, Sample, check_health, load_health, run_health
 from edgefn.fleet.pack import BundleInfo, build_bundle
 from edgefn.fleet.unpack import COMPLETE, read_bundle, read_manifest, unpack, verify_bundle
 from edgefn.functions.host import FunctionHost
@@ -92,7 +92,7 @@ def test_build_writes_the_contract_layout(digits_bundle: BundleInfo, digits_fn: 
         "models/digits/model.int8.onnx", "models/digits/model.json", "models/digits/model.onnx"]
     doc = read_manifest(digits_bundle.path)
     assert doc["name"] == "digits" and doc["version"] == "1.0.0" and doc["health"] == "health.json"
-    assert doc["functions"] == [{"name": "digits", "version": "1.0.0", "path": "functions/digits"}]
+    assert doc["functions"] == [{"name": "digits", "version": "1.0.0", "path": "functions/digits", "targets": []}]
     assert doc["models"] == ["digits"]
     assert doc["files"]["functions/digits/digits.wasm"] == file_sha256(digits_fn / "build" / "digits.wasm")
     assert digits_bundle.target == "digits-1.0.0.bundle.tar"
@@ -128,7 +128,9 @@ def test_build_refuses_a_component_older_than_its_sources(digits_fn: Path, tmp_p
     src = tmp_path / "digits"
     shutil.copytree(digits_fn, src)
     later = time.time() + 10
-    os.utime(src / "app.py", (later, later))
+    os.utime(src / "app.py", (later, later))  # a fresh checkout: new times, the same bytes -> not stale
+    build_bundle([src], "digits", "1.0.0", tmp_path / "a.tar", models=[MODELS])
+    (src / "app.py").write_text((src / "app.py").read_text() + "\n# changed\n")
     with pytest.raises(BundleError, match="older than its sources"):
         build_bundle([src], "digits", "1.0.0", tmp_path / "b.tar", models=[MODELS])
 
@@ -281,6 +283,21 @@ def test_health_needs_one_output_for_each_expectation():
     assert len(check_health(two, _replies(("results/d/x", {"label": 3})))) == 1
     both = _replies(("results/d/x", {"label": 9}), ("results/d/x", {"label": 3}))
     assert check_health(two, both) == []  # the label-3 output goes to the first, the other to the second
+
+
+def test_health_counts_labelled_samples_answered_right_and_fails_none_for_a_wrong_label():
+    check = HealthCheck.model_validate({"label_key": "digit", "samples": [
+        {"topic": "sensors/d/x", "payload": {"n": n}, "label": n % 3} for n in range(4)] + [
+        {"topic": "sensors/d/x", "payload": {"n": 9}}]})  # unlabelled: not counted
+
+    def answer(topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+        n = json.loads(payload)["n"]  # right for 0, 1 and 2; 3 is answered 2, its label is 0
+        return [("edgefn/errors/x", b"{}")] if n == 9 else [("results/d/x", json.dumps({"digit": min(n, 2)}).encode())]
+
+    result = run_health(check, answer)
+    assert (result.labelled, result.right, result.accuracy) == (4, 3, 0.75)
+    assert result.failures == ["sample 5 (sensors/d/x): error output edgefn/errors/x {}"]
+    assert run_health(HealthCheck.model_validate({"samples": [{"topic": "t", "payload": 1}]}), answer).accuracy is None
 
 
 def test_health_sample_that_raises_fails_and_the_rest_still_run():

@@ -338,15 +338,16 @@ def health_of(d: Daemon) -> dict:
 
 
 def test_daemon_runs_digits_as_a_jetson_profile_says(broker, daemon, collector):
-    """On a Jetson profile: fp32 first (TensorRT makes its own fp16), TensorRT then CUDA, then the CPU;
-    this onnxruntime has neither GPU provider, so the CPU runs fp32 and says why."""
+    """On a Jetson profile: fp32 first on the GPU (TensorRT makes its own fp16), TensorRT then CUDA, then the
+    CPU in its own order; this onnxruntime has neither GPU provider, so the CPU runs int8 and says why."""
     results = collector("results/+/digits")
     d = daemon(metrics_port=0, profile="jetson-orin-nano")
     publish(broker.port, "sensors/jetson/digits", digit_payloads(3, "jetson")[0])
     assert len(results.wait_for(3)) == 3
     digits = health_of(d)["models"]["digits"]
-    assert (digits["variant"], digits["delegate"]) == ("fp32", "cpu")
+    assert (digits["variant"], digits["delegate"]) == ("int8", "cpu")
     reasons = dict(digits["passed_over"])
+    assert reasons["fp32"] == "ranked below int8: int8 before fp32"
     assert reasons["fp32@tensorrt"].startswith("TensorrtExecutionProvider is not in this onnxruntime build")
     assert reasons["fp32@cuda"].startswith("CUDAExecutionProvider is not in this onnxruntime build")
     assert health_of(d)["profile"] == "jetson-orin-nano"

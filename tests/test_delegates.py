@@ -22,8 +22,9 @@ import pytest
 
 from edgefn.errors import ModelError
 from edgefn.inference import delegates
-from edgefn.inference.delegates import LITERT_CPU, ONNX_CPU, XNNPACK, Delegate
+from edgefn.inference.delegates import LITERT_CPU, ONNX_CPU, XNNPACK, Delegate, chains_from_profile
 from edgefn.inference.registry import ModelRegistry
+from edgefn.profiles.schema import get_profile
 from tests.conftest import MODELS
 
 FAKES = Path(__file__).parent / "fakes"
@@ -153,3 +154,25 @@ def test_nothing_that_runs_names_every_step(monkeypatch: pytest.MonkeyPatch, tmp
     chains = {"onnx": (CUDA,), "tflite": (EDGETPU,)}
     with pytest.raises(ModelError, match=r"no variant can run here: .*CUDAExecutionProvider is not in this"):
         ModelRegistry([MODELS], chains=chains, search=[tmp_path]).get("digits")
+
+
+def _jetson_registry(tmp_path: Path) -> ModelRegistry:
+    """The digits model as the shipped Jetson Orin Nano profile would load it."""
+    profile = get_profile("jetson-orin-nano")
+    return ModelRegistry([MODELS], chains=chains_from_profile(profile, tmp_path), precisions=profile.variant_preference,
+                         cpu_precisions=profile.cpu_variant_preference)
+
+
+def test_a_jetson_without_the_gpu_build_runs_int8_on_the_cpu(tmp_path: Path):
+    # The package index's onnxruntime (the one installed here) has no CUDA or TensorRT provider: the
+    # GPU's fp32-first order must not make the Cortex-A cores run fp32.
+    choice = _jetson_registry(tmp_path).choice("digits")
+    assert (choice.variant, choice.format, choice.delegate) == ("int8", "onnx", "cpu")
+    reasons = dict(choice.passed_over)
+    assert reasons["fp32@tensorrt"].startswith("TensorrtExecutionProvider is not in this onnxruntime build")
+
+
+def test_a_jetson_with_the_gpu_build_keeps_the_gpus_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setattr(delegates, "onnxruntime", lambda: GpuOnnxruntime())
+    choice = _jetson_registry(tmp_path).choice("digits")
+    assert (choice.variant, choice.delegate) == ("fp32", "cuda")

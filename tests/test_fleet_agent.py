@@ -98,6 +98,14 @@ def _health(label_shift: int) -> dict:
                                      "json": {"label": (LABELS[7] + label_shift) % 10}}]}]}
 
 
+def _labelled(label_shift: int) -> dict:
+    """A health check of 40 labelled digits the model has not been fitted to (the last images of the first
+    400); a shift other than 0 stands for a delegate that changes the numbers: every answer is wrong."""
+    held_out = range(360, 400)
+    return {"samples": [{"topic": "sensors/dev1/digits", "payload": {"id": f"a{n}", "pixels": IMAGES[n]},
+                         "label": (LABELS[n] + label_shift) % 10} for n in held_out]}
+
+
 def _version_of(fn: Path, dest: Path, version: str) -> Path:
     """A copy of the built function whose manifest says `version` (the same component)."""
     copy = dest / f"digits-{version}" / "digits"
@@ -117,9 +125,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_fn: Path) -> Iterator
     init_keys(ops)
     with start_fleet_server(base / "data", step_s=0.1, fleet_root=ops / ROOT_FILE,
                             token=OPERATOR["Authorization"].split()[1]) as server:
-        for version, shift in (("2.0.0", 0), ("3.0.0", 1), ("1.5.0", 0)):
+        for version, check in (("2.0.0", _health(0)), ("3.0.0", _health(1)), ("1.5.0", _health(0)),
+                               ("4.0.0", _labelled(0)), ("5.0.0", _labelled(3))):
             health = base / f"health-{version}.json"
-            health.write_text(json.dumps(_health(shift)))
+            health.write_text(json.dumps(check))
             out = base / f"digits-{version}.bundle.tar"
             build_bundle([_version_of(digits_fn, base, version)], "digits", version, out, models=[MODELS],
                          variants=["fp32"], health=health)
@@ -227,6 +236,32 @@ def test_a_device_rolls_back_by_itself_when_its_error_rate_breaks_the_gate(fleet
     found = fleet.wait_device("gate-1", state="rolled-back", timeout=15)
     assert "error_rate<0.2" in found.detail
     assert daemon.release is None
+
+
+def test_a_canary_measures_its_accuracy_and_the_gate_lets_the_rollout_through(fleet: Fleet, device):
+    device("acc-1", "acc")
+    rollout = fleet.rollout("4.0.0", "acc", gate="accuracy>=0.9")
+    found = fleet.wait_device("acc-1", state="active", version="4.0.0")
+    assert found.health.accuracy is not None and found.health.accuracy >= 0.9
+    done = _wait_rollout(fleet, rollout.id, "done")
+    assert done.waves[0].gate_values["accuracy"] == found.health.accuracy
+
+
+def test_an_accuracy_below_the_gate_rolls_the_canary_back_and_holds_the_rollout(fleet: Fleet, device):
+    daemon = device("acc-2", "acc-low")
+    rollout = fleet.rollout("5.0.0", "acc-low", gate="accuracy>=0.9")
+    found = fleet.wait_device("acc-2", state="rolled-back")
+    assert "gate broken here: accuracy>=0.9 (measured 0)" in found.detail
+    assert daemon.release is None and daemon.health()["functions"] == {"digits": "1.0.0"}
+    halted = _wait_rollout(fleet, rollout.id, "halted")
+    assert halted.rolled_back and "acc-2" in halted.reason
+
+
+def test_an_accuracy_gate_on_a_release_without_labelled_samples_is_refused(fleet: Fleet, device):
+    device("acc-3", "acc-none")
+    fleet.rollout("2.0.0", "acc-none", gate="accuracy>=0.9")
+    found = fleet.wait_device("acc-3", state="rolled-back")
+    assert "the rollout's gate holds accuracy, and the health check has no labelled sample" in found.detail
 
 
 def test_a_fleet_device_without_local_functions_waits_for_its_release(fleet: Fleet, broker: LocalBroker, settings_for,

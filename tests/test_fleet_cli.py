@@ -58,6 +58,13 @@ def test_release_is_name_at_pep440_version() -> None:
             parse_release(bad)
 
 
+def test_an_accuracy_gate_is_bounded_below() -> None:
+    [rule] = build_request("digits@1.1.0", "lab", canary=1, waves="100", gate="accuracy>=0.9", soak="5s",
+                           wave_timeout="2m")["gate"]
+    assert rule == {"metric": "accuracy", "op": ">=", "limit": 0.9}
+    assert [parse_gate("accuracy>=0.9")[0].passes(v) for v in (0.95, 0.9, 0.89, None)] == [True, True, False, True]
+
+
 def test_build_request_carries_every_option() -> None:
     request = build_request("digits@1.1.0", "lab", canary=2, waves="10,50,100", gate="error_rate<0.01,p99_ms<=50",
                             soak="5s", wave_timeout="2m")
@@ -69,7 +76,9 @@ def test_build_request_carries_every_option() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"gate": "error_rate>0.01"}, "--gate: gate rule 'error_rate>0.01': expected METRIC<VALUE"),
+    ({"gate": "error_rate>0.01"}, "--gate: gate rule 'error_rate>0.01': error_rate is bounded above"),
+    ({"gate": "accuracy<0.9"}, "--gate: gate rule 'accuracy<0.9': accuracy is bounded below: accuracy>=VALUE"),
+    ({"gate": "error_rate=0.01"}, "expected METRIC<VALUE or METRIC>=VALUE"),
     ({"gate": "latency<5"}, "unknown metric 'latency'"),
     ({"waves": "50,10,100"}, "waves are rising percentages"),
     ({"waves": "10,50"}, "waves are rising percentages"),

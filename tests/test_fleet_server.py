@@ -92,9 +92,10 @@ def pushed(ops: Path, url: str, info: BundleInfo) -> None:
 
 def report(client: httpx.Client, device: str, state: str = "idle", *, version: str | None = None,
            rollout: int | None = None, events: int = 0, errors: int = 0, p99: float | None = None,
-           detail: str = "", group: str = "g") -> dict[str, Any]:
+           accuracy: float | None = None, detail: str = "", group: str = "g") -> dict[str, Any]:
     body = {"group": group, "state": state, "bundle": "tiny" if version else None, "version": version,
-            "rollout": rollout, "detail": detail, "health": {"events": events, "errors": errors, "p99_ms": p99}}
+            "rollout": rollout, "detail": detail,
+            "health": {"events": events, "errors": errors, "p99_ms": p99, "accuracy": accuracy}}
     response = client.post(f"{API}/devices/{device}/report", json=body)
     assert response.status_code == 200, response.text
     return response.json()
@@ -362,7 +363,7 @@ def test_a_rollout_goes_canary_then_waves_and_gives_the_group_its_release(ops: P
     assert done["state"] == "done" and not done["rolled_back"]
     assert [w["state"] for w in done["waves"]] == ["passed"] * 3
     assert done["waves"][1]["gate_values"] == {"error_rate": pytest.approx(0.02), "p99_ms": 30.0,
-                                               "install_failures": 0.0}
+                                               "install_failures": 0.0, "accuracy": None}
     assert done["waves"][1]["healthy"] == 2
     # A device that joins the group later is given the group's release.
     assert report(client, "d9")["version"] == "1.0.0"
@@ -372,6 +373,8 @@ def test_a_rollout_goes_canary_then_waves_and_gives_the_group_its_release(ops: P
 @pytest.mark.parametrize("rule, health, says", [
     ({"metric": "error_rate", "op": "<", "limit": 0.05}, {"events": 100, "errors": 20}, "error_rate=0.2"),
     ({"metric": "p99_ms", "op": "<=", "limit": 50}, {"events": 100, "p99": 80.0}, "p99_ms=80"),
+    # The worst device of the wave: one whose delegate changes the numbers holds the rollout.
+    ({"metric": "accuracy", "op": ">=", "limit": 0.9}, {"events": 100, "accuracy": 0.7}, "accuracy=0.7"),
 ])
 def test_a_broken_gate_halts_and_rolls_back_every_device_of_the_rollout(ops: Path, bundle, fleet: FleetServer,
                                                                        client: httpx.Client, rule: dict,
@@ -591,3 +594,20 @@ def test_cloud_serve_needs_models_or_data():
     result = CliRunner().invoke(app, ["cloud", "serve", "--port", "0"])
     assert result.exit_code != 0
     assert "--models DIR" in result.output and "--data DIR" in result.output
+
+
+def test_a_database_made_before_accuracy_is_upgraded(tmp_path: Path):
+    from sqlalchemy import inspect, text
+
+    from cloud_sync.fleet.db import Database
+
+    url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
+    old = Database(url)
+    with old.engine.begin() as connection:  # as an older server made it
+        connection.execute(text("ALTER TABLE devices DROP COLUMN accuracy"))
+    old.close()
+    upgraded = Database(url)
+    try:
+        assert "accuracy" in {c["name"] for c in inspect(upgraded.engine).get_columns("devices")}
+    finally:
+        upgraded.close()

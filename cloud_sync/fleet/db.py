@@ -67,6 +67,7 @@ class DeviceRow(Base):
     errors_base: Mapped[int] = mapped_column(BigInteger, default=0)
     resets: Mapped[int] = mapped_column(BigInteger, default=0)
     p99_ms: Mapped[float | None] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float)  # of its labelled health samples, as it measured them
     agent: Mapped[str] = mapped_column(String(128), default="")
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
@@ -143,7 +144,8 @@ class EnrollmentRow(Base):
 
 
 # Columns added to a table after its first release: ALTERed into a database made before them.
-_ADDED = {"devices": ("events_base", "errors_base", "resets")}
+_ADDED = {"devices": {"events_base": "BIGINT NOT NULL DEFAULT 0", "errors_base": "BIGINT NOT NULL DEFAULT 0",
+                     "resets": "BIGINT NOT NULL DEFAULT 0", "accuracy": "FLOAT"}}
 
 
 def _upgrade(engine: Engine) -> None:
@@ -152,9 +154,9 @@ def _upgrade(engine: Engine) -> None:
         found = inspect(connection)
         for table, columns in _ADDED.items():
             have = {c["name"] for c in found.get_columns(table)}
-            for column in columns:
+            for column, kind in columns.items():
                 if column not in have:
-                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
 
 
 def database_url(data_dir: Path, url: str | None) -> str:

@@ -89,14 +89,16 @@ def _wave(name: str, devices: list[str]) -> dict[str, Any]:
 
 
 def gate_values(rollout: RolloutRow, devices: list[DeviceRow]) -> dict[str, float | None]:
-    """The gate's metrics over a wave: error rate and p99 of the devices running the new release, and how
-    many devices failed to install it."""
+    """The gate's metrics over a wave: error rate, p99 and accuracy (the worst device's) of the devices
+    running the new release, and how many devices failed to install it."""
     running = [d for d in devices if d.bundle == rollout.bundle and d.version == rollout.version]
     events = sum(d.events for d in running)
     p99s = [d.p99_ms for d in running if d.p99_ms is not None]
+    accuracies = [d.accuracy for d in running if d.accuracy is not None]
     failures = sum(1 for d in devices if d.rollout == rollout.id and d.state in FAILED_STATES)
     return {"error_rate": sum(d.errors for d in running) / events if events else None,
-            "p99_ms": max(p99s) if p99s else None, "install_failures": float(failures)}
+            "p99_ms": max(p99s) if p99s else None, "install_failures": float(failures),
+            "accuracy": min(accuracies) if accuracies else None}
 
 
 def to_rollout(row: RolloutRow) -> Rollout:
@@ -159,6 +161,7 @@ class RolloutEngine:
             values = {"id": device_id, "group_name": report.group, "state": report.state, "bundle": report.bundle,
                       "version": report.version, "rollout": report.rollout, "target_version": report.target_version,
                       "detail": report.detail, "agent": report.agent, "p99_ms": report.health.p99_ms,
+                      "accuracy": report.health.accuracy,
                       "first_seen": now, "last_seen": now,
                       **_counters(session.get(DeviceRow, device_id), device_id, report)}
             session.execute(self._upsert_device, values)
@@ -424,5 +427,5 @@ def _wanted(device_id: str, group: str, assignment: AssignmentRow | None, groups
 def _device(row: DeviceRow, desired: Desired) -> Device:
     return Device(id=row.id, group=row.group, state=row.state, bundle=row.bundle, version=row.version,  # type: ignore[arg-type]
                   desired_version=desired.version, rollout=row.rollout, detail=row.detail,
-                  health=Health(events=row.events, errors=row.errors, p99_ms=row.p99_ms),
+                  health=Health(events=row.events, errors=row.errors, p99_ms=row.p99_ms, accuracy=row.accuracy),
                   counter_resets=row.resets or 0, last_seen=row.last_seen)

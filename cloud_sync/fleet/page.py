@@ -83,6 +83,8 @@ def _device_row(d: Device, now: float) -> str:
     health = f"{h.events} events, {h.errors} errors"
     if h.p99_ms is not None:
         health += f", p99 {h.p99_ms:.1f} ms"
+    if h.accuracy is not None:
+        health += f", accuracy {h.accuracy:.3f}"
     return (f'<tr id="{escape(row_id("device", d.id))}" class="device s-{escape(d.state)}">'
             f'<td class="id">{escape(d.id)}</td><td>{escape(d.group)}</td>'
             f'<td class="version">{escape(version)}</td><td>{_state(d.state)}{detail}</td>'

@@ -33,7 +33,8 @@ def _contents_table(title: str, manifest: BundleManifest, entries: list[tuple[st
 
 
 def _summary(manifest: BundleManifest) -> str:
-    functions = ", ".join(f"{f.name} {f.version}" for f in manifest.functions)
+    functions = ", ".join(f"{f.name} {f.version}" + (f" (compiled for {', '.join(f.targets)})" if f.targets else "")
+                          for f in manifest.functions)
     return (f"[bold]{escape(manifest.name)} {escape(manifest.version)}[/]: functions {escape(functions)}; "
             f"models {escape(', '.join(manifest.models) or 'none')}; "
             f"health check {'yes' if manifest.health else 'none'}")
@@ -55,6 +56,10 @@ def build_cmd(
                                                       "(default: all of them).")] = None,
     health: Annotated[Path | None, typer.Option(help="health.json: sample events and the outputs a device must "
                                                      "see before it keeps the release.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Ship each function compiled for these CPUs, e.g. "
+                                                                "aarch64,x86_64 (each built first with `edgefn fn "
+                                                                "build --target`): a device of one compiles nothing.")
+                      ] = None,
 ) -> None:
     """Pack built functions, the models they use and a health check into one reproducible tar.
 
@@ -62,14 +67,19 @@ def build_cmd(
     `edgefn fleet push`.
     """
     from edgefn.fleet.pack import build_bundle
+    from edgefn.functions.compile import parse_targets
     from edgefn.protocol.fleet import target_name
 
     wanted = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     with cli_errors():
         if variants is not None and not wanted:
             raise ConfigError("--variants: give variant names, e.g. fp32,int8")
+        try:
+            targets = parse_targets(target) if target is not None else []
+        except ValueError as exc:
+            raise ConfigError(f"--target: {exc}") from None
         info = build_bundle(dirs, name, version, out_file or Path(target_name(name, version)), models=models or [Path("models")],
-                            variants=wanted, health=health)
+                            variants=wanted, health=health, targets=targets)
     out.print(f"wrote [bold]{escape(str(info.path))}[/] ({format_size(info.size)})", highlight=False)
     out.print(f"sha256 {info.sha256}", highlight=False)
     out.print(_summary(info.manifest), highlight=False)

@@ -34,13 +34,25 @@ def fn_new(
 def fn_build(
     folders: Annotated[list[Path], typer.Argument(help="Function folders.")],
     state_dir: Annotated[Path | None, typer.Option(help="Where to cache the precompiled component.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Compile for these CPUs instead of this one, e.g. "
+                                                                "aarch64,x86_64: build/NAME.TARGET.cwasm beside the "
+                                                                "component, for `edgefn bundle build --target`.")
+                      ] = None,
 ) -> None:
-    """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU."""
+    """Compile functions to WebAssembly components (componentize-py) and precompile them for this CPU, or
+    for each --target."""
     from edgefn.config import default_state_dir
+    from edgefn.errors import ConfigError
     from edgefn.functions.build import build as build_function
+    from edgefn.functions.build import precompile_targets
+    from edgefn.functions.compile import parse_targets
     from edgefn.functions.precheck import check_sources
 
     with cli_errors():
+        try:
+            targets = parse_targets(target) if target is not None else []
+        except ValueError as exc:
+            raise ConfigError(f"--target: {exc}") from None
         for folder in folders:  # every source checked (a moment) before any componentize-py (seconds)
             check_sources(folder)
     from edgefn.functions.sandbox import Runtime  # wasmtime: only once the sources are fine
@@ -54,10 +66,14 @@ def fn_build(
             for note in notes:
                 console.print(note, markup=False, highlight=False)
             t1 = time.perf_counter()
-            with console.status(f"precompiling {wasm.name} for this CPU"):
-                runtime.load(wasm)
+            with console.status(f"precompiling {wasm.name} for {', '.join(targets) or 'this CPU'}"):
+                if targets:
+                    precompile_targets(wasm, targets)
+                else:
+                    runtime.load(wasm)
             t2 = time.perf_counter()
-            out.print(f"built {wasm} ({wasm.stat().st_size / 1e6:.1f} MB) in {t1 - t0:.1f} s, precompiled in {t2 - t1:.1f} s")
+            out.print(f"built {wasm} ({wasm.stat().st_size / 1e6:.1f} MB) in {t1 - t0:.1f} s, precompiled "
+                      f"for {', '.join(targets) or 'this CPU'} in {t2 - t1:.1f} s")
 
 
 def _read_payload(payload: str) -> bytes:

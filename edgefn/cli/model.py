@@ -258,11 +258,13 @@ def _default_variant(info: ModelInfo, latency_file: Path) -> str | None:
     from edgefn.profiles.detect import detect
 
     try:
-        precisions = detect().profile.variant_preference
+        profile = detect().profile
+        precisions, cpu_precisions = profile.variant_preference, profile.cpu_variant_preference
     except ProfileError:
-        precisions = DEFAULT_PRECISIONS
+        precisions = cpu_precisions = list(DEFAULT_PRECISIONS)
     try:
-        _, choice = choose(info, precisions=precisions, latencies=recorded(latency_file, info))
+        _, choice = choose(info, precisions=precisions, latencies=recorded(latency_file, info),
+                           cpu_precisions=cpu_precisions)
     except ModelError:
         return None
     return choice.variant

@@ -215,11 +215,15 @@ def _version_table() -> Table:
     import importlib.metadata as md
 
     table = Table(show_header=False, box=None)
-    for pkg in ("edgefn", "wasmtime", "onnxruntime", "paho-mqtt"):
-        try:
-            table.add_row(pkg, md.version(pkg))
-        except md.PackageNotFoundError:
-            table.add_row(pkg, "not installed")
+    for pkgs in (["edgefn"], ["wasmtime"], ["onnxruntime", "onnxruntime-gpu"], ["paho-mqtt"]):
+        for pkg in pkgs:  # onnxruntime: the CPU build, or NVIDIA's GPU build of the same module
+            try:
+                table.add_row(pkg, md.version(pkg))
+                break
+            except md.PackageNotFoundError:
+                continue
+        else:
+            table.add_row(pkgs[0], "not installed")
     return table
 
 

@@ -63,6 +63,7 @@ class Loader:
             model_dirs, variants=s.model_variants if release is None else _pins_for(s.model_variants, model_dirs),
             on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
             chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
+            cpu_precisions=self.profile.cpu_variant_preference,
             search=s.delegate_dirs, latency_file=s.state_dir / LATENCY_FILE)
         batcher = Batcher(registry, self.cloud, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000,
                           on_batch=self.metrics.observe_inference_batch)

@@ -3,6 +3,7 @@
     bundle.json                      BundleManifest: name, version, functions, models, health, files (sha256)
     functions/<name>/edgefn.toml     the manifest
     functions/<name>/<name>.wasm     the built component
+    functions/<name>/<name>.<target>.cwasm[.json]   compiled for a target (x86_64, aarch64), and its stamp
     models/<model>/model.json        only the variants shipped
     models/<model>/<variant files>
     health.json                      HealthCheck (optional)
@@ -49,11 +50,22 @@ class BundleFunction(BaseModel):
     name: str = Field(description="The function's name (its manifest's function.name).")
     version: str = Field(description="The function's own version (its manifest's function.version).")
     path: str = Field(description="Its folder in the bundle: functions/<name>.")
+    targets: list[str] = Field(default_factory=list,
+                               description="The targets its component is shipped compiled for (x86_64, aarch64): "
+                                           "a device of one maps it and compiles nothing.")
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         return safe_path(value)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            if not re.fullmatch(r"[a-z0-9_]{1,32}", target):
+                raise ValueError(f"{target!r} is not a target name (e.g. x86_64, aarch64)")
+        return value
 
     def folder(self, root: Path) -> Path:
         """Its folder (with edgefn.toml) in a bundle unpacked at `root`."""
@@ -62,6 +74,10 @@ class BundleFunction(BaseModel):
     def component(self, root: Path) -> Path:
         """Its built component in a bundle unpacked at `root`."""
         return Path(root) / self.path / f"{self.name}.wasm"
+
+    def precompiled(self, target: str) -> str:
+        """Its component compiled for `target`, as a path in the bundle (its stamp: + ".json")."""
+        return f"{self.path}/{self.name}.{target}.cwasm"
 
 
 class BundleManifest(BaseModel):
@@ -103,6 +119,8 @@ class BundleManifest(BaseModel):
     def _complete(self) -> BundleManifest:
         needed = [f"{fn.path}/{MANIFEST}" for fn in self.functions]
         needed += [f"{fn.path}/{fn.name}.wasm" for fn in self.functions]
+        needed += [p for fn in self.functions for t in fn.targets
+                   for p in (fn.precompiled(t), fn.precompiled(t) + ".json")]
         needed += [f"models/{m}/model.json" for m in self.models]
         needed += [self.health] if self.health else []
         missing = [p for p in needed if p not in self.files]

@@ -32,4 +32,8 @@ class Device(Protocol):
         """What the functions running now answer to one event, outside the journal and the broker."""
 
     def health_window(self) -> Health:
-        """Events, errors and p99 of the functions running now, since they were activated."""
+        """Events, errors and p99 of the functions running now, since they were activated, and the accuracy
+        their health check measured."""
+
+    def record_accuracy(self, accuracy: float | None) -> None:
+        """The accuracy the health check measured of the functions running now: in their health window."""

@@ -1,5 +1,11 @@
 """health.json: sample events a bundle's new functions must answer as expected (`HealthCheck`), and
-the check itself (`check_health`) a device runs before it trusts a release.
+the check itself (`run_health`, `check_health`) a device runs before it trusts a release.
+
+A sample may carry a `label`: the value the function's answer must hold at the check's `label_key`
+(digits: the digit shown). A wrong label fails nothing by itself; the share of labelled samples
+answered right is the release's accuracy on this device, through the delegates it chose (a TensorRT
+fp16 engine or an NPU's quantizer can change the numbers), and a rollout's gate holds it
+(`accuracy>=0.9`).
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ import base64
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +87,8 @@ class Sample(BaseModel):
     payload: Any = Field(default=None, description="The payload as JSON (sent as UTF-8 JSON text).")
     payload_b64: str | None = Field(default=None, description="The payload as bytes, base64 (instead of payload).")
     expect: list[Expect] = Field(default_factory=list, description="Outputs that must be among the event's.")
+    label: Any = Field(default=None, description="The right answer: the value an output's JSON must hold at the "
+                                                 "check's label_key (counted into the accuracy, never a failure).")
 
     @model_validator(mode="after")
     def _one_payload(self) -> Sample:
@@ -104,6 +113,9 @@ class HealthCheck(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     samples: list[Sample] = Field(min_length=1, description="The sample events, run in order.")
+    label_key: str = Field(default="label", min_length=1,
+                           description="The key of an output's JSON object that a labelled sample's label is "
+                                       "compared with.")
 
 
 def load_health(path: Path) -> HealthCheck:
@@ -142,26 +154,56 @@ def _show(topic: str, payload: bytes) -> str:
     return f"{topic} {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
-def check_health(samples: Iterable[Sample], run: RunEvent) -> list[str]:
-    """Run every sample through `run` and say what went wrong, one line a problem (empty: healthy).
+@dataclass
+class HealthResult:
+    """What the health check found: its failures (empty: healthy), and of the labelled samples, how many
+    were answered right."""
 
-    Each expectation must match its own output (same topic, `json` a subset of the output's JSON,
-    `bounds` numbers within range); no output may be an error (topic edgefn/errors/...); an exception
-    from `run` fails its sample."""
-    failures: list[str] = []
-    for n, sample in enumerate(samples, 1):
+    failures: list[str] = field(default_factory=list)
+    labelled: int = 0
+    right: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.right / self.labelled if self.labelled else None
+
+
+def check_health(samples: Iterable[Sample], run: RunEvent) -> list[str]:
+    """Run every sample through `run` and say what went wrong, one line a problem (empty: healthy)."""
+    return run_health(HealthCheck(samples=list(samples)), run).failures
+
+
+def run_health(check: HealthCheck, run: RunEvent) -> HealthResult:
+    """Run every sample through `run`: each expectation must match its own output (same topic, `json` a
+    subset of the output's JSON, `bounds` numbers within range); no output may be an error (topic
+    edgefn/errors/...); an exception from `run` fails its sample. A labelled sample is right when one of
+    its outputs holds its label at `label_key`."""
+    result = HealthResult()
+    for n, sample in enumerate(check.samples, 1):
         where = f"sample {n} ({sample.topic})"
+        labelled = sample.label is not None
+        result.labelled += labelled
         try:
             outputs = [(str(t), bytes(p)) for t, p in run(sample.topic, sample.payload_bytes())]
         except Exception as exc:  # noqa: BLE001 - whatever the new functions raise fails the check
-            failures.append(f"{where}: {type(exc).__name__}: {exc}")
+            result.failures.append(f"{where}: {type(exc).__name__}: {exc}")
             continue
-        failures += [f"{where}: error output {_show(t, p)}" for t, p in outputs if is_errors_topic(t)]
+        result.failures += [f"{where}: error output {_show(t, p)}" for t, p in outputs if is_errors_topic(t)]
+        result.right += labelled and any(_holds(p, check.label_key, sample.label)
+                                         for t, p in outputs if not is_errors_topic(t))
         candidates = [[i for i, (t, p) in enumerate(outputs) if e.mismatch(t, p) is None] for e in sample.expect]
         for expect, chosen in zip(sample.expect, _assign(candidates), strict=True):
             if chosen is not None:
                 continue
             reasons = [f"{_show(t, p)} ({e})" for t, p in outputs if (e := expect.mismatch(t, p))]
             seen = "; ".join(reasons) if reasons else "no output" if not outputs else "its match went to another"
-            failures.append(f"{where}: expected {expect.describe()}; got {seen}")
-    return failures
+            result.failures.append(f"{where}: expected {expect.describe()}; got {seen}")
+    return result
+
+
+def _holds(payload: bytes, key: str, label: Any) -> bool:
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and key in doc and doc[key] == label

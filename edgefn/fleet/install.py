@@ -33,7 +33,7 @@ from edgefn.errors import BundleError, ClockSkew, EdgefnError, UpdateRefused
 from edgefn.files import file_sha256
 from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher, check_not_older
-from edgefn.fleet.health import check_health, load_health
+from edgefn.fleet.health import load_health, run_health
 from edgefn.fleet.store import Active, Release, refusal_key
 from edgefn.fleet.unpack import read_bundle, read_unpacked, unpack
 from edgefn.functions.build import discover, runnable_component
@@ -194,13 +194,21 @@ class Installation:
     def _health_check(self) -> list[str]:
         folder = self.store.bundle_dir(self.release)
         manifest = read_unpacked(folder)
+        gated = any(rule.metric == "accuracy" for rule in self.desired.gate)
         if manifest.health is None:
-            return []
+            return ["the rollout's gate holds accuracy, and the bundle has no health check"] if gated else []
         try:
             check = load_health(folder / manifest.health)
         except BundleError as exc:
             return [str(exc)]
-        return check_health(check.samples, self.device.run_sample)
+        result = run_health(check, self.device.run_sample)
+        self.device.record_accuracy(result.accuracy)
+        if result.accuracy is None and gated:  # nothing measured would pass the gate unseen
+            result.failures.append("the rollout's gate holds accuracy, and the health check has no labelled sample")
+        if result.accuracy is not None:
+            log.info("%s: %d of %d labelled samples right here (accuracy %.3f)", self.release.label, result.right,
+                     result.labelled, result.accuracy)
+        return result.failures
 
     def _soak(self) -> str | None:
         """Watch the new release's own error rate and p99 for the soak time: the first rule broken, or None.
@@ -253,7 +261,7 @@ class Installation:
 def gate_broken(gate: list[GateRule], health: Health) -> str | None:
     """The first of a gate's rules that a device's own health breaks, in words (install failures are
     the server's to count)."""
-    values = {"error_rate": health.error_rate, "p99_ms": health.p99_ms}
+    values = {"error_rate": health.error_rate, "p99_ms": health.p99_ms, "accuracy": health.accuracy}
     for rule in gate:
         if rule.metric in values and not rule.passes(values[rule.metric]):
             return f"{rule} (measured {values[rule.metric]:.4g})"

@@ -17,7 +17,8 @@ from edgefn.errors import BundleError, ManifestError
 from edgefn.files import file_sha256
 from edgefn.fleet.bundle import BUNDLE_JSON, BUNDLE_NAME, HEALTH_JSON, BundleManifest, safe_path
 from edgefn.fleet.health import load_health
-from edgefn.functions.build import component_path, discover, needs_build
+from edgefn.functions import compile as compiler
+from edgefn.functions.build import component_path, discover, why_build
 from edgefn.functions.manifest import MANIFEST, Manifest, load_manifest
 from edgefn.protocol.fleet import parse_version
 
@@ -51,11 +52,30 @@ def _functions(dirs: Sequence[Path]) -> list[tuple[Path, Manifest]]:
         wasm = component_path(folder, manifest)
         if not wasm.is_file():
             problems.append(f"{manifest.name}: no built component {wasm} (run `edgefn fn build {folder}` first)")
-        elif needs_build(folder, manifest):
-            problems.append(f"{manifest.name}: {wasm} is older than its sources (run `edgefn fn build {folder}`)")
+        elif (why := why_build(folder, manifest)) is not None:
+            problems.append(f"{manifest.name}: {wasm} is older than its sources: {why} "
+                            f"(run `edgefn fn build {folder}`)")
     if problems:
         raise BundleError("; ".join(problems))
     return sorted(found, key=lambda f: f[1].name)
+
+
+def _precompiled(folder: Path, manifest: Manifest, targets: Sequence[str]) -> dict[str, Path]:
+    """The artifacts compiled for each of `targets` beside the built component (target -> file), each
+    checked against its stamp: a device of that target maps it and compiles nothing."""
+    wasm = component_path(folder, manifest)
+    digest, found, problems = file_sha256(wasm), {}, []
+    for target in targets:
+        artifact = compiler.precompiled(wasm, target)
+        problem = compiler.problem_with(artifact, digest, target) if artifact.exists() else "not compiled"
+        if problem is None:
+            found[target] = artifact
+        else:
+            problems.append(f"{manifest.name}: {artifact.name}: {problem} "
+                            f"(run `edgefn fn build --target {target} {folder}`)")
+    if problems:
+        raise BundleError("; ".join(problems))
+    return found
 
 
 def _model_files(name: str, models: Sequence[Path], variants: Sequence[str] | None
@@ -103,20 +123,29 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def build_bundle(dirs: Sequence[Path], name: str, version: str, out: Path, models: Sequence[Path] = (Path("models"),),
-                 variants: Sequence[str] | None = None, health: Path | None = None) -> BundleInfo:
-    """Pack the built functions under `dirs`, every variant (or those named) of the models they use and
-    the health check into the reproducible tar `out`; BundleError says what is missing or wrong."""
+                 variants: Sequence[str] | None = None, health: Path | None = None,
+                 targets: Sequence[str] = ()) -> BundleInfo:
+    """Pack the built functions under `dirs`, every variant (or those named) of the models they use, the
+    components compiled for each of `targets` (`edgefn fn build --target`) and the health check into the
+    reproducible tar `out`; BundleError says what is missing or wrong."""
     try:
         parse_version(version)
     except ValueError as exc:
         raise BundleError(f"--version: {exc}") from None
     if not BUNDLE_NAME.match(name):
         raise BundleError(f"--name {name!r}: use a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+    unknown_targets = [t for t in targets if t not in compiler.TARGETS]
+    if unknown_targets:
+        raise BundleError(f"--target: unknown {', '.join(unknown_targets)} (known: {', '.join(compiler.TARGETS)})")
+    targets = sorted(set(targets))
     found = _functions(dirs)
     files: dict[str, Path | bytes] = {}
     for folder, manifest in found:
         files[f"functions/{manifest.name}/{MANIFEST}"] = folder / MANIFEST
         files[f"functions/{manifest.name}/{manifest.name}.wasm"] = component_path(folder, manifest)
+        for artifact in _precompiled(folder, manifest, targets).values():
+            files[f"functions/{manifest.name}/{artifact.name}"] = artifact
+            files[f"functions/{manifest.name}/{compiler.stamp_of(artifact).name}"] = compiler.stamp_of(artifact)
     model_names = sorted({m for _, manifest in found for m in manifest.models.use})
     wanted = list(variants) if variants else None
     shipped: set[str] = set()
@@ -134,7 +163,8 @@ def build_bundle(dirs: Sequence[Path], name: str, version: str, out: Path, model
     blobs = {p: c if isinstance(c, bytes) else _read(c) for p, c in files.items()}
     manifest = BundleManifest(
         name=name, version=version,
-        functions=[{"name": m.name, "version": m.version, "path": f"functions/{m.name}"} for _, m in found],
+        functions=[{"name": m.name, "version": m.version, "path": f"functions/{m.name}", "targets": targets}
+                   for _, m in found],
         models=model_names, health=HEALTH_JSON if health is not None else None,
         files={p: hashlib.sha256(b).hexdigest() for p, b in sorted(blobs.items())})
     blobs[BUNDLE_JSON] = (manifest.model_dump_json(indent=2) + "\n").encode()

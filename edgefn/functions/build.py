@@ -1,12 +1,18 @@
 """Building functions: Python source -> WebAssembly component (componentize-py), and scaffolding.
 
 `build/<name>.wasm` inside the function folder is the portable artifact a device receives; the
-device compiles it for its own CPU once (see `sandbox.Runtime.load`).
+device compiles it for its own CPU once (see `sandbox.Runtime.load`), unless it is shipped compiled
+for the device's target (`precompile_targets`: `build/<name>.<target>.cwasm`, carried by a bundle).
+`build/<name>.sources.json` records the sha256 of everything the component was built from: a
+component is stale when a source's content changed, not its file time (a fresh checkout, a copy or
+an unpacked archive sets new times on unchanged sources).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgefn.errors import BuildError, ManifestError
+from edgefn.files import file_sha256, write_atomic
+from edgefn.functions import compile as compiler
 from edgefn.functions.manifest import FUNCTION_NAME, MANIFEST, Manifest, load_manifest
 from edgefn.functions.precheck import check_sources
 
@@ -63,11 +71,47 @@ def watched_sources(function_dir: Path) -> list[Path]:
             *WIT_DIR.glob("*.wit"), *GUEST_DIR.glob("*.py")]
 
 
+def sources_stamp(function_dir: Path, manifest: Manifest) -> Path:
+    return Path(function_dir) / "build" / f"{manifest.name}.sources.json"
+
+
+def _sources_now(function_dir: Path, manifest: Manifest) -> dict[str, object]:
+    """What a component is built from, by content: each source's sha256 under a stable name, and the
+    manifest's module (its version and limits do not change the component)."""
+    function_dir = Path(function_dir)
+    files: dict[str, str] = {}
+    for path in watched_sources(function_dir):
+        if path.name == MANIFEST and path.parent == function_dir:
+            continue
+        if path.is_relative_to(function_dir):
+            name = str(path.relative_to(function_dir))
+        else:
+            name = f"{'wit' if path.parent == WIT_DIR else 'guest'}/{path.name}"
+        files[name] = file_sha256(path)
+    return {"module": manifest.function.module, "sources": dict(sorted(files.items()))}
+
+
 def why_build(function_dir: Path, manifest: Manifest) -> str | None:
     """Why the component must be built again ("no component yet", "app.py changed"); None: it is fresh."""
     wasm = component_path(function_dir, manifest)
     if not wasm.exists():
         return "no component yet"
+    try:
+        recorded = json.loads(sources_stamp(function_dir, manifest).read_text())
+    except (OSError, ValueError):
+        return _why_by_time(function_dir, wasm)  # built before sources were recorded
+    now = _sources_now(function_dir, manifest)
+    if recorded.get("module") != now["module"]:
+        return f"{MANIFEST}'s function.module changed"
+    before, after = recorded.get("sources", {}), now["sources"]
+    assert isinstance(after, dict)
+    changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    if not changed:
+        return None
+    return f"{changed[0]} changed" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+
+
+def _why_by_time(function_dir: Path, wasm: Path) -> str | None:
     built = wasm.stat().st_mtime
     changed = [p for p in watched_sources(function_dir) if p.stat().st_mtime > built]
     if not changed:
@@ -75,6 +119,26 @@ def why_build(function_dir: Path, manifest: Manifest) -> str | None:
     first = changed[0]
     name = first.relative_to(function_dir) if first.is_relative_to(function_dir) else first.name
     return f"{name} changed" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+
+
+def precompile_targets(wasm: Path, targets: list[str]) -> dict[str, str]:
+    """Compile `wasm` for each target beside it (build/<name>.<target>.cwasm, each in a child process);
+    target -> "compiled" or "up to date". BuildError names a target this wasmtime cannot compile for."""
+    digest, done = file_sha256(wasm), {}
+    for target in targets:
+        artifact = compiler.precompiled(wasm, target)
+        if artifact.exists() and compiler.problem_with(artifact, digest, target) is None:
+            done[target] = "up to date"
+            continue
+        compiler.compile_in_child(wasm, artifact, target)
+        done[target] = "compiled"
+    return done
+
+
+def _remove_precompiled(wasm: Path) -> None:
+    """Artifacts of the component being replaced: compiled from other bytes, they must not be shipped."""
+    for old in wasm.parent.glob(f"{wasm.stem}.*.cwasm*"):
+        old.unlink(missing_ok=True)
 
 
 def build(function_dir: Path, notes: list[str] | None = None) -> Path:
@@ -85,6 +149,9 @@ def build(function_dir: Path, notes: list[str] | None = None) -> Path:
     (the installed packages bundled into the component)."""
     function_dir = Path(function_dir).resolve()
     manifest = load_manifest(function_dir)
+    if importlib.util.find_spec("componentize_py") is None:
+        raise BuildError(f"{manifest.name}: building a function needs componentize-py, which is not installed "
+                         "here: pip install 'edgefn[build]' (a device runs built components and needs none)")
     if not (function_dir / f"{manifest.function.module}.py").is_file():
         raise BuildError(f"{function_dir}: no {manifest.function.module}.py (the manifest's function.module)")
     checked = check_sources(function_dir)
@@ -94,6 +161,7 @@ def build(function_dir: Path, notes: list[str] | None = None) -> Path:
     out = component_path(function_dir, manifest)
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".wasm.tmp")
+    built_from = _sources_now(function_dir, manifest)  # before: a save during the build makes it stale
     with _sources(function_dir) as sources:
         cmd = [sys.executable, "-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; "
                "componentize_py.script()", "-d", str(WIT_DIR), "-w", WORLD, "componentize", "-p", str(sources),
@@ -102,7 +170,9 @@ def build(function_dir: Path, notes: list[str] | None = None) -> Path:
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"{manifest.name}: componentize-py failed:\n{_readable(proc.stderr or proc.stdout, function_dir)}")
+    _remove_precompiled(out)
     tmp.replace(out)
+    write_atomic(sources_stamp(function_dir, manifest), (json.dumps(built_from, indent=2) + "\n").encode())
     return out
 
 

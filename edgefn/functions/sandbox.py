@@ -19,7 +19,6 @@ instance idle for `idle_s` is released, down to min_instances, by the runtime's 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import re
@@ -56,7 +55,6 @@ from edgefn.protocol.outputs import RESERVED_PREFIX
 from edgefn.topics import matches_any, topic_problem
 
 log = logging.getLogger("edgefn.sandbox")
-_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 HOST_INTERFACE = "edgefn:function/host@0.1.0"
 EPOCH_TICK_S = 0.01  # deadline granularity
 SCALE_UP_SHARE = 0.25  # of the latency budget an event waits for an idle instance before one is added
@@ -82,6 +80,7 @@ class Runtime:
         self.engine = compiler.engine()
         self.budget = MemoryBudget(None if memory_budget_mb is None else memory_budget_mb << 20)
         self._pools: weakref.WeakSet[FunctionSandbox] = weakref.WeakSet()
+        self.target = compiler.host_target()
         self.cache_dir = Path(cache_dir)
         if self.cache_dir.is_dir() and (left := remove_leftovers(self.cache_dir)):
             log.info("removed %d unfinished files an interrupted compile left in %s", len(left), self.cache_dir)
@@ -108,11 +107,15 @@ class Runtime:
                     log.exception("%s: idle instances could not be looked after", pool.manifest.name)
 
     def load(self, wasm: Path) -> wc.Component:
-        """The component for `wasm`, compiled for this CPU once, in a child process, then mapped from
+        """The component for `wasm`: the artifact shipped beside it for this CPU's target when its stamp
+        matches (no compile at all), else compiled for this CPU once, in a child process, then mapped from
         the cache. Compiling peaks at hundreds of MB: in the daemon, that would stay in its RSS."""
-        digest = file_sha256(Path(wasm))[:32]
-        cached = self.cache_dir / f"{digest}-wasmtime{_WASMTIME_VERSION}.cwasm"
-        if cached.exists() and (component := self._mapped(cached)) is not None:
+        digest = file_sha256(Path(wasm))
+        shipped = compiler.precompiled(Path(wasm), self.target)
+        if shipped.exists() and (component := self._shipped(shipped, digest)) is not None:
+            return component
+        cached = self.cache_dir / f"{digest[:32]}-wasmtime{compiler.WASMTIME_VERSION}.cwasm"
+        if cached.exists() and (component := self._mapped(cached, digest)) is not None:
             return component
         # Seconds to minutes on a small board: say so before, and how long it took after.
         log.info("%s: compiling for this CPU (once; then cached in %s)", wasm, self.cache_dir)
@@ -126,15 +129,28 @@ class Runtime:
                 return wc.Component.from_file(self.engine, str(wasm))
             except wasmtime.WasmtimeError as error:
                 raise BuildError(f"{wasm}: not a loadable component: {error}") from None
-        component = self._mapped(cached)
+        component = self._mapped(cached, digest)
         if component is None:
             raise BuildError(f"{wasm}: its freshly compiled artifact does not load")
         return component
 
-    def _mapped(self, cached: Path) -> wc.Component | None:
+    def _shipped(self, artifact: Path, digest: str) -> wc.Component | None:
+        """The artifact shipped beside a component (a bundle's, or `edgefn fn build --target`'s) mapped when
+        its stamp says: this wasmtime, this target, this component, these bytes. It is never removed (a
+        bundle's folder does not change): a mismatch compiles here as if nothing were shipped."""
+        problem = compiler.problem_with(artifact, digest, self.target)
+        if problem is None:
+            try:
+                return wc.Component.deserialize_file(self.engine, str(artifact))
+            except wasmtime.WasmtimeError as exc:  # features this CPU lacks: wasmtime's own check
+                problem = " ".join(str(exc).split())
+        log.warning("%s: not used (%s); compiling for this CPU instead", artifact, problem)
+        return None
+
+    def _mapped(self, cached: Path, digest: str) -> wc.Component | None:
         """The cached artifact mapped, if it is whole; a damaged one is removed (to be compiled again):
         mapping one can kill the process before any error can be caught."""
-        problem = compiler.problem_with(cached)
+        problem = compiler.problem_with(cached, digest, self.target)
         if problem is None:
             try:
                 return wc.Component.deserialize_file(self.engine, str(cached))
@@ -142,7 +158,7 @@ class Runtime:
                 problem = " ".join(str(exc).split())
         log.error("%s: not mapped (%s); compiling it again", cached.name, problem)
         cached.unlink(missing_ok=True)
-        compiler.checksum_of(cached).unlink(missing_ok=True)
+        compiler.stamp_of(cached).unlink(missing_ok=True)
         return None
 
     def close(self) -> None:

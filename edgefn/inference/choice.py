@@ -84,15 +84,20 @@ class Choice:
 def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
            chains: Mapping[str, Sequence[Delegate]] | None = None,
            precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = (),
-           latencies: Mapping[str, float] | None = None) -> tuple[Backend, Choice]:
+           latencies: Mapping[str, float] | None = None,
+           cpu_precisions: Sequence[str] | None = None) -> tuple[Backend, Choice]:
     """Open the best (variant, delegate) that runs here and say why the others were not used.
 
     `chains` is the device profile's delegate chain per format. Accelerated delegates are tried
     first, each with the variants it can run in the order of `precisions`; then the CPU delegates
-    the same way; `latencies` (variant -> median ms measured here) put the measured variants first,
-    fastest first. A pinned variant is the only one tried (on each delegate of its chain)."""
+    the same way, in the order of `cpu_precisions` (default: `precisions`); `latencies` (variant -> median
+    ms measured here) put the measured variants first, fastest first. A pinned variant is the only one tried
+    (on each delegate of its chain)."""
     chains = chains or DEFAULT_CHAINS
     order = [info.variant(pinned)] if pinned is not None else ranked(info.variants, precisions, latencies)
+    # A GPU's order is not the CPU's: with no GPU provider at hand, the CPU runs what is fastest on a CPU.
+    cpu_order = order if pinned is not None or cpu_precisions is None else ranked(info.variants, cpu_precisions,
+                                                                                 latencies)
     # Delegates that run only a variant made for them (an Edge TPU's compiled file) the model lacks.
     missing = [(f"{d.requires_variant}@{d.name}", f"{d.name} runs only a {d.requires_variant} variant, and "
                 f"model {info.name} has none")
@@ -100,7 +105,7 @@ def choose(info: ModelInfo, pinned: str | None = None, verify: bool = True,
                if d.requires_variant is not None and d.requires_variant not in info.variant_names()]
     attempts: list[tuple[Variant, Delegate | None]] = []
     for accelerated in (True, False):
-        for variant in order:
+        for variant in order if accelerated else cpu_order:
             if variant.format not in BACKENDS or not chains.get(variant.format):
                 if not accelerated:
                     attempts.append((variant, None))  # open_variant (or the loop below) says why

@@ -52,9 +52,14 @@ DEFAULT_CHAINS: dict[str, tuple[Delegate, ...]] = {"onnx": (ONNX_CPU,), "tflite"
 
 
 def onnxruntime() -> ModuleType:
-    """The onnxruntime module (tests put a stand-in for a GPU build here, with the same interface)."""
-    import onnxruntime as ort
-
+    """The onnxruntime module (tests put a stand-in for a GPU build here, with the same interface); a
+    ModelError says how to install it where it is missing (a Jetson installs no build by default)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError("onnxruntime is not installed: pip install 'edgefn[cpu]' (the CPU build), or on a Jetson "
+                         "NVIDIA's GPU build: pip install 'edgefn[jetson]' --extra-index-url "
+                         "https://pypi.jetson-ai-lab.io/jp6/cu126") from None
     return ort
 
 

@@ -26,8 +26,9 @@ class ModelRegistry:
     """Every model under the given folders, each loaded on first use as its best runnable variant.
 
     `variants` pins a model to a variant by name (model -> variant): the pin wins, and a pinned variant
-    that cannot run is an error rather than a silent fallback. `chains` (delegates per format) and
-    `precisions` come from the device profile; `search` holds folders to find delegate libraries in
+    that cannot run is an error rather than a silent fallback. `chains` (delegates per format),
+    `precisions` and `cpu_precisions` (the order on the CPU delegates) come from the device profile; `search`
+    holds folders to find delegate libraries in
     before the system loader's path; `latency_file` holds the latencies measured here
     (edgefn.inference.measured), which rank the variants where recorded. `on_load(choice)` is called once per model, when it is loaded.
     """
@@ -36,8 +37,9 @@ class ModelRegistry:
                  on_load: Callable[[Choice], None] | None = None,
                  chains: Mapping[str, Sequence[Delegate]] | None = None,
                  precisions: Sequence[str] = DEFAULT_PRECISIONS, search: Sequence[Path] = (),
-                 latency_file: Path | None = None):
+                 latency_file: Path | None = None, cpu_precisions: Sequence[str] | None = None):
         self._chains, self._precisions, self._search = chains, tuple(precisions), tuple(search)
+        self._cpu_precisions = tuple(cpu_precisions) if cpu_precisions is not None else None
         self._latency_file = latency_file
         self._infos: dict[str, ModelInfo] = {}
         self._folders = [str(f) for f in folders]
@@ -88,7 +90,7 @@ class ModelRegistry:
         info = self.info(name)
         latencies = recorded(self._latency_file, info) if self._latency_file is not None else None
         return choose(info, self._pins.get(name), self._verify, self._chains, self._precisions, self._search,
-                      latencies)
+                      latencies, self._cpu_precisions)
 
     def infer(self, name: str, inputs: list[WireTensor]) -> list[WireTensor]:
         backend = self.get(name)

@@ -17,6 +17,7 @@ class HealthWindow:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.events = self.errors = 0
+        self.accuracy: float | None = None  # measured by the release's health check (labelled samples)
         self._ms: deque[float] = deque(maxlen=4096)  # the latest latencies, for the p99
 
     def record(self, ok: bool, seconds: float) -> None:
@@ -30,4 +31,4 @@ class HealthWindow:
             p99 = float(np.percentile(np.fromiter(self._ms, float), 99)) if self._ms else None
             # Held within what a report may say (the server refuses more): a device up for years saturates.
             return Health(events=min(self.events, MAX_COUNTER), errors=min(self.errors, MAX_COUNTER),
-                          p99_ms=None if p99 is None else min(p99, MAX_MS))
+                          p99_ms=None if p99 is None else min(p99, MAX_MS), accuracy=self.accuracy)

@@ -183,6 +183,9 @@ class RknnDelegateSpec(DelegateSpec):
 
 class Delegates(_Strict):
     variant_preference: list[Precision] = Field(min_length=1)
+    # The order on the CPU delegates, where it is not the accelerator's: a Jetson's GPU wants fp32 (TensorRT
+    # makes fp16 of it) while its Cortex-A cores, like any, run int8 fastest. None: variant_preference.
+    cpu_variant_preference: list[Precision] | None = Field(default=None, min_length=1)
     onnxruntime: list[OnnxDelegateSpec] = []
     litert: list[LiteRtDelegateSpec] = []
     rknn: list[RknnDelegateSpec] = []
@@ -191,6 +194,9 @@ class Delegates(_Strict):
     def _distinct(self) -> Delegates:
         if len(set(self.variant_preference)) != len(self.variant_preference):
             raise ValueError("variant_preference names a precision twice")
+        cpu = self.cpu_variant_preference or []
+        if len(set(cpu)) != len(cpu):
+            raise ValueError("cpu_variant_preference names a precision twice")
         for backend in BACKEND_FORMATS:
             names = [d.name for d in getattr(self, backend)]
             if len(set(names)) != len(names):
@@ -267,6 +273,11 @@ class Profile(_Strict):
     def variant_preference(self) -> list[str]:
         """Model precisions, best first, for the registry's ranking of variants."""
         return list(self.delegates.variant_preference)
+
+    @property
+    def cpu_variant_preference(self) -> list[str]:
+        """Model precisions, best first, on the CPU delegates (the accelerators' order where none is given)."""
+        return list(self.delegates.cpu_variant_preference or self.delegates.variant_preference)
 
     def delegates_for(self, backend: str) -> list[DelegateSpec]:
         """The delegate chain of a backend ("onnxruntime", "litert", "rknn", or its format: "onnx", "tflite"),

@@ -19,7 +19,7 @@ Routes (JSON unless said otherwise; see docs/fleet.md for the whole contract):
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
@@ -36,7 +36,8 @@ DeviceState = Literal["idle", "downloading", "verifying", "compiling", "activati
                       "failed", "rolled-back", "clock-skew"]
 RolloutState = Literal["running", "paused", "halted", "aborted", "done"]
 WaveState = Literal["pending", "installing", "soaking", "passed", "failed"]
-GateMetric = Literal["error_rate", "p99_ms", "install_failures"]
+GateMetric = Literal["error_rate", "p99_ms", "install_failures", "accuracy"]
+GATE_METRICS: tuple[str, ...] = get_args(GateMetric)
 
 # Bounds of what a device or an operator may send: a report is a few hundred bytes, and the database's
 # integer columns are 32 bits.
@@ -61,33 +62,53 @@ def target_name(bundle: str, version: str) -> str:
 
 
 class GateRule(BaseModel):
+    """One rule of a rollout's gate: a metric of the wave's devices, bounded above (error_rate<0.01) or,
+    for accuracy, below (accuracy>=0.9)."""
+
     metric: GateMetric
-    op: Literal["<", "<="]
+    op: Literal["<", "<=", ">=", ">"]
     limit: float = Field(allow_inf_nan=False)
 
     def passes(self, value: float | None) -> bool:
         if value is None:  # nothing measured yet counts as passing; install failures are always counted
             return True
-        return value < self.limit if self.op == "<" else value <= self.limit
+        return {"<": value < self.limit, "<=": value <= self.limit, ">=": value >= self.limit,
+                ">": value > self.limit}[self.op]
+
+    @model_validator(mode="after")
+    def _direction(self) -> GateRule:
+        if (problem := _direction_problem(self.metric, self.op)) is not None:
+            raise ValueError(problem)
+        return self
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.limit:g}"
 
 
-_RULE = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|<)\s*([0-9.eE+-]+)\s*$")
+def _direction_problem(metric: str, op: str) -> str | None:
+    """A gate holds a rollout on what gets worse: errors, latency and failures up, accuracy down."""
+    if (metric == "accuracy") == (op in (">=", ">")):
+        return None
+    return ("accuracy is bounded below: accuracy>=VALUE" if metric == "accuracy"
+            else f"{metric} is bounded above: {metric}<VALUE")
+
+
+_RULE = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|<|>=|>)\s*([0-9.eE+-]+)\s*$")
 
 
 def parse_gate(text: str) -> list[GateRule]:
-    """'error_rate<0.01,p99_ms<50' -> rules; a clear ValueError for anything else."""
+    """'error_rate<0.01,p99_ms<50,accuracy>=0.9' -> rules; a clear ValueError for anything else."""
     rules = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = _RULE.match(part)
         if not m:
-            raise ValueError(f"gate rule {part!r}: expected METRIC<VALUE, e.g. error_rate<0.01 or p99_ms<50")
+            raise ValueError(f"gate rule {part!r}: expected METRIC<VALUE or METRIC>=VALUE, e.g. error_rate<0.01, "
+                             "p99_ms<50 or accuracy>=0.9")
         metric, op, limit = m.groups()
-        if metric not in ("error_rate", "p99_ms", "install_failures"):
-            raise ValueError(f"gate rule {part!r}: unknown metric {metric!r} "
-                             "(error_rate, p99_ms, install_failures)")
+        if metric not in GATE_METRICS:
+            raise ValueError(f"gate rule {part!r}: unknown metric {metric!r} ({', '.join(GATE_METRICS)})")
+        if (problem := _direction_problem(metric, op)) is not None:
+            raise ValueError(f"gate rule {part!r}: {problem}")
         try:
             rules.append(GateRule(metric=metric, op=op, limit=float(limit)))
         except ValueError:
@@ -101,6 +122,9 @@ class Health(BaseModel):
     events: int = Field(default=0, ge=0, le=MAX_COUNTER)
     errors: int = Field(default=0, ge=0, le=MAX_COUNTER)
     p99_ms: float | None = Field(default=None, ge=0, le=MAX_MS, allow_inf_nan=False)
+    # The share of the release's labelled health samples its functions answered right here, through the
+    # delegates this device chose (None: no labelled sample ran).
+    accuracy: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _errors_are_events(self) -> Health:
