@@ -287,6 +287,9 @@ def _offer(port: int, topic: str, prefix: str, count: int, payload: Callable[[st
             "start": start, "stopped": stopped}
 
 
+SUBSCRIBER_GRACE_S = 30.0  # the daemon has nothing left: how long its last results may take to reach the bench
+
+
 def _drain(daemon: Daemon, clients: e2e.Clients, received_before: float, until: float, sent: int,
            published_before: float = 0.0) -> dict[str, Any]:
     """Wait until every event delivered to the daemon is answered and its inbox is empty, or `until`.
@@ -297,6 +300,7 @@ def _drain(daemon: Daemon, clients: e2e.Clients, received_before: float, until: 
     A stock broker also drops results on their way to that subscriber when it falls 1,000 behind
     (`max_queued_messages`; the bench's clients share one process): the daemon's own side is its counter
     of results the broker acknowledged (`published`), done once its inbox and outbox are empty."""
+    daemon_done_at = None  # results still on their way to the subscriber are waited for, a while
     while True:
         daemon.system.check()
         delivered = int(daemon.received() - received_before)
@@ -306,6 +310,9 @@ def _drain(daemon: Daemon, clients: e2e.Clients, received_before: float, until: 
         due = min(sent, delivered)
         health = daemon.health() if answered >= due or published >= due else None
         done = health is not None and health["inbox_events"] == 0 and health["outbox_messages"] == 0
+        if done and answered < due:
+            daemon_done_at = daemon_done_at or time.perf_counter()
+            done = time.perf_counter() - daemon_done_at > SUBSCRIBER_GRACE_S
         if done or time.perf_counter() > until:
             with clients.lock:
                 duplicates, marked = clients.duplicates, clients.marked_duplicates
