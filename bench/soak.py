@@ -318,6 +318,7 @@ def _drain(daemon: Daemon, clients: e2e.Clients, received_before: float, until: 
                 duplicates, marked = clients.duplicates, clients.marked_duplicates
             return {"delivered": delivered, "answered": answered, "lost": max(0, due - answered), "drained": done,
                     "published": published, "lost_by_daemon": max(0, due - published),
+                    "daemon_done": daemon_done_at or (time.perf_counter() if done else None),
                     "duplicates": duplicates, "duplicates_marked": marked, "ended": time.perf_counter()}
         time.sleep(0.5)
 
@@ -343,7 +344,7 @@ def overload(ctx: Context, broker: Broker, clients: e2e.Clients) -> dict[str, An
         drain = _drain(daemon, clients, before, load["stopped"] + DRAIN_S, load["broker_acked"], published_before)
         gap = _longest_gap(clients, load["start"], drain["ended"] if drain["lost"] > 0 else None)
         doc = {"capacity_eps": capacity["throughput_eps"], "capacity_lost": capacity["lost"], **load, **drain,
-               "drain_s": drain["ended"] - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb(),
+               "drain_s": (drain["daemon_done"] or drain["ended"]) - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb(),
                "health_at_end": daemon.health()}
     finally:
         stopped = daemon.stop()
@@ -537,7 +538,7 @@ ROWS: dict[str, list[tuple[str, str, str, str, Callable[[Any], bool] | None]]] =
                  ("longest gap between results, work pending (s)", "longest_gap_s", _S, "<= 10 s",
                   lambda v: v <= TARGETS["gap_max_s"]),
                  ("drained within 120 s", "drained", "{}", "", None),
-                 ("publishing stopped to drained (s)", "drain_s", _S, "", None),
+                 ("publishing stopped to the daemon drained (s)", "drain_s", _S, "", None),
                  ("daemon peak RSS (MB)", "peak_rss_mb", _MB, "", None),
                  ("SIGTERM to exit (s)", "sigterm_s", _S, "<= 15 s", lambda v: v <= TARGETS["sigterm_max_s"])],
     "restart": [("backlog sent while stopped (acknowledged by the broker)", "broker_acked", _N, "", None),
