@@ -33,3 +33,6 @@ class Device(Protocol):
 
     def health_window(self) -> Health:
         """Events, errors and p99 of the functions running now, since they were activated."""
+
+    def usage(self) -> dict[str, dict[str, float | int]]:
+        """What each function has cost since the daemon started: function -> its totals (FunctionUsage's fields)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,6 +54,18 @@ class FunctionHost:
         self.state.set(self.name, key, value)
 
     def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
+        usage = self.metrics.usage if self.metrics is not None else None
+        if usage is None or not usage.enabled:
+            return self._infer(model, inputs)
+        started, cpu, where = time.perf_counter(), time.thread_time(), "local"  # a call that fails failed here
+        try:
+            answer = self._infer(model, inputs)
+            where = answer[1]
+            return answer
+        finally:
+            usage.inferred(self.name, where, time.perf_counter() - started, time.thread_time() - cpu)
+
+    def _infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
         if self.cloud is not None and getattr(self._plan, "where", "local") == "cloud":
             answer = self._on_cloud(model, inputs, "handed-off")
             if answer is not None:

@@ -19,7 +19,8 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from edgefn.errors import (
 from edgefn.events import Event, Message
 from edgefn.files import file_sha256, remove_leftovers
 from edgefn.functions import compile as compiler
+from edgefn.functions import memory
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.manifest import Manifest
 from edgefn.functions.quarantine import Quarantine
@@ -181,6 +183,7 @@ class _Instance:
     handle_batch: ExportCall | None  # absent from components built against an older world
     stderr: _GuestStderr
     events: int = 0
+    memories: list[int] = field(default_factory=list)  # the bases of its linear memories (edgefn.functions.memory)
 
 
 def _message(fields: tuple[Any, ...]) -> Message:
@@ -256,6 +259,7 @@ class FunctionSandbox:
         self._missing = 0  # pool slots whose instance could not be renewed yet
         self._missing_lock = threading.Lock()
         self._costs = _CallCosts()
+        self._live: weakref.WeakValueDictionary[int, _Instance] = weakref.WeakValueDictionary()  # for memory_bytes
         for _ in range(self.instances):
             self._idle.put(self._new_instance())
         # Components built against an older world have no handle-batch: they get events one by one.
@@ -293,14 +297,21 @@ class FunctionSandbox:
         store.set_wasi(wasi)
         store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
         try:
-            instance = self._linker.instantiate(store, self.component)
+            with memory.watch() as memories:
+                instance = self._linker.instantiate(store, self.component)
         except wasmtime.WasmtimeError as exc:
             raise BuildError(f"{self.manifest.name}: cannot instantiate: {exc}") from None
         func = instance.get_func(store, "handle")
         if func is None:
             raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
         batch = instance.get_func(store, "handle-batch")
-        return _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr)
+        made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr, memories=memories)
+        self._live[id(made)] = made
+        return made
+
+    def memory_bytes(self) -> int:
+        """The linear memory of the largest instance alive now (a guest's memory never shrinks: its peak)."""
+        return max(memory.sizes([inst.memories for inst in list(self._live.values())]), default=0)
 
     def handle(self, event: Event) -> list[Message]:
         """Run one event on a warm instance; FunctionError says why it could not be handled."""
