@@ -42,6 +42,7 @@ class FunctionHost:
         self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else self._cloud_infer
         self._log = logging.getLogger(f"edgefn.fn.{name}")
         self._plan = threading.local()  # where this worker's current batch runs its inference
+        self._usage = metrics.usage if metrics is not None else None  # metering of each infer call
 
     def plan(self, where: Where) -> None:
         """Where the inference of the batch this worker runs next goes (the planner's decision)."""
@@ -54,7 +55,7 @@ class FunctionHost:
         self.state.set(self.name, key, value)
 
     def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
-        usage = self.metrics.usage if self.metrics is not None else None
+        usage = self._usage
         if usage is None or not usage.enabled:
             return self._infer(model, inputs)
         started, cpu, where = time.perf_counter(), time.thread_time(), "local"  # a call that fails failed here

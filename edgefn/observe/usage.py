@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edgefn.events import Event, Message
+from edgefn.events import Event
 
 WHERE = ("local", "cloud")
 
@@ -55,15 +55,27 @@ class GuestCall:
 
     def __init__(self, usage: Usage, function: str, events: Sequence[Event]):
         self._usage, self._function, self._events = usage, function, events
-        self._inferring = usage._infer_cpu()
+        self._inferring = getattr(usage._thread, "cpu", 0.0)
         self._cpu = time.thread_time()
 
     def done(self, answers: Sequence[object]) -> None:
-        cpu = time.thread_time() - self._cpu - (self._usage._infer_cpu() - self._inferring)
-        out = sum(len(m.payload) for answer in answers if isinstance(answer, list) for m in answer
-                  if isinstance(m, Message))
-        self._usage._book(self._function, len(self._events), max(cpu, 0.0),
-                          sum(len(e.payload) for e in self._events), out)
+        """Book the call: `answers` are handle_batch's (a list of messages, or the event's error)."""
+        cpu = time.thread_time() - self._cpu
+        usage = self._usage
+        cpu -= getattr(usage._thread, "cpu", 0.0) - self._inferring
+        bytes_in = bytes_out = 0
+        for event in self._events:
+            bytes_in += len(event.payload)
+        for answer in answers:
+            if type(answer) is list:
+                for message in answer:
+                    bytes_out += len(message.payload)
+        with usage._lock:
+            booked = usage._functions.get(self._function) or usage._of(self._function)
+            booked.invocations += len(self._events)
+            booked.guest_cpu_s += cpu if cpu > 0.0 else 0.0
+            booked.bytes_in += bytes_in
+            booked.bytes_out += bytes_out
 
 
 class _Off:
@@ -101,17 +113,6 @@ class Usage:
             usage = self._of(function)
             usage.infer_calls[where] += 1
             usage.infer_s[where] += seconds
-
-    def _infer_cpu(self) -> float:
-        return getattr(self._thread, "cpu", 0.0)
-
-    def _book(self, function: str, events: int, cpu_s: float, bytes_in: int, bytes_out: int) -> None:
-        with self._lock:
-            usage = self._of(function)
-            usage.invocations += events
-            usage.guest_cpu_s += cpu_s
-            usage.bytes_in += bytes_in
-            usage.bytes_out += bytes_out
 
     def _of(self, function: str) -> FunctionUsage:
         usage = self._functions.get(function)
