@@ -4,7 +4,8 @@ wasmtime-py exposes no component instance's memory, but wasmtime lays each linea
 way: a reservation of several GiB, its first `size` bytes readable and writable, the rest PROT_NONE
 until the guest grows into it. A WebAssembly memory never shrinks, so the readable part is also the
 instance's peak. `watch()` notes the memories an instantiation creates (their bases: the reservation
-does not move); `sizes()` reads what each holds now. Where there is no /proc/self/maps (not Linux),
+does not move; a store's memories are forgotten when it goes, see `forget`); `sizes()` reads what each holds
+now. Where there is no /proc/self/maps (not Linux),
 nothing is found and the size reads 0.
 """
 
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 _MAPS = "/proc/self/maps"
 _RESERVATION = 1 << 30  # a PROT_NONE mapping this large is the unused part of a linear memory's reservation
 _instantiating = threading.Lock()  # one instantiation at a time, so that what appears in the map is its own
+_known: set[int] = set()  # bases of the memories of live instances, and of what was mapped before the first
+_baseline_read = False
 
 
 def _regions() -> list[tuple[int, int, bool]]:
@@ -52,12 +55,23 @@ def _bases(regions: list[tuple[int, int, bool]]) -> dict[int, int]:
 
 @contextmanager
 def watch() -> Iterator[list[int]]:
-    """Around an instantiation: the list it yields holds, afterwards, the bases of the memories it made."""
+    """Around an instantiation: the list it yields holds, afterwards, the bases of the memories it made (those
+    in the map that no live instance owns: one read of the map, after the instantiation)."""
+    global _baseline_read
     made: list[int] = []
     with _instantiating:
-        before = _bases(_regions())
+        if not _baseline_read:  # what was mapped before the first instantiation is no instance's
+            _known.update(_bases(_regions()))
+            _baseline_read = True
         yield made
-        made.extend(base for base in _bases(_regions()) if base not in before)
+        made.extend(base for base in _bases(_regions()) if base not in _known)
+        _known.update(made)
+
+
+def forget(bases: Iterable[int]) -> None:
+    """The memories of an instance whose store is gone (unmapped with it): no instance's any more. Called from
+    a weakref finalizer, so it takes no lock (a set operation is atomic under the GIL)."""
+    _known.difference_update(bases)
 
 
 def sizes(bases: Iterable[Iterable[int]]) -> list[int]:

@@ -307,6 +307,7 @@ class FunctionSandbox:
         batch = instance.get_func(store, "handle-batch")
         made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr, memories=memories)
         self._live[id(made)] = made
+        weakref.finalize(store, memory.forget, memories)  # its memories are unmapped with it
         return made
 
     def memory_bytes(self) -> int:
