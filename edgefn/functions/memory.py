@@ -4,9 +4,11 @@ wasmtime-py exposes no component instance's memory, but wasmtime lays each linea
 way: a reservation of several GiB, its first `size` bytes readable and writable, the rest PROT_NONE
 until the guest grows into it. A WebAssembly memory never shrinks, so the readable part is also the
 instance's peak. `watch()` notes the memories an instantiation creates (their bases: the reservation
-does not move; a store's memories are forgotten when it goes, see `forget`); `sizes()` reads what each holds
-now. Where there is no /proc/self/maps (not Linux),
-nothing is found and the size reads 0.
+does not move; a store's memories are forgotten when it goes, see `forget`); `sizes()` reads what each
+holds now. Where there is no /proc/self/maps (not Linux), nothing is found and the size reads 0.
+
+Cost: one read of the map per instantiation (about 1.5 ms with a few hundred mappings on a busy 2-core
+machine), made under a process-wide lock, so instantiations of different functions wait for each other.
 """
 
 from __future__ import annotations
