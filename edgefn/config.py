@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, description="Larger events go to the error topic, unseen by the function.")
+    metering: bool = Field(default=True, description="Meter each function's usage (guest CPU, memory, infer calls, "
+                           "bytes) for /metrics, `edgefn status` and the fleet report.")
     journal: Literal["disk", "memory"] = Field(
         default="disk", description="disk: events survive a crash; memory: they do not (for measuring the journal's cost).")
     durability: Literal["process", "full"] = Field(

@@ -64,7 +64,7 @@ class Daemon:
     def __init__(self, settings: Settings, broken: dict[Path, str] | None = None):
         self.settings = settings
         self._broken = dict(broken or {})  # function folders whose build failed: reported, not run
-        self.metrics = Metrics()
+        self.metrics = Metrics(metering=settings.metering)
         self._stopping = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self._swap = threading.Lock()  # one activation at a time
@@ -106,6 +106,7 @@ class Daemon:
         self.outbox = Outbox(self.inbox, lambda *a: self.connection.publish(*a), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
         self.router = Router(functions, self.sensors.under_pressure, self.outbox.done)
+        self.metrics.usage.memory = lambda: {f.manifest.name: f.sandbox.memory_bytes() for f in self.functions}
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
                                refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()))
         # Ingress and the connection exist before any worker can publish (replayed events).
@@ -200,6 +201,9 @@ class Daemon:
             log.error("%s; going back to %s", self.fleet_problem,
                       active.previous.label if active.previous else "the local functions")
             self.fleet.set_active(active.refusing(self.release, active.rollout, run=active.previous))
+            self.fleet.audit.append("rolled-back", by="device", reason=self.fleet_problem, rollout=active.rollout,
+                                    bundle=self.release.bundle, version=self.release.version,
+                                    to=active.previous.label if active.previous else "local functions")
             self.fleet.end_update()
             return self._load_active()
 
@@ -295,7 +299,12 @@ class Daemon:
             "release": self.release.label if self.release else None,
             "models": {name: self._model_status(name) for name in self._models_in_use()},
             "cloud": self._cloud_status(),
+            "usage": self.usage(),
         }
+
+    def usage(self) -> dict[str, dict[str, float | int]]:
+        """What each function has cost since the daemon started (edgefn.observe.usage)."""
+        return self.metrics.usage.summary()
 
     def _cloud_status(self) -> dict | None:
         """The hand-off: its endpoint, its breaker, whether its last calls went through, its last error."""

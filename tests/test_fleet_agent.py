@@ -203,6 +203,17 @@ def test_a_daemon_updated_while_events_stream_loses_none_and_says_which_version_
     assert daemon.health()["release"] == "digits@2.0.0"
     assert fleet.get_rollout(rollout.id).state == "done"
     assert FleetStore(daemon.fleet.dir).update() is None, "the update is over: no update.json left"
+    (activated,) = audit_of(daemon)
+    assert (activated["event"], activated["bundle"], activated["version"], activated["rollout"]) == \
+        ("activated", "digits", "2.0.0", rollout.id)
+    assert activated["previous"] is None and len(activated["sha256"]) == 64
+    # The fleet report carries what the function cost: every event, across both versions, was one invocation.
+    deadline = time.monotonic() + 15
+    while (usage := fleet.device("stream-1").usage.get("digits")) is None or usage.invocations < total:
+        assert time.monotonic() < deadline, f"the reported usage never counted {total} events: {usage}"
+        time.sleep(0.2)
+    assert usage.invocations == total and usage.guest_cpu_s > 0 and usage.infer_local_calls > 0
+    assert usage.bytes_in == sum(len(_payload(n, "s")) for n in range(total))
 
 
 def test_a_release_that_fails_its_health_check_rolls_itself_back(fleet: Fleet, device):
@@ -213,6 +224,11 @@ def test_a_release_that_fails_its_health_check_rolls_itself_back(fleet: Fleet, d
     assert daemon.release is None and daemon.health()["functions"] == {"digits": "1.0.0"}
     halted = _wait_rollout(fleet, rollout.id, "halted")
     assert halted.rolled_back and "bad-1" in halted.reason
+    activated, rolled_back = audit_of(daemon)
+    assert (activated["event"], activated["version"]) == ("activated", "3.0.0")
+    assert (rolled_back["event"], rolled_back["by"], rolled_back["version"], rolled_back["to"]) == \
+        ("rolled-back", "device", "3.0.0", "local functions")
+    assert "health check failed" in rolled_back["reason"] and rolled_back["rollout"] == rollout.id
     time.sleep(0.5)  # the agent does not try the same release of the same rollout again
     assert fleet.device("bad-1").state == "rolled-back" and daemon.release is None
 
@@ -225,6 +241,9 @@ def test_an_older_release_is_refused_and_the_current_one_keeps_running(fleet: Fl
     fleet.rollout("1.5.0", "old")
     found = fleet.wait_device("old-1", state="failed")
     assert "older than 2.0.0" in found.detail
+    assert [e["event"] for e in audit_of(daemon)] == ["activated", "refused"]
+    refused = audit_of(daemon)[-1]
+    assert refused["version"] == "1.5.0" and "older than 2.0.0" in refused["reason"]
     assert found.version == "2.0.0" and daemon.release is not None and daemon.release.version == "2.0.0"
 
 
@@ -292,6 +311,9 @@ def test_an_aborted_rollout_sends_the_device_back_even_mid_soak(fleet: Fleet, de
     found = fleet.wait_device("abort-1", state="rolled-back", timeout=15)
     assert f"rollout {rollout.id}" in found.detail and found.version is None
     assert daemon.release is None and daemon.health()["functions"] == {"digits": "1.0.0"}
+    rolled_back = audit_of(daemon)[-1]
+    assert (rolled_back["event"], rolled_back["by"], rolled_back["version"], rolled_back["rollout"]) == \
+        ("rolled-back", "fleet", "2.0.0", rollout.id)
     assert FleetStore(daemon.fleet.dir).update() is None
 
 
@@ -316,8 +338,16 @@ def test_a_release_that_no_longer_loads_at_start_is_rolled_back_by_the_daemon(
         found = fleet.wait_device("broken-1", state="rolled-back")
         assert "digits@2.0.0 does not start" in found.detail
         assert again.fleet.active().refused, "not tried again for that rollout"
+        assert [(e["event"], e.get("by")) for e in audit_of(again)] == \
+            [("activated", None), ("rolled-back", "device")]
     finally:
         again.stop()
+
+
+def audit_of(daemon: Daemon) -> list[dict]:
+    """The device's audit log, read as a person would: the JSON lines of <state_dir>/fleet/audit.jsonl."""
+    path = daemon.settings.state_dir / "fleet" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _wait_rollout(fleet: Fleet, rollout_id: int, state: str, timeout: float = 20.0) -> Rollout:

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import UploadFile
 
+from cloud_sync.fleet.audit import AuditTrail
 from cloud_sync.fleet.db import BundleRow, Database
 from cloud_sync.fleet.engine import RolloutEngine
 from cloud_sync.fleet.repository import PublishedBundle, TufRepository
@@ -60,7 +61,7 @@ def _answer(call: Callable[[], T]) -> T:
         raise HTTPException(503, f"the fleet database failed: {type(exc).__name__}") from None
 
 
-def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database, *,
+def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database, trail: AuditTrail, *,
                  token: str | None = None) -> APIRouter:
     router = APIRouter()
 
@@ -95,15 +96,28 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     def devices() -> dict[str, Any]:
         return {"devices": [d.model_dump() for d in _answer(engine.devices)]}
 
+    @router.delete(API + "/devices/{device_id}", dependencies=write)
+    def remove(device_id: str, request: Request) -> dict[str, Any]:
+        _answer(lambda: engine.remove(device_id))
+        request.state.audit_result = f"removed {device_id}"
+        return {"device_id": device_id, "removed": True}
+
+    @router.get(API + "/audit")
+    def audit(limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+              after: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+        return {"entries": [e.model_dump() for e in _answer(lambda: trail.entries(limit, after))]}
+
     @router.post(API + "/enrollments", dependencies=write)
-    def enroll(body: EnrollRequest) -> JSONResponse:
+    def enroll(body: EnrollRequest, request: Request) -> JSONResponse:
         credential = _answer(lambda: engine.enroll(body.device_id, body.group))
+        request.state.audit_result = f"enrolled {body.device_id} in {body.group} (its token shown once)"
         return JSONResponse(Enrollment(device_id=body.device_id, group=body.group, token=credential).model_dump(),
                             status_code=201, headers={"Cache-Control": "no-store"})
 
     @router.post(API + "/enrollments/{device_id}/revoke", dependencies=write)
-    def revoke(device_id: str) -> dict[str, Any]:
+    def revoke(device_id: str, request: Request) -> dict[str, Any]:
         _answer(lambda: engine.revoke(device_id))
+        request.state.audit_result = f"revoked {device_id}'s credential"
         return {"device_id": device_id, "revoked": True}
 
     # --- releases ------------------------------------------------------------------------------------
@@ -118,12 +132,16 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
                 raise HTTPException(400, "one bundle per publish")
             if not metadata and not bundles:
                 raise HTTPException(400, "nothing to publish: send a `bundle` part and `metadata` parts")
+            request.state.audit_arguments = {"bundle": bundles[0].filename if bundles else None,
+                                             "metadata": [p.filename for p in metadata]}
             files = [(p.filename or "", await p.read()) for p in metadata]
             bundle = bundles[0].file if bundles else None
             stored, published = await run_in_threadpool(
                 lambda: _answer(lambda: repository.publish(files, bundle, lambda b: _record(db, b))))
         finally:
             await form.close()
+        request.state.audit_result = (f"published {published.name} {published.version} (sha256 "
+                                      f"{published.sha256[:12]}...)" if published else f"stored {', '.join(stored)}")
         return {"metadata": stored, "bundle": published.__dict__ if published else None}
 
     @router.get(API + "/bundles")
@@ -136,8 +154,10 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     # --- rollouts ------------------------------------------------------------------------------------
 
     @router.post(API + "/rollouts", dependencies=write)
-    def create(body: RolloutRequest) -> JSONResponse:
-        return JSONResponse(_answer(lambda: engine.create(body)).model_dump(), status_code=201)
+    def create(body: RolloutRequest, request: Request) -> JSONResponse:
+        made = _answer(lambda: engine.create(body))
+        request.state.audit_result = f"rollout {made.id}: {made.bundle} {made.version} to {made.group}"
+        return JSONResponse(made.model_dump(), status_code=201)
 
     @router.get(API + "/rollouts")
     def rollouts() -> dict[str, Any]:
@@ -150,10 +170,12 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     actions: dict[str, Callable[[int], Any]] = {"pause": engine.pause, "resume": engine.resume, "abort": engine.abort}
 
     @router.post(API + "/rollouts/{rollout_id}/{action}", dependencies=write)
-    def change(rollout_id: RolloutId, action: str) -> dict[str, Any]:
+    def change(rollout_id: RolloutId, action: str, request: Request) -> dict[str, Any]:
         if action not in actions:
             raise HTTPException(404, f"no action {action!r} (pause, resume, abort)")
-        return _answer(lambda: actions[action](rollout_id)).model_dump()
+        changed = _answer(lambda: actions[action](rollout_id))
+        request.state.audit_result = f"rollout {rollout_id} {changed.state}"
+        return changed.model_dump()
 
     # --- the TUF repository ----------------------------------------------------------------------------
 
@@ -180,7 +202,8 @@ def fleet_router(engine: RolloutEngine, repository: TufRepository, db: Database,
     def page() -> HTMLResponse:
         from cloud_sync.fleet.page import render_page  # the page is its own module; the API does not need it
 
-        return HTMLResponse(render_page(_answer(engine.devices), _answer(engine.rollouts), now=time.time()))
+        return HTMLResponse(render_page(_answer(engine.devices), _answer(engine.rollouts), now=time.time(),
+                                        audit=_answer(lambda: trail.entries(20))))
 
     return router
 

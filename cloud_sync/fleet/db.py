@@ -6,6 +6,8 @@
     assignments   what a device of a started wave is to run, and what it ran before (for a roll back)
     groups        the release a group has once a rollout of it is done (devices that join later get it)
     enrollments   the devices the operator enrolled: their group and the sha256 of their credential
+    audit         every operator action, appended: who, when, what, its arguments and its result; the
+                  database itself refuses to change or delete an entry (triggers on both dialects)
 
 Every change runs in one transaction (`Database.transaction`). SQLite takes its write lock at the start of
 each transaction (BEGIN IMMEDIATE), with WAL so reads go on meanwhile and a busy timeout so writers wait
@@ -69,6 +71,7 @@ class DeviceRow(Base):
     p99_ms: Mapped[float | None] = mapped_column(Float)
     accuracy: Mapped[float | None] = mapped_column(Float)  # of its labelled health samples, as it measured them
     agent: Mapped[str] = mapped_column(String(128), default="")
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # function -> FunctionUsage, as last reported
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
 
@@ -143,13 +146,51 @@ class EnrollmentRow(Base):
     enrolled: Mapped[float] = mapped_column(Float)
 
 
+class AuditRow(Base):
+    """One operator action, as it was asked and answered. Append-only: see `_APPEND_ONLY`."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)  # unix seconds
+    who: Mapped[str] = mapped_column(String(128))  # the credential's identity; "anonymous" on an open server
+    action: Mapped[str] = mapped_column(String(64))  # publish, rollout.create, rollout.pause, device.remove, ...
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSON)  # secrets redacted
+    status: Mapped[int] = mapped_column(Integer)  # the HTTP status answered (401, 403, 409, ...: refused)
+    result: Mapped[str] = mapped_column(String(2000))  # what it did, or why it was refused
+
+
 # Columns added to a table after its first release: ALTERed into a database made before them.
 _ADDED = {"devices": {"events_base": "BIGINT NOT NULL DEFAULT 0", "errors_base": "BIGINT NOT NULL DEFAULT 0",
-                     "resets": "BIGINT NOT NULL DEFAULT 0", "accuracy": "FLOAT"}}
+                     "resets": "BIGINT NOT NULL DEFAULT 0", "accuracy": "FLOAT", "usage": "JSON"}}
+
+# The audit table refuses UPDATE and DELETE (and, on PostgreSQL, TRUNCATE) whoever asks: the API has no route
+# that changes an entry, and a bug of ours or a stray statement cannot either.
+_APPEND_ONLY = {
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
+        "BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END",
+        "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
+        "BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END",
+    ],
+    "postgresql": [
+        "SELECT pg_advisory_xact_lock(25956, 1)",  # replicas starting together: one makes the triggers
+        "CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'audit entries are append-only'; END $$",
+        "DROP TRIGGER IF EXISTS audit_no_change ON audit",
+        "CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit "
+        "FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
+        "DROP TRIGGER IF EXISTS audit_no_truncate ON audit",
+        "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()",
+    ],
+}
 
 
 def _upgrade(engine: Engine) -> None:
-    """Add the columns a database made by an older server lacks (create_all makes missing tables only)."""
+    """Add the columns a database made by an older server lacks (create_all makes missing tables only), and
+    make the audit table append-only."""
     with engine.begin() as connection:
         found = inspect(connection)
         for table, columns in _ADDED.items():
@@ -157,6 +198,8 @@ def _upgrade(engine: Engine) -> None:
             for column, kind in columns.items():
                 if column not in have:
                     connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+        for statement in _APPEND_ONLY[engine.dialect.name]:
+            connection.execute(text(statement))
 
 
 def database_url(data_dir: Path, url: str | None) -> str:

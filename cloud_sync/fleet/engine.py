@@ -36,7 +36,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, defer
 
 from cloud_sync.fleet import identity
-from cloud_sync.fleet.db import AssignmentRow, BundleRow, Database, DeviceRow, GroupRow, RolloutRow
+from cloud_sync.fleet.db import AssignmentRow, BundleRow, Database, DeviceRow, EnrollmentRow, GroupRow, RolloutRow
 from edgefn.errors import FleetError
 from edgefn.protocol.fleet import (
     MAX_COUNTER,
@@ -162,6 +162,7 @@ class RolloutEngine:
                       "version": report.version, "rollout": report.rollout, "target_version": report.target_version,
                       "detail": report.detail, "agent": report.agent, "p99_ms": report.health.p99_ms,
                       "accuracy": report.health.accuracy,
+                      "usage": {name: u.model_dump() for name, u in report.usage.items()},
                       "first_seen": now, "last_seen": now,
                       **_counters(session.get(DeviceRow, device_id), device_id, report)}
             session.execute(self._upsert_device, values)
@@ -184,6 +185,18 @@ class RolloutEngine:
     def revoke(self, device_id: str) -> None:
         with self.db.transaction() as session:
             identity.revoke(session, device_id)
+
+    def remove(self, device_id: str) -> None:
+        """Forget a device: its row, its place in rollouts still to come and its credential (it must be enrolled
+        again to report). A rollout's waves keep its id; a wave counts only devices that report."""
+        check_device_id(device_id)
+        with self.db.transaction() as session:
+            found = [session.get(table, device_id) for table in (DeviceRow, AssignmentRow, EnrollmentRow)]
+            if not any(found):
+                raise FleetError(f"no device {device_id!r}", status=404)
+            for row in found:
+                if row is not None:
+                    session.delete(row)
 
     def devices(self) -> list[Device]:
         with self.db.transaction() as session:
@@ -428,4 +441,4 @@ def _device(row: DeviceRow, desired: Desired) -> Device:
     return Device(id=row.id, group=row.group, state=row.state, bundle=row.bundle, version=row.version,  # type: ignore[arg-type]
                   desired_version=desired.version, rollout=row.rollout, detail=row.detail,
                   health=Health(events=row.events, errors=row.errors, p99_ms=row.p99_ms, accuracy=row.accuracy),
-                  counter_resets=row.resets or 0, last_seen=row.last_seen)
+                  counter_resets=row.resets or 0, last_seen=row.last_seen, usage=row.usage or {})

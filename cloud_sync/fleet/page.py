@@ -1,10 +1,11 @@
-"""The fleet page served at `/`: devices and rollouts at a glance, for an operator's browser.
+"""The fleet page served at `/`: devices, what each function costs on each (its "bill"), rollouts and the
+audit trail at a glance, for an operator's browser.
 
 Server-rendered HTML5 with a little inline CSS and a meta refresh, nothing fetched from elsewhere:
 operators and devices may be offline, so the page must work without a CDN or a script. Every value
 that came from a device or an operator is escaped, since device ids and reasons are free text.
-Rows carry stable ids (`device-<id>`, `rollout-<id>`, `rollout-<id>-wave-<n>`) so people and tests
-can find them.
+Rows carry stable ids (`device-<id>`, `usage-<device>-<function>`, `rollout-<id>`, `rollout-<id>-wave-<n>`,
+`audit-<id>`) so people and tests can find them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,15 @@ import re
 from collections.abc import Iterable
 from html import escape
 
-from edgefn.protocol.fleet import Device, Rollout, Wave
-from edgefn.protocol.fleet_text import ago, gate_values_text, wave_line
+from edgefn.protocol.fleet import AuditEntry, Device, Rollout, Wave
+from edgefn.protocol.fleet_text import (
+    USAGE_COLUMNS,
+    ago,
+    audit_arguments_text,
+    gate_values_text,
+    usage_cells,
+    wave_line,
+)
 
 REFRESH_S = 5
 
@@ -31,8 +39,8 @@ ul.waves{margin:0;padding-left:1.1em}
 """
 
 
-def render_page(devices: list[Device], rollouts: list[Rollout], *, now: float) -> str:
-    """The whole page: a devices table and a rollouts section; `now` makes "last seen" relative."""
+def render_page(devices: list[Device], rollouts: list[Rollout], *, now: float, audit: list[AuditEntry] = ()) -> str:
+    """The whole page: devices, usage, rollouts and the newest audit entries; `now` makes times relative."""
     devices = sorted(devices, key=lambda d: (d.group, d.id))
     rollouts = sorted(rollouts, key=lambda r: r.id, reverse=True)  # the newest first
     return "\n".join([
@@ -45,7 +53,9 @@ def render_page(devices: list[Device], rollouts: list[Rollout], *, now: float) -
         f'<p class="muted">{len(devices)} device(s), {len(rollouts)} rollout(s); '
         f"refreshes every {REFRESH_S} s.</p>",
         _devices_section(devices, now),
+        _usage_section(devices),
         _rollouts_section(rollouts),
+        _audit_section(list(audit), now),
         "</body></html>",
     ])
 
@@ -118,3 +128,24 @@ def _wave_item(r: Rollout, index: int, w: Wave) -> str:
     measured = f' <span class="muted">({escape(values)})</span>' if values else ""
     return (f'<li id="{escape(row_id(f"rollout-{r.id}-wave", index))}">{escape(w.name)}: '
             f"{_state(w.state)} {w.healthy}/{len(w.devices)} healthy{measured}</li>")
+
+
+def _usage_section(devices: list[Device]) -> str:
+    rows = [f'<tr id="{escape(row_id("usage", f"{d.id}-{name}"))}" class="usage"><td>{escape(d.id)}</td>'
+            f"<td>{escape(name)}</td>" + "".join(f"<td>{escape(c)}</td>" for c in usage_cells(u)) + "</tr>"
+            for d in devices for name, u in sorted(d.usage.items())]
+    return "<h2>Usage</h2>\n<p class=\"muted\">What each function has cost each device since its daemon " \
+           "started: the device's bill.</p>\n" + _table(
+        ("device", "function", *USAGE_COLUMNS), rows, table_id="usage",
+        empty="No usage reported yet: devices report it with their state.")
+
+
+def _audit_section(entries: list[AuditEntry], now: float) -> str:
+    rows = [f'<tr id="{escape(row_id("audit", e.id))}" class="audit{" refused" if e.status >= 400 else ""}">'
+            f"<td>{escape(ago(now - e.at))}</td><td>{escape(e.who)}</td><td>{escape(e.action)}</td>"
+            f"<td>{escape(audit_arguments_text(e))}</td>"
+            f'<td{" class=reason" if e.status >= 400 else ""}>{e.status}: {escape(e.result)}</td></tr>'
+            for e in reversed(entries)]  # the newest first
+    return "<h2>Audit trail</h2>\n" + _table(
+        ("when", "who", "what", "arguments", "result"), rows, table_id="audit",
+        empty="No operator action yet.")

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from cloud_sync.fleet.api import fleet_router
+from cloud_sync.fleet.audit import AuditMiddleware, AuditTrail
 from cloud_sync.fleet.db import Database, database_url
 from cloud_sync.fleet.engine import RolloutEngine
 from cloud_sync.fleet.repository import TufRepository
@@ -75,8 +76,10 @@ class FleetService:
             self.db.close()
             raise
         self.app: FastAPI = create_app(self.endpoint)
-        self.app.include_router(fleet_router(self.engine, self.repository, self.db, token=token))
+        self.audit = AuditTrail(self.db)
+        self.app.include_router(fleet_router(self.engine, self.repository, self.db, self.audit, token=token))
         self.app.add_middleware(BodyLimits, limits=limits.routes())
+        self.app.add_middleware(AuditMiddleware, trail=self.audit, token=token)  # outermost: 413s are recorded too
 
     def close(self) -> None:
         self.engine.stop()

@@ -2,7 +2,8 @@
 
 `fleet keys init` makes the TUF keys and the operator's token, `fleet push` signs a bundle and uploads
 it, `fleet rollout create|status|list|pause|resume|abort` drives a rollout, `fleet devices` lists what
-devices report, `fleet devices enroll|revoke` gives a device its credential or takes it back.
+devices report, `fleet devices enroll|revoke|remove` gives a device its credential, takes it back or
+forgets the device, `fleet usage` shows what each function costs each device, `fleet audit` who did what.
 Every command that talks to the server takes --server (or EDGEFN_FLEET_SERVER) and --token-env.
 
 Every failure (the server down, a rollout it does not know, a request it refuses) is one line on
@@ -37,14 +38,14 @@ from edgefn.cli._toolkit import (
 from edgefn.errors import ConfigError, FleetError, validation_text
 
 if TYPE_CHECKING:
-    from edgefn.protocol.fleet import Device, Rollout
+    from edgefn.protocol.fleet import AuditEntry, Device, Rollout
 
 fleet_app = typer.Typer(help="Roll functions and models out to a fleet: keys, push, rollouts, devices.",
                         no_args_is_help=True)
 keys_app = typer.Typer(help="The TUF signing keys of a fleet's releases.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Canary, waves and health gates: create, watch, pause, resume, abort.",
                           no_args_is_help=True)
-devices_app = typer.Typer(help="The fleet's devices: list them (the default), enroll one, revoke one.")
+devices_app = typer.Typer(help="The fleet's devices: list them (the default), enroll one, revoke one, remove one.")
 fleet_app.add_typer(keys_app, name="keys")
 fleet_app.add_typer(rollout_app, name="rollout")
 fleet_app.add_typer(devices_app, name="devices")
@@ -156,6 +157,32 @@ def devices_table(devices: list[Device], *, now: float) -> Table:
         p99 = "-" if d.health.p99_ms is None else f"{d.health.p99_ms:.1f}"
         table.add_row(*(escape(c) for c in (d.id, d.group, version, d.state, str(d.health.events),
                                             str(d.health.errors), p99, ago(now - d.last_seen), d.detail)))
+    return table
+
+
+def usage_table(devices: list[Device]) -> Table:
+    """What each function has cost each device since its daemon started (the devices' bills)."""
+    from edgefn.protocol.fleet_text import USAGE_COLUMNS, usage_cells
+
+    table = Table(box=box.SIMPLE_HEAD, title="usage per device and function")
+    for header in ("device", "function", *USAGE_COLUMNS):
+        table.add_column(header)
+    for d in sorted(devices, key=lambda d: (d.group, d.id)):
+        for name, u in sorted(d.usage.items()):
+            table.add_row(*(escape(c) for c in (d.id, name, *usage_cells(u))))
+    return table
+
+
+def audit_table(entries: list[AuditEntry]) -> Table:
+    from edgefn.protocol.fleet_text import audit_arguments_text
+
+    table = Table(box=box.SIMPLE_HEAD, title=f"{len(entries)} audit entr{'y' if len(entries) == 1 else 'ies'}")
+    for header in ("id", "when (UTC)", "who", "what", "arguments", "status", "result"):
+        table.add_column(header)
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at))
+        table.add_row(*(escape(c) for c in (str(e.id), when, e.who, e.action, audit_arguments_text(e),
+                                            str(e.status), e.result)))
     return table
 
 
@@ -460,3 +487,45 @@ def devices_revoke(device_id: Annotated[str, typer.Argument(metavar="ID", help="
         call_fleet("POST", server, f"/enrollments/{device_id}/revoke", token=token_from_env(token_env),
                    timeout=timeout)
     typer.echo(f"device {device_id}: revoked")
+
+
+@devices_app.command("remove")
+def devices_remove(device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id.")],
+                   server: ServerOpt, token_env: TokenEnvOpt = None, timeout: TimeoutOpt = 30.0) -> None:
+    """Forget a device: its state, its place in rollouts to come and its credential (enroll it again to bring
+    it back)."""
+    with cli_errors():
+        call_fleet("DELETE", server, f"/devices/{device_id}", token=token_from_env(token_env), timeout=timeout)
+    typer.echo(f"device {device_id}: removed")
+
+
+@fleet_app.command("usage")
+def usage(server: ServerOpt, group: Annotated[str | None, typer.Option(help="Only the devices of this group.")] = None,
+          token_env: TokenEnvOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+    """What each function costs each device, as the devices last reported it: invocations, guest CPU, peak
+    memory, inference here and on the cloud, bytes in and out."""
+    from edgefn.protocol.fleet import Device
+
+    with cli_errors():
+        found = [d for d in _listed(server, "/devices", "devices", Device, token_env, timeout)
+                 if group is None or d.group == group]
+    if as_json:
+        print_json({"usage": {d.id: {n: u.model_dump(mode="json") for n, u in d.usage.items()} for d in found}})
+    else:
+        out.print(usage_table(found))
+
+
+@fleet_app.command("audit")
+def audit(server: ServerOpt,
+          limit: Annotated[int, typer.Option(min=1, max=10_000, help="The newest this many entries.")] = 100,
+          token_env: TokenEnvOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+    """The fleet server's audit trail, oldest first: who published, enrolled, removed or changed a rollout,
+    when, with what arguments, and what came of it (refusals included)."""
+    from edgefn.protocol.fleet import AuditEntry
+
+    with cli_errors():
+        entries = _listed(server, f"/audit?limit={limit}", "entries", AuditEntry, token_env, timeout)
+    if as_json:
+        print_json({"entries": [e.model_dump(mode="json") for e in entries]})
+    else:
+        out.print(audit_table(entries))

@@ -113,8 +113,8 @@ def status(
     port: Annotated[int, typer.Option(help="The running daemon's --metrics-port.")] = 9108,
     as_json: Annotated[bool, typer.Option("--json", help="Print the daemon's /healthz document as JSON.")] = False,
 ) -> None:
-    """What the running daemon says of itself: broker, journal, device profile, and per model the
-    variant and delegate it runs on and why the others were passed over."""
+    """What the running daemon says of itself: broker, journal, device profile, per model the variant
+    and delegate it runs on and why the others were passed over, and per function what it has cost."""
     import json
     import urllib.error
     import urllib.request
@@ -169,6 +169,26 @@ def _print_health(doc: dict) -> None:
         passed = "\n".join(f"{what}: {why}" for what, why in m.get("passed_over", []))
         models.add_row(name, m.get("variant", "?"), m.get("delegate", "?"), escape(passed) or "-")
     out.print(models)
+    out.print(_usage_table(doc.get("usage") or {}))
+
+
+def _usage_table(usage: dict) -> Table:
+    """What each function has cost since the daemon started (the document's `usage`)."""
+    from pydantic import ValidationError
+
+    from edgefn.protocol.fleet import FunctionUsage
+    from edgefn.protocol.fleet_text import USAGE_COLUMNS, usage_cells
+
+    table = Table(title="usage since start")
+    for column in ("function", *USAGE_COLUMNS):
+        table.add_column(column)
+    for name, fields in sorted(usage.items()):
+        try:
+            cells = usage_cells(FunctionUsage.model_validate(fields))
+        except ValidationError:
+            cells = ("?",) * len(USAGE_COLUMNS)
+        table.add_row(escape(name), *cells)
+    return table
 
 
 def _instance_rows(doc: dict) -> list[tuple[str, str]]:

@@ -145,7 +145,10 @@ class Workers:
             self.metrics.batch_events.labels(fn.name).observe(len(events))
             fn.sandbox.host.plan(lane.where)
             started = time.perf_counter()
-            answers.update(zip((e.id for e in events), fn.sandbox.handle_batch(events), strict=True))
+            metered = self.metrics.usage.call(fn.name, events)  # usage metering: CPU, bytes (edgefn.observe.usage)
+            results = fn.sandbox.handle_batch(events)
+            metered.done(results)
+            answers.update(zip((e.id for e in events), results, strict=True))
             took = time.perf_counter() - started
             if lane.where == "local":
                 fn.planner.served_here(len(events), took)

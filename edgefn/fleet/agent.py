@@ -11,6 +11,7 @@ device back to what it ran before, the agent swaps it back itself.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -23,7 +24,16 @@ from edgefn.fleet.device import Device
 from edgefn.fleet.fetch import ReleaseFetcher
 from edgefn.fleet.install import Installation
 from edgefn.fleet.store import Active, Release, refusal_key
-from edgefn.protocol.fleet import API, Desired, DeviceReport, DeviceState, target_name
+from edgefn.protocol.fleet import (
+    API,
+    MAX_FUNCTIONS,
+    NAME,
+    Desired,
+    DeviceReport,
+    DeviceState,
+    FunctionUsage,
+    target_name,
+)
 
 log = logging.getLogger("edgefn.fleet")
 _HEARTBEAT_S = 30.0  # an unchanged state is reported at least this often (the fleet page's "last seen")
@@ -115,13 +125,19 @@ class FleetAgent:
         report = DeviceReport(group=self.group, state=self._state, bundle=current.bundle if current else None,
                               version=current.version if current else None, rollout=self._rollout,
                               target_version=self._target, detail=self._detail, health=health,
-                              agent=f"edgefn {__version__}")
+                              agent=f"edgefn {__version__}", usage=self._usage())
         key = (report.state, report.bundle, report.version, report.rollout, report.detail, health.events)
         if not force and key == self._last_report and since < _HEARTBEAT_S:
             return  # an unchanged report only as a heartbeat
         self._call("POST", f"/devices/{self.device_id}/report", content=report.model_dump_json(),
                    headers={"Content-Type": "application/json"})
         self._last_report, self._last_report_at = key, time.monotonic()
+
+    def _usage(self) -> dict[str, FunctionUsage]:
+        """The functions' usage for the report (the protocol's bound: the busiest functions first)."""
+        usage = {name: u for name, u in self.daemon.usage().items() if re.match(NAME, name)}
+        busiest = sorted(usage, key=lambda name: -usage[name].get("invocations", 0))[:MAX_FUNCTIONS]
+        return {name: FunctionUsage.model_validate(usage[name]) for name in busiest}
 
     def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         try:
@@ -201,6 +217,11 @@ class FleetAgent:
             return
         self.store.set_active(Active(current=active.previous, previous=active.current, rollout=None,
                                      refused=active.refused))
+        withdrawn = active.current
+        self.store.audit.append("rolled-back", by="fleet", reason=why, rollout=active.rollout,
+                                bundle=withdrawn.bundle if withdrawn else None,
+                                version=withdrawn.version if withdrawn else None,
+                                to=active.previous.label if active.previous else "local functions")
         self._rollout, self._target = None, None
         self.say("rolled-back", why)
 

@@ -37,3 +37,6 @@ class Device(Protocol):
 
     def record_accuracy(self, accuracy: float | None) -> None:
         """The accuracy the health check measured of the functions running now: in their health window."""
+
+    def usage(self) -> dict[str, dict[str, float | int]]:
+        """What each function has cost since the daemon started: function -> its totals (FunctionUsage's fields)."""

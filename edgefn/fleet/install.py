@@ -168,7 +168,13 @@ class Installation:
         except Exception as exc:  # noqa: BLE001 - whatever stops the new release from loading, the old one stays
             self._roll_back(f"the new release does not start: {exc}")
             return False
+        self.store.audit.append("activated", **self._audited(), previous=active.current and active.current.label)
         return True
+
+    def _audited(self) -> dict[str, object]:
+        """What every audit entry of this installation says of its release."""
+        return {"bundle": self.release.bundle, "version": self.release.version, "rollout": self.desired.rollout,
+                "sha256": self.release.sha256 or None}
 
     # -- checking -------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -246,6 +252,8 @@ class Installation:
         except Exception as exc:  # noqa: BLE001 - the next start falls back further (Daemon.start)
             log.exception("rolling back failed")
             why += f"; rolling back failed too: {exc}"
+        self.store.audit.append("rolled-back", **self._audited(), by="device", reason=why,
+                                to=back.label if back else "local functions")
         self.agent.say("rolled-back", why)
         self.store.end_update()
 
@@ -254,6 +262,7 @@ class Installation:
         active = self.store.active()
         key = refusal_key(self.desired.rollout, self.release.bundle, self.release.version)
         self.store.set_active(active.model_copy(update={"refused": [*active.refused, key]}))
+        self.store.audit.append("refused", **self._audited(), reason=why)
         self.agent.say("failed", why)
         self.store.end_update()
 

@@ -4,6 +4,7 @@
                    the one switch: the daemon runs `current`'s functions (its --functions when null)
     update.json    {"release": Release, "step": STEP, "rollout": id} while an update is under way
     bundles/<sha256>/   unpacked releases (edgefn.fleet.unpack.unpack: whole or absent)
+    audit.jsonl    activations, rollbacks and refusals, appended (edgefn.fleet.audit)
 
 Both files are replaced whole (temporary file, fsync, rename, fsync of the folder), so a SIGKILL
 at any moment leaves either the old or the new file, never a torn one.
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from edgefn.errors import FleetError
 from edgefn.files import write_atomic
+from edgefn.fleet.audit import AUDIT_FILE, DeviceAudit
 from edgefn.protocol.fleet import UPDATE_STEPS, GateRule
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -73,6 +75,7 @@ class FleetStore:
         self.active_file = self.dir / "active.json"
         self.update_file = self.dir / "update.json"
         self.bundles = self.dir / "bundles"
+        self.audit = DeviceAudit(self.dir / AUDIT_FILE)
 
     def bundle_dir(self, release: Release) -> Path:
         return self.bundles / release.sha256

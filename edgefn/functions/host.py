@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,6 +42,7 @@ class FunctionHost:
         self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else self._cloud_infer
         self._log = logging.getLogger(f"edgefn.fn.{name}")
         self._plan = threading.local()  # where this worker's current batch runs its inference
+        self._usage = metrics.usage if metrics is not None else None  # metering of each infer call
 
     def plan(self, where: Where) -> None:
         """Where the inference of the batch this worker runs next goes (the planner's decision)."""
@@ -53,6 +55,18 @@ class FunctionHost:
         self.state.set(self.name, key, value)
 
     def infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
+        usage = self._usage
+        if usage is None or not usage.enabled:
+            return self._infer(model, inputs)
+        started, cpu, where = time.perf_counter(), time.thread_time(), "local"  # a call that fails failed here
+        try:
+            answer = self._infer(model, inputs)
+            where = answer[1]
+            return answer
+        finally:
+            usage.inferred(self.name, where, time.perf_counter() - started, time.thread_time() - cpu)
+
+    def _infer(self, model: str, inputs: list[Tensor]) -> tuple[list[Tensor], str]:
         if self.cloud is not None and getattr(self._plan, "where", "local") == "cloud":
             answer = self._on_cloud(model, inputs, "handed-off")
             if answer is not None:

@@ -46,6 +46,7 @@ from edgefn.errors import (
 from edgefn.events import Event, Message
 from edgefn.files import file_sha256, remove_leftovers
 from edgefn.functions import compile as compiler
+from edgefn.functions import memory
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.budget import MemoryBudget, anon_rss_bytes, return_freed_memory
 from edgefn.functions.manifest import Manifest
@@ -235,6 +236,7 @@ class _Instance:
         """Free the store (its linear memory goes back to the OS) and the stderr file."""
         self.stderr.remove()
         self.store.close()
+    memories: list[int] = field(default_factory=list)  # the bases of its linear memories (edgefn.functions.memory)
 
 
 def _message(fields: tuple[Any, ...]) -> Message:
@@ -320,6 +322,7 @@ class FunctionSandbox:
         self._costs = _CallCosts()
         self.cold_starts = 0  # instances made because an event found none
         self.cold_start_ms = 0.0  # what making the last of them took
+        self._made: weakref.WeakValueDictionary[int, _Instance] = weakref.WeakValueDictionary()  # for memory_bytes
         probe = self._probe()
         # Components built against an older world have no handle-batch: they get events one by one.
         self._batches = probe.handle_batch is not None
@@ -389,14 +392,22 @@ class FunctionSandbox:
         store.set_wasi(wasi)
         store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
         try:
-            instance = self._linker.instantiate(store, self.component)
+            with memory.watch() as memories:
+                instance = self._linker.instantiate(store, self.component)
         except wasmtime.WasmtimeError as exc:
             raise BuildError(f"{self.manifest.name}: cannot instantiate: {exc}") from None
         func = instance.get_func(store, "handle")
         if func is None:
             raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
         batch = instance.get_func(store, "handle-batch")
-        return _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr)
+        made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr, memories=memories)
+        self._made[id(made)] = made
+        weakref.finalize(store, memory.forget, memories)  # its memories are unmapped with it
+        return made
+
+    def memory_bytes(self) -> int:
+        """The linear memory of the largest instance alive now (a guest's memory never shrinks: its peak)."""
+        return max(memory.sizes([inst.memories for inst in list(self._made.values())]), default=0)
 
     def handle(self, event: Event) -> list[Message]:
         """Run one event on a warm instance; FunctionError says why it could not be handled."""

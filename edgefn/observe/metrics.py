@@ -11,6 +11,8 @@ from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from edgefn.observe.usage import Usage
+
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -24,9 +26,11 @@ class _Pool(Protocol):
 class Metrics:
     """The daemon's instruments, in a registry of its own (several daemons can share a process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metering: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.usage = Usage(enabled=metering)  # what each function costs (edgefn.observe.usage)
+        r.register(self.usage)
         self.events_received = Counter("edgefn_events_received", "Events journaled from the broker.", registry=r)
         self.events_redelivered = Counter("edgefn_events_redelivered", "Of those, events the broker sent again "
                                           "(DUP set: sent before the last reconnect, perhaps answered).", registry=r)

@@ -13,13 +13,15 @@ Routes (JSON unless said otherwise; see docs/fleet.md for the whole contract):
     POST /fleet/v1/rollouts                RolloutRequest -> Rollout
     GET  /fleet/v1/rollouts[/{id}]         -> {"rollouts": [Rollout...]} / Rollout
     POST /fleet/v1/rollouts/{id}/{pause|resume|abort} -> Rollout
+    DELETE /fleet/v1/devices/{id}          -> {"device_id", "removed": true}   (its row, assignment, credential)
+    GET  /fleet/v1/audit[?limit=N&after=ID] -> {"entries": [AuditEntry...]}   (oldest first; append-only)
     GET  /tuf/metadata/{file}, /tuf/targets/{file}      the TUF repository (python-tuf's ngclient reads it)
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
@@ -137,6 +139,27 @@ class Health(BaseModel):
         return self.errors / self.events if self.events else None
 
 
+MAX_USAGE = 1e15  # bytes, calls and seconds a device may claim for one function (far past any real total)
+MAX_FUNCTIONS = 64  # functions whose usage one report carries (a report stays a few kB)
+
+
+class FunctionUsage(BaseModel):
+    """What one function has cost a device since its daemon started (edgefn.observe.usage): its "bill"."""
+
+    invocations: int = Field(default=0, ge=0, le=MAX_USAGE)
+    guest_cpu_s: float = Field(default=0.0, ge=0, le=MAX_USAGE, allow_inf_nan=False)
+    peak_memory_bytes: int = Field(default=0, ge=0, le=MAX_USAGE)
+    infer_local_calls: int = Field(default=0, ge=0, le=MAX_USAGE)
+    infer_local_s: float = Field(default=0.0, ge=0, le=MAX_USAGE, allow_inf_nan=False)
+    infer_cloud_calls: int = Field(default=0, ge=0, le=MAX_USAGE)
+    infer_cloud_s: float = Field(default=0.0, ge=0, le=MAX_USAGE, allow_inf_nan=False)
+    bytes_in: int = Field(default=0, ge=0, le=MAX_USAGE)
+    bytes_out: int = Field(default=0, ge=0, le=MAX_USAGE)
+
+
+Usage = Annotated[dict[Name, FunctionUsage], Field(max_length=MAX_FUNCTIONS)]
+
+
 class DeviceReport(BaseModel):
     """POST by the agent at start, at every update step and every poll; registers the device."""
 
@@ -149,6 +172,7 @@ class DeviceReport(BaseModel):
     detail: str = Field(default="", max_length=2000)  # why it failed or rolled back, in words
     health: Health = Field(default_factory=Health)
     agent: str = Field(default="", max_length=128)
+    usage: Usage = Field(default_factory=dict)  # function -> its usage since the daemon started
 
 
 class Desired(BaseModel):
@@ -175,6 +199,7 @@ class Device(BaseModel):
     health: Health = Field(default_factory=Health)
     counter_resets: int = 0  # times its counters went down within a rollout (a restart, or a liar)
     last_seen: float  # unix seconds
+    usage: dict[str, FunctionUsage] = Field(default_factory=dict)  # as last reported
 
 
 class BundleRecord(BaseModel):
@@ -245,3 +270,15 @@ class Rollout(BaseModel):
 
 
 # ---- the words the operator's CLI and the fleet page both show -----------------------------------
+
+
+class AuditEntry(BaseModel):
+    """One operator action on the fleet server, as asked and answered (cloud_sync.fleet.audit)."""
+
+    id: int
+    at: float  # unix seconds
+    who: str  # "operator", "anonymous" (no operator token on the server), "unauthenticated", "unknown <sha256>"
+    action: str  # publish, rollout.create|pause|resume|abort, device.enroll|revoke|remove
+    arguments: dict[str, Any] = Field(default_factory=dict)  # secrets redacted
+    status: int  # the HTTP status answered: 2xx done, 4xx refused
+    result: str  # what was done, or why it was refused

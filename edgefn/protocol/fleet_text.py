@@ -7,7 +7,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgefn.protocol.fleet import Rollout, Wave
+    from edgefn.protocol.fleet import AuditEntry, FunctionUsage, Rollout, Wave
+
+# The columns of a function's usage (its "bill"), in the order the CLI and the page show them.
+USAGE_COLUMNS = ("invocations", "guest CPU", "peak memory", "infer here", "infer cloud", "bytes in", "bytes out")
 
 
 def ago(seconds: float) -> str:
@@ -35,3 +38,26 @@ def wave_line(rollout: Rollout) -> str:
     wave = rollout.waves[index]
     return (f"{wave.name} ({index + 1}/{len(rollout.waves)}): {wave.state} "
             f"{wave.healthy}/{len(wave.devices)} healthy")
+
+
+def size_text(n: float) -> str:
+    """'512 B', '12.4 MiB', '3.1 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def usage_cells(u: FunctionUsage) -> tuple[str, ...]:
+    """One function's usage in words, in USAGE_COLUMNS' order."""
+    return (str(u.invocations), f"{u.guest_cpu_s:.3f} s", size_text(u.peak_memory_bytes),
+            f"{u.infer_local_calls} calls, {u.infer_local_s:.3f} s", f"{u.infer_cloud_calls} calls, {u.infer_cloud_s:.3f} s",
+            size_text(u.bytes_in), size_text(u.bytes_out))
+
+
+def audit_arguments_text(entry: AuditEntry) -> str:
+    """An entry's arguments as 'key=value, ...' (values as JSON would write them)."""
+    import json
+
+    return ", ".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in entry.arguments.items())
