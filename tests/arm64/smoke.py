@@ -179,7 +179,6 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     import importlib.metadata
 
     from edgefn.files import file_sha256
-    from edgefn.functions import compile as compiler
     from edgefn.functions.build import build, component_path, watched_sources
     from edgefn.functions.manifest import load_manifest
     from edgefn.functions.sandbox import _WASMTIME_VERSION
@@ -197,22 +196,26 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     if (kept / ".complete").exists():
         wasm.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(kept / wasm.name, wasm)  # a fresh time: newer than the sources, so not built again
-        for path in kept.glob("*.cwasm*"):
-            shutil.copy2(path, state / path.name)
+        for path in kept.iterdir():
+            if path.name not in (wasm.name, ".complete"):
+                shutil.copy2(path, state / path.name)
         log(f"digits component: built and compiled for aarch64 by an earlier run ({kept.name})")
         return next(state.glob("*.cwasm"))
     started = time.monotonic()
     build(function_dir)
     log(f"digits component: built in {time.monotonic() - started:.1f} s ({wasm.stat().st_size / 1e6:.1f} MB)")
-    # The name sandbox.Runtime.load looks for: the component's content and the wasmtime version.
-    artifact = state / f"{file_sha256(wasm)[:32]}-wasmtime{_WASMTIME_VERSION}.cwasm"
-    _, took = run_emulated(root, BASELINE_CPU, "-m", "edgefn.functions.compile", "/" + str(wasm.relative_to(root)),
-                           "/" + str(artifact.relative_to(root)))
+    # Compiled as the device compiles it (sandbox.Runtime.load: in a child process, into its cache,
+    # named and checked its way), then mapped there once.
+    compile_here = ("import sys; from pathlib import Path; from edgefn.functions.sandbox import Runtime\n"
+                    "with Runtime(Path(sys.argv[1])) as runtime: runtime.load(Path(sys.argv[2]))")
+    _, took = run_emulated(root, BASELINE_CPU, "-c", compile_here, "/" + str(state.relative_to(root)),
+                           "/" + str(wasm.relative_to(root)))
+    artifact = next(state.glob("*.cwasm"))
     log(f"digits component: compiled for aarch64 on {BASELINE_CPU} in {took} ({artifact.stat().st_size / 1e6:.1f} MB)")
     for old in cache.glob("component-*"):
         shutil.rmtree(old)
     kept.mkdir(parents=True)
-    for path in (wasm, artifact, compiler.checksum_of(artifact)):
+    for path in (wasm, *state.iterdir()):  # the artifact and whatever the cache keeps beside it
         shutil.copy2(path, kept / path.name)
     (kept / ".complete").write_text(f"{time.time()}\n")
     return artifact
