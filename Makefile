@@ -9,12 +9,14 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup system-deps peers demo test bench lint models clean
+.PHONY: help setup system-deps peers demo test test-core py310 arm64-smoke bench lint models clean
 
 help:
 	@echo "make demo   - local broker + daemon + digits function + simulated sensors, live table"
 	@echo "              (make demo DEMO_ARGS=\"--duration 30\" stops by itself)"
-	@echo "make test   - the whole test suite (real mosquitto, real models, real components)"
+	@echo "make test   - the whole test suite (real mosquitto, real models, real components), then py310 and arm64-smoke"
+	@echo "make py310  - the core tests again on Python 3.10 (JetPack 6's), in .venv-py310"
+	@echo "make arm64-smoke - edgefn in a Debian arm64 root under qemu, as a Pi 4 (Cortex-A72) and a Pi 5 (Cortex-A76)"
 	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script)"
 	@echo "              bench/reliability.py (journal cost, SIGKILL loop), bench/containment.py"
 	@echo "              bench/models.py (every model variant against its fp32 ONNX)"
@@ -75,6 +77,43 @@ demo: $(BIN)/.installed
 
 test: setup peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory py310
+	@$(MAKE) --no-print-directory arm64-smoke
+
+# JetPack 6 ships Python 3.10 (Ubuntu 22.04); there onnxruntime stops at 1.23 and numpy at 2.2. The core
+# tests (configuration, journal, sandbox and boundary, models, profiles, daemon) run again on it, in a venv
+# of its own. Python 3.10 is taken from PATH, else from pyenv's versions; PYTHON310=... names another.
+PYTHON310 ?= $(shell for p in $$(command -v python3.10) $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python3.10; do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && { echo "$$p"; break; }; done)
+VENV310 ?= .venv-py310
+CORE_TESTS ?= tests/test_imports.py tests/test_config.py tests/test_topics.py tests/test_errors.py \
+  tests/test_manifest.py tests/test_inbox.py tests/test_state.py tests/test_profiles.py tests/test_models.py \
+  tests/test_litert.py tests/test_boundary.py tests/test_guest_tensors.py tests/test_sandbox.py tests/test_daemon.py \
+  tests/test_preflight.py
+
+py310: $(VENV310)/.installed
+	@$(MAKE) --no-print-directory system-deps SYSTEM_DEPS=mosquitto
+	$(VENV310)/bin/python -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
+
+$(VENV310)/.installed: pyproject.toml
+	@[ -n "$(PYTHON310)" ] || { echo "no Python 3.10 found (PATH, pyenv): install one (pyenv install 3.10) or set PYTHON310=" >&2; exit 1; }
+	rm -rf $(VENV310)
+	$(PYTHON310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV310)/bin/python -m pip install --quiet -e '.[build,demo,models,dev]'
+	touch $@
+
+# The arm64 proof (tests/arm64/smoke.py): a Debian bookworm arm64 root unpacked from Debian's packages,
+# the aarch64 wheels from the package index, run under qemu-user pinned to a Pi 4's and a Pi 5's CPU.
+# Needs root (chroot, mounts, binfmt_misc). The root and the compiled component are kept in .cache/arm64
+# and made again only when what goes into them changes.
+ARM64_DEPS := qemu-user-static mmdebstrap
+
+arm64-smoke: $(BIN)/.installed
+	@command -v mmdebstrap >/dev/null && [ -x /usr/bin/qemu-aarch64-static ] || { \
+	  echo "installing $(ARM64_DEPS) (Debian packages)"; $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(ARM64_DEPS) >/dev/null; }
+	$(SUDO) $(BIN)/python tests/arm64/smoke.py
 
 bench: setup
 	$(BIN)/python bench/e2e.py
@@ -103,4 +142,4 @@ models: setup
 	  || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(PEERS) examples/functions/*/build .pytest_cache
+	rm -rf $(VENV) $(VENV310) $(PEERS) examples/functions/*/build .pytest_cache .cache/arm64

@@ -62,14 +62,26 @@ def _running(pid: int) -> bool:
     return True
 
 
-# SQLite's primary result codes for a file that is not a database, or a damaged one.
-_DAMAGED = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
+# SQLite's primary result codes (fixed by SQLite; Python names them from 3.11 on): a damaged file,
+# a full disk, a file that is not a database.
+SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 11, 13, 26
+_DAMAGED = {SQLITE_NOTADB, SQLITE_CORRUPT}
+# Python 3.10 (JetPack 6's) gives no code with the error, only SQLite's text for it (sqlite3_errstr).
+_CODE_OF_TEXT = {"database disk image is malformed": SQLITE_CORRUPT, "database or disk is full": SQLITE_FULL,
+                 "file is not a database": SQLITE_NOTADB}
+
+
+def result_code(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code of `exc`; 0 when it cannot be told."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    return _CODE_OF_TEXT.get(str(exc).strip().lower(), 0)
 
 
 def storage_error(path: Path | str, exc: sqlite3.Error) -> StorageError:
     """The edgefn error for an SQLite failure on `path`: DiskFull for lack of space."""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code == sqlite3.SQLITE_FULL:
+    if result_code(exc) == SQLITE_FULL:
         return DiskFull(f"{Path(path).name}: disk full")
     return StorageError(f"{Path(path).name}: {exc}")
 
@@ -88,7 +100,7 @@ def open_sqlite(path: Path | str, setup: Callable[[sqlite3.Connection], None]) -
     try:
         return _open_checked(path, setup), None
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _DAMAGED and not isinstance(exc, _QuickCheckFailed):
+        if result_code(exc) not in _DAMAGED and not isinstance(exc, _QuickCheckFailed):
             raise storage_error(path, exc) from None
         aside = move_aside(path)
         damage = f"{path.name} was damaged ({' '.join(str(exc).split())}); moved aside to {aside.name}, started a fresh one"
