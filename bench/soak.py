@@ -13,7 +13,8 @@ not the compiler's. Targets in brackets.
             to drain. Events sent (acknowledged by the broker), delivered to the daemon (its counter
             edgefn_events_received_total less edgefn_events_redelivered_total: the copies the broker
             sent again after a reconnect), results the broker acknowledged (the daemon's counter
-            edgefn_messages_published_total), lost by the daemon = min(sent, delivered) - those [0];
+            edgefn_messages_published_total), unanswered by the daemon at the end = min(sent,
+            delivered) - those [0] (its /healthz then says where they are: journaled, in the outbox);
             at the bench's subscriber: distinct events answered, duplicate answers, unanswered =
             min(sent, delivered) - answered (a stock broker drops results for a subscriber 1,000
             behind, and its log says so: those lines are counted),
@@ -529,7 +530,7 @@ ROWS: dict[str, list[tuple[str, str, str, str, Callable[[Any], bool] | None]]] =
                  ("events sent (acknowledged by the broker)", "broker_acked", _N, "", None),
                  ("delivered to the daemon (distinct)", "delivered", _N, "", None),
                  ("results the broker acknowledged (daemon's counter)", "published", _N, "", None),
-                 ("lost by the daemon = min(sent, delivered) - acknowledged", "lost_by_daemon", _N, "0",
+                 ("unanswered by the daemon at the end = min(sent, delivered) - acknowledged", "lost_by_daemon", _N, "0",
                   lambda v: v <= TARGETS["lost_max"]),
                  ("answered at the bench's subscriber (distinct)", "answered", _N, "", None),
                  ("duplicate answers (marked as such)", "duplicates", _N, "", None),
