@@ -107,11 +107,13 @@ class Daemon:
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
                                refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()))
         # Ingress and the connection exist before any worker can publish (replayed events).
-        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid, qos: self.connection.ack(mid, qos),
+        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver,
+                               ack=lambda mid, qos, priority: self.connection.ack(mid, qos, priority),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay),
                                max_payload_bytes=s.max_payload_bytes, max_held_bytes=s.held_max_bytes,
-                               pause=lambda paused: self.connection.pause_reading(paused))
+                               pause=lambda paused: self.connection.pause_reading(paused),
+                               pause_high=lambda paused: self.connection.pause_reading(paused, high=True))
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,
                                      subscriptions_file=s.state_dir / "subscriptions.json")
@@ -273,6 +275,7 @@ class Daemon:
             "journal_damage": self.inbox.damage,
             "state_damage": self.state.damage,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
+            "broker_sessions": self.connection.sessions,
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self.outbox.rows,
             "profile": self.profile.name,

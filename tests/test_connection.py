@@ -112,9 +112,9 @@ def test_qos0_events_are_journaled_and_answered_without_dropping_the_connection(
         for e in events:
             conn.publish(f"results/{e.topic}", e.payload, acks.callback(int(e.payload)))
 
-    ingress = Ingress(inbox, 10_000, answer, lambda mid, q: conn.ack(mid, q), lambda: conn.has_more_to_read())
+    ingress = Ingress(inbox, 10_000, answer, lambda mid, q, p: conn.ack(mid, q, p), lambda: conn.has_more_to_read())
     conn = _connection(tmp_path, any_broker.port, ingress.on_message, ["sensors/#"],
-                       on_disconnect=lambda: drops.append(1))
+                       on_disconnect=lambda priority: drops.append(1))
     assert _wait(lambda: conn.awaiting_suback == 0, 5)
     stop = threading.Event()
     flusher = threading.Thread(target=lambda: [ingress.flush() for _ in iter(lambda: stop.wait(0.005), True)])
@@ -151,7 +151,7 @@ def test_a_reconnect_with_a_backlog_publishes_without_its_suback_and_subscribes_
     proxy = DroppingProxy(any_broker.port, lambda kind, n, connection: (kind, n, connection) == (SUBACK, 1, 1))
     received: list[tuple[bytes, int, int]] = []  # acknowledged once the connection is up
 
-    def on_message(topic, payload, mid, qos, dup):
+    def on_message(topic, payload, mid, qos, dup, priority):
         received.append((payload, mid, qos))
 
     back = _connection(tmp_path, proxy.port, on_message, ["sensors/#"], client_id=client_id, suback_timeout=0.5)
@@ -221,9 +221,9 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
     got: list[bytes] = []
     disconnects: list[int] = []
     with LocalBroker() as broker:
-        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup: got.append(p), ["sensors/#"],
+        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup, priority: got.append(p), ["sensors/#"],
                            keepalive=1)
-        conn._on_disconnect = lambda: disconnects.append(1)
+        conn._on_disconnect = lambda priority: disconnects.append(1)
         try:
             conn.pause_reading(True)
             sensor = _sensor(broker.port)
@@ -264,7 +264,7 @@ def test_results_are_acknowledged_at_once_while_events_crowd_the_stream_to_us(tm
     219 of 110,219 events answered in a 5-minute overload. Results have a session of their own."""
     read: list[int] = []
 
-    def slow_inbox(topic, payload, mid, qos, dup):  # a full inbox: 2 ms an event, never acknowledged
+    def slow_inbox(topic, payload, mid, qos, dup, priority):  # a full inbox: 2 ms an event, never acknowledged
         read.append(mid)
         time.sleep(0.002)
 
