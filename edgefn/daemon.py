@@ -101,7 +101,7 @@ class Daemon:
         replay, unsent = self.inbox.heads(), self.inbox.outbox()
         if replay or unsent:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
-        self.outbox = Outbox(self.inbox, lambda *a: self.connection.publish(*a), self.metrics,
+        self.outbox = Outbox(self.inbox, lambda *a, **kw: self.connection.publish(*a, **kw), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
         self.router = Router(functions, self.sensors.under_pressure, self.outbox.done)
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,

@@ -212,7 +212,7 @@ class Broker:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, object, list, int, bool]] = []
 
-    def publish(self, topic, payload, on_acked, props, qos, retain) -> None:
+    def publish(self, topic, payload, on_acked, props, qos, retain, urgent=False) -> None:
         self.sent.append((topic, payload, on_acked, list(props), qos, retain))
 
 

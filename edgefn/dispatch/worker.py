@@ -3,7 +3,7 @@ as one batch, and release each answer (its messages, or its error on `edgefn/err
 to the lane's reorder buffer.
 
 A payload over `max_payload_bytes` is answered with an error without reaching the sandbox, and so
-is a shed event (reason `shed`, counted in `edgefn_events_handled_total`). A bug of ours never kills
+is a shed event (reason `shed`, counted in `edgefn_events_handled_total{outcome="shed"}`). A bug of ours never kills
 a worker: the events stay journaled and run again after a restart.
 
 Precedence across functions: the device's cores are shared, so a local batch waits before it runs
@@ -37,7 +37,7 @@ log = logging.getLogger("edgefn.dispatch")
 # batch closes (small events batch as before: 32 digits events weigh about 10 kB).
 BATCH_MAX_BYTES = 64 * 1024
 PRECEDENCE_WAIT_S = 0.5  # the longest a batch waits at a time for more urgent events elsewhere
-Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]]], None]  # Outbox.answer
+Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]], bool], None]  # Outbox.answer
 
 
 def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
@@ -208,7 +208,8 @@ class Workers:
                 fn.planner.served_on_cloud(len(events), took)
         for event, pending, ticket in batch:
             outputs = self.outputs(fn, event, answers[event.id])
-            lane.order.release(ticket, lambda p=pending, o=outputs: self._answer(p, o, fn.properties))
+            urgent = event.priority == "high"  # its answer goes out ahead of others waiting to be sent
+            lane.order.release(ticket, lambda p=pending, o=outputs, u=urgent: self._answer(p, o, fn.properties, u))
 
     def outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""

@@ -415,9 +415,11 @@ class Connection:
         self._results.disconnected(reason, was_connected)
 
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
-                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False) -> None:
-        """See `Egress.publish`: in order across reconnects; `on_acked` once, at the PUBACK (QoS0: once written)."""
-        self._egress.publish(topic, payload, on_acked, user_properties, qos, retain)
+                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False,
+                urgent: bool = False) -> None:
+        """See `Egress.publish`: in order across reconnects (`urgent` ones first); `on_acked` once, at
+        the PUBACK (QoS0: once written)."""
+        self._egress.publish(topic, payload, on_acked, user_properties, qos, retain, urgent)
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
         self._results.heard = time.monotonic()  # before egress takes the message off: see the watchdog
