@@ -464,24 +464,43 @@ def flood(ctx: Context, broker: Broker, clients: e2e.Clients) -> dict[str, Any]:
 
 
 def _flood_copy(workdir: Path) -> tuple[Path, Path]:
-    """digits under the name digits-flood: its manifest renamed and retriggered, its component copied (the
-    name is not in it), and the digits model under that name too (the function asks for its namesake)."""
-    folder, models = workdir / "functions" / "digits-flood", workdir / "models" / "digits-flood"
+    return digits_copy(workdir, "digits-flood")
+
+
+def digits_copy(workdir: Path, name: str, trigger: str = "") -> tuple[Path, Path]:
+    """digits under another name (triggered by sensors/+/<name>, `trigger` lines added to its [trigger]):
+    its manifest renamed and retriggered, its component copied (the name is not in it), and the digits
+    model under that name too (the function asks for its namesake). The folder and the models folder."""
+    folder, models = workdir / "functions" / name, workdir / "models" / name
     folder.mkdir(parents=True)
     models.mkdir(parents=True)
     shutil.copy(e2e.FUNCTION / "app.py", folder)
-    (folder / "edgefn.toml").write_text((e2e.FUNCTION / "edgefn.toml").read_text().replace('digits"', 'digits-flood"'))
+    manifest = (e2e.FUNCTION / "edgefn.toml").read_text().replace('digits"', f'{name}"')
+    if trigger:
+        line = f'topics = ["sensors/+/{name}"]'
+        manifest = manifest.replace(line, f"{line}\n{trigger}")
+    (folder / "edgefn.toml").write_text(manifest)
     (folder / "build").mkdir()
-    shutil.copy(e2e.FUNCTION / "build" / "digits.wasm", folder / "build" / "digits-flood.wasm")  # newer than its sources
+    shutil.copy(e2e.FUNCTION / "build" / "digits.wasm", folder / "build" / f"{name}.wasm")  # newer than its sources
     for f in (e2e.MODELS / "digits").iterdir():
         if f.name != "model.json":
             (models / f.name).symlink_to(f)
     meta = json.loads((e2e.MODELS / "digits" / "model.json").read_text())
-    (models / "model.json").write_text(json.dumps({**meta, "name": "digits-flood"}))
+    (models / "model.json").write_text(json.dumps({**meta, "name": name}))
     return folder, models.parent
 
 
 RUNS = {"overload": overload, "restart": restart, "payloads": payloads, "flood": flood}
+
+
+def attempt(scenario: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """A scenario's result, or {"error": why} when it could not run (the others still run)."""
+    try:
+        return scenario(*args)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results
+        if not isinstance(exc, e2e.BenchError):
+            traceback.print_exc()
+        return {"error": str(exc)}
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
@@ -510,11 +529,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
                             warm.stop()
                             ctx.warmed = True
                         clients.reset()
-                        result = RUNS[scenario](ctx, broker, clients)
-                    except Exception as exc:  # noqa: BLE001 - recorded; the other scenarios still run
-                        if not isinstance(exc, e2e.BenchError):
-                            traceback.print_exc()
-                        result = {"error": str(exc)}
+                        result = attempt(RUNS[scenario], ctx, broker, clients)
                     finally:
                         clients.close()
                 say(f"  [red]failed: {result['error']}[/]" if "error" in result else "  done")

@@ -103,18 +103,20 @@ class Daemon:
         replay, unsent = self.inbox.heads(), self.inbox.outbox()
         if replay or unsent:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
-        self.outbox = Outbox(self.inbox, lambda *a: self.connection.publish(*a), self.metrics,
+        self.outbox = Outbox(self.inbox, lambda *a, **kw: self.connection.publish(*a, **kw), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
         self.router = Router(functions, self.sensors.under_pressure, self.outbox.done)
         self.metrics.usage.memory = lambda: {f.manifest.name: f.sandbox.memory_bytes() for f in self.functions}
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
                                refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()))
         # Ingress and the connection exist before any worker can publish (replayed events).
-        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver, ack=lambda mid, qos: self.connection.ack(mid, qos),
+        self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver,
+                               ack=lambda mid, qos, priority: self.connection.ack(mid, qos, priority),
                                more_waiting=lambda: self.connection.has_more_to_read(), outstanding=len(replay),
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay),
                                max_payload_bytes=s.max_payload_bytes, max_held_bytes=s.held_max_bytes,
-                               pause=lambda paused: self.connection.pause_reading(paused))
+                               pause=lambda paused: self.connection.pause_reading(paused),
+                               pause_high=lambda paused: self.connection.pause_reading(paused, high=True))
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,
                                      subscriptions_file=s.state_dir / "subscriptions.json")
@@ -287,6 +289,7 @@ class Daemon:
             "journal_damage": self.inbox.damage,
             "state_damage": self.state.damage,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
+            "broker_sessions": self.connection.sessions,
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self.outbox.rows,
             "profile": self.profile.name,

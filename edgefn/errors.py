@@ -24,7 +24,8 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
         ├── GuestOutOfMemory the guest exceeded its memory limit
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
         ├── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
-        └── Quarantined      its payload (or its shape) kept trapping the guest: refused for a while
+        ├── Quarantined      its payload (or its shape) kept trapping the guest: refused for a while
+        └── Shed             a low-priority event dropped under overload, where its manifest allows it
                              without running (edgefn/functions/quarantine.py)
 
 Errors that stand for an HTTP answer carry its status one way, MLServer style: the `HttpStatus` mixin
@@ -166,6 +167,10 @@ class PayloadTooLarge(FunctionError):
 
 class Quarantined(FunctionError):
     reason = "quarantined"
+
+
+class Shed(FunctionError):
+    reason = "shed"
 
 
 class _Invalid(Protocol):

@@ -112,9 +112,9 @@ def test_qos0_events_are_journaled_and_answered_without_dropping_the_connection(
         for e in events:
             conn.publish(f"results/{e.topic}", e.payload, acks.callback(int(e.payload)))
 
-    ingress = Ingress(inbox, 10_000, answer, lambda mid, q: conn.ack(mid, q), lambda: conn.has_more_to_read())
+    ingress = Ingress(inbox, 10_000, answer, lambda mid, q, p: conn.ack(mid, q, p), lambda: conn.has_more_to_read())
     conn = _connection(tmp_path, any_broker.port, ingress.on_message, ["sensors/#"],
-                       on_disconnect=lambda: drops.append(1))
+                       on_disconnect=lambda priority: drops.append(1))
     assert _wait(lambda: conn.awaiting_suback == 0, 5)
     stop = threading.Event()
     flusher = threading.Thread(target=lambda: [ingress.flush() for _ in iter(lambda: stop.wait(0.005), True)])
@@ -151,7 +151,7 @@ def test_a_reconnect_with_a_backlog_publishes_without_its_suback_and_subscribes_
     proxy = DroppingProxy(any_broker.port, lambda kind, n, connection: (kind, n, connection) == (SUBACK, 1, 1))
     received: list[tuple[bytes, int, int]] = []  # acknowledged once the connection is up
 
-    def on_message(topic, payload, mid, qos, dup):
+    def on_message(topic, payload, mid, qos, dup, priority):
         received.append((payload, mid, qos))
 
     back = _connection(tmp_path, proxy.port, on_message, ["sensors/#"], client_id=client_id, suback_timeout=0.5)
@@ -221,9 +221,9 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
     got: list[bytes] = []
     disconnects: list[int] = []
     with LocalBroker() as broker:
-        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup: got.append(p), ["sensors/#"],
+        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup, priority: got.append(p), ["sensors/#"],
                            keepalive=1)
-        conn._on_disconnect = lambda: disconnects.append(1)
+        conn._on_disconnect = lambda priority: disconnects.append(1)
         try:
             conn.pause_reading(True)
             sensor = _sensor(broker.port)
@@ -250,9 +250,9 @@ def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(
     disconnects: list[int] = []
     holder: list[Connection] = []
 
-    def journaled(topic, payload, mid, qos, dup):
+    def journaled(topic, payload, mid, qos, dup, priority):
         got.append((mid, dup))
-        holder[0].ack(mid, qos)
+        holder[0].ack(mid, qos, priority)
 
     client_id = f"edgefn-late-{time.monotonic_ns()}"
     with LocalBroker() as broker:
@@ -260,7 +260,7 @@ def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(
         proxy.read_slowly[client_id] = 0.01  # the broker reads 100 of our packets a second
         conn = _connection(tmp_path, proxy.port, journaled, ["sensors/#"], client_id=client_id, keepalive=1)
         holder.append(conn)
-        conn._on_disconnect = lambda: disconnects.append(1)
+        conn._on_disconnect = lambda priority: disconnects.append(1)
         sensor = _sensor(broker.port)
         acks = Acks()
         try:
@@ -275,9 +275,10 @@ def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(
                 time.sleep(0.1)
             assert disconnects == [] and proxy._connections[client_id] == 1, "the events session was dropped"
             assert not any(dup for _, dup in got) and len(got) == 400, "events were sent again"
-            assert _wait(lambda: conn._events.client._ping_t == 0, 5), "the PINGRESP never came"
+            events = conn._sessions["normal"]
+            assert _wait(lambda: events.link.client._ping_t == 0, 5), "the PINGRESP never came"
             conn._results.client.heard_at = 0.0  # the other session silent too: the broker may be gone
-            assert not conn._events_silence_excused()
+            assert not conn._silence_excused(events)
         finally:
             sensor.loop_stop()
             conn.stop()
@@ -308,7 +309,7 @@ def test_results_are_acknowledged_at_once_while_events_crowd_the_stream_to_us(tm
     219 of 110,219 events answered in a 5-minute overload. Results have a session of their own."""
     read: list[int] = []
 
-    def slow_inbox(topic, payload, mid, qos, dup):  # a full inbox: 2 ms an event, never acknowledged
+    def slow_inbox(topic, payload, mid, qos, dup, priority):  # a full inbox: 2 ms an event, never acknowledged
         read.append(mid)
         time.sleep(0.002)
 

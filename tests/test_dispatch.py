@@ -165,7 +165,7 @@ def test_router_delivers_to_each_triggered_function_and_answers_unrouted_events(
     shared = a.local.queue.queue[0][1]
     assert shared is b.local.queue.queue[0][1] and shared.functions == 2, "one pending entry per event"
     assert [p.event_id for p in unrouted] == ["3"]
-    assert router.filters() == ["sensors/#", "sensors/+/x"]
+    assert router.filters() == {"normal": ["sensors/#", "sensors/+/x"]}, "all normal: one class, one session"
 
 
 def test_router_swap_starts_the_topic_cache_afresh():
@@ -212,7 +212,7 @@ class Broker:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, object, list, int, bool]] = []
 
-    def publish(self, topic, payload, on_acked, props, qos, retain) -> None:
+    def publish(self, topic, payload, on_acked, props, qos, retain, urgent=False) -> None:
         self.sent.append((topic, payload, on_acked, list(props), qos, retain))
 
 

@@ -18,7 +18,7 @@ class Wire:
         self.durable_when_acked: list[int] = []
         self.waiting = False
 
-    def ack(self, mid: int, qos: int) -> None:
+    def ack(self, mid: int, qos: int, priority: str = "normal") -> None:
         assert qos >= 1, "a QoS 0 message has no acknowledgement"
         self.acked.append(mid)
         self.durable_when_acked.append(len(self.inbox))

@@ -5,6 +5,12 @@ runs), so a slow or hostile function backs up only its own queues, never its nei
 local lane has as many workers as the function's instances; with a cloud endpoint, a cloud lane
 takes what the local one cannot serve within its latency budget (its workers' instances wait for
 the cloud's answers, not for the CPU).
+
+Priorities. A lane's queue hands out its most urgent events first (`ClassQueue`), each class in
+arrival order, and the hand-off counts only the work queued ahead of an event: so under overload
+the low-priority events are the ones that go to the cloud lane. Where the manifest allows it and no
+cloud lane takes them, low-priority events past the latency budget are shed: marked, and answered
+with reason `shed` (without running) ahead of the rest of the queue.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from edgefn.dispatch.order import InOrder
 from edgefn.dispatch.share import Share
-from edgefn.events import Event
+from edgefn.events import PRIORITIES, Event, Priority
 from edgefn.functions.manifest import Manifest
 from edgefn.functions.sandbox import FunctionSandbox
 from edgefn.journal.outbox import Pending
@@ -32,6 +38,50 @@ Item = tuple[Event, Pending, int]  # an event, its pending entry, its ticket in 
 ReadEvents = Callable[[list[str]], list[Event]]  # whole events from the journal, by id (Inbox.events)
 
 
+SHED = "shed"  # the line of shed events: answered first, they cost nothing
+_LINES = (SHED, *PRIORITIES)  # the order a lane's queue hands out its events
+_PRIORITIES_CACHE_MAX = 10_000  # distinct topics remembered per function
+
+
+def line_of(event: Event) -> str:
+    return SHED if event.shed else (event.priority or "normal")
+
+
+class ClassQueue(queue.Queue):
+    """A lane's queue: shed events first, then high, normal and low priority ones, each line in
+    arrival order; a `None` (stop) only once every event is out."""
+
+    def _init(self, maxsize: int) -> None:
+        self._lines: dict[str, deque] = {line: deque() for line in _LINES}
+        self._stops: deque[None] = deque()
+
+    def _qsize(self) -> int:
+        return sum(map(len, self._lines.values())) + len(self._stops)
+
+    def _put(self, item: Item | None) -> None:
+        if item is None:
+            self._stops.append(item)
+        else:
+            self._lines[line_of(item[0])].append(item)
+
+    def _get(self) -> Item | None:
+        for line in self._lines.values():
+            if line:
+                return line.popleft()
+        return self._stops.popleft()
+
+    @property
+    def queue(self) -> list[Item]:  # type: ignore[override]
+        """What is queued, in the order it will be taken (a copy)."""
+        with self.mutex:
+            return [item for line in self._lines.values() for item in line]
+
+    def ahead(self, priority: Priority) -> int:
+        """Events queued that would run before a new one of `priority` (shed ones cost nothing)."""
+        with self.mutex:
+            return sum(len(self._lines[p]) for p in PRIORITIES[:PRIORITIES.index(priority) + 1])
+
+
 @dataclass
 class Lane:
     """A queue of a function's events, the workers that take from it, and where their inference runs.
@@ -39,11 +89,11 @@ class Lane:
 
     where: Where
     workers: int
-    queue: queue.Queue[Item | None] = field(default_factory=queue.Queue)
+    queue: ClassQueue = field(default_factory=ClassQueue)
     order: InOrder = field(default_factory=InOrder)
 
     def put(self, event: Event, pending: Pending) -> None:
-        self.order.queue(self.queue, (event, pending))
+        self.order.queue(self.queue, (event, pending), line_of(event))
 
 
 @dataclass
@@ -58,6 +108,7 @@ class LoadedFunction:
     window: HealthWindow
     share: Share
     workers: list[threading.Thread] = field(default_factory=list)
+    _priorities: dict[str, Priority] = field(default_factory=dict)  # topic -> its priority here
 
     @property
     def name(self) -> str:
@@ -67,11 +118,22 @@ class LoadedFunction:
     def local(self) -> Lane:
         return self.lanes["local"]
 
+    def priority_of(self, topic: str) -> Priority:
+        found = self._priorities.get(topic)
+        if found is None:
+            found = self.manifest.trigger.priority_of(topic)
+            if len(self._priorities) > _PRIORITIES_CACHE_MAX:
+                self._priorities.clear()
+            self._priorities[topic] = found
+        return found
+
     def offer(self, event: Event, pending: Pending, under_pressure: bool) -> None:
         """Into a lane (where the planner says) while the function's share has room; else parked, and
-        so is every later event until the parked ones have had their turn (arrival order is kept)."""
+        so is every later event until the parked ones have had their turn (arrival order is kept).
+        A high-priority event does not wait behind parked ones while the share's headroom lasts."""
+        urgent = self.priority_of(event.topic) == "high"
         with self.share.lock:
-            if self.share.parked or not self.share.has_room(pending.size):
+            if (self.share.parked and not urgent) or not self.share.has_room(pending.size, headroom=urgent):
                 self.share.parked.append(pending)
             else:
                 self._into_lane(event, pending, under_pressure)
@@ -108,11 +170,14 @@ class LoadedFunction:
             return taken == 0 and bool(self.share.parked)
 
     def _into_lane(self, event: Event, pending: Pending, under_pressure: bool) -> None:
+        priority = self.priority_of(event.topic)
         cloud = self.lanes.get("cloud")
-        where = self.planner.admit(self.local.queue.qsize(), under_pressure,
-                                   cloud.queue.qsize() if cloud is not None else 0)
+        ahead = self.local.queue.ahead(priority)  # what runs here before it: the more urgent, and its own class
+        where = self.planner.admit(ahead, under_pressure, cloud.queue.qsize() if cloud is not None else 0)
+        shed = (priority == "low" and cloud is None and self.manifest.trigger.shed
+                and (under_pressure or self.planner.overloaded(ahead)))
         self.share.took(pending.size)
-        self.lanes.get(where, self.local).put(event, pending)
+        self.lanes.get(where, self.local).put(replace(event, priority=priority, shed=shed), pending)
 
 
 def busy(functions: list[LoadedFunction]) -> bool:

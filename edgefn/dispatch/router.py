@@ -3,6 +3,12 @@ function's lanes it goes (the planner's hand-off decision).
 
 Routing an event and swapping in a release exclude each other (`swap`): an event goes wholly to
 the old release's functions or wholly to the new's.
+
+Priorities. Each priority class of filters is subscribed on a broker session of its own (see
+mqtt/connection.py), so an event whose topic triggers functions at two priorities comes in twice:
+each copy goes only to the functions that take its topic at the priority of the session it came
+on, and so each function gets it once. (A function's priority for a topic is the highest of its
+matching filters, and that filter is subscribed on that priority's session.)
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from edgefn.dispatch.lanes import Lane, LoadedFunction
-from edgefn.events import Event
+from edgefn.events import PRIORITIES, Event, Priority
 from edgefn.journal.outbox import Pending
 from edgefn.topics import matches_any
 
@@ -25,23 +31,31 @@ class Router:
         self.functions = functions
         self._under_pressure = under_pressure
         self._unrouted = unrouted  # an event no function takes: answered at once
-        self._cache: dict[str, list[LoadedFunction]] = {}
+        self._cache: dict[tuple[str, Priority | None], list[LoadedFunction]] = {}
         self._lock = threading.Lock()
 
-    def filters(self) -> list[str]:
-        """The topic filters to subscribe to for the functions routed to now."""
-        return sorted({t for f in self.functions for t in f.manifest.trigger.topics})
+    def filters(self) -> dict[Priority, list[str]]:
+        """The topic filters to subscribe to for the functions routed to now, by priority class
+        (only the classes some function uses)."""
+        found: dict[Priority, set[str]] = {}
+        for f in self.functions:
+            for priority, filters in f.manifest.trigger.filters_by_priority().items():
+                found.setdefault(priority, set()).update(filters)
+        return {p: sorted(found[p]) for p in PRIORITIES if p in found}
 
     def lanes(self) -> list[Lane]:
         return [lane for fn in self.functions for lane in fn.lanes.values()]
 
-    def route(self, topic: str) -> list[LoadedFunction]:
-        hit = self._cache.get(topic)
+    def route(self, topic: str, priority: Priority | None = None) -> list[LoadedFunction]:
+        """The functions `topic` triggers; with `priority` (the session it came on), only those that
+        take it at that priority."""
+        hit = self._cache.get((topic, priority))
         if hit is None:
-            hit = [f for f in self.functions if matches_any(topic, f.manifest.trigger.topics)]
+            hit = [f for f in self.functions if matches_any(topic, f.manifest.trigger.topics)
+                   and (priority is None or f.priority_of(topic) == priority)]
             if len(self._cache) > _ROUTE_CACHE_MAX:
                 self._cache.clear()
-            self._cache[topic] = hit
+            self._cache[(topic, priority)] = hit
         return hit
 
     def deliver(self, events: list[Event]) -> None:
@@ -49,7 +63,7 @@ class Router:
         with self._lock:
             pressure = self._under_pressure()
             for event in events:
-                routes = self.route(event.topic)
+                routes = self.route(event.topic, event.priority)
                 pending = Pending.of(event, len(routes))
                 if not routes:
                     self._unrouted(pending)
@@ -61,7 +75,7 @@ class Router:
         function they trigger; its workers read them back from disk as they have room."""
         with self._lock:
             for event, size in heads:
-                routes = self.route(event.topic)
+                routes = self.route(event.topic, event.priority)
                 pending = Pending.of(event, len(routes), size)
                 if not routes:
                     self._unrouted(pending)

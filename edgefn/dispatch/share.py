@@ -5,6 +5,9 @@ function's events are also held in memory, in its lanes. Past its share, a funct
 on disk only (parked: their `Pending`, about 200 bytes each) and are read back in arrival order as its workers free
 room. So a flood of one function backs up only that function, and memory stays bounded in bytes
 whatever the payloads weigh; the journal's own bound (on disk) is the ingress's business.
+
+High-priority events have a headroom of a quarter more than the share (`HEADROOM`): they do not
+wait on disk behind a flood of the same function's other events until that is spent too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import threading
 from collections import deque
 
 from edgefn.journal.outbox import Pending
+
+HEADROOM = 1.25  # of the share, for high-priority events
 
 
 class Share:
@@ -25,11 +30,13 @@ class Share:
         self.bytes = 0
         self.parked: deque[Pending] = deque()  # in arrival order; the events themselves on disk
 
-    def has_room(self, size: int) -> bool:
-        """Room for one more event of `size` bytes (an empty share always has room: no event is too big)."""
+    def has_room(self, size: int, headroom: bool = False) -> bool:
+        """Room for one more event of `size` bytes (an empty share always has room: no event is too big);
+        `headroom`: counting the headroom of high-priority events."""
         if self.events == 0:
             return True
-        return self.events < self.max_events and self.bytes + size <= self.max_bytes
+        scale = HEADROOM if headroom else 1.0
+        return self.events < self.max_events * scale and self.bytes + size <= self.max_bytes * scale
 
     def took(self, size: int) -> None:
         self.events += 1

@@ -2,8 +2,13 @@
 as one batch, and release each answer (its messages, or its error on `edgefn/errors/<function>`)
 to the lane's reorder buffer.
 
-A payload over `max_payload_bytes` is answered with an error without reaching the sandbox. A bug
-of ours never kills a worker: the events stay journaled and run again after a restart.
+A payload over `max_payload_bytes` is answered with an error without reaching the sandbox, and so
+is a shed event (reason `shed`, counted in `edgefn_events_handled_total{outcome="shed"}`). A bug of ours never kills
+a worker: the events stay journaled and run again after a restart.
+
+Precedence across functions: the device's cores are shared, so a local batch waits before it runs
+while more urgent events are queued or running in any function's local lane (`Precedence`), for at
+most `PRECEDENCE_WAIT_S` at a time: a steady high-priority stream slows the rest, never stops it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from edgefn.dispatch.lanes import Item, Lane, LoadedFunction
-from edgefn.errors import FunctionError, PayloadTooLarge
-from edgefn.events import Event, Message
+from edgefn.errors import FunctionError, PayloadTooLarge, Shed
+from edgefn.events import PRIORITIES, RANK, Event, Message
 from edgefn.functions.manifest import Manifest
 from edgefn.journal.outbox import Pending
+from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics
 from edgefn.topics import ERRORS_TOPIC
 
@@ -30,7 +36,8 @@ log = logging.getLogger("edgefn.dispatch")
 # C API): 250 kB payloads in a batch of 32 held 256 MB of slots. Past this many payload bytes a
 # batch closes (small events batch as before: 32 digits events weigh about 10 kB).
 BATCH_MAX_BYTES = 64 * 1024
-Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]]], None]  # Outbox.answer
+PRECEDENCE_WAIT_S = 0.5  # the longest a batch waits at a time for more urgent events elsewhere
+Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]], bool], None]  # Outbox.answer
 
 
 def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
@@ -91,6 +98,41 @@ def take(q: queue.Queue[Item | None], max_batch: int, max_bytes: int = BATCH_MAX
     return batch
 
 
+class Precedence:
+    """Which priorities have local events queued or running, daemon-wide: a batch of a lesser one
+    waits its turn (see the module docstring)."""
+
+    def __init__(self, max_wait_s: float = PRECEDENCE_WAIT_S):
+        self.max_wait_s = max_wait_s
+        self._cond = threading.Condition()
+        self._lanes: list[Lane] = []
+        self._running = dict.fromkeys(PRIORITIES, 0)
+
+    def watch(self, lanes: list[Lane]) -> None:
+        """The local lanes to look at (the functions running now)."""
+        with self._cond:
+            self._lanes = list(lanes)
+
+    def _more_urgent(self, rank: int) -> bool:
+        above = PRIORITIES[:rank]
+        if any(self._running[p] for p in above):
+            return True
+        return bool(above) and any(lane.queue.ahead(above[-1]) for lane in self._lanes)
+
+    def start(self, priority: str) -> None:
+        """Before a local batch of `priority` runs: wait while more urgent work waits (bounded)."""
+        rank = RANK[priority]
+        with self._cond:
+            if rank:
+                self._cond.wait_for(lambda: not self._more_urgent(rank), timeout=self.max_wait_s)
+            self._running[priority] += 1
+
+    def done(self, priority: str) -> None:
+        with self._cond:
+            self._running[priority] -= 1
+            self._cond.notify_all()
+
+
 class Workers:
     """Starts and runs the workers of every lane; what they share: the payload bound, the metrics,
     and where answers go (the outbox)."""
@@ -99,8 +141,11 @@ class Workers:
                  refill: Callable[[LoadedFunction], None]):
         self.max_payload_bytes, self.metrics, self._answer = max_payload_bytes, metrics, answer
         self._refill = refill  # parked events of a function back into its lanes, as far as it has room
+        self.precedence = Precedence()
+        self._shed_said = Every(10.0)
 
     def start(self, functions: list[LoadedFunction]) -> None:
+        self.precedence.watch([fn.local for fn in functions if fn.local.where == "local"])
         for fn in functions:
             for lane in fn.lanes.values():
                 for i in range(lane.workers):
@@ -136,7 +181,10 @@ class Workers:
         events: list[Event] = []
         answers: dict[str, list[Message] | FunctionError] = {}
         for e, _, _ in batch:
-            if e.dropped or len(e.payload) > limit:  # refused before it costs the sandbox anything
+            if e.shed:  # past the latency budget under overload, where the manifest allows it
+                answers[e.id] = Shed(f"low-priority event shed under overload (latency budget "
+                                     f"{fn.manifest.latency_budget_ms:g} ms)")
+            elif e.dropped or len(e.payload) > limit:  # refused before it costs the sandbox anything
                 answers[e.id] = PayloadTooLarge(f"payload of {e.dropped or len(e.payload)} bytes exceeds "
                                                 f"max_payload_bytes ({limit})")
             else:
@@ -144,9 +192,16 @@ class Workers:
         if events:
             self.metrics.batch_events.labels(fn.name).observe(len(events))
             fn.sandbox.host.plan(lane.where)
+            priority = min((e.priority or "normal" for e in events), key=RANK.__getitem__)
+            if lane.where == "local":
+                self.precedence.start(priority)
             started = time.perf_counter()
             metered = self.metrics.usage.call(fn.name, events)  # usage metering: CPU, bytes (edgefn.observe.usage)
-            results = fn.sandbox.handle_batch(events)
+            try:
+                results = fn.sandbox.handle_batch(events)
+            finally:
+                if lane.where == "local":
+                    self.precedence.done(priority)
             metered.done(results)
             answers.update(zip((e.id for e in events), results, strict=True))
             took = time.perf_counter() - started
@@ -156,16 +211,22 @@ class Workers:
                 fn.planner.served_on_cloud(len(events), took)
         for event, pending, ticket in batch:
             outputs = self.outputs(fn, event, answers[event.id])
-            lane.order.release(ticket, lambda p=pending, o=outputs: self._answer(p, o, fn.properties))
+            urgent = event.priority == "high"  # its answer goes out ahead of others waiting to be sent
+            lane.order.release(ticket, lambda p=pending, o=outputs, u=urgent: self._answer(p, o, fn.properties, u))
 
     def outputs(self, fn: LoadedFunction, event: Event, answer: list[Message] | FunctionError) -> list[Message]:
         """The messages an answer publishes (its results, or its error), with the metrics."""
         took = max(0.0, time.time() - event.received_ms / 1000)
         if not event.replayed:  # an event journaled before a restart would count its downtime as latency
-            # An oversized payload is the sender's fault, not the release's.
-            fn.window.record(not isinstance(answer, FunctionError) or isinstance(answer, PayloadTooLarge), took)
-        if isinstance(answer, FunctionError):
+            # An oversized payload is the sender's fault, a shed event the load's: not the release's.
+            fn.window.record(not isinstance(answer, FunctionError) or isinstance(answer, (PayloadTooLarge, Shed)), took)
+        if isinstance(answer, Shed):  # a line per event would flood the log under the very overload
+            if (skipped := self._shed_said.due()) is not None:
+                log.warning("%s: shedding low-priority events under overload (%d more since the last line)",
+                            fn.name, skipped)
+        elif isinstance(answer, FunctionError):
             log.warning("%s: event %s: %s: %s", fn.name, event.id, answer.reason, answer)
+        if isinstance(answer, FunctionError):
             self.metrics.events_handled.labels(fn.name, answer.reason).inc()
             answer = [error_message(fn.manifest, event, answer)]
         else:

@@ -6,7 +6,12 @@
     module = "app"                      # the Python module that defines WitWorld.handle
 
     [trigger]
-    topics = ["sensors/+/digits"]       # MQTT filters, subscribed at QoS1
+    topics = ["sensors/+/digits", "alarms/#"]  # MQTT filters, subscribed at QoS1
+    priority = "normal"                 # high | normal | low: of every filter not named below
+    shed = false                        # under overload, low-priority events may be shed (see below)
+
+    [trigger.priorities]                # per filter (each one of `topics`), overriding `priority`
+    "alarms/#" = "high"
 
     [publish]
     topics = ["results/+/digits"]       # filters its outputs must match
@@ -28,6 +33,12 @@
     max_output_bytes = 65536            # total payload bytes per event
     recycle_after = 5000                # events before an instance is replaced by a fresh one
     max_batch = 32                      # queued events handed to handle-batch in one call
+
+Priorities. An event's priority for a function is the highest of the function's filters that match
+its topic. High-priority events are taken first (from the broker, the journal's bound, the
+function's queue, the device's cores); under overload, low-priority ones are handed to the cloud
+endpoint first, or, with `shed = true` and no endpoint to take them, answered at once on the error
+topic with reason `shed` instead of run. High and normal events are never shed.
 """
 
 from __future__ import annotations
@@ -39,8 +50,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgefn.errors import ManifestError, validation_text
+from edgefn.events import PRIORITIES, RANK, Priority
 from edgefn.protocol.offload import Policy
-from edgefn.topics import check_filter
+from edgefn.topics import check_filter, matches_any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,6 +87,34 @@ class TopicsSection(_Section):
     @classmethod
     def _filters(cls, value: list[str]) -> list[str]:
         return [check_filter(t) for t in value]
+
+
+class TriggerSection(TopicsSection):
+    priority: Priority = Field(default="normal", description="high, normal or low: of every trigger filter "
+                               "not named in `priorities`.")
+    priorities: dict[str, Priority] = Field(default_factory=dict, description="Per trigger filter: its priority.")
+    shed: bool = Field(default=False, description="Under overload, low-priority events may be answered on the "
+                       "error topic with reason shed instead of run (where no cloud endpoint takes them).")
+
+    @field_validator("priorities")
+    @classmethod
+    def _named(cls, value: dict[str, Priority]) -> dict[str, Priority]:
+        return {check_filter(f): p for f, p in value.items()}
+
+    def priority_of_filter(self, topic_filter: str) -> Priority:
+        return self.priorities.get(topic_filter, self.priority)
+
+    def priority_of(self, topic: str) -> Priority:
+        """The event's priority for this function: the highest of its filters that match `topic`."""
+        matching = [self.priority_of_filter(f) for f in self.topics if matches_any(topic, (f,))]
+        return min(matching, key=RANK.__getitem__, default=self.priority)
+
+    def filters_by_priority(self) -> dict[Priority, list[str]]:
+        """Its filters, by the priority each is declared with (only the priorities it uses)."""
+        out: dict[Priority, list[str]] = {}
+        for f in self.topics:
+            out.setdefault(self.priority_of_filter(f), []).append(f)
+        return {p: out[p] for p in PRIORITIES if p in out}
 
 
 class PublishSection(TopicsSection):
@@ -125,7 +165,7 @@ class LimitsSection(_Section):
 
 class Manifest(_Section):
     function: FunctionSection
-    trigger: TopicsSection
+    trigger: TriggerSection
     publish: PublishSection = Field(default_factory=PublishSection)
     models: ModelsSection = Field(default_factory=ModelsSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
@@ -146,9 +186,12 @@ class Manifest(_Section):
 
     @field_validator("trigger")
     @classmethod
-    def _has_trigger(cls, value: TopicsSection) -> TopicsSection:
+    def _has_trigger(cls, value: TriggerSection) -> TriggerSection:
         if not value.topics:
             raise ValueError("at least one trigger topic is needed")
+        unknown = sorted(set(value.priorities) - set(value.topics))
+        if unknown:
+            raise ValueError(f"priorities name filters that are not trigger topics: {', '.join(unknown)}")
         return value
 
 

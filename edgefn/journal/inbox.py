@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgefn.errors import DiskFull, StorageError
-from edgefn.events import Event, Message
+from edgefn.events import Event, Message, Priority
 from edgefn.files import open_sqlite, storage_error, write_atomic
 
 log = logging.getLogger("edgefn.journal")
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     received_ms REAL NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0
+    dropped INTEGER NOT NULL DEFAULT 0,
+    priority TEXT
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -78,8 +79,11 @@ def _setup(db: sqlite3.Connection, durability: str) -> None:
     db.execute("PRAGMA busy_timeout=10000")  # another process on the same file waits, not fails
     db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     db.executescript(_SCHEMA)
-    if "dropped" not in {row[1] for row in db.execute("PRAGMA table_info(inbox)")}:  # a journal of an older edgefn
+    inbox = {row[1] for row in db.execute("PRAGMA table_info(inbox)")}
+    if "dropped" not in inbox:  # a journal of an older edgefn
         db.execute("ALTER TABLE inbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
+    if "priority" not in inbox:  # before priorities: NULL, the event goes to every function it triggers
+        db.execute("ALTER TABLE inbox ADD COLUMN priority TEXT")
     outbox = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
     for column, kind in _OUTBOX_DELIVERY:  # an outbox of an edgefn before QoS, retain and user properties
         if column not in outbox:
@@ -252,10 +256,12 @@ class Inbox:
             except sqlite3.OperationalError as exc:
                 raise self._failed(exc) from None
 
-    def append_many(self, items: list[tuple[str, bytes, float]] | list[tuple[str, bytes, float, int]]) -> list[Event]:
-        """Commit received events (topic, payload, received_ms[, dropped]) in one transaction; raises
-        DiskFull, with nothing written, while the disk is full. `dropped`: the payload bytes not kept
-        (an oversized payload is journaled as its head only)."""
+    def append_many(self, items: list[tuple[str, bytes, float]] | list[tuple[str, bytes, float, int]]
+                    | list[tuple[str, bytes, float, int, Priority | None]]) -> list[Event]:
+        """Commit received events (topic, payload, received_ms[, dropped[, priority]]) in one
+        transaction; raises DiskFull, with nothing written, while the disk is full. `dropped`: the
+        payload bytes not kept (an oversized payload is journaled as its head only); `priority`: the
+        class of the broker session it came on (None: every function it triggers)."""
         with self._lock:
             if self._problem is not None and not self._space_returned():
                 raise DiskFull(self._problem)  # what little space there is stays for settling
@@ -263,9 +269,10 @@ class Inbox:
         with self._transaction() as db:
             for topic, payload, received_ms, *rest in items:
                 dropped = rest[0] if rest else 0
-                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms, dropped) VALUES (?, ?, ?, ?)",
-                                 (topic, payload, received_ms, dropped))
-                events.append(Event(str(cur.lastrowid), topic, payload, received_ms, dropped=dropped))
+                priority = rest[1] if len(rest) > 1 else None
+                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms, dropped, priority) VALUES (?, ?, ?, ?, ?)",
+                                 (topic, payload, received_ms, dropped, priority))
+                events.append(Event(str(cur.lastrowid), topic, payload, received_ms, dropped=dropped, priority=priority))
         return events
 
     def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
@@ -328,16 +335,19 @@ class Inbox:
     def pending(self) -> list[Event]:
         """Events not yet answered, in arrival order (after a restart: to run again)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, payload, received_ms, dropped FROM inbox ORDER BY seq").fetchall()
-        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True, dropped=dropped)
-                for seq, topic, payload, received_ms, dropped in rows]
+            rows = self._db.execute("SELECT seq, topic, payload, received_ms, dropped, priority FROM inbox "
+                                    "ORDER BY seq").fetchall()
+        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True, dropped=dropped, priority=priority)
+                for seq, topic, payload, received_ms, dropped, priority in rows]
 
     def heads(self) -> list[tuple[Event, int]]:
         """Events not yet answered, in arrival order, without their payloads (event, payload size):
         what a restart routes; the payloads are read as the functions have room (`events`)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, length(payload), received_ms FROM inbox ORDER BY seq").fetchall()
-        return [(Event(str(seq), topic, b"", received_ms, replayed=True), size) for seq, topic, size, received_ms in rows]
+            rows = self._db.execute("SELECT seq, topic, length(payload), received_ms, priority FROM inbox "
+                                    "ORDER BY seq").fetchall()
+        return [(Event(str(seq), topic, b"", received_ms, replayed=True, priority=priority), size)
+                for seq, topic, size, received_ms, priority in rows]
 
     def events(self, ids: list[str]) -> list[Event]:
         """The journaled events with these ids, whole, in the order asked (an id no longer there is left out)."""
@@ -345,10 +355,10 @@ class Inbox:
             return []
         marks = ",".join("?" * len(ids))
         with self._lock:
-            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms, dropped FROM inbox WHERE seq IN ({marks})",
-                                    [int(i) for i in ids]).fetchall()
-        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms, dropped=dropped)
-                 for seq, topic, payload, received_ms, dropped in rows}
+            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms, dropped, priority FROM inbox "
+                                    f"WHERE seq IN ({marks})", [int(i) for i in ids]).fetchall()
+        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms, dropped=dropped, priority=priority)
+                 for seq, topic, payload, received_ms, dropped, priority in rows}
         return [found[i] for i in ids if i in found]
 
     def outbox(self) -> list[tuple[int, str, Message]]:

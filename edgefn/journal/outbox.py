@@ -27,7 +27,7 @@ from edgefn.protocol.outputs import EVENT, POSSIBLE_DUPLICATE
 log = logging.getLogger("edgefn.journal")
 
 OnAcked = Callable[[str | None], None]  # None when delivered, else why the broker refused it
-Publish = Callable[[str, bytes, OnAcked, Sequence[tuple[str, str]], int, bool], None]  # Connection.publish
+Publish = Callable[..., None]  # Connection.publish(topic, payload, on_acked, properties, qos, retain, urgent=)
 
 
 @dataclass(eq=False)
@@ -89,12 +89,14 @@ class Outbox:
         for row, event_id, message in unsent:
             self.send(Output(event_id, message, row=row), replayed=True)
 
-    def answer(self, pending: Pending, messages: list[Message], properties: Sequence[tuple[str, str]]) -> None:
-        """One function's answer to a pending event: publish its messages; the event settles once
-        every function it went to has answered."""
+    def answer(self, pending: Pending, messages: list[Message], properties: Sequence[tuple[str, str]],
+               urgent: bool = False) -> None:
+        """One function's answer to a pending event: publish its messages (`urgent`: a high-priority
+        event's, ahead of the others waiting to be sent); the event settles once every function it
+        went to has answered."""
         outputs = [Output(pending.event_id, m) for m in messages]
         for out in outputs:
-            self.send(out, pending.replayed, properties)
+            self.send(out, pending.replayed, properties, urgent)
         if pending.answered(outputs):
             self.done(pending)
 
@@ -108,7 +110,7 @@ class Outbox:
         with self._lock:
             return len(self._answered)
 
-    def send(self, out: Output, replayed: bool, properties: Sequence[tuple[str, str]] = ()) -> None:
+    def send(self, out: Output, replayed: bool, properties: Sequence[tuple[str, str]] = (), urgent: bool = False) -> None:
         message = out.message
         props = [(EVENT, out.event_id), *properties]
         if replayed:
@@ -118,7 +120,7 @@ class Outbox:
             self._awaiting_ack += 1
         try:
             self._publish(message.topic, message.payload, lambda r: self._acked(out, r), props, message.qos,
-                          message.retain)
+                          message.retain, urgent=urgent)
         except Exception:  # kept: it waits in the outbox and is published again after a restart
             log.exception("event %s: could not publish to %r", out.event_id, out.message.topic)
             self._acked(out, "not published")

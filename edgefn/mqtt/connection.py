@@ -42,13 +42,14 @@ it, so the watchdog never pairs an old `heard` with a window that has already lo
 
 from __future__ import annotations
 
+import json
 import logging
 import select
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -57,6 +58,7 @@ from paho.mqtt.properties import Properties
 
 from edgefn.config import Settings
 from edgefn.errors import BrokerError
+from edgefn.events import PRIORITIES, Priority
 from edgefn.mqtt.client import broker_client
 from edgefn.mqtt.egress import Egress, OnAcked
 from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
@@ -71,7 +73,22 @@ KEEPALIVE_S = 30
 MAX_SILENCE_S = 300.0  # the longest the events session may hear nothing while its silence is excused
 CONNACK_WAIT_S = 5.0  # a connection open this long with no CONNACK: say the port may not be a broker's
 RESULTS_SUFFIX = "-results"  # the results session's client id: the events session's, and this
-OnMessage = Callable[[str, bytes, int, int, bool], None]  # topic, payload, mid, qos, dup
+PRIORITY_SUFFIX = "-{priority}"  # a high or low priority class's events session: the client id, and this
+OnMessage = Callable[[str, bytes, int, int, bool, Priority], None]  # topic, payload, mid, qos, dup, its session's class
+
+
+def _by_priority(filters: Sequence[str] | Mapping[Priority, Sequence[str]]) -> dict[Priority, list[str]]:
+    if isinstance(filters, Mapping):
+        return {p: list(f) for p, f in filters.items()}
+    return {"normal": list(filters)}
+
+
+def _records_filters(path: Path) -> bool:
+    """Whether a subscriptions file records filters the broker may still hold for its session."""
+    try:
+        return bool(json.loads(path.read_bytes()))
+    except (OSError, ValueError):
+        return False
 
 
 class _Link:
@@ -166,28 +183,68 @@ class _Link:
                 pass
 
 
+def _client_id(settings: Settings, priority: Priority) -> str:
+    return settings.client_id if priority == "normal" else settings.client_id + PRIORITY_SUFFIX.format(priority=priority)
+
+
+def _subscriptions_file(normal: Path | None, priority: Priority) -> Path | None:
+    if normal is None or priority == "normal":
+        return normal
+    return normal.with_name(f"{normal.stem}-{priority}{normal.suffix}")
+
+
+class _Events:
+    """One events session: a priority class's link to the broker, its subscriptions, and whether
+    it is connected (set by subscriptions once a CONNACK's SUBSCRIBE is sent)."""
+
+    def __init__(self, conn: Connection, priority: Priority, filters: Sequence[str], subscriptions_file: Path | None,
+                 receive_maximum: int, keepalive: int, suback_timeout: float):
+        self.priority = priority
+        what = "events" if priority == "normal" else f"{priority}-priority events"
+        self.link = _Link(conn._settings, _client_id(conn._settings, priority), what, keepalive, persistent=True,
+                          receive_maximum=receive_maximum)
+        client = self.link.client
+        client.on_connect = lambda _c, _u, _f, reason, _p: conn._events_connected(self, reason)
+        client.on_disconnect = lambda _c, _u, _f, reason, _p: conn._events_disconnected(self, reason)
+        client.on_message = lambda _c, _u, msg: conn._on_message(msg.topic, msg.payload, msg.mid, msg.qos,
+                                                                 bool(msg.dup), priority)
+        client.on_subscribe = lambda _c, _u, mid, reasons, _p: self.subscriptions.acknowledged(mid, reasons)
+        client.silence_excused = lambda: conn._silence_excused(self)  # type: ignore[method-assign]
+        self.acked_at = 0.0  # when this session last acknowledged an event (monotonic)
+        self.connected = threading.Event()
+        self.subscriptions = Subscriptions(client, filters, self.connected, subscriptions_file, suback_timeout)
+
+    @property
+    def reading(self) -> bool:
+        """Whether the calling thread is this session's network thread."""
+        return threading.current_thread() is getattr(self.link.client, "_thread", None)
+
+
 class Connection:
-    def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str],
-                 on_disconnect: Callable[[], None] | None = None, subscriptions_file: Path | None = None, *,
+    def __init__(self, settings: Settings, on_message: OnMessage, filters: Sequence[str] | Mapping[Priority, Sequence[str]],
+                 on_disconnect: Callable[[Priority], None] | None = None, subscriptions_file: Path | None = None, *,
                  receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
                  suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S,
                  connack_wait: float = CONNACK_WAIT_S):
+        """`filters`: by priority class (a plain list: all normal). `on_message(topic, payload, mid,
+        qos, dup, priority)`; `on_disconnect(priority)`: that class's session went down."""
         self._settings, self._on_message = settings, on_message
         self._ack_timeout, self._connack_wait = ack_timeout, connack_wait
         self._on_disconnect = on_disconnect
-        self._events = _Link(settings, settings.client_id, "events", keepalive, persistent=True,
-                             receive_maximum=receive_maximum)
-        events = self._events.client
-        events.on_connect = self._events_connected
-        events.on_disconnect = self._events_disconnected
-        events.on_message = self._message
-        events.on_subscribe = self._suback
-        events.silence_excused = self._events_silence_excused  # type: ignore[method-assign]
         self._keepalive = keepalive
-        self._acked_at = 0.0  # when the events session last acknowledged an event (monotonic)
-        self.connected = threading.Event()  # the events session: set by subscriptions, once a CONNACK's SUBSCRIBE is sent
-        self._subscriptions = Subscriptions(events, filters, self.connected, subscriptions_file, suback_timeout)
-        # Both sessions meet the same network: the events session says so, the results one at debug level.
+        self._subscriptions_file = subscriptions_file
+        self._session_args = (receive_maximum, keepalive, suback_timeout)
+        self._sessions: dict[Priority, _Events] = {}  # guarded by _lock where a swap adds one
+        by_priority = _by_priority(filters)
+        for priority in PRIORITIES:
+            recorded = _subscriptions_file(subscriptions_file, priority)
+            # A class no function uses now still gets its session while the broker may keep one for it
+            # (an earlier release's filters, recorded): connecting drops those subscriptions.
+            if by_priority.get(priority) or (recorded is not None and _records_filters(recorded)):
+                self._open(priority, by_priority.get(priority, []))
+        if not self._sessions:
+            self._open("normal", [])
+        # The sessions meet the same network: the events session says so, the results one at debug level.
         self._results = _Link(settings, settings.client_id + RESULTS_SUFFIX, "results", keepalive, persistent=False,
                               network_level=logging.DEBUG)
         results = self._results.client
@@ -195,50 +252,72 @@ class Connection:
         results.on_disconnect = self._results_disconnected
         results.on_publish = self._published
         self._egress = Egress(results, self._reconnect)
-        self._lock = threading.Lock()  # whether a reconnect was asked for on the results session
+        self._lock = threading.Lock()  # whether a reconnect was asked for on the results session; sessions added
         self._reconnecting = False
+        self._started = False
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
         self._lost_acks = Every(10.0)
 
+    def _open(self, priority: Priority, filters: Sequence[str]) -> _Events:
+        receive_maximum, keepalive, suback_timeout = self._session_args
+        session = _Events(self, priority, filters, _subscriptions_file(self._subscriptions_file, priority),
+                          receive_maximum, keepalive, suback_timeout)
+        self._sessions = {**self._sessions, priority: session}  # replaced whole: readers iterate without a lock
+        return session
+
+    @property
+    def sessions(self) -> dict[Priority, str]:
+        """The events sessions open: priority class -> client id."""
+        return {p: _client_id(self._settings, p) for p in self._sessions}
+
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._results.start()
-        self._events.start()
+        with self._lock:
+            self._started = True
+            for session in self._sessions.values():
+                session.link.start()
         self._watch = threading.Thread(target=self._watchdog, name="edgefn-mqtt-watch", daemon=True)
         self._watch.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        self._events.stop()
+        for session in self._sessions.values():
+            session.link.stop()
         self._results.stop()
         if self._watch is not None:
             self._watch.join(timeout=5)
 
     @property
     def up(self) -> bool:
-        """Both sessions connected: events come in (subscribed) and results go out."""
-        return self.connected.is_set() and self._egress.window_open
+        """Every session connected: events come in (subscribed) and results go out."""
+        return all(s.connected.is_set() for s in self._sessions.values()) and self._egress.window_open
 
     @property
     def last_error(self) -> str | None:
-        """Why a session is not connected, the events one's first."""
-        return self._events.last_error or self._results.last_error
+        """Why a session is not connected, the events ones' first."""
+        for session in self._sessions.values():
+            if session.link.last_error:
+                return session.link.last_error
+        return self._results.last_error
 
-    def pause_reading(self, paused: bool) -> None:
-        """Stop (or resume) reading events from the broker: ingress holds as much as it may in memory."""
-        client = self._events.client
-        if paused != client.paused:
-            client.paused = paused
-            log.debug("%s reading from the broker", "paused" if paused else "resumed")
+    def pause_reading(self, paused: bool, high: bool = False) -> None:
+        """Stop (or resume) reading events from the broker, on the normal and low sessions, or (`high`)
+        on the high one: ingress holds as much as it may in memory."""
+        for priority, session in self._sessions.items():
+            client = session.link.client
+            if (priority == "high") == high and paused != client.paused:
+                client.paused = paused
+                log.debug("%s reading %s from the broker", "paused" if paused else "resumed", session.link.what)
 
     def wait_connected(self, timeout: float) -> None:
-        """Until both sessions are up and the broker has our subscriptions (its SUBACK came), so an
+        """Until every session is up and the broker has our subscriptions (its SUBACK came), so an
         event published from now on reaches us and its result can leave."""
         deadline = time.monotonic() + timeout
         while not (self.up and not self.awaiting_suback) and time.monotonic() < deadline:
             time.sleep(0.005)
-        if not self.connected.is_set() or not self._egress.window_open:
+        if not self.up:
             raise BrokerError(f"no connection to {self._settings.broker} within {timeout:g} s"
                               + (f": {self.last_error}" if self.last_error else ""))
         if self.awaiting_suback:
@@ -251,51 +330,61 @@ class Connection:
 
     @property
     def awaiting_suback(self) -> int:
-        return self._subscriptions.awaiting_suback
+        return sum(s.subscriptions.awaiting_suback for s in self._sessions.values())
 
     def _watchdog(self) -> None:
-        tick = max(0.05, min(1.0, self._ack_timeout / 4, self._subscriptions.suback_timeout / 4,
-                             self._connack_wait / 4))
+        suback_timeout = min(s.subscriptions.suback_timeout for s in self._sessions.values())
+        tick = max(0.05, min(1.0, self._ack_timeout / 4, suback_timeout / 4, self._connack_wait / 4))
         while not self._stopped.wait(tick):
             now = time.monotonic()
-            self._events.check_connack(now, self._connack_wait)
+            for session in self._sessions.values():
+                session.link.check_connack(now, self._connack_wait)
             # Egress first: a PUBACK marks the broker heard before it takes its message off.
             oldest = self._egress.oldest_sent_at()
             stalled = (oldest is not None and now - self._results.heard > self._ack_timeout
                        and now - oldest > self._ack_timeout)
             if stalled:
                 self._reconnect(f"no acknowledgement from the broker for {self._ack_timeout:g} s")
-            self._subscriptions.retry_late(now)
+            for session in self._sessions.values():
+                session.subscriptions.retry_late(now)
 
-    # -- the events session ------------------------------------------------------------------------
-    def _events_connected(self, _c: mqtt.Client, _u: object, _flags: object, reason: mqtt.ReasonCode,
-                          _props: Properties) -> None:
-        if self._events.connected(reason):
-            self._subscriptions.resubscribe()  # and marks the session connected
-            log.info("connected to %s", self._settings.broker)
+    # -- the events sessions -----------------------------------------------------------------------
+    def _events_connected(self, session: _Events, reason: mqtt.ReasonCode) -> None:
+        if session.link.connected(reason):
+            session.subscriptions.resubscribe()  # and marks the session connected
+            log.info("connected to %s%s", self._settings.broker,
+                     "" if session.priority == "normal" else f" ({session.link.what})")
 
-    def _events_disconnected(self, _c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode,
-                             _p: object) -> None:
-        was_connected = self.connected.is_set()
-        self.connected.clear()
+    def _events_disconnected(self, session: _Events, reason: mqtt.ReasonCode) -> None:
+        was_connected = session.connected.is_set()
+        session.connected.clear()
         if self._on_disconnect is not None:
-            self._on_disconnect()
-        self._events.disconnected(reason, was_connected)
+            self._on_disconnect(session.priority)
+        session.link.disconnected(reason, was_connected)
 
-    def set_filters(self, filters: Sequence[str]) -> None:
-        """Subscribe to `filters` instead of the current ones (a new release's triggers). While
-        disconnected, the next connect subscribes to them."""
-        self._subscriptions.set_filters(filters)
-
-    def _suback(self, _c: mqtt.Client, _u: object, mid: int, reasons: list[mqtt.ReasonCode], _p: object) -> None:
-        self._subscriptions.acknowledged(mid, reasons)
-
-    def _message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        self._on_message(msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.dup))
+    def set_filters(self, filters: Sequence[str] | Mapping[Priority, Sequence[str]]) -> None:
+        """Subscribe to `filters` instead of the current ones (a new release's triggers), each class
+        on its session: one is opened for a class new to it; a class gone keeps its session, with no
+        subscriptions. While disconnected, the next connect subscribes to them."""
+        by_priority = _by_priority(filters)
+        for priority in PRIORITIES:
+            wanted = by_priority.get(priority, [])
+            with self._lock:
+                session = self._sessions.get(priority)
+                if session is None:
+                    if not wanted:
+                        continue
+                    session = self._open(priority, wanted)
+                    if self._started and not self._stopped.is_set():
+                        session.link.start()
+                    continue
+            session.subscriptions.set_filters(wanted)
 
     def has_more_to_read(self) -> bool:
-        """True when bytes of a next packet are already waiting (used to group commits)."""
-        sock = self._events.client.socket()
+        """True when bytes of a next packet are already waiting on the socket of the session whose
+        thread asks (used to group commits)."""
+        session = next((s for s in self._sessions.values() if s.reading), None)
+        sock = (session or next(iter(self._sessions.values()))).link.client.socket()
         if sock is None:
             return False
         pending = getattr(sock, "pending", None)  # TLS: decrypted bytes held by the SSL layer
@@ -306,14 +395,16 @@ class Connection:
         except (OSError, ValueError):
             return False
 
-    def ack(self, mid: int, qos: int = 1) -> None:
-        """Acknowledge an event received at `qos`; QoS 0 has nothing to acknowledge."""
+    def ack(self, mid: int, qos: int = 1, priority: Priority = "normal") -> None:
+        """Acknowledge an event received at `qos` on the session of `priority`; QoS 0 has nothing to
+        acknowledge."""
         if qos > 0:
-            self._acked_at = time.monotonic()
-            self._events.client.ack(mid, qos)
+            session = self._sessions[priority]
+            session.acked_at = time.monotonic()
+            session.link.client.ack(mid, qos)
 
-    def _events_silence_excused(self) -> bool:
-        """Whether the broker's silence on the events session (not even a PINGRESP) is explained.
+    def _silence_excused(self, session: _Events) -> bool:
+        """Whether the broker's silence on an events session (not even a PINGRESP) is explained.
 
         mosquitto reads one packet per socket per pass of its loop. Under load its loop serves each
         sensor's socket once a pass too, so our stream of PUBACKs, one for each of their events, is
@@ -324,10 +415,10 @@ class Connection:
         results stopped for a minute. The silence is excused while the broker answers on the results
         session (a PUBACK or a PINGRESP), this session had acknowledgements to read when it fell silent,
         and for at most MAX_SILENCE_S."""
-        now, events = time.monotonic(), self._events.client
+        now, events = time.monotonic(), session.link.client
         # The results session hears a PUBACK or PINGRESP at least once a keepalive while the broker lives.
         return (self._results.up and now - self._results.client.heard_at < 2 * self._keepalive
-                and self._acked_at > events.heard_at - self._keepalive
+                and session.acked_at > events.heard_at - self._keepalive
                 and now - events.heard_at < MAX_SILENCE_S)
 
     # -- the results session -----------------------------------------------------------------------
@@ -348,9 +439,11 @@ class Connection:
         self._results.disconnected(reason, was_connected)
 
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
-                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False) -> None:
-        """See `Egress.publish`: in order across reconnects; `on_acked` once, at the PUBACK (QoS0: once written)."""
-        self._egress.publish(topic, payload, on_acked, user_properties, qos, retain)
+                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False,
+                urgent: bool = False) -> None:
+        """See `Egress.publish`: in order across reconnects (`urgent` ones first); `on_acked` once, at
+        the PUBACK (QoS0: once written)."""
+        self._egress.publish(topic, payload, on_acked, user_properties, qos, retain, urgent)
 
     def _published(self, _c: mqtt.Client, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
         self._results.heard = time.monotonic()  # before egress takes the message off: see the watchdog

@@ -5,7 +5,9 @@ it refused); for QoS0, which has no PUBACK, once paho has written it to the sock
 Egress keeps its own queue and in-flight window: paho is given only what fits the window (a window
 inside paho would send a later message before queued ones after a reconnect). On each CONNACK
 (`take_back`), what was in flight is taken back from paho to be sent again first, in order, marked
-as a possible duplicate; then the queue.
+as a possible duplicate; then the queue. Outputs published as urgent (high-priority events'
+answers) have a queue of their own, sent first: they never wait behind a backlog of other answers
+(order holds within each queue).
 
 A broker acknowledges in order, so a PUBACK for a later message means the earlier ones' were lost
 (mosquitto 2.0.16-2.0.20 drop PUBACKs once a client has `max_queued_messages` packets unwritten):
@@ -103,6 +105,7 @@ class Egress:
         self._client, self._reconnect = client, reconnect
         self._lock = threading.Condition()  # the queue, the window and what awaits a PUBACK
         self._unsent: deque[_Outgoing] = deque()  # not handed to paho yet, in publish() order
+        self._urgent: deque[_Outgoing] = deque()  # the same, published as urgent: sent first
         self._in_flight: dict[int, _Outgoing] = {}  # by mid, in the order handed to paho
         self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of their mid being recorded
         self._window = 0  # how many may await a PUBACK; 0 while disconnected
@@ -114,7 +117,7 @@ class Egress:
     def awaiting_ack(self) -> int:
         """Outputs published and not yet acknowledged (queued or in flight)."""
         with self._lock:
-            return len(self._unsent) + len(self._in_flight)
+            return len(self._unsent) + len(self._urgent) + len(self._in_flight)
 
     @property
     def window_open(self) -> bool:
@@ -152,17 +155,18 @@ class Egress:
 
     # -- publishing ----------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, on_acked: OnAcked,
-                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False) -> None:
+                user_properties: Sequence[tuple[str, str]] = (), qos: int = 1, retain: bool = False,
+                urgent: bool = False) -> None:
         """Publish at QoS1 (or 0); `on_acked(None)` once the broker has it (QoS0: once written),
         `on_acked(reason)` if it refused it (or paho would not take it). Outputs go out in the order
-        of the calls, across reconnects.
+        of the calls, across reconnects; `urgent` ones ahead of the others.
 
         While connected, blocks as long as MAX_UNSENT outputs wait to be sent."""
         out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties), qos, retain)
         with self._lock:
-            while self._window and len(self._unsent) >= MAX_UNSENT:
+            while self._window and len(self._unsent) + len(self._urgent) >= MAX_UNSENT:
                 self._lock.wait(1.0)
-            self._unsent.append(out)
+            (self._urgent if urgent else self._unsent).append(out)
         self.pump()
 
     def pump(self) -> None:
@@ -177,13 +181,13 @@ class Egress:
         while True:
             with self._handing:
                 with self._lock:
-                    if not (self._unsent and len(self._in_flight) < self._window):
+                    if not ((self._urgent or self._unsent) and len(self._in_flight) < self._window):
                         if not self._pump_again:
                             self._pumping = False
                             return
                         self._pump_again = False
                         continue
-                    out = self._unsent.popleft()
+                    out = (self._urgent or self._unsent).popleft()
                     self._lock.notify_all()  # room for a blocked publish()
                 self._hand_over(out)
 

@@ -16,6 +16,12 @@ never costs more than that in memory or on disk.
 Events are handed over (`deliver`) outside the ingress's lock, in the order they were committed:
 delivery may wait (a release being swapped in), and paho's thread must never wait behind it.
 
+Priorities. Each priority class comes on a broker session of its own (connection.py); its events
+are journaled with their class. Held events wait per class, and room in the inbox goes to the most
+urgent first; high-priority events may also use a headroom of a quarter past the inbox's bound
+(`HEADROOM`). Past `max_held_bytes`, reading stops on the normal and low sessions first; the high
+session stops only past `max_held_bytes` and its headroom. Reading resumes on all at half the bound.
+
 QoS 0 events are journaled like the others but never acknowledged: MQTT has nothing to acknowledge
 for them (a PUBACK for one is a protocol error, and the broker drops the connection), and the
 broker never redelivers them. So held QoS 0 events are kept across a disconnect and journaled on
@@ -32,37 +38,44 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from edgefn.errors import StorageError
-from edgefn.events import Event
+from edgefn.events import PRIORITIES, Event, Priority
 from edgefn.journal.inbox import Inbox
 from edgefn.observe.logs import Every
 
 GROUP = 256
 log = logging.getLogger("edgefn.ingress")
 
-_Received = tuple[str, bytes, int, int, float, bool, int]  # topic, payload, mid, qos, received_ms, redelivered, dropped
+# topic, payload, mid, qos, received_ms, redelivered, dropped, the priority class of its session
+_Received = tuple[str, bytes, int, int, float, bool, int, Priority]
 
 
 HELD_OVERHEAD = 256  # what a held event costs in memory besides its payload (its tuple, topic, ...)
 HEAD_BYTES = 1024  # what is kept of a payload over max_payload_bytes: enough for the sensor's own id
+HEADROOM = 1.25  # of the inbox's bound and of max_held_bytes, for high-priority events
 
 
 class Ingress:
     def __init__(self, inbox: Inbox, max_events: int, deliver: Callable[[list[Event]], None],
-                 ack: Callable[[int, int], None], more_waiting: Callable[[], bool], outstanding: int = 0,
+                 ack: Callable[..., None], more_waiting: Callable[[], bool], outstanding: int = 0,
                  max_bytes: int = 1 << 62, outstanding_bytes: int = 0, *, max_payload_bytes: int = 1 << 62,
-                 max_held_bytes: int = 1 << 62, pause: Callable[[bool], None] = lambda paused: None):
+                 max_held_bytes: int = 1 << 62, pause: Callable[[bool], None] = lambda paused: None,
+                 pause_high: Callable[[bool], None] = lambda paused: None):
+        """`ack(mid, qos, priority)` acknowledges on the session of that priority class; `pause` and
+        `pause_high` stop or resume reading on the normal and low sessions / on the high one."""
         self._inbox, self._max, self._max_bytes, self._deliver = inbox, max_events, max_bytes, deliver
-        self._ack, self._more_waiting, self._pause = ack, more_waiting, pause
+        self._ack, self._more_waiting, self._pause, self._pause_high = ack, more_waiting, pause, pause_high
         self._max_payload, self._max_held_bytes = max_payload_bytes, max_held_bytes
         self.outstanding = outstanding  # journaled and not yet answered
         self.outstanding_bytes = outstanding_bytes  # their payload bytes
         self._pending_bytes = 0
         self.accepting = True
         self._pending: list[_Received] = []  # received, not yet committed
-        self._held: deque[_Received] = deque()  # past the bound: not journaled, not acknowledged
+        # Past the bound, per priority class (most urgent first): not journaled, not acknowledged.
+        self._held: dict[Priority, deque[_Received]] = {p: deque() for p in PRIORITIES}
         self._held_qos0 = 0  # of those, QoS 0 ones: the broker keeps no copy of them
         self._held_bytes = 0
-        self.paused = False  # reading from the broker stopped: held payloads past max_held_bytes
+        self.paused = False  # reading from the normal and low sessions stopped: held payloads past max_held_bytes
+        self.paused_high = False  # and from the high one: past max_held_bytes and its headroom
         self._ready: deque[list[Event]] = deque()  # committed groups, to be delivered in this order
         self._delivering = False  # one thread delivers at a time (order), outside the lock
         self.dropped_qos0 = 0  # QoS 0 events dropped past the bound
@@ -71,9 +84,14 @@ class Ingress:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return sum(map(len, self._held.values()))
 
-    def on_message(self, topic: str, payload: bytes, mid: int, qos: int, dup: bool) -> None:
+    def _next_held(self) -> deque[_Received] | None:
+        """The most urgent class that holds events."""
+        return next((held for held in self._held.values() if held), None)
+
+    def on_message(self, topic: str, payload: bytes, mid: int, qos: int, dup: bool,
+                   priority: Priority = "normal") -> None:
         dropped = 0
         if len(payload) > self._max_payload:  # refused by size: only its head is kept, for the error answer
             payload, dropped = payload[:HEAD_BYTES], len(payload)
@@ -81,8 +99,8 @@ class Ingress:
             if not self.accepting:
                 return  # not acknowledged: the broker keeps it for the next start (QoS 0: lost)
             # dup: the broker sent it before (to a daemon that may have answered it, then crashed)
-            item = (topic, payload, mid, qos, time.time() * 1000.0, dup, dropped)
-            if self._held or self._full(len(payload)):
+            item = (topic, payload, mid, qos, time.time() * 1000.0, dup, dropped, priority)
+            if self._held[priority] or self._full(len(payload), priority == "high"):
                 self._hold(item)
             else:
                 self._take(item)
@@ -90,12 +108,14 @@ class Ingress:
                     self._flush()
         self._deliver_ready()
 
-    def _full(self, size: int) -> bool:
-        """No room for one more event of `size` bytes (an empty inbox always has room)."""
+    def _full(self, size: int, urgent: bool = False) -> bool:
+        """No room for one more event of `size` bytes (an empty inbox always has room); `urgent`:
+        counting the headroom of high-priority events."""
         events = self.outstanding + len(self._pending)
         if events == 0:
             return False
-        return events >= self._max or self.outstanding_bytes + self._pending_bytes + size > self._max_bytes
+        scale = HEADROOM if urgent else 1.0
+        return events >= self._max * scale or self.outstanding_bytes + self._pending_bytes + size > self._max_bytes * scale
 
     def _hold(self, item: _Received) -> None:
         if item[3] == 0:
@@ -106,13 +126,15 @@ class Ingress:
                                 item[0], skipped, self.dropped_qos0)
                 return
             self._held_qos0 += 1
-        self._held.append(item)
+        self._held[item[7]].append(item)
         self._held_bytes += len(item[1]) + HELD_OVERHEAD
         if self._held_bytes > self._max_held_bytes and not self.paused:
             self._set_paused(True)
+        if self._held_bytes > self._max_held_bytes * HEADROOM and not self.paused_high:
+            self._set_paused_high(True)
 
-    def _take_held(self) -> None:
-        item = self._held.popleft()
+    def _take_held(self, held: deque[_Received]) -> None:
+        item = held.popleft()
         self._held_qos0 -= item[3] == 0
         self._held_bytes -= len(item[1]) + HELD_OVERHEAD
         self._take(item)
@@ -121,10 +143,17 @@ class Ingress:
         self.paused = paused
         self._pause(paused)
 
+    def _set_paused_high(self, paused: bool) -> None:
+        self.paused_high = paused
+        self._pause_high(paused)
+
     def _resume_if_room(self) -> None:
         """Read again once the held payloads are down to half their bound (not at once: no flapping)."""
-        if self.paused and self._held_bytes <= self._max_held_bytes // 2:
-            self._set_paused(False)
+        if self._held_bytes <= self._max_held_bytes // 2:
+            if self.paused_high:
+                self._set_paused_high(False)
+            if self.paused:
+                self._set_paused(False)
 
     def _take(self, item: _Received) -> None:
         self._pending.append(item)
@@ -157,8 +186,8 @@ class Ingress:
             return
         group, self._pending = self._pending, []
         try:
-            events = self._inbox.append_many([(topic, payload, received, dropped)
-                                              for topic, payload, _, _, received, _, dropped in group])
+            events = self._inbox.append_many([(topic, payload, received, dropped, priority)
+                                              for topic, payload, _, _, received, _, dropped, priority in group])
         except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
             return
@@ -171,9 +200,9 @@ class Ingress:
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
-        for _, _, mid, qos, _, _, _ in group:
+        for _, _, mid, qos, _, _, _, priority in group:
             if qos:  # QoS 0 has no acknowledgement
-                self._ack(mid, qos)  # only now, with the group durable
+                self._ack(mid, qos, priority)  # only now, with the group durable; on its session (mids are per session)
         self._ready.append([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
 
     def answered(self, n: int, nbytes: int = 0) -> None:
@@ -181,20 +210,20 @@ class Ingress:
         with self._lock:
             self.outstanding -= n
             self.outstanding_bytes -= nbytes
-            while self._held and not self._full(len(self._held[0][1])):
-                self._take_held()
+            while (held := self._next_held()) is not None and not self._full(len(held[0][1]), held[0][7] == "high"):
+                self._take_held(held)
             self._flush()
             self._resume_if_room()
         self._deliver_ready()
 
-    def disconnected(self) -> None:
-        """The broker redelivers what was never acknowledged: forget the held copies (not QoS 0 ones,
-        which it does not keep)."""
+    def disconnected(self, priority: Priority = "normal") -> None:
+        """The session of `priority` went down; the broker redelivers what it never had acknowledged:
+        forget the held copies (not QoS 0 ones, which it does not keep). The other sessions' stay."""
         with self._lock:
-            self._held = deque(item for item in self._held if item[3] == 0)
-            self._held_bytes = sum(len(item[1]) + HELD_OVERHEAD for item in self._held)
+            self._held[priority] = deque(item for item in self._held[priority] if item[3] == 0)
+            self._held_bytes = sum(len(item[1]) + HELD_OVERHEAD for held in self._held.values() for item in held)
             self._resume_if_room()
-            kept = [item for item in self._pending if item[3] == 0]
+            kept = [item for item in self._pending if item[3] == 0 or item[7] != priority]
             self._pending = kept  # not journaled, not acknowledged: redelivered too
             self._pending_bytes = sum(len(item[1]) for item in kept)
 
@@ -203,10 +232,11 @@ class Ingress:
         (except QoS 0 events, journaled past the bound: nobody else has them)."""
         with self._lock:
             self.accepting = False
-            for item in self._held:
-                if item[3] == 0:
-                    self._take(item)
+            for held in self._held.values():
+                for item in held:
+                    if item[3] == 0:
+                        self._take(item)
+                held.clear()
             self._flush()
-            self._held.clear()
             self._held_qos0 = self._held_bytes = 0
         self._deliver_ready()

@@ -4,7 +4,8 @@ Per function, the planner keeps the measured service time of one event here (an 
 weighted mean over the batches its workers ran) and decides, for each event as it arrives:
 
 - `never`: here. `always`: the cloud (the device only pre- and post-processes).
-- `on-overload`: an event joins the local queue while the work queued there, itself included, can
+- `on-overload`: an event joins the local queue while the work queued there ahead of it (the lane
+  serves high-priority events first, so a low-priority one counts everything queued), itself included, can
   be served within the latency budget by the function's instances; else (or when the device is at
   its critical temperature or short of memory) the cloud lane, whose own workers and instances
   (`cloud_workers`) wait for the cloud's answers. So the local queue never holds more than a budget's
@@ -62,6 +63,10 @@ class Planner:
         with self._lock:
             self._cloud_per_event_s += _WEIGHT * (seconds / events - self._cloud_per_event_s)
 
+    def overloaded(self, queued_here: int) -> bool:
+        """Whether a new event behind `queued_here` would miss the latency budget here."""
+        return (queued_here + 1) * self._per_event_s / self.workers > self.budget_s
+
     def admit(self, queued_here: int, under_pressure: bool = False, queued_cloud: int = 0) -> Where:
         """The lane a new event joins, given the events already queued here and in the cloud lane."""
         if self.policy == "always":
@@ -70,8 +75,8 @@ class Planner:
             return "local"
         if under_pressure:
             return "cloud"
-        here_s = (queued_here + 1) * self._per_event_s / self.workers
-        if here_s <= self.budget_s:
+        if not self.overloaded(queued_here):
             return "local"
+        here_s = (queued_here + 1) * self._per_event_s / self.workers
         cloud_s = (queued_cloud + 1) * self._cloud_per_event_s / self.cloud_workers
         return "cloud" if cloud_s <= here_s else "local"
