@@ -179,25 +179,27 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     import importlib.metadata
 
     from edgefn.files import file_sha256
-    from edgefn.functions.build import build, component_path, watched_sources
+    from edgefn.functions.build import build, component_path, sources_stamp, watched_sources
+    from edgefn.functions.compile import WASMTIME_VERSION
     from edgefn.functions.manifest import load_manifest
-    from edgefn.functions.sandbox import _WASMTIME_VERSION
 
     function_dir = root / SRC.lstrip("/") / "examples" / "functions" / "digits"
     slow_cpu_manifest(function_dir)
     sources = sorted(watched_sources(function_dir))
     key = hashlib.sha256(json.dumps([[p.name, file_sha256(p)] for p in sources] + [
-        importlib.metadata.version("componentize-py"), _WASMTIME_VERSION]).encode()).hexdigest()[:16]
+        importlib.metadata.version("componentize-py"), WASMTIME_VERSION]).encode()).hexdigest()[:16]
     kept = cache / f"component-{key}"
-    wasm = component_path(function_dir, load_manifest(function_dir))
+    manifest = load_manifest(function_dir)
+    wasm, built_from = component_path(function_dir, manifest), sources_stamp(function_dir, manifest)
     state = root / STATE.lstrip("/") / "components"
     shutil.rmtree(state.parent, ignore_errors=True)
     state.mkdir(parents=True)
     if (kept / ".complete").exists():
         wasm.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(kept / wasm.name, wasm)  # a fresh time: newer than the sources, so not built again
+        shutil.copy(kept / wasm.name, wasm)
+        shutil.copy(kept / built_from.name, built_from)  # what it was built from: not built again
         for path in kept.iterdir():
-            if path.name not in (wasm.name, ".complete"):
+            if path.name not in (wasm.name, built_from.name, ".complete"):
                 shutil.copy2(path, state / path.name)
         log(f"digits component: built and compiled for aarch64 by an earlier run ({kept.name})")
         return next(state.glob("*.cwasm"))
@@ -215,7 +217,7 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     for old in cache.glob("component-*"):
         shutil.rmtree(old)
     kept.mkdir(parents=True)
-    for path in (wasm, *state.iterdir()):  # the artifact and whatever the cache keeps beside it
+    for path in (wasm, built_from, *state.iterdir()):  # the artifact and whatever the cache keeps beside it
         shutil.copy2(path, kept / path.name)
     (kept / ".complete").write_text(f"{time.time()}\n")
     return artifact
