@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -110,19 +109,6 @@ class Arrivals:
             with self.lock:
                 self.arrived.setdefault(found.group(1).decode(), now)
 
-    def latency(self, sent_at: dict[str, float], wait_s: float) -> dict[str, Any]:
-        deadline = time.perf_counter() + wait_s
-        while time.perf_counter() < deadline:
-            with self.lock:
-                if len(self.arrived) >= len(sent_at) and all(i in self.arrived for i in sent_at):
-                    break
-            time.sleep(0.5)
-        with self.lock:
-            lat = [(self.arrived[i] - t) * 1000 for i, t in sent_at.items() if i in self.arrived]
-        return {"events": len(sent_at), "answered": len(lat), "lost": len(sent_at) - len(lat),
-                "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
-                "p99_ms": float(np.percentile(lat, 99)) if lat else float("nan")}
-
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -166,7 +152,8 @@ def one_mode(ctx: soak.Context, broker: soak.Broker, clients: e2e.Clients, arriv
         during = _alarms(broker, clients, ctx, f"{mode}-during", seconds)
         flooder.join()
         high = soak._latency(clients, during)
-        low = arrivals.latency(low_sent, wait_s=3 * seconds + 60)  # queue mode: the backlog drains
+        low = soak._latency(arrivals, low_sent, wait_s=3 * seconds + 60)  # queue mode: the backlog drains
+        low["events"] = low.pop("probes")
         handled = _handled(daemon)
         # A stock broker drops what it cannot queue for a client that is behind (max_queued_messages):
         # what the daemon must answer is what reached it.

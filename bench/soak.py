@@ -419,8 +419,9 @@ def _probe(ctx: Context, broker: Broker, clients: e2e.Clients, prefix: str, seco
     return sent_at
 
 
-def _latency(clients: e2e.Clients, sent_at: dict[str, float], wait_s: float = 30.0) -> dict[str, Any]:
-    """The probes' latency (send to result), their answers awaited up to `wait_s`."""
+def _latency(clients: e2e.Clients | Any, sent_at: dict[str, float], wait_s: float = 30.0) -> dict[str, Any]:
+    """The probes' latency (send to result), their answers awaited up to `wait_s`; `clients`: anything
+    with a `lock` and the `arrived` times by event id (e2e.Clients, priority.py's Arrivals)."""
     deadline = time.perf_counter() + wait_s
     while time.perf_counter() < deadline:
         with clients.lock:

@@ -88,6 +88,34 @@ def broker() -> Iterator[LocalBroker]:
 
 
 @pytest.fixture()
+def ops(tmp_path: Path) -> Path:
+    """The operator's repository: keys and signed metadata."""
+    from edgefn.fleet.signing import init_keys
+
+    init_keys(tmp_path / "ops")
+    return tmp_path / "ops"
+
+
+@pytest.fixture()
+def started():
+    """`started(settings)`: a Daemon started and connected; every one stopped at the end of the test."""
+    from edgefn.daemon import Daemon
+
+    daemons: list[Daemon] = []
+
+    def start(settings: Settings) -> Daemon:
+        d = Daemon(settings)
+        d.start()
+        d.wait_connected(10)
+        daemons.append(d)
+        return d
+
+    yield start
+    for d in daemons:
+        d.stop(drain_timeout=2)
+
+
+@pytest.fixture()
 def settings_for(tmp_path: Path, component_cache: Path):
     """settings_for(broker, functions...) -> Settings with a private state dir and shared cache."""
 

@@ -43,19 +43,8 @@ def digit_payloads(n: int, prefix: str, start: int = 1400) -> tuple[list[bytes],
 
 
 @pytest.fixture()
-def daemon(broker, settings_for, digits_fn):
-    started: list[Daemon] = []
-
-    def make(*functions: Path, **extra: object) -> Daemon:
-        d = Daemon(settings_for(broker, *(functions or (digits_fn,)), **extra))
-        d.start()
-        d.wait_connected(10)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.stop(drain_timeout=2)
+def daemon(broker, settings_for, digits_fn, started):
+    return lambda *functions, **extra: started(settings_for(broker, *(functions or (digits_fn,)), **extra))
 
 
 def test_daemon_answers_every_event_with_the_contract(broker, daemon, collector):

@@ -18,19 +18,13 @@ from typer.testing import CliRunner
 from cloud_sync.fleet.server import FleetServer, start_fleet_server
 from edgefn.cli.main import app
 from edgefn.fleet.pack import BundleInfo, build_bundle
-from edgefn.fleet.signing import init_keys, metadata_dir
+from edgefn.fleet.signing import metadata_dir
 from edgefn.protocol.fleet import API
 from tests.pg import new_database, postgres  # noqa: F401 (postgres: the session's server, a fixture)
 
 runner = CliRunner(env={"COLUMNS": "240"})
 TOKEN = "operator-s3cret"
 OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture()
-def ops(tmp_path: Path) -> Path:
-    init_keys(tmp_path / "ops")
-    return tmp_path / "ops"
 
 
 @pytest.fixture()

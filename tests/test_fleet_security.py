@@ -33,12 +33,6 @@ OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture()
-def ops(tmp_path: Path) -> Path:
-    init_keys(tmp_path / "ops")
-    return tmp_path / "ops"
-
-
-@pytest.fixture()
 def bundle(tiny_fn: Path, tmp_path: Path):
     def make(version: str) -> BundleInfo:
         return build_bundle([tiny_fn], "tiny", version, tmp_path / "out" / f"tiny-{version}.tar", models=[])

@@ -47,13 +47,6 @@ def bundle(tiny_fn: Path, tmp_path: Path):
     return make
 
 
-@pytest.fixture()
-def ops(tmp_path: Path) -> Path:
-    """The operator's repository: keys and signed metadata."""
-    init_keys(tmp_path / "ops")
-    return tmp_path / "ops"
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest) -> str | None:
     """Every API and engine test runs twice: on the default SQLite file and on a fresh PostgreSQL database."""

@@ -54,20 +54,12 @@ def digits_as(built: Path, root: Path, name: str, trigger: str, limits: str = ""
 
 
 @pytest.fixture()
-def run(broker, settings_for):
-    started: list[Daemon] = []
-
+def run(broker, settings_for, started):
     def make(*functions: Path, **extra: object) -> Daemon:
         models = [MODELS, *{f.parent.parent / "models" for f in functions}]
-        d = Daemon(settings_for(broker, *functions, models=models, **extra))
-        d.start()
-        d.wait_connected(10)
-        started.append(d)
-        return d
+        return started(settings_for(broker, *functions, models=models, **extra))
 
-    yield make
-    for d in started:
-        d.stop(drain_timeout=2)
+    return make
 
 
 def _wait(condition, timeout: float) -> bool:

@@ -39,13 +39,6 @@ def bundle(tiny_fn: Path, tmp_path: Path):
     return make
 
 
-@pytest.fixture()
-def ops(tmp_path: Path) -> Path:
-    """The operator's repository."""
-    init_keys(tmp_path / "ops")
-    return tmp_path / "ops"
-
-
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

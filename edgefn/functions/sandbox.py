@@ -75,10 +75,12 @@ class Host(Protocol):
 class Runtime:
     """The process-wide wasmtime engine, its epoch ticker, the compiled-component cache, the memory
     budget every function's instances share (`memory_budget_mb`; None: unbounded) and the pool
-    keeper that releases idle instances."""
+    keeper that releases idle instances. `watch_memory`: note each instance's linear memories as it is
+    made (one read of the process's memory map, for usage metering's peak memory)."""
 
-    def __init__(self, cache_dir: Path, memory_budget_mb: int | None = None):
+    def __init__(self, cache_dir: Path, memory_budget_mb: int | None = None, *, watch_memory: bool = True):
         self.engine = compiler.engine()
+        self.watch_memory = watch_memory
         self.budget = MemoryBudget(None if memory_budget_mb is None else memory_budget_mb << 20)
         self._pools: weakref.WeakSet[FunctionSandbox] = weakref.WeakSet()
         self.target = compiler.host_target()
@@ -392,7 +394,7 @@ class FunctionSandbox:
         store.set_wasi(wasi)
         store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
         try:
-            with memory.watch() as memories:
+            with memory.watch() if self.runtime.watch_memory else contextlib.nullcontext([]) as memories:
                 instance = self._linker.instantiate(store, self.component)
         except wasmtime.WasmtimeError as exc:
             raise BuildError(f"{self.manifest.name}: cannot instantiate: {exc}") from None
