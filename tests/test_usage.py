@@ -4,6 +4,7 @@ reading (edgefn.functions.memory) on real guest instances."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -142,3 +143,36 @@ def test_a_sandbox_reads_the_linear_memory_of_its_live_instances(runtime: Runtim
         assert 1 * MIB < sandbox.memory_bytes() < limit
     finally:
         sandbox.close()
+
+
+def test_a_watched_instance_is_read_after_unwatched_ones_came_and_went(runtime: Runtime, component_cache: Path,
+                                                                         hostile_fn: Path):
+    """A daemon with metering off and one with it on in the same process (the tests do this): an unwatched
+    instance's memory is freed and the kernel gives its addresses to the next memory made; that memory must
+    still be read as the new instance's. And a live unwatched instance's memory is not counted as its."""
+    manifest = load_manifest(hostile_fn)
+
+    def sandbox_on(rt: Runtime) -> FunctionSandbox:
+        return FunctionSandbox(rt, manifest, component_path(hostile_fn, manifest),
+                               FunctionHost(manifest.name, ModelRegistry([MODELS]), StateStore(":memory:")))
+
+    first = sandbox_on(runtime)
+    (inst,) = list(first._made.values())
+    memories = len(inst.memories)  # how many linear memories one instance of this component has
+    del inst
+    first.close()
+    with Runtime(component_cache, watch_memory=False) as quiet:
+        gone = sandbox_on(quiet)
+        assert gone.memory_bytes() == 0  # not watched: not read
+        gone.close()
+        del gone
+        gc.collect()  # its store freed: its reservation's addresses are free for the next memory
+        alive = sandbox_on(quiet)
+        sandbox = sandbox_on(runtime)
+        try:
+            assert 1 * MIB < sandbox.memory_bytes() <= manifest.limits.memory_mb * MIB
+            (inst,) = list(sandbox._made.values())
+            assert len(inst.memories) == memories
+        finally:
+            sandbox.close()
+            alive.close()

@@ -4,11 +4,18 @@ wasmtime-py exposes no component instance's memory, but wasmtime lays each linea
 way: a reservation of several GiB, its first `size` bytes readable and writable, the rest PROT_NONE
 until the guest grows into it. A WebAssembly memory never shrinks, so the readable part is also the
 instance's peak. `watch()` notes the memories an instantiation creates (their bases: the reservation
-does not move; a store's memories are forgotten when it goes, see `forget`); `sizes()` reads what each
+does not move): those in the map after it that were not there before it. `sizes()` reads what each
 holds now. Where there is no /proc/self/maps (not Linux), nothing is found and the size reads 0.
 
-Cost: one read of the map per instantiation (about 1.5 ms with a few hundred mappings on a busy 2-core
-machine), made under a process-wide lock, so instantiations of different functions wait for each other.
+Why a read before each one, not a set of bases known from earlier reads: a store's memories are unmapped
+whenever Python frees it (a garbage-collected cycle: later than its instance was dropped), and the kernel
+gives the same addresses to the next memory mapped; a base remembered from the past then names someone
+else's memory. Every instantiation, watched or not (`unwatched()`), holds the same lock, so nothing is
+mapped by another instantiation between the two reads.
+
+Cost: two reads of the map per watched instantiation (each about 0.4 ms with a couple of hundred mappings, up
+to 1.5 ms on a busy 2-core machine), made under a process-wide lock, so instantiations of different
+functions wait for each other. With metering off (`unwatched()`) only the lock.
 """
 
 from __future__ import annotations
@@ -20,8 +27,6 @@ from contextlib import contextmanager
 _MAPS = "/proc/self/maps"
 _RESERVATION = 1 << 30  # a PROT_NONE mapping this large is the unused part of a linear memory's reservation
 _instantiating = threading.Lock()  # one instantiation at a time, so that what appears in the map is its own
-_known: set[int] = set()  # bases of the memories of live instances, and of what was mapped before the first
-_baseline_read = False
 
 
 def _regions() -> list[tuple[int, int, bool]]:
@@ -57,23 +62,20 @@ def _bases(regions: list[tuple[int, int, bool]]) -> dict[int, int]:
 
 @contextmanager
 def watch() -> Iterator[list[int]]:
-    """Around an instantiation: the list it yields holds, afterwards, the bases of the memories it made (those
-    in the map that no live instance owns: one read of the map, after the instantiation)."""
-    global _baseline_read
+    """Around an instantiation: the list it yields holds, afterwards, the bases of the memories it made."""
     made: list[int] = []
     with _instantiating:
-        if not _baseline_read:  # what was mapped before the first instantiation is no instance's
-            _known.update(_bases(_regions()))
-            _baseline_read = True
+        before = _bases(_regions())
         yield made
-        made.extend(base for base in _bases(_regions()) if base not in _known)
-        _known.update(made)
+        made.extend(base for base in _bases(_regions()) if base not in before)
 
 
-def forget(bases: Iterable[int]) -> None:
-    """The memories of an instance whose store is gone (unmapped with it): no instance's any more. Called from
-    a weakref finalizer, so it takes no lock (a set operation is atomic under the GIL)."""
-    _known.difference_update(bases)
+@contextmanager
+def unwatched() -> Iterator[list[int]]:
+    """Around an instantiation whose memories are not wanted (metering off): no read of the map, only the
+    lock, so that it never maps in the middle of a watched one."""
+    with _instantiating:
+        yield []
 
 
 def sizes(bases: Iterable[Iterable[int]]) -> list[int]:

@@ -394,7 +394,7 @@ class FunctionSandbox:
         store.set_wasi(wasi)
         store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
         try:
-            with memory.watch() if self.runtime.watch_memory else contextlib.nullcontext([]) as memories:
+            with memory.watch() if self.runtime.watch_memory else memory.unwatched() as memories:
                 instance = self._linker.instantiate(store, self.component)
         except wasmtime.WasmtimeError as exc:
             raise BuildError(f"{self.manifest.name}: cannot instantiate: {exc}") from None
@@ -404,7 +404,6 @@ class FunctionSandbox:
         batch = instance.get_func(store, "handle-batch")
         made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr, memories=memories)
         self._made[id(made)] = made
-        weakref.finalize(store, memory.forget, memories)  # its memories are unmapped with it
         return made
 
     def memory_bytes(self) -> int:
