@@ -253,9 +253,10 @@ class System:
 
 
 def edgefn_run(name: str, broker_url: str, workdir: Path, functions: list[Path], *extra: str,
-               log_level: str = "error") -> System:
-    """`edgefn run` as a system under test: its own state dir and client id, components built already."""
-    return System(name, [sys.executable, "-m", "edgefn.cli", "run", "--broker", broker_url,
+               log_level: str = "error", launcher: tuple[str, ...] = ("-m", "edgefn.cli")) -> System:
+    """`edgefn run` as a system under test: its own state dir and client id, components built already.
+    `launcher`: what runs `edgefn` (bench/stages.py's runs it with a stage clock)."""
+    return System(name, [sys.executable, *launcher, "run", "--broker", broker_url,
                          *(arg for f in functions for arg in ("--functions", str(f))), "--models", str(MODELS),
                          "--state-dir", str(workdir / name), "--client-id", f"bench-{name}", "--no-build",
                          "--log-level", log_level, *extra], workdir)
@@ -462,6 +463,15 @@ def write_results(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def report(doc: dict[str, Any], json_only: bool, show: Any) -> int:
+    """A benchmark's results on stdout: the JSON alone, or `show(doc)`'s tables; exit status 0."""
+    if json_only:
+        print(json.dumps(doc, indent=2))
+    else:
+        show(doc)
+    return 0
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from edgefn.mqtt.local_broker import LocalBroker, mosquitto_binary
 
@@ -539,11 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"e2e: failed: {exc}", file=sys.stderr)
         return 1
-    if args.json_only:
-        print(json.dumps(doc, indent=2))
-    else:
-        _print_table(doc)
-    return 0
+    return report(doc, args.json_only, _print_table)
 
 
 if __name__ == "__main__":
