@@ -97,7 +97,7 @@ def unpacked_root(cache: Path, kind: str, arch: str, packages: tuple[str, ...], 
     extract variant), then `finish`ed. Made when missing; older roots of that kind are removed."""
     root = cache / f"{kind}-{key}"
     if (root / ".complete").exists():
-        log(f"{kind} root: cached ({root.name})")
+        log(f"root {root.name}: cached")
         return root
     for old in cache.glob(f"{kind}-*"):
         shutil.rmtree(old)
@@ -109,7 +109,7 @@ def unpacked_root(cache: Path, kind: str, arch: str, packages: tuple[str, ...], 
     if finish:
         finish(root)
     (root / ".complete").write_text(f"{time.time()}\n")
-    log(f"{kind} root: built in {time.monotonic() - started:.0f} s (Debian packages {unpacked - started:.0f} s)")
+    log(f"root {root.name}: built in {time.monotonic() - started:.0f} s (Debian packages {unpacked - started:.0f} s)")
     return root
 
 
