@@ -9,14 +9,15 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup system-deps peers demo test test-core py310 arm64-smoke bench lint models clean
+.PHONY: help setup system-deps peers demo test test-core py310 arm64-deps arm64-smoke arm64-install bench lint models clean
 
 help:
 	@echo "make demo   - local broker + daemon + digits function + simulated sensors, live table"
 	@echo "              (make demo DEMO_ARGS=\"--duration 30\" stops by itself)"
-	@echo "make test   - the whole test suite (real mosquitto, real models, real components), then py310 and arm64-smoke"
+	@echo "make test   - the whole test suite (real mosquitto, real models, real components), then py310, arm64-smoke, arm64-install"
 	@echo "make py310  - the core tests again on Python 3.10 (JetPack 6's), in .venv-py310"
 	@echo "make arm64-smoke - edgefn in a Debian arm64 root under qemu, as a Pi 4 (Cortex-A72) and a Pi 5 (Cortex-A76)"
+	@echo "make arm64-install - the README's device steps as written (venv, pip install .) in an arm64 root under qemu"
 	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script)"
 	@echo "              bench/reliability.py (journal cost, SIGKILL loop), bench/containment.py"
 	@echo "              bench/models.py (every model variant against its fp32 ONNX)"
@@ -79,6 +80,7 @@ test: setup peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory py310
 	@$(MAKE) --no-print-directory arm64-smoke
+	@$(MAKE) --no-print-directory arm64-install
 
 # JetPack 6 ships Python 3.10 (Ubuntu 22.04); there onnxruntime stops at 1.23 and numpy at 2.2. The core
 # tests (configuration, journal, sandbox and boundary, models, profiles, daemon) run again on it, in a venv
@@ -109,11 +111,20 @@ $(VENV310)/.installed: pyproject.toml
 # and made again only when what goes into them changes.
 ARM64_DEPS := qemu-user-static mmdebstrap
 
-arm64-smoke: $(BIN)/.installed
+arm64-deps:
 	@command -v mmdebstrap >/dev/null && [ -x /usr/bin/qemu-aarch64-static ] || { \
 	  echo "installing $(ARM64_DEPS) (Debian packages)"; $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(ARM64_DEPS) >/dev/null; }
+
+arm64-smoke: $(BIN)/.installed arm64-deps
 	$(SUDO) $(BIN)/python tests/arm64/smoke.py
+
+# The README's device steps as written (tests/arm64/install.py): in a clean clone copied into an arm64 root
+# with Debian's venv module, the preflight check, `python3 -m venv`, pip (emulated, from the package index)
+# and the venv's `edgefn profile detect` and `fn invoke`, on a Pi 4's CPU. It maps the component the smoke
+# compiled (made when missing); `make test` runs it after the smoke.
+arm64-install: $(BIN)/.installed arm64-deps
+	$(SUDO) $(BIN)/python tests/arm64/install.py
 
 bench: setup
 	$(BIN)/python bench/e2e.py

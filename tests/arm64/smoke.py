@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
@@ -64,6 +66,9 @@ EXPECTED_HWCAP = {"cortex-a72": (0, HWCAP_ATOMICS | HWCAP_ASIMDDP),  # (must hav
                   "cortex-a76": (HWCAP_ATOMICS | HWCAP_ASIMDDP, 0)}
 BENCH_VARIANTS = {"fp32": "onnx", "int8": "onnx", "tflite-fp32": "tflite", "tflite-int8": "tflite"}
 RUN_EVENTS = 40
+FIRST_DIGIT = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
+               0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0,
+               0]  # the first of scikit-learn's digits: a 0
 EMULATED_TIMEOUT_MS = 30000
 
 
@@ -86,45 +91,46 @@ def root_key() -> str:
     return hashlib.sha256(inputs.encode()).hexdigest()[:16]
 
 
-def build_root(cache: Path) -> Path:
-    """The cached root for the current inputs, built when missing (older ones are removed)."""
-    root = cache / f"root-{root_key()}"
+def unpacked_root(cache: Path, kind: str, arch: str, packages: tuple[str, ...], key: str,
+                  finish: Callable[[Path], None] | None = None) -> Path:
+    """The root `<kind>-<key>` in the cache: Debian's `packages` for `arch` unpacked (mmdebstrap's
+    extract variant), then `finish`ed. Made when missing; older roots of that kind are removed."""
+    root = cache / f"{kind}-{key}"
     if (root / ".complete").exists():
-        log(f"root: cached ({root.name})")
+        log(f"root {root.name}: cached")
         return root
-    for old in cache.glob("root-*"):
+    for old in cache.glob(f"{kind}-*"):
         shutil.rmtree(old)
     cache.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    subprocess.run(["mmdebstrap", "--quiet", "--mode=root", "--variant=extract", "--arch=arm64",
-                    f"--include={','.join(ROOT_PACKAGES)}", DEBIAN_SUITE, str(root), DEBIAN_MIRROR], check=True)
+    subprocess.run(["mmdebstrap", "--quiet", "--mode=root", "--variant=extract", f"--arch={arch}",
+                    f"--include={','.join(packages)}", DEBIAN_SUITE, str(root), DEBIAN_MIRROR], check=True)
     unpacked = time.monotonic()
-    requirements = cache / "requirements.txt"
-    requirements.write_text("\n".join(runtime_requirements()) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--target", f"{root}{DEPS}", "--only-binary=:all:", "--implementation", "cp",
-                    "--python-version", PYTHON_VERSION, "--abi", f"cp{PYTHON_VERSION.replace('.', '')}",
-                    *(f"--platform={p}" for p in WHEEL_PLATFORMS), "-r", str(requirements)], check=True)
+    if finish:
+        finish(root)
     (root / ".complete").write_text(f"{time.time()}\n")
-    log(f"root: built in {time.monotonic() - started:.0f} s (Debian packages {unpacked - started:.0f} s, "
-        f"wheels {time.monotonic() - unpacked:.0f} s)")
+    log(f"root {root.name}: built in {time.monotonic() - started:.0f} s (Debian packages {unpacked - started:.0f} s)")
     return root
+
+
+def build_root(cache: Path) -> Path:
+    """The cached root for the current inputs: Debian's packages, then the aarch64 wheels."""
+    def install_wheels(root: Path) -> None:
+        requirements = cache / "requirements.txt"
+        requirements.write_text("\n".join(runtime_requirements()) + "\n")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--target", f"{root}{DEPS}", "--only-binary=:all:", "--implementation", "cp",
+                        "--python-version", PYTHON_VERSION, "--abi", f"cp{PYTHON_VERSION.replace('.', '')}",
+                        *(f"--platform={p}" for p in WHEEL_PLATFORMS), "-r", str(requirements)], check=True)
+
+    return unpacked_root(cache, "root", "arm64", ROOT_PACKAGES, root_key(), install_wheels)
 
 
 def armhf_root(cache: Path) -> Path:
     """A 32-bit ARM root (Raspberry Pi OS's 32-bit userland is Debian armhf) with Python only: edgefn
     cannot be installed there, and its preflight check must say so."""
     key = hashlib.sha256(json.dumps([DEBIAN_SUITE, ARMHF_PACKAGES]).encode()).hexdigest()[:16]
-    root = cache / f"armhf-{key}"
-    if not (root / ".complete").exists():
-        for old in cache.glob("armhf-*"):
-            shutil.rmtree(old)
-        started = time.monotonic()
-        subprocess.run(["mmdebstrap", "--quiet", "--mode=root", "--variant=extract", "--arch=armhf",
-                        f"--include={','.join(ARMHF_PACKAGES)}", DEBIAN_SUITE, str(root), DEBIAN_MIRROR], check=True)
-        (root / ".complete").write_text(f"{time.time()}\n")
-        log(f"armhf root: built in {time.monotonic() - started:.0f} s")
-    return root
+    return unpacked_root(cache, "armhf", "armhf", ARMHF_PACKAGES, key)
 
 
 def register_binfmt() -> None:
@@ -139,12 +145,13 @@ def register_binfmt() -> None:
             raise SmokeFailure(f"binfmt_misc: {name} is registered but disabled")
 
 
-def copy_sources(root: Path) -> None:
-    """The mount points; the checkout as git sees it (tracked, and untracked but not ignored), with its file times."""
+def copy_sources(root: Path, src: str = SRC) -> None:
+    """The mount points; the checkout as git sees it (tracked, and untracked but not ignored), with its
+    file times, at `src` in the root: what a clean clone holds."""
     for folder in ("proc", "dev", "tmp", "root"):  # mount points, and homes
         (root / folder).mkdir(exist_ok=True)
     (root / "tmp").chmod(0o1777)
-    dest = root / SRC.lstrip("/")
+    dest = root / src.lstrip("/")
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
@@ -167,13 +174,15 @@ def slow_cpu_manifest(function_dir: Path) -> None:
     manifest.write_text(text.replace("timeout_ms = 500\n", f"timeout_ms = {EMULATED_TIMEOUT_MS}\n"))
 
 
-def precompiled_component(root: Path, cache: Path) -> Path:
+def precompiled_component(root: Path, cache: Path, src: str = SRC,
+                          python: tuple[str, ...] = ("/usr/bin/python3",), env: dict[str, str] | None = None) -> Path:
     """Build the digits component here (componentize-py), then compile it for aarch64 once, in the root
     on the oldest CPU (an artifact built for ARMv8.0 maps on later cores), into the cache the device's
     Runtime reads: every check after it must map it without compiling.
 
     Both are kept in --cache, keyed by the sources they are built from and the tools' versions: the
-    component's bytes differ from one build to the next, so its own hash would never hit.
+    component's bytes differ from one build to the next, so its own hash would never hit. The compile
+    runs `python` in the root (with `env`), which must import edgefn.
     Not cross-compiled by the host's wasmtime: the package index's wasmtime builds hold the code
     generator of their own architecture only ("Support for this target is disabled")."""
     import importlib.metadata
@@ -183,7 +192,7 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     from edgefn.functions.compile import WASMTIME_VERSION
     from edgefn.functions.manifest import load_manifest
 
-    function_dir = root / SRC.lstrip("/") / "examples" / "functions" / "digits"
+    function_dir = root / src.lstrip("/") / "examples" / "functions" / "digits"
     slow_cpu_manifest(function_dir)
     sources = sorted(watched_sources(function_dir))
     key = hashlib.sha256(json.dumps([[p.name, file_sha256(p)] for p in sources] + [
@@ -210,8 +219,8 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     # named and checked its way), then mapped there once.
     compile_here = ("import sys; from pathlib import Path; from edgefn.functions.sandbox import Runtime\n"
                     "with Runtime(Path(sys.argv[1])) as runtime: runtime.load(Path(sys.argv[2]))")
-    _, took = run_emulated(root, BASELINE_CPU, "-c", compile_here, "/" + str(state.relative_to(root)),
-                           "/" + str(wasm.relative_to(root)))
+    _, took = run_in_root(root, BASELINE_CPU, [*python, "-c", compile_here, "/" + str(state.relative_to(root)),
+                                               "/" + str(wasm.relative_to(root))], env=PYTHON_ENV if env is None else env)
     artifact = next(state.glob("*.cwasm"))
     log(f"digits component: compiled for aarch64 on {BASELINE_CPU} in {took} ({artifact.stat().st_size / 1e6:.1f} MB)")
     for old in cache.glob("component-*"):
@@ -223,16 +232,25 @@ def precompiled_component(root: Path, cache: Path) -> Path:
     return artifact
 
 
-def emulated(root: Path, cpu: str | None, *argv: str) -> list[str]:
-    """A command running `python3 argv...` in the root on `cpu`, with /proc and /dev mounted in a mount
-    namespace of its own (gone with the process, so nothing is left mounted). exec keeps one pid:
-    a signal to it reaches the emulated Python. Not /sys: the host's CPU topology there, beside the
-    host's x86 /proc/cpuinfo, makes onnxruntime's cpuinfo crash at import (SIGSEGV) on an A72; without
-    it, cpuinfo gives up with a warning, and onnxruntime runs."""
-    script = (f'mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && '
-              f'exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {f"QEMU_CPU={cpu}" if cpu else ""} HOME=/root PYTHONPATH={SRC}:{DEPS} PYTHONUNBUFFERED=1 '
-              f'LANG=C.UTF-8 COLUMNS=200 chroot "$1" /usr/bin/python3 "${{@:2}}"')
+def in_root(root: Path, cpu: str | None, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """A command running `argv` in the root on `cpu`, in a clean environment (plus `env`), with /proc and
+    /dev mounted in a mount namespace of its own (gone with the process, so nothing is left mounted).
+    exec keeps one pid: a signal to it reaches the emulated program. Not /sys: the host's CPU topology
+    there, beside the host's x86 /proc/cpuinfo, makes onnxruntime's cpuinfo crash at import (SIGSEGV) on
+    an A72; without it, cpuinfo gives up with a warning, and onnxruntime runs."""
+    variables = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **({"QEMU_CPU": cpu} if cpu else {}), "HOME": "/root",
+                 "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8", "COLUMNS": "200", **(env or {})}
+    script = ('mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && '
+              f'exec env -i {" ".join(shlex.quote(f"{k}={v}") for k, v in variables.items())} chroot "$1" "${{@:2}}"')
     return ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "bash", str(root), *argv]
+
+
+PYTHON_ENV = {"PYTHONPATH": f"{SRC}:{DEPS}"}  # the smoke's edgefn: this checkout, and the wheels beside it
+
+
+def emulated(root: Path, cpu: str | None, *argv: str) -> list[str]:
+    """`python3 argv...` in the root on `cpu`, importing the checkout at SRC and the wheels at DEPS."""
+    return in_root(root, cpu, ["/usr/bin/python3", *argv], PYTHON_ENV)
 
 
 def children_cpu() -> float:
@@ -242,9 +260,15 @@ def children_cpu() -> float:
 
 def run_emulated(root: Path, cpu: str | None, *argv: str, timeout: float = 900,
                  expect: int = 0) -> tuple[str, str]:
+    """`python3 argv...` run in the root (see emulated): its output, and how long it took."""
+    return run_in_root(root, cpu, ["/usr/bin/python3", *argv], PYTHON_ENV, timeout=timeout, expect=expect)
+
+
+def run_in_root(root: Path, cpu: str | None, argv: list[str], env: dict[str, str] | None = None,
+                timeout: float = 900, expect: int = 0) -> tuple[str, str]:
     """Its output, and how long it took: wall clock and CPU (the CPU figure holds on a busy host)."""
     started, cpu_before = time.monotonic(), children_cpu()
-    done = subprocess.run(emulated(root, cpu, *argv), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(in_root(root, cpu, argv, env), capture_output=True, text=True, timeout=timeout)
     took = f"{time.monotonic() - started:.1f} s ({children_cpu() - cpu_before:.1f} s CPU)"
     if done.returncode != expect:
         raise SmokeFailure(f"{' '.join(argv)} on {cpu}: exit status {done.returncode} "
@@ -314,10 +338,7 @@ def check_bench(root: Path, cpu: str) -> None:
 
 def check_invoke(root: Path, cpu: str, artifact: Path) -> None:
     stamp = artifact.stat().st_mtime_ns
-    event = json.dumps({"id": "arm64-1", "pixels": [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15,
-                                                    2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0, 0, 5, 8, 0, 0, 9, 8,
-                                                    0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0,
-                                                    6, 13, 10, 0, 0, 0]})  # the first of scikit-learn's digits: a 0
+    event = json.dumps({"id": "arm64-1", "pixels": FIRST_DIGIT})
     out, took = run_emulated(root, cpu, "-m", "edgefn", "fn", "invoke", f"{SRC}/examples/functions/digits",
                              "--models", f"{SRC}/models", "--payload", event, "--fresh", "--state-dir", STATE)
     if artifact.stat().st_mtime_ns != stamp or not artifact.exists():
@@ -409,11 +430,8 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "arm64", help="where the root is kept")
     args = parser.parse_args()
     cpus = args.cpu or ["cortex-a72", "cortex-a76"]
-    if os.geteuid() != 0:
-        log("needs root (chroot, mount, binfmt_misc)")
-        return 2
-    started = time.monotonic()
-    try:
+
+    def smoke() -> str:
         register_binfmt()
         root = build_root(args.cache)
         copy_sources(root)
@@ -427,12 +445,25 @@ def main() -> int:
             check_invoke(root, cpu, artifact)
             check_run(root, cpu, artifact)
             log(f"{cpu}: passed in {time.monotonic() - cpu_started:.0f} s")
+        return f"passed on {', '.join(cpus)}"
+
+    return run_as_root(smoke)
+
+
+def run_as_root(checks: Callable[[], str]) -> int:
+    """The exit status of `checks`: 0 when they pass (what they return is logged, and how long they
+    took), 1 on a SmokeFailure, 2 when not root."""
+    if os.geteuid() != 0:
+        log("needs root (chroot, mount, binfmt_misc)")
+        return 2
+    started = time.monotonic()
+    try:
+        passed = checks()
     except SmokeFailure as exc:
         log(f"FAILED: {exc}")
         return 1
-    log(f"passed on {', '.join(cpus)} in {time.monotonic() - started:.0f} s")
+    log(f"{passed} in {time.monotonic() - started:.0f} s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
