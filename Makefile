@@ -18,7 +18,7 @@ help:
 	@echo "make py310  - the core tests again on Python 3.10 (JetPack 6's), in .venv-py310"
 	@echo "make arm64-smoke - edgefn in a Debian arm64 root under qemu, as a Pi 4 (Cortex-A72) and a Pi 5 (Cortex-A76)"
 	@echo "make arm64-install - the README's device steps as written (venv, pip install .) in an arm64 root under qemu"
-	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script)"
+	@echo "make bench  - bench/e2e.py (edgefn against a plain paho + onnxruntime script); bench/stages.py (where its time goes)"
 	@echo "              bench/reliability.py (journal cost, SIGKILL loop), bench/containment.py"
 	@echo "              bench/models.py (every model variant against its fp32 ONNX)"
 	@echo "              bench/overload.py (capacity, hand-off to the cloud endpoint, cloud killed)"
@@ -128,6 +128,7 @@ arm64-install: $(BIN)/.installed arm64-deps
 
 bench: setup
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/stages.py
 	$(BIN)/python bench/reliability.py
 	$(BIN)/python bench/containment.py
 	$(BIN)/python bench/models.py
