@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -146,10 +147,24 @@ def fn_watch(
         done += 1
         if runs is not None and done >= runs:
             return
-        while (now := snapshot()) == seen:
-            time.sleep(interval)
-        saved_at = max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
-        seen = now
+        seen, saved_at = next_save(snapshot, seen, interval)
+
+
+def next_save(snapshot: Callable[[], dict[Path, float]], seen: dict[Path, float],
+              interval: float) -> tuple[dict[Path, float], float]:
+    """Wait for the sources' times to move from `seen`, then for them to stand still: a save can be more
+    than one write (open truncates, then the bytes come; an editor writes, then renames), and the rest of
+    one save must not look like the next. The times then, and when the save happened (its latest time)."""
+    while (now := snapshot()) == seen:
+        time.sleep(interval)
+    while (later := _after(interval, snapshot)) != now:
+        now = later
+    return now, max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
+
+
+def _after(seconds: float, read: Callable[[], dict[Path, float]]) -> dict[Path, float]:
+    time.sleep(seconds)
+    return read()
 
 
 def _line(m: Message) -> str:
