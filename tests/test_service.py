@@ -141,6 +141,18 @@ def test_install_puts_the_unit_config_and_environment_in_place(tmp_path: Path):
     assert (root / CONFIG).read_text() == 'broker = "mqtt://broker.local:1883"\n'
 
 
+def test_an_install_without_the_service_files_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A wheel built without edgefn/service/files (its package data): one line saying what is missing and
+    what to do, no traceback (tests/arm64/install.py met the traceback when the package data was dropped)."""
+    import edgefn.service.install as service
+
+    monkeypatch.setattr(service, "FILES", tmp_path / "files")  # what such a wheel installs: no folder
+    result = CliRunner().invoke(app, ["service", "install", "--root", str(tmp_path / "root")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "lacks its service file edgefn.service" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "root").exists()
+
+
 def test_the_example_config_loads_as_the_daemons_settings():
     from edgefn.config import load_settings
     from edgefn.service.install import FILES

@@ -44,8 +44,17 @@ def exec_start() -> str:
     return f"{shlex.quote(sys.executable)} -m edgefn"
 
 
+def _packaged(name: str) -> bytes:
+    """One of the files edgefn ships for the service; a ConfigError where the install lacks it."""
+    try:
+        return (FILES / name).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"this edgefn install lacks its service file {name} ({exc.strerror}): it was built "
+                          f"without edgefn/service/files; install edgefn again from a complete checkout or wheel") from None
+
+
 def unit_text(command: str | None = None) -> str:
-    return (FILES / "edgefn.service").read_text().replace("{exec_start}", command or exec_start())
+    return _packaged("edgefn.service").decode().replace("{exec_start}", command or exec_start())
 
 
 def plan(root: Path = Path("/"), *, enable: bool = True, command: str | None = None) -> list[tuple[Step, bytes | None]]:
@@ -58,7 +67,7 @@ def plan(root: Path = Path("/"), *, enable: bool = True, command: str | None = N
         if target.exists():
             steps.append((Step("keep", str(target)), None))
         else:
-            steps.append((Step("write", str(target), mode), (FILES / source).read_bytes()))
+            steps.append((Step("write", str(target), mode), _packaged(source)))
     if root.resolve() == Path("/"):
         steps.append((Step("run", "systemctl daemon-reload"), None))
         if enable:

@@ -8,7 +8,9 @@ untracked but not ignored, files): the commands are read from the README's `sh` 
 (a line starting with `python3 ` or `~/`, its comment dropped, `&&` steps timed one by one) and each
 runs in bash, in the clone, emulated on a Pi 4's CPU: the preflight check, `python3 -m venv`, pip
 (emulated too, from the package index over the host's network, which qemu-user shares) and `edgefn
-profile detect` from the venv. Then, unless --no-invoke, the venv's `edgefn fn invoke` of the digits
+profile detect` from the venv. Then the venv's `edgefn service install --root DIR` ("Install as a
+service": the unit and /etc/edgefn's files from the installed wheel, the unit starting the venv's
+edgefn; no systemd in the root), and, unless --no-invoke, the venv's `edgefn fn invoke` of the digits
 function from the component tests/arm64/smoke.py compiled for aarch64 (kept in --cache; made here when
 missing), mapped and never compiled again.
 
@@ -136,6 +138,24 @@ def check_installed(root: Path, cpu: str) -> None:
         raise SmokeFailure(f"the venv imports edgefn from {out.strip()}, not from its site-packages")
 
 
+def check_service(root: Path, cpu: str) -> str:
+    """README "Install as a service": the venv's `edgefn service install --root DIR` (no systemd in the
+    root) writes the unit and /etc/edgefn's example files from the installed wheel; the unit starts this
+    venv's edgefn."""
+    image = "/tmp/service-image"
+    shutil.rmtree(root / image.lstrip("/"), ignore_errors=True)
+    out, took = run_step(root, cpu, f"{VENV}/bin/edgefn service install --root {image}")
+    unit = root / image.lstrip("/") / "etc/systemd/system/edgefn.service"
+    env = root / image.lstrip("/") / "etc/edgefn/edgefn.env"
+    if not (unit.is_file() and env.is_file() and (env.parent / "config.toml").is_file()):
+        raise SmokeFailure(f"{cpu}: service install --root wrote no unit or no /etc/edgefn files:\n{out[-2000:]}")
+    if f"ExecStart={VENV}/bin/edgefn run " not in unit.read_text():
+        raise SmokeFailure(f"{cpu}: the unit does not start the venv's edgefn:\n{unit.read_text()}")
+    if env.stat().st_mode & 0o777 != 0o600:
+        raise SmokeFailure(f"{cpu}: edgefn.env is mode {env.stat().st_mode & 0o777:o}, not 600 (it holds secrets)")
+    return took
+
+
 def check_invoke(root: Path, cpu: str, cache: Path) -> str:
     """The venv's `edgefn fn invoke` of the digits function, from the component compiled for aarch64."""
     artifact = precompiled_component(root, cache, src=CHECKOUT, python=(f"{VENV}/bin/python",), env={})
@@ -167,6 +187,8 @@ def main() -> int:
             summary = check_step(command, out)
             log(f"{args.cpu}: `{command}` in {took}{': ' + summary if summary else ''}")
         check_installed(root, args.cpu)
+        took = check_service(root, args.cpu)
+        log(f"{args.cpu}: the venv's `edgefn service install --root DIR` in {took}: the unit starts the venv's edgefn")
         if not args.no_invoke:
             took = check_invoke(root, args.cpu, args.cache)
             log(f"{args.cpu}: the venv's fn invoke (precompiled component, no compile) in {took}: label 0")
