@@ -191,6 +191,14 @@ def collector(broker: LocalBroker) -> Iterator[callable]:
         c.close()
 
 
+def eventually(condition, timeout: float) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; whether it holds then."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
 def publish(port: int, topic: str, payloads: list[bytes]) -> None:
     """Publish at QoS1 and wait until the broker has acknowledged every message."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensor-{time.monotonic_ns()}")

@@ -27,7 +27,7 @@ from edgefn.mqtt.egress import UserProperties
 from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.local_broker import LocalBroker
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
-from tests.conftest import Collector
+from tests.conftest import Collector, eventually
 from tests.mqtt_proxy import PUBACK, SUBACK, DroppingProxy
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=300)
@@ -72,13 +72,6 @@ def _connection(tmp_path: Path, port: int, on_message, filters=(), client_id: st
     return conn
 
 
-def _wait(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def _sensor(port: int) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensor-{time.monotonic_ns()}", protocol=mqtt.MQTTv5)
     client.connect("127.0.0.1", port)
@@ -115,7 +108,7 @@ def test_qos0_events_are_journaled_and_answered_without_dropping_the_connection(
     ingress = Ingress(inbox, 10_000, answer, lambda mid, q, p: conn.ack(mid, q, p), lambda: conn.has_more_to_read())
     conn = _connection(tmp_path, any_broker.port, ingress.on_message, ["sensors/#"],
                        on_disconnect=lambda priority: drops.append(1))
-    assert _wait(lambda: conn.awaiting_suback == 0, 5)
+    assert eventually(lambda: conn.awaiting_suback == 0, 5)
     stop = threading.Event()
     flusher = threading.Thread(target=lambda: [ingress.flush() for _ in iter(lambda: stop.wait(0.005), True)])
     flusher.start()  # the daemon's timer: a group left open by a packet that was not an event
@@ -124,7 +117,7 @@ def test_qos0_events_are_journaled_and_answered_without_dropping_the_connection(
     try:
         infos = [sensor.publish("sensors/t", str(n).encode(), qos=qos[n % len(qos)]) for n in range(200)]
         [info.wait_for_publish(5) for info in infos]
-        assert _wait(lambda: len(acks.calls) == 200, 10), f"{len(acks.calls)} of 200 answered"
+        assert eventually(lambda: len(acks.calls) == 200, 10), f"{len(acks.calls)} of 200 answered"
         assert len(results.wait_for(200)) == 200 and len(inbox) == 200
         assert drops == [] and set(acks.calls.values()) == {1} and acks.refused == []
     finally:
@@ -141,7 +134,7 @@ def test_a_reconnect_with_a_backlog_publishes_without_its_suback_and_subscribes_
     # mosquitto 2.0.16-2.0.20 drop the SUBACK behind a large resend; the proxy drops it on any version.
     client_id = f"edgefn-backlog-{time.monotonic_ns()}"
     away = _connection(tmp_path, any_broker.port, lambda *event: None, ["sensors/#"], client_id=client_id)
-    assert _wait(lambda: away.awaiting_suback == 0, 5)
+    assert eventually(lambda: away.awaiting_suback == 0, 5)
     sensor = _sensor(any_broker.port)
     infos = [sensor.publish("sensors/t", f"in-flight {n}".encode(), qos=1) for n in range(2000)]
     [info.wait_for_publish(10) for info in infos]  # sent to `away`, which never acknowledges (a full inbox)
@@ -160,12 +153,12 @@ def test_a_reconnect_with_a_backlog_publishes_without_its_suback_and_subscribes_
         for n in range(10):
             back.publish("results/t", b"r", acks.callback(n))
         acked = 0
-        while _wait(lambda acked=acked: len(received) > acked, 2):  # the events, as the inbox takes them
+        while eventually(lambda acked=acked: len(received) > acked, 2):  # the events, as the inbox takes them
             for _, mid, qos in received[acked:]:
                 back.ack(mid, qos)
                 acked += 1
-        assert _wait(lambda: len(acks.calls) == 10, 5), "outputs held back"
-        assert _wait(lambda: back.awaiting_suback == 0, 5) and proxy.dropped[SUBACK] == 1
+        assert eventually(lambda: len(acks.calls) == 10, 5), "outputs held back"
+        assert eventually(lambda: back.awaiting_suback == 0, 5) and proxy.dropped[SUBACK] == 1
         # Every event the broker had in flight comes again, once; of those published while the client was
         # away, a broker with room keeps all, and a stock one (max_queued_messages 1000, counting what it had
         # in flight to the client) drops nearly all: what it kept is its business, that we got it is ours.
@@ -198,10 +191,10 @@ def test_lost_pubacks_are_recovered_each_callback_once_in_order(tmp_path, any_br
     try:
         for n in range(2000):
             conn.publish("results/t", str(n).encode(), acks.callback(n), [("edgefn-event", str(n))])
-        assert _wait(lambda: len(acks.calls) == 2000, 20), f"{2000 - len(acks.calls)} outputs stuck"
+        assert eventually(lambda: len(acks.calls) == 2000, 20), f"{2000 - len(acks.calls)} outputs stuck"
         assert set(acks.calls.values()) == {1} and acks.refused == [] and proxy.dropped[PUBACK] >= 1
         assert conn.awaiting_ack == 0
-        assert _wait(lambda: len({body for _, body in results.messages}) == 2000, 5)
+        assert eventually(lambda: len({body for _, body in results.messages}) == 2000, 5)
         first = list(dict.fromkeys(int(body) for _, body in results.wait_for(0)))
         assert first == list(range(2000))  # every output, and in order where first seen
         seen: set[object] = set()
@@ -232,7 +225,7 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
             time.sleep(3.5)  # three keepalives
             assert got == [], "nothing read while paused"
             conn.pause_reading(False)
-            assert _wait(lambda: len(got) == 20, 10), len(got)
+            assert eventually(lambda: len(got) == 20, 10), len(got)
             assert got == [b"%d" % i for i in range(20)] and disconnects == []
             sensor.loop_stop()
             sensor.disconnect()
@@ -266,7 +259,7 @@ def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(
         try:
             infos = [sensor.publish("sensors/a/x", b"e", qos=1) for _ in range(400)]
             [info.wait_for_publish(10) for info in infos]
-            assert _wait(lambda: len(got) == 400, 10), len(got)
+            assert eventually(lambda: len(got) == 400, 10), len(got)
             deadline = time.monotonic() + 5  # the broker reads the last of 400 PUBACKs ~4 s from now
             n = 0
             while time.monotonic() < deadline:  # results flow meanwhile: the broker is alive
@@ -276,7 +269,7 @@ def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(
             assert disconnects == [] and proxy._connections[client_id] == 1, "the events session was dropped"
             assert not any(dup for _, dup in got) and len(got) == 400, "events were sent again"
             events = conn._sessions["normal"]
-            assert _wait(lambda: events.link.client._ping_t == 0, 5), "the PINGRESP never came"
+            assert eventually(lambda: events.link.client._ping_t == 0, 5), "the PINGRESP never came"
             conn._results.client.heard_at = 0.0  # the other session silent too: the broker may be gone
             assert not conn._silence_excused(events)
         finally:
@@ -296,7 +289,7 @@ def test_a_pause_never_keeps_the_pubacks_of_our_results_unread(tmp_path):
             conn.pause_reading(True)
             for n in range(50):
                 conn.publish("results/t", b"%d" % n, acks.callback(n))
-            assert _wait(lambda: len(acks.calls) == 50, 5), f"{50 - len(acks.calls)} results still await a PUBACK"
+            assert eventually(lambda: len(acks.calls) == 50, 5), f"{50 - len(acks.calls)} results still await a PUBACK"
             assert set(acks.calls.values()) == {1}
         finally:
             conn.stop()
@@ -320,11 +313,11 @@ def test_results_are_acknowledged_at_once_while_events_crowd_the_stream_to_us(tm
         try:
             infos = [sensor.publish("sensors/a/x", b"e", qos=1) for _ in range(10_000)]
             [info.wait_for_publish(20) for info in infos]
-            assert _wait(lambda: len(read) > 100, 5)  # the stream to us is busy now
+            assert eventually(lambda: len(read) > 100, 5)  # the stream to us is busy now
             started = time.monotonic()
             for n in range(500):
                 conn.publish("results/t", b"%d" % n, acks.callback(n))
-            assert _wait(lambda: len(acks.calls) == 500, 5), f"{500 - len(acks.calls)} results await a PUBACK"
+            assert eventually(lambda: len(acks.calls) == 500, 5), f"{500 - len(acks.calls)} results await a PUBACK"
             assert len(read) < 10_000, "the events were all read first: the test proves nothing"
             assert set(acks.calls.values()) == {1}, time.monotonic() - started
         finally:
@@ -356,7 +349,7 @@ def test_a_port_that_is_not_a_brokers_is_said_within_seconds(tmp_path, caplog, a
     caplog.set_level(logging.WARNING, logger="edgefn.mqtt")
     conn.start()
     try:
-        assert _wait(lambda: any("is it an MQTT broker?" in r.getMessage() for r in caplog.records), 5), \
+        assert eventually(lambda: any("is it an MQTT broker?" in r.getMessage() for r in caplog.records), 5), \
             [r.getMessage() for r in caplog.records]
         assert "is it an MQTT broker?" in (conn.last_error or "")
         said = [r for r in caplog.records if "MQTT broker?" in r.getMessage()]

@@ -25,7 +25,7 @@ from edgefn.childproc import stop_gracefully
 from edgefn.daemon import Daemon
 from edgefn.journal.inbox import Inbox
 from edgefn.mqtt.local_broker import LocalBroker
-from tests.conftest import MODELS, Collector, publish
+from tests.conftest import MODELS, Collector, eventually, publish
 
 pytestmark = pytest.mark.broker
 
@@ -434,31 +434,25 @@ def test_run_sigkilled_ten_times_in_a_stream_of_10000_loses_nothing(digits_fn, c
         try:
             for n in range(200):  # until the daemon's session (and so its subscription) exists
                 sensor.client.publish("sensors/probe/digits", digit_payloads(1, f"probe{n}")[0][0], qos=1)
-                wait_until(lambda: results.ids, 0.3)
+                eventually(lambda: results.ids, 0.3)
                 if results.ids:
                     break
             sending.start()
             for _ in range(10):
                 seen = len(results.ids)
-                wait_until(lambda seen=seen: len(results.ids) > seen + 20, 60)  # it is serving again
+                eventually(lambda seen=seen: len(results.ids) > seen + 20, 60)  # it is serving again
                 time.sleep(rng.uniform(0, 0.3))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 proc = _run_cli(b, digits_fn, cli_state, "edgefn-kill10")
             sending.join()
-            wait_until(lambda: set(labels) <= results.ids, 120)
+            eventually(lambda: set(labels) <= results.ids, 120)
             missing = set(labels) - results.ids
             assert not missing, f"lost {len(missing)} of {len(labels)} events"
         finally:
             stop_gracefully(proc, 20)
             results.close()
             sensor.close()
-
-
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def test_run_stops_cleanly_on_sigterm(broker, collector, digits_fn, cli_state):

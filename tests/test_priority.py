@@ -23,7 +23,7 @@ from edgefn.journal.outbox import Pending
 from edgefn.mqtt.ingress import Ingress
 from edgefn.observe.window import HealthWindow
 from edgefn.offload.planner import Planner
-from tests.conftest import MODELS, publish
+from tests.conftest import MODELS, eventually, publish
 
 X, Y = load_digits(return_X_y=True)
 
@@ -62,13 +62,6 @@ def run(broker, settings_for, started):
     return make
 
 
-def _wait(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def _ids(messages: list[tuple[str, object]], function: str) -> list[str]:
     return [doc["event_id"] for _, doc in messages if isinstance(doc, dict) and doc.get("function") == function]
 
@@ -99,12 +92,12 @@ def test_an_event_of_two_classes_comes_on_two_sessions_and_each_function_answers
     cid = d.settings.client_id
     assert d.connection.sessions == {"normal": cid, "high": f"{cid}-high"}
     publish(broker.port, "sensors/dev1/digits", digits("both", 100))
-    assert _wait(lambda: len(results.messages) >= 200, 20), len(results.messages)
+    assert eventually(lambda: len(results.messages) >= 200, 20), len(results.messages)
     time.sleep(0.5)  # a second answer of either function would come by now
     for function in ("digits", "alarm"):
         got = _ids(results.messages, function)
         assert sorted(got) == sorted(f"both-{k}" for k in range(100)), f"{function}: each event once"
-    assert _wait(lambda: len(d.inbox) == 0, 5), "each copy journaled and settled"
+    assert eventually(lambda: len(d.inbox) == 0, 5), "each copy journaled and settled"
 
 
 # -- the most urgent first --------------------------------------------------------------------------------
@@ -174,14 +167,14 @@ def test_under_contention_alarms_are_answered_ahead_of_a_backlog_of_slow_events(
     run(folder)
     # Each loop a payload of its own: the same one thrice would be quarantined.
     publish(broker.port, "sensors/d1/hostile", [b"loop" + b" " * i for i in range(12)])
-    assert _wait(lambda: len(errors.messages) >= 1, 5), "the backlog is being served"
+    assert eventually(lambda: len(errors.messages) >= 1, 5), "the backlog is being served"
     publish(broker.port, "alarms/a1/hostile", [b"ok"] * 5)
     sent = time.monotonic()
-    assert _wait(lambda: len(results.messages) == 5, 10), "the alarms were answered"
+    assert eventually(lambda: len(results.messages) == 5, 10), "the alarms were answered"
     took, timed_out = time.monotonic() - sent, len(errors.messages)
     assert timed_out <= 9, f"{timed_out} of 12 slow events ran before the alarms published after them"
     assert took < 1.5, f"the alarms took {took:.1f} s: they waited for more than the one event running"
-    assert _wait(lambda: len(errors.messages) == 12, 10), "and the backlog, all of it"
+    assert eventually(lambda: len(errors.messages) == 12, 10), "and the backlog, all of it"
     assert all(doc["reason"] == "timeout" for _, doc in errors.messages)
 
 
@@ -197,7 +190,7 @@ def test_low_priority_events_are_shed_under_overload_to_the_error_topic_counted_
     publish(broker.port, "sensors/b1/bulk", digits("low", 3000))
     publish(broker.port, "alarms/a1/shedding", digits("high", 50))
     answered = lambda: len(results.messages) + len(errors.messages)  # noqa: E731
-    assert _wait(lambda: answered() >= 3050, 60), answered()
+    assert eventually(lambda: answered() >= 3050, 60), answered()
     time.sleep(0.5)
     shed = [doc for _, doc in errors.messages]
     assert shed and all(doc["reason"] == "shed" and doc["function"] == "shedding" for doc in shed)
@@ -210,4 +203,4 @@ def test_low_priority_events_are_shed_under_overload_to_the_error_topic_counted_
     counted = next(float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith('edgefn_events_handled_total{function="shedding",outcome="shed"}'))
     assert counted == len(shed)
-    assert _wait(lambda: len(d.inbox) == 0 and d.outbox.rows == 0, 5), "settled once the notices were out"
+    assert eventually(lambda: len(d.inbox) == 0 and d.outbox.rows == 0, 5), "settled once the notices were out"

@@ -125,10 +125,15 @@ def test_guest_cpu_leaves_out_the_cpu_spent_in_infer():
     assert (f.invocations, f.bytes_in, f.infer_calls["local"], f.infer_s["local"]) == (1, 5, 1, 0.5)
 
 
+def _sandbox(runtime: Runtime, folder: Path) -> FunctionSandbox:
+    manifest = load_manifest(folder)
+    return FunctionSandbox(runtime, manifest, component_path(folder, manifest),
+                           FunctionHost(manifest.name, ModelRegistry([MODELS]), StateStore(":memory:")))
+
+
 def test_a_sandbox_reads_the_linear_memory_of_its_live_instances(runtime: Runtime, hostile_fn: Path):
     manifest = load_manifest(hostile_fn)
-    sandbox = FunctionSandbox(runtime, manifest, component_path(hostile_fn, manifest),
-                              FunctionHost(manifest.name, ModelRegistry([MODELS]), StateStore(":memory:")))
+    sandbox = _sandbox(runtime, hostile_fn)
     try:
         limit = manifest.limits.memory_mb * MIB
         first = sandbox.memory_bytes()
@@ -152,23 +157,19 @@ def test_a_watched_instance_is_read_after_unwatched_ones_came_and_went(runtime: 
     still be read as the new instance's. And a live unwatched instance's memory is not counted as its."""
     manifest = load_manifest(hostile_fn)
 
-    def sandbox_on(rt: Runtime) -> FunctionSandbox:
-        return FunctionSandbox(rt, manifest, component_path(hostile_fn, manifest),
-                               FunctionHost(manifest.name, ModelRegistry([MODELS]), StateStore(":memory:")))
-
-    first = sandbox_on(runtime)
+    first = _sandbox(runtime, hostile_fn)
     (inst,) = list(first._made.values())
     memories = len(inst.memories)  # how many linear memories one instance of this component has
     del inst
     first.close()
     with Runtime(component_cache, watch_memory=False) as quiet:
-        gone = sandbox_on(quiet)
+        gone = _sandbox(quiet, hostile_fn)
         assert gone.memory_bytes() == 0  # not watched: not read
         gone.close()
         del gone
         gc.collect()  # its store freed: its reservation's addresses are free for the next memory
-        alive = sandbox_on(quiet)
-        sandbox = sandbox_on(runtime)
+        alive = _sandbox(quiet, hostile_fn)
+        sandbox = _sandbox(runtime, hostile_fn)
         try:
             assert 1 * MIB < sandbox.memory_bytes() <= manifest.limits.memory_mb * MIB
             (inst,) = list(sandbox._made.values())

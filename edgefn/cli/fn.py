@@ -157,14 +157,11 @@ def next_save(snapshot: Callable[[], dict[Path, float]], seen: dict[Path, float]
     one save must not look like the next. The times then, and when the save happened (its latest time)."""
     while (now := snapshot()) == seen:
         time.sleep(interval)
-    while (later := _after(interval, snapshot)) != now:
+    while True:
+        time.sleep(interval)
+        if (later := snapshot()) == now:
+            return now, max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
         now = later
-    return now, max((m for p, m in now.items() if seen.get(p) != m), default=time.time())
-
-
-def _after(seconds: float, read: Callable[[], dict[Path, float]]) -> dict[Path, float]:
-    time.sleep(seconds)
-    return read()
 
 
 def _line(m: Message) -> str:
