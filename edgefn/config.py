@@ -1,21 +1,29 @@
 """Settings of `edgefn run`: flags over environment (EDGEFN_*) over a TOML config file over
-defaults. Secrets (the broker password, the device's fleet token) come from the environment or a
+defaults. The sources are merged here rather than by pydantic-settings: that package and what it
+imports held 6 MB of the daemon's memory for these few lines. Secrets (the broker password, the device's fleet token) come from the environment or a
 file and are never logged; a password written into a URL (`mqtt://user:pass@host`) is used, and
 every URL is printed through `redact_url`."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from edgefn.errors import ConfigError, validation_text
 from edgefn.protocol.offload import Policy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 
 def redact_url(url: str) -> str:
@@ -46,10 +54,13 @@ def default_state_dir() -> Path:
     return Path(base) / "edgefn"
 
 
-class Settings(BaseSettings):
-    """Everything `edgefn run` needs; each field is also EDGEFN_<FIELD> in the environment."""
+ENV_PREFIX = "EDGEFN_"
 
-    model_config = SettingsConfigDict(env_prefix="EDGEFN_", extra="forbid")
+
+class Settings(BaseModel):
+    """Everything `edgefn run` needs; each field is also EDGEFN_<FIELD> in the environment (`load_settings`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     broker: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS).")
     username: str | None = Field(default=None, description="Broker user name.")
@@ -191,28 +202,50 @@ class Settings(BaseSettings):
     def tls(self) -> bool:
         return urlsplit(self.broker).scheme == "mqtts" or self.ca_file is not None
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = _CONFIG_FILE.get("path")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if config_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
+
+def _structured(annotation: Any) -> bool:
+    """A list or a map (or either or None): given in the environment as JSON."""
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_structured(arg) for arg in get_args(annotation))
+    return get_origin(annotation) in (list, dict)
 
 
-_CONFIG_FILE: dict[str, Path | None] = {}
+def _from_environment() -> dict[str, Any]:
+    """EDGEFN_<FIELD> for each field, its name in any case; lists and maps as JSON
+    (EDGEFN_MODEL_VARIANTS='{"digits": "tflite-int8"}'). Other EDGEFN_ variables are not settings: ignored."""
+    given = {key.upper(): value for key, value in os.environ.items() if key.upper().startswith(ENV_PREFIX)}
+    values: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        key = ENV_PREFIX + name.upper()
+        if key not in given:
+            continue
+        if not _structured(field.annotation):
+            values[name] = given[key]
+            continue
+        try:
+            values[name] = json.loads(given[key])
+        except ValueError as exc:
+            raise ConfigError(f"{key}: not JSON ({exc}); a list is written [\"a\", \"b\"], "
+                              f"a map {{\"key\": \"value\"}}") from None
+    return values
+
+
+def _from_file(config_file: Path | None) -> dict[str, Any]:
+    if config_file is None:
+        return {}
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"{config_file}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config_file}: not a TOML file edgefn can read ({exc})") from None
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     """Settings from flags (None means 'not given'), environment and an optional TOML file."""
-    if config_file is not None and not Path(config_file).is_file():
-        raise ConfigError(f"{config_file}: config file not found")
-    _CONFIG_FILE["path"] = config_file
+    values = {**_from_file(config_file), **_from_environment(), **{k: v for k, v in flags.items() if v is not None}}
     try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None})
+        return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(validation_text(exc)) from None
-    finally:
-        _CONFIG_FILE.pop("path", None)

@@ -46,3 +46,34 @@ def test_settings_unknown_key_in_file_is_named(tmp_path: Path):
 def test_settings_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_settings_lists_and_maps_come_from_the_environment_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("EDGEFN_MODEL_VARIANTS", '{"digits": "tflite-int8"}')
+    monkeypatch.setenv("EDGEFN_FUNCTIONS", f'["{tmp_path / "a"}", "{tmp_path / "b"}"]')
+    monkeypatch.setenv("EDGEFN_METRICS_PORT", "9108")
+    monkeypatch.setenv("edgefn_metering", "false")  # any case, as the environment may spell it
+    monkeypatch.setenv("EDGEFN_NOT_A_SETTING", "1")  # other EDGEFN_ variables are not settings
+    s = load_settings()
+    assert s.model_variants == {"digits": "tflite-int8"}
+    assert s.functions == [tmp_path / "a", tmp_path / "b"]
+    assert (s.metrics_port, s.metering) == (9108, False)
+
+
+def test_settings_say_which_variable_is_not_json(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("EDGEFN_MODEL_VARIANTS", "digits=tflite-int8")
+    with pytest.raises(ConfigError, match="EDGEFN_MODEL_VARIANTS: not JSON"):
+        load_settings()
+
+
+def test_settings_say_the_config_file_is_not_toml(tmp_path: Path):
+    config = tmp_path / "edgefn.toml"
+    config.write_text('broker = "mqtt://h\n')
+    with pytest.raises(ConfigError, match="edgefn.toml: not a TOML file"):
+        load_settings(config)
+
+
+def test_settings_refuse_a_bad_value_from_the_environment_by_name(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("EDGEFN_METRICS_PORT", "ninety")
+    with pytest.raises(ConfigError, match="metrics_port"):
+        load_settings()

@@ -69,10 +69,10 @@ def test_settle_that_fails_changes_nothing(tmp_path: Path):
 
 
 def test_inbox_durability_full_syncs_every_commit(tmp_path: Path, monkeypatch):
-    from edgefn.config import Settings
+    from edgefn.config import load_settings
 
     monkeypatch.setenv("EDGEFN_DURABILITY", "full")
-    durability = Settings().durability
+    durability = load_settings().durability
     with Inbox(tmp_path / "inbox.sqlite", durability=durability) as inbox:
         assert inbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Inbox(tmp_path / "inbox.sqlite") as inbox:
