@@ -58,7 +58,7 @@ def test_load_minimal_defaults(tmp_path: Path):
     assert m.function.module == "app"
     assert m.publish.topics == [] and m.models.use == []
     assert (m.limits.memory_mb, m.limits.timeout_ms, m.limits.instance_bounds, m.limits.max_messages,
-            m.limits.max_output_bytes, m.limits.recycle_after) == (64, 500, (2, 2), 16, 65_536, 5_000)
+            m.limits.max_output_bytes, m.limits.recycle_after) == (64, 500, (1, 2), 16, 65_536, 5_000)
     assert m.latency_budget_ms == 100.0
 
 
@@ -67,7 +67,7 @@ def test_load_minimal_defaults(tmp_path: Path):
     ("min_instances = 0\nmax_instances = 4", (0, 4)),
     ("min_instances = 0", (0, 2)),
     ("min_instances = 5", (5, 5)),
-    ("max_instances = 4", (4, 4)),
+    ("max_instances = 4", (1, 4)),
 ])
 def test_limits_instance_bounds(tmp_path: Path, limits: str, bounds: tuple[int, int]):
     m = load_manifest(write(tmp_path, VALID + f"\n[limits]\n{limits}\nidle_s = 0.5\n"))

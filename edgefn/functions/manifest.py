@@ -25,10 +25,10 @@
     [limits]
     memory_mb = 64                      # linear memory of one instance
     timeout_ms = 500                    # wall-clock deadline per event (epoch interruption)
-    min_instances = 0                   # instances kept warm however idle (0: scale to zero)
-    max_instances = 4                   # the most it scales up to (events run concurrently)
+    min_instances = 0                   # instances kept warm however idle (0: scale to zero; default 1)
+    max_instances = 4                   # the most it scales up to (events run concurrently; default 2)
     idle_s = 30                         # an instance idle this long is released, down to min_instances
-    # instances = 2                     # the older key: a fixed pool (both bounds); default when none is given
+    # instances = 2                     # the older key: a fixed pool (both bounds)
     max_messages = 16                   # outputs per event
     max_output_bytes = 65536            # total payload bytes per event
     recycle_after = 5000                # events before an instance is replaced by a fresh one
@@ -132,11 +132,11 @@ class LimitsSection(_Section):
     memory_mb: int = Field(default=64, ge=8, le=4096, description="Linear memory of one instance, MiB.")
     timeout_ms: int = Field(default=500, ge=1, le=600_000, description="Wall-clock deadline per event.")
     instances: int | None = Field(default=None, ge=1, le=64, description="A fixed pool: both min_instances and "
-                                  "max_instances (the older key; 2 when no bound is given).")
+                                  "max_instances (the older key).")
     min_instances: int | None = Field(default=None, ge=0, le=64, description="Instances kept warm however idle "
-                                      "(0: scale to zero; default: max_instances).")
+                                      "(0: scale to zero; default 1, or max_instances if below).")
     max_instances: int | None = Field(default=None, ge=1, le=64, description="The most instances it scales up to "
-                                      "(events run concurrently; default: min_instances, or 2).")
+                                      "(events run concurrently; default 2, or min_instances if above).")
     idle_s: float = Field(default=30.0, gt=0, le=86_400, description="An instance idle this long is released, "
                           "down to min_instances.")
     max_messages: int = Field(default=16, ge=0, le=10_000, description="Output messages per event.")
@@ -158,8 +158,10 @@ class LimitsSection(_Section):
         """(min_instances, max_instances), from whichever keys the manifest gives."""
         if self.instances is not None:
             return self.instances, self.instances
+        # One instance kept while idle, a second made when events wait (a board's memory is small: an
+        # idle second instance held ~7 MB), released again after idle_s.
         most = self.max_instances if self.max_instances is not None else max(self.min_instances or 0, 2)
-        least = self.min_instances if self.min_instances is not None else most
+        least = self.min_instances if self.min_instances is not None else min(1, most)
         return least, most
 
 
