@@ -30,7 +30,8 @@ STAGES = (
     ("edgefn.functions.host", "FunctionHost", "infer"),  # host.infer: the model
     ("edgefn.journal.outbox", "Outbox", "answer"),  # the answer on its way out
     ("edgefn.mqtt.egress", "Egress", "publish"),
-    ("paho.mqtt.client", "Client", "_packet_write"),  # bytes written to a socket
+    ("paho.mqtt.client", "Client", "_packet_write"),  # bytes written to a socket by paho's thread
+    ("edgefn.mqtt.client", "PausableClient", "_write_inline"),  # or by the thread that published them
 )
 
 _spans: list[tuple[str, str, float, float]] = []

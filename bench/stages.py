@@ -111,7 +111,7 @@ def stage_table(spans: list[list[Any]], sent: list[tuple[float, float | None]]) 
         infer = firsts.get("FunctionHost.infer (worker)")
         # The result's write: the first on a thread other than the events session's after the call (the
         # worker's own publish writes it, else the results session's thread).
-        writes = [e for label, thread, s, e in mine if label == "Client._packet_write"
+        writes = [e for label, thread, s, e in mine if label in ("Client._packet_write", "PausableClient._write_inline")
                   and _thread_kind(thread) != "events session" and call is not None and s >= call[1]]
         if not (read and queued and worker and call and infer and writes):
             continue

@@ -27,7 +27,7 @@ from edgefn.mqtt.egress import UserProperties
 from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.local_broker import LocalBroker
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
-from tests.conftest import Collector, eventually
+from tests.conftest import Collector, eventually, publish
 from tests.mqtt_proxy import PUBACK, SUBACK, DroppingProxy
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=300)
@@ -378,3 +378,100 @@ def test_a_drop_after_a_session_was_up_never_asks_whether_the_broker_is_mqtt(tmp
     link.disconnected(keepalive, was_connected=False)
     assert "is it an MQTT broker" not in (link.last_error or "") + caplog.text
     assert link.last_error == "events connection lost: Keep alive timeout"
+
+
+# -- writes from the publishing thread (PausableClient.write_inline) ---------------------------------
+
+
+def _daemon_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
+    from edgefn.mqtt.client import broker_client
+
+    client = broker_client(load_settings(broker=broker.url, state_dir=tmp_path), f"inline-{time.monotonic_ns()}")
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    assert connected.wait(5)
+    return client
+
+
+def test_a_publish_is_written_by_its_own_thread_while_pahos_is_busy(broker: LocalBroker, tmp_path: Path):
+    """paho's thread held in a callback (as ingress holds it for a journal commit): a result published from
+    another thread reaches the broker all the same, written by that thread. Queued for paho's thread, as
+    paho does, it would wait for the callback to end."""
+    results = Collector(broker.port, "results/#")
+    client = _daemon_client(broker, tmp_path)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(*_: object) -> None:
+        busy.set()
+        release.wait(10)
+
+    client.on_message = hold
+    client.subscribe("hold", 1)
+    try:
+        publish(broker.port, "hold", [b"x"])
+        assert busy.wait(5), "paho's thread was never in the callback"
+        client.publish("results/inline", b"answer", qos=1)
+        assert results.wait_for(1, timeout=3) == [("results/inline", b"answer")]
+    finally:
+        release.set()
+        client.loop_stop()
+        client.disconnect()
+        results.close()
+
+
+def test_writers_on_many_threads_keep_the_stream_whole(broker: LocalBroker, tmp_path: Path):
+    """Four threads publish at once, payloads up to 512 KB (more than a socket takes at once: partly written
+    inline, the rest by paho's thread): every message arrives whole, each thread's in its order."""
+    results = Collector(broker.port, "results/#")
+    client = _daemon_client(broker, tmp_path)
+    sizes = [10, 3000, 70_000, 512_000]
+
+    def writer(k: int) -> None:
+        for i in range(60):
+            body = f"{k}:{i}:".encode() + bytes([i % 251]) * sizes[(i + k) % len(sizes)]
+            client.publish(f"results/{k}", body, qos=1)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        got = results.wait_for(240, timeout=30)
+        assert len(got) == 240
+        for k in range(4):
+            mine = [body for topic, body in got if topic == f"results/{k}"]
+            assert [int(b.split(b":")[1]) for b in mine] == list(range(60))  # type: ignore[union-attr]
+            for body in mine:
+                i = int(body.split(b":")[1])  # type: ignore[union-attr]
+                head = f"{k}:{i}:".encode()
+                assert body == head + bytes([i % 251]) * sizes[(i + k) % len(sizes)]
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        results.close()
+
+
+def test_a_client_not_yet_looping_writes_a_large_publish_without_hanging(broker: LocalBroker, tmp_path: Path):
+    """Before loop_start paho writes from within the publish call: the part the socket did not take at once
+    (of 32 MB) goes through paho's own write while the inline write still holds the writers' lock."""
+    from edgefn.mqtt.client import broker_client
+
+    results = Collector(broker.port, "results/#")
+    client = broker_client(load_settings(broker=broker.url, state_dir=tmp_path), f"early-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", broker.port)
+    body = bytes(range(256)) * (32 * 4096)
+    published = threading.Thread(target=client.publish, args=("results/early", body), kwargs={"qos": 1}, daemon=True)
+    published.start()
+    published.join(10)
+    try:
+        assert not published.is_alive(), "publish() hung"
+        client.loop_start()
+        assert results.wait_for(1, timeout=20) == [("results/early", body)]
+    finally:
+        if not published.is_alive():  # else the client is stuck: leave it
+            client.loop_stop()
+            client.disconnect()
+        results.close()

@@ -12,6 +12,13 @@ PINGRESP while paused. Results leave on a connection of their own (connection.py
 The same clock is kept fresh while the connection says the broker's silence is explained
 (`silence_excused`: the broker alive, and behind on reading our acknowledgements).
 
+`write_inline`: a packet is written to the socket by the thread that makes it (a worker's result, paho's
+own PUBACK or next result), where paho would queue it and wake its own thread to write it on a later
+turn. The hop (a byte on paho's socket pair, its select waking, the interpreter lock changing hands
+twice) was 0.3-0.5 ms of an answer's way out, one event at a time. One lock orders the writers; paho's
+thread writes what was queued under the same lock. With TLS only paho's own thread writes inline: one
+SSL object must not read on one thread while it writes on another.
+
 It leans on paho-mqtt 2's `loop_read`, `_check_keepalive` and its keepalive clock
 `_last_bytes_received` (pinned below 3 in pyproject.toml; tests/test_connection.py pauses a real
 connection longer than its keepalive, and keeps one whose broker reads it late).
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -53,12 +61,72 @@ def _quick_ack(sock: object) -> None:
         pass
 
 
+# Packets whose writing paho follows with nothing: a QoS0 PUBLISH (on_publish once written, under paho's
+# callback lock) and a DISCONNECT (the socket closed once written) are left to paho's own writing.
+_PLAIN_WRITES = frozenset({mqtt.PUBACK, mqtt.PUBREC, mqtt.PUBREL, mqtt.PUBCOMP, mqtt.SUBSCRIBE, mqtt.UNSUBSCRIBE,
+                           mqtt.PINGREQ})
+
+
+def _written_alike(command: int, qos: int) -> bool:
+    kind = command & 0xF0
+    return kind in _PLAIN_WRITES or (kind == mqtt.PUBLISH and qos > 0)
+
+
 class PausableClient(mqtt.Client):
     """An `mqtt.Client` whose network loop skips reading while `paused` is set, and whose keepalive
     lets the broker be silent while `silence_excused()` says why (see `_check_keepalive`)."""
 
     paused = False
     heard_at = 0.0  # when bytes were last read from the broker (monotonic)
+    write_inline = False  # see the module's docstring
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # One writer to the socket at a time, paho's thread or another. Re-entrant: before loop_start paho writes
+        # from within _packet_queue (loop_write), and a QoS0 on_publish called while writing may publish.
+        self._writing = threading.RLock()
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        with self._writing:
+            return super()._packet_write()
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
+        own_thread = threading.current_thread() is self._thread
+        if (self.write_inline and (own_thread or not self._ssl) and _written_alike(command, qos)
+                and self._writing.acquire(blocking=False)):
+            try:
+                sent = self._write_inline(packet) if not self._out_packet else 0
+                if sent == len(packet):
+                    return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+                # The rest is queued while the lock is held, so no other writer's bytes come between.
+                return self._queue(command, packet[sent:], mid, qos, info, own_thread)
+            finally:
+                self._writing.release()
+        return self._queue(command, packet, mid, qos, info, own_thread)
+
+    def _queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+               info: mqtt.MQTTMessageInfo | None, own_thread: bool) -> mqtt.MQTTErrorCode:
+        if not (self.write_inline and own_thread):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # paho's own thread writes what is queued on its loop's next turn (it selects for writing while
+        # a packet waits): paho's wake-up byte on its socket pair would be two more system calls.
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
+                                 "packet": packet, "info": info})
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _write_inline(self, packet: bytes | bytearray) -> int:
+        """What of `packet` the socket took at once (the caller holds the write lock)."""
+        sock = self._sock
+        if sock is None:
+            return 0
+        try:
+            sent = sock.send(packet)
+        except OSError:  # it would block, or the connection is gone: paho's thread finds out
+            return 0
+        with self._msgtime_mutex:
+            self._last_msg_out = mqtt.time_func()
+        return sent
 
     @staticmethod
     def silence_excused() -> bool:
@@ -106,4 +174,5 @@ def broker_client(settings: Settings, client_id: str) -> PausableClient:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise BrokerError(f"TLS settings: {exc}") from None
     client.on_socket_open = _no_delay
+    client.write_inline = True
     return client
