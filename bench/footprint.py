@@ -11,6 +11,8 @@ mosquitto (`LocalBroker()`) and `edgefn run` as a child process, with its own st
   events    10,000 events (spread over the functions, at most 1,000 unanswered at once), RSS after
             [<= 100 MB with digits]; 90,000 more, RSS after: growth from 10,000 to 100,000 [<= 5 MB]
             (a leak would show here). Lost = sent - answered [0].
+  idle      RSS 35 s later, once the instances made for the load were released (idle_s 30: each function
+            keeps min_instances, 1 by default).
   where     the daemon's resident memory by mapping (/proc/PID/smaps) at the end: the heap, Python's
             and the native libraries, wasmtime's compiled code and the guests' linear memories.
   cold      (digits alone) the component cache removed, the daemon started again: the time to the
@@ -19,7 +21,7 @@ mosquitto (`LocalBroker()`) and `edgefn run` as a child process, with its own st
 
     .venv/bin/python bench/footprint.py [--events 10000] [--more 90000] [--only digits,both] [--json-only]
 
-Takes about 3 minutes. Results also go to bench/results/footprint.json. Exit status 0 whatever the
+Takes about 5 minutes. Results also go to bench/results/footprint.json. Exit status 0 whatever the
 figures; 1 when a case could not run.
 """
 
@@ -54,6 +56,7 @@ WINDOW = 1000  # events unanswered at once, at most
 START_TIMEOUT_S = 120.0
 WARM_TIMEOUT_S = 300.0  # compiling both example components on 2 busy cores takes a minute or more
 IDLE_TIMEOUT_S = 30.0
+IDLE_WAIT_S = 35.0  # the example functions' idle_s (30, the default) and the pool keeper's turn
 
 
 class Results:
@@ -187,11 +190,13 @@ def run_case(name: str, functions: list[str], args: argparse.Namespace, images: 
             more = _publish_all(sensor, results, daemon, topics, images, "b", args.more, results.count())
             row["rss_more_mb"] = _mb(_status_kb(pid, "VmRSS"))
             row.update(_private(pid))
+            time.sleep(IDLE_WAIT_S)  # the instances made for the load are released after idle_s
+            row["rss_idle_mb"] = _mb(_status_kb(pid, "VmRSS"))
             row.update(events=args.events, more=args.more, lost=args.events + args.more - answered - more,
                        growth_mb=round(row["rss_more_mb"] - row["rss_events_mb"], 1),
                        peak_rss_mb=_mb(_status_kb(pid, "VmHWM")), where_mb=where_memory_goes(pid))
             say(f"  after {args.events:,} events RSS {row['rss_events_mb']} MB, after {args.events + args.more:,} "
-                f"{row['rss_more_mb']} MB; lost {row['lost']}")
+                f"{row['rss_more_mb']} MB; lost {row['lost']}; idle {IDLE_WAIT_S:g} s later {row['rss_idle_mb']} MB")
             daemon.stop()
             if name == "digits":
                 shutil.rmtree(workdir / name / "components", ignore_errors=True)
@@ -265,6 +270,7 @@ def _print(doc: dict[str, Any]) -> None:
                                ("growth_mb", "growth between the two (MB)", "<= 5"),
                                ("private_mb", "of which private to the daemon (MB)", ""),
                                ("anonymous_mb", "of which anonymous (heap, linear memories) (MB)", ""),
+                               ("rss_idle_mb", f"RSS idle {IDLE_WAIT_S:g} s later: one instance each (MB)", ""),
                                ("peak_rss_mb", "peak RSS (MB)", ""), ("lost", "lost", "0")):
         t.add_row(label, *(cell(r, key) for r in rows.values()), target)
     cold = rows.get("digits", {}).get("cold")

@@ -12,16 +12,12 @@ PINGRESP while paused. Results leave on a connection of their own (connection.py
 The same clock is kept fresh while the connection says the broker's silence is explained
 (`silence_excused`: the broker alive, and behind on reading our acknowledgements).
 
-`write_inline`: a packet is written to the socket by the thread that makes it (a worker's result, paho's
-own PUBACK or next result), where paho would queue it and wake its own thread to write it on a later
-turn. The hop (a byte on paho's socket pair, its select waking, the interpreter lock changing hands
-twice) was 0.3-0.5 ms of an answer's way out, one event at a time. One lock orders the writers; paho's
-thread writes what was queued under the same lock. With TLS only paho's own thread writes inline: one
-SSL object must not read on one thread while it writes on another.
-
-It leans on paho-mqtt 2's `loop_read`, `_check_keepalive` and its keepalive clock
-`_last_bytes_received` (pinned below 3 in pyproject.toml; tests/test_connection.py pauses a real
-connection longer than its keepalive, and keeps one whose broker reads it late).
+`write_inline` (plain TCP): a packet made on another thread than paho's (a worker's result) is written
+to the socket by that thread, where paho would queue it and wake its own thread to write it. That hop
+(a byte on paho's socket pair, its select waking, the interpreter lock changing hands twice) was 0.3-0.5
+ms of an answer's way out, one event at a time. One lock orders the writers; paho's thread writes what
+was queued under the same lock. paho's own packets stay with paho (written inline too, they measured no
+better). Not with TLS: one SSL object must not read on one thread while it writes on another.
 """
 
 from __future__ import annotations
@@ -92,28 +88,17 @@ class PausableClient(mqtt.Client):
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
-        own_thread = threading.current_thread() is self._thread
-        if (self.write_inline and (own_thread or not self._ssl) and _written_alike(command, qos)
-                and self._writing.acquire(blocking=False)):
-            try:
-                sent = self._write_inline(packet) if not self._out_packet else 0
-                if sent == len(packet):
-                    return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-                # The rest is queued while the lock is held, so no other writer's bytes come between.
-                return self._queue(command, packet[sent:], mid, qos, info, own_thread)
-            finally:
-                self._writing.release()
-        return self._queue(command, packet, mid, qos, info, own_thread)
-
-    def _queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
-               info: mqtt.MQTTMessageInfo | None, own_thread: bool) -> mqtt.MQTTErrorCode:
-        if not (self.write_inline and own_thread):
+        if (not self.write_inline or self._ssl or threading.current_thread() is self._thread
+                or not _written_alike(command, qos) or not self._writing.acquire(blocking=False)):
             return super()._packet_queue(command, packet, mid, qos, info)
-        # paho's own thread writes what is queued on its loop's next turn (it selects for writing while
-        # a packet waits): paho's wake-up byte on its socket pair would be two more system calls.
-        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
-                                 "packet": packet, "info": info})
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        try:
+            sent = self._write_inline(packet) if not self._out_packet else 0
+            if sent == len(packet):
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            # The rest is queued while the lock is held, so no other writer's bytes come between.
+            return super()._packet_queue(command, packet[sent:], mid, qos, info)
+        finally:
+            self._writing.release()
 
     def _write_inline(self, packet: bytes | bytearray) -> int:
         """What of `packet` the socket took at once (the caller holds the write lock)."""
