@@ -1,8 +1,8 @@
 """Settings of `edgefn run`: flags over environment (EDGEFN_*) over a TOML config file over
 defaults, merged here rather than by pydantic-settings (which, with what it imports, held 3 MB of the
 daemon's memory for these few lines). Secrets (the broker password, the device's fleet token) come
-from the environment or a file and are never logged; a password written into a URL (`mqtt://user:pass@host`) is used, and
-every URL is printed through `redact_url`."""
+from the environment or a file and are never logged; a password written into a URL
+(`mqtt://user:pass@host`) is used, and every URL is printed through `redact_url`."""
 
 from __future__ import annotations
 
