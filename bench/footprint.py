@@ -270,7 +270,7 @@ def _print(doc: dict[str, Any]) -> None:
                                ("growth_mb", "growth between the two (MB)", "<= 5"),
                                ("private_mb", "of which private to the daemon (MB)", ""),
                                ("anonymous_mb", "of which anonymous (heap, linear memories) (MB)", ""),
-                               ("rss_idle_mb", f"RSS idle {IDLE_WAIT_S:g} s later: one instance each (MB)", ""),
+                               ("rss_idle_mb", f"RSS idle {IDLE_WAIT_S:g} s later, past idle_s (MB)", ""),
                                ("peak_rss_mb", "peak RSS (MB)", ""), ("lost", "lost", "0")):
         t.add_row(label, *(cell(r, key) for r in rows.values()), target)
     cold = rows.get("digits", {}).get("cold")

@@ -380,16 +380,22 @@ def test_a_drop_after_a_session_was_up_never_asks_whether_the_broker_is_mqtt(tmp
     assert link.last_error == "events connection lost: Keep alive timeout"
 
 
-# -- writes from the publishing thread (PausableClient.write_inline) ---------------------------------
+# -- writes from the publishing thread (PausableClient._write_inline) --------------------------------
 
 
-def _daemon_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
+def _connected_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
+    """The daemon's kind of client, its CONNECT sent, paho's loop not started."""
     from edgefn.mqtt.client import broker_client
 
     client = broker_client(load_settings(broker=broker.url, state_dir=tmp_path), f"inline-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", broker.port)
+    return client
+
+
+def _daemon_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
+    client = _connected_client(broker, tmp_path)
     connected = threading.Event()
     client.on_connect = lambda *_: connected.set()
-    client.connect("127.0.0.1", broker.port)
     client.loop_start()
     assert connected.wait(5)
     return client
@@ -457,11 +463,8 @@ def test_writers_on_many_threads_keep_the_stream_whole(broker: LocalBroker, tmp_
 def test_a_client_not_yet_looping_writes_a_large_publish_without_hanging(broker: LocalBroker, tmp_path: Path):
     """Before loop_start paho writes from within the publish call: the part the socket did not take at once
     (of 32 MB) goes through paho's own write while the inline write still holds the writers' lock."""
-    from edgefn.mqtt.client import broker_client
-
     results = Collector(broker.port, "results/#")
-    client = broker_client(load_settings(broker=broker.url, state_dir=tmp_path), f"early-{time.monotonic_ns()}")
-    client.connect("127.0.0.1", broker.port)
+    client = _connected_client(broker, tmp_path)
     body = bytes(range(256)) * (32 * 4096)
     published = threading.Thread(target=client.publish, args=("results/early", body), kwargs={"qos": 1}, daemon=True)
     published.start()

@@ -12,12 +12,17 @@ PINGRESP while paused. Results leave on a connection of their own (connection.py
 The same clock is kept fresh while the connection says the broker's silence is explained
 (`silence_excused`: the broker alive, and behind on reading our acknowledgements).
 
-`write_inline` (plain TCP): a packet made on another thread than paho's (a worker's result) is written
+Writing inline (plain TCP): a packet made on another thread than paho's (a worker's result) is written
 to the socket by that thread, where paho would queue it and wake its own thread to write it. That hop
 (a byte on paho's socket pair, its select waking, the interpreter lock changing hands twice) was 0.3-0.5
 ms of an answer's way out, one event at a time. One lock orders the writers; paho's thread writes what
 was queued under the same lock. paho's own packets stay with paho (written inline too, they measured no
 better). Not with TLS: one SSL object must not read on one thread while it writes on another.
+
+It leans on paho-mqtt 2's `loop_read`, `_check_keepalive`, `_packet_queue`, `_packet_write` and their
+state (`_last_bytes_received`, `_last_msg_out`, `_out_packet`, `_thread`; pinned below 3 in
+pyproject.toml; tests/test_connection.py pauses a real connection longer than its keepalive, keeps one
+whose broker reads it late, and writes from many threads at once).
 """
 
 from __future__ import annotations
@@ -74,12 +79,11 @@ class PausableClient(mqtt.Client):
 
     paused = False
     heard_at = 0.0  # when bytes were last read from the broker (monotonic)
-    write_inline = False  # see the module's docstring
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        # One writer to the socket at a time, paho's thread or another. Re-entrant: before loop_start paho writes
-        # from within _packet_queue (loop_write), and a QoS0 on_publish called while writing may publish.
+        # One writer to the socket at a time, paho's thread or another. Re-entrant: before loop_start, paho
+        # writes the rest of a packet from within _packet_queue (loop_write) while the inline write holds it.
         self._writing = threading.RLock()
 
     def _packet_write(self) -> mqtt.MQTTErrorCode:
@@ -88,7 +92,7 @@ class PausableClient(mqtt.Client):
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
-        if (not self.write_inline or self._ssl or threading.current_thread() is self._thread
+        if (self._ssl or threading.current_thread() is self._thread
                 or not _written_alike(command, qos) or not self._writing.acquire(blocking=False)):
             return super()._packet_queue(command, packet, mid, qos, info)
         try:
@@ -159,5 +163,4 @@ def broker_client(settings: Settings, client_id: str) -> PausableClient:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise BrokerError(f"TLS settings: {exc}") from None
     client.on_socket_open = _no_delay
-    client.write_inline = True
     return client
