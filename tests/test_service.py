@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,32 @@ def test_an_abstract_socket_and_the_watchdog_of_another_process(tmp_path: Path):
         assert other.watchdog_s is None and not other.watchdog()  # meant for another process
     finally:
         systemd.sock.close()
+
+
+def test_no_ping_overtakes_ready_while_it_is_being_sent(systemd: FakeSystemd):
+    class SlowReady(Notifier):
+        def send(self, *fields: str) -> bool:
+            if fields[0] == "READY=1":
+                time.sleep(0.2)  # a slow datagram: housekeeping's pings run on meanwhile
+            return super().send(*fields)
+
+    notifier = SlowReady({"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "100000"})  # a ping per 50 ms
+    stop = threading.Event()
+
+    def housekeeping() -> None:
+        while not stop.is_set():
+            notifier.watchdog()
+            time.sleep(0.001)
+
+    pinger = threading.Thread(target=housekeeping)
+    pinger.start()
+    try:
+        notifier.ready("up")
+        assert systemd.receive(1) == ["READY=1", "STATUS=up"]
+        assert systemd.receive(1) == ["WATCHDOG=1"]
+    finally:
+        stop.set()
+        pinger.join()
 
 
 def test_outside_systemd_nothing_is_sent_and_a_gone_socket_is_no_error(tmp_path: Path):

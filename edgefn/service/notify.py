@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping
 
@@ -32,6 +33,7 @@ class Notifier:
             self.watchdog_s = int(usec) / 1e6 / 2  # twice per interval, as sd_watchdog_enabled(3) advises
         self._last_ping = 0.0
         self._ready = False  # no ping before READY=1: the watchdog watches a daemon that serves
+        self._order = threading.Lock()  # READY=1 is sent before any ping (housekeeping pings from its own thread)
         self._failed = False
 
     @property
@@ -53,8 +55,10 @@ class Notifier:
         return True
 
     def ready(self, status: str = "") -> bool:
-        self._ready = True
-        return self.send("READY=1", *([f"STATUS={status}"] if status else []))
+        with self._order:
+            sent = self.send("READY=1", *([f"STATUS={status}"] if status else []))
+            self._ready = True
+        return sent
 
     def stopping(self) -> bool:
         return self.send("STOPPING=1", "STATUS=draining events in hand")
@@ -62,7 +66,8 @@ class Notifier:
     def watchdog(self) -> bool:
         """WATCHDOG=1 when half the interval has gone by since the last one (and READY=1 was said); call it
         as often as you like."""
-        if not self._ready or self.watchdog_s is None or time.monotonic() - self._last_ping < self.watchdog_s:
-            return False
-        self._last_ping = time.monotonic()
-        return self.send("WATCHDOG=1")
+        with self._order:
+            if not self._ready or self.watchdog_s is None or time.monotonic() - self._last_ping < self.watchdog_s:
+                return False
+            self._last_ping = time.monotonic()
+            return self.send("WATCHDOG=1")
