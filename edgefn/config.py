@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -19,11 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from edgefn.errors import ConfigError, validation_text
 from edgefn.protocol.offload import Policy
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (JetPack 6)
-    import tomli as tomllib
+from edgefn.tomlfile import read_toml
 
 
 def redact_url(url: str) -> str:
@@ -233,13 +228,7 @@ def _from_environment() -> dict[str, Any]:
 def _from_file(config_file: Path | None) -> dict[str, Any]:
     if config_file is None:
         return {}
-    path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError(f"{config_file}: config file not found")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{config_file}: not a TOML file edgefn can read ({exc})") from None
+    return read_toml(Path(config_file), ConfigError, missing="config file not found")
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:

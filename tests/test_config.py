@@ -69,7 +69,7 @@ def test_settings_say_which_variable_is_not_json(monkeypatch: pytest.MonkeyPatch
 def test_settings_say_the_config_file_is_not_toml(tmp_path: Path):
     config = tmp_path / "edgefn.toml"
     config.write_text('broker = "mqtt://h\n')
-    with pytest.raises(ConfigError, match="edgefn.toml: not a TOML file"):
+    with pytest.raises(ConfigError, match="edgefn.toml: invalid TOML"):
         load_settings(config)
 
 

@@ -102,12 +102,20 @@ def test_error_missing_folder(tmp_path: Path):
 
 def test_error_invalid_toml(tmp_path: Path):
     message = manifest_error(write(tmp_path, VALID + "\n[limits\nmemory_mb = 64\n"))
-    assert "not valid TOML" in message
+    assert "invalid TOML" in message
     assert "line 11" in message
 
 
 def test_error_invalid_toml_duplicate_key(tmp_path: Path):
-    assert "not valid TOML" in manifest_error(write(tmp_path, VALID.replace('version = "0.3.0"', 'name = "x"')))
+    assert "invalid TOML" in manifest_error(write(tmp_path, VALID.replace('version = "0.3.0"', 'name = "x"')))
+
+
+def test_error_not_utf8_and_not_a_file(tmp_path: Path):
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / MANIFEST).write_bytes(VALID.replace("0.3.0", "0.3.0 caf\xe9").encode("latin-1"))
+    assert manifest_error(tmp_path / "latin1").endswith("not UTF-8 text")
+    (tmp_path / "folder" / MANIFEST).mkdir(parents=True)
+    assert "cannot read it" in manifest_error(tmp_path / "folder")
 
 
 @pytest.mark.parametrize(("extra", "field"), [

@@ -44,7 +44,6 @@ topic with reason `shed` instead of run. High and normal events are never shed.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,12 +51,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgefn.errors import ManifestError, validation_text
 from edgefn.events import PRIORITIES, RANK, Priority
 from edgefn.protocol.offload import Policy
+from edgefn.tomlfile import read_toml
 from edgefn.topics import check_filter, matches_any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
 
 MANIFEST = "edgefn.toml"
 FUNCTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -200,12 +195,7 @@ class Manifest(_Section):
 def load_manifest(function_dir: Path) -> Manifest:
     """Read and validate `<function_dir>/edgefn.toml`; errors name the file and the field."""
     path = Path(function_dir) / MANIFEST
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest (a function folder needs an {MANIFEST})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, ManifestError, missing=f"no manifest (a function folder needs an {MANIFEST})")
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

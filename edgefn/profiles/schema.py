@@ -17,7 +17,6 @@ so a misspelt option never goes unnoticed.
 from __future__ import annotations
 
 import os
-import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,11 +25,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from edgefn.errors import ProfileError, validation_text
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
+from edgefn.tomlfile import read_toml
 
 
 def _shipped() -> Path:
@@ -294,16 +289,7 @@ _MESSAGES = {"none_required": "not allowed for this backend"}  # a field another
 
 def read_profile(path: Path) -> Profile:
     """One profile file, validated; its [profile] name must be the file's name."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read it: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+    data = read_toml(path, ProfileError)
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
