@@ -16,7 +16,7 @@ For each system, once it answers a probe event (so that it is subscribed):
      of its result at a subscriber client in this process (perf_counter); the next is sent once the
      result is in, or after 2 s (the event counts as lost). Reported: p50 and p99 in ms.
   2. burst: --burst events (default 5,000) published at QoS1 as fast as paho takes them (it queues
-     them, 20 in flight); the subscriber counts distinct event ids answered, until all are or no
+     them, 20 in flight; with --qos 0 none wait for the broker); the subscriber counts distinct event ids answered, until all are or no
      new result came for 5 s. Reported: throughput = answered / (first publish -> last result) and
      lost = sent - answered.
 
@@ -26,7 +26,10 @@ and results with unknown ids are ignored. Targets: p50 ratio (edgefn/plain) <= 1
 ratio (edgefn/plain) >= 1.0, edgefn lost == 0. The script exits 0 whatever the figures (it is a
 benchmark); non-zero only if something failed to run. Results also go to bench/results/e2e.json.
 
-    .venv/bin/python bench/e2e.py [--serial N] [--burst N] [--json-only]
+    .venv/bin/python bench/e2e.py [--serial N] [--burst N] [--tuned] [--qos 0|1] [--json-only]
+
+--qos 0: the sensor publishes at QoS 0 (most sensors do); results stay QoS1. Nothing then tells the
+sensor whether the broker took an event, and a QoS 0 event a system drops is lost for good.
 
 Takes about 30-60 s. The client sockets of this process use TCP_NODELAY (for both systems alike),
 so that Nagle's algorithm does not show up in the measurement.
@@ -124,8 +127,9 @@ def results_subscriber(port: int, topic: str, on_message: Any, name: str) -> mqt
 class Clients:
     """The sensor (publisher) and the subscriber of results, both in this process."""
 
-    def __init__(self, port: int, persistent: bool = False):
-        """persistent: both clients keep MQTT 5 sessions that survive a broker restart."""
+    def __init__(self, port: int, persistent: bool = False, qos: int = 1):
+        """persistent: both clients keep MQTT 5 sessions that survive a broker restart; qos: the sensor's."""
+        self.qos = qos
         self.lock = threading.Lock()
         self.expected: dict[str, int] = {}  # event id -> true label, for the ids we wait for
         self.arrived: dict[str, float] = {}  # event id -> perf_counter at its first result
@@ -287,7 +291,7 @@ def _wait_ready(clients: Clients, system: System, topic: str, images: list[list[
         event_id = f"{system.name}-probe-{n}"
         with clients.lock:
             clients.expected[event_id] = -1
-        clients.pub.publish(topic, _payload(event_id, images[n % len(images)]), qos=1)
+        clients.pub.publish(topic, _payload(event_id, images[n % len(images)]), qos=clients.qos)
         n += 1
         time.sleep(0.25)
         with clients.lock:
@@ -314,7 +318,7 @@ def _serial(clients: Clients, system: System, topic: str, images: list[list[int]
             clients.waiting_for = event_id
             clients.answer.clear()
         t0 = time.perf_counter()
-        clients.pub.publish(topic, payload, qos=1)
+        clients.pub.publish(topic, payload, qos=clients.qos)
         if clients.answer.wait(SERIAL_TIMEOUT_S):
             with clients.lock:
                 latencies.append((clients.arrived[event_id] - t0) * 1000.0)
@@ -341,7 +345,7 @@ def _burst(clients: Clients, system: System, topic: str, images: list[list[int]]
     t0 = time.perf_counter()
     for i in range(n):
         sent_at[i] = time.perf_counter()
-        clients.pub.publish(topic, payloads[i], qos=1)
+        clients.pub.publish(topic, payloads[i], qos=clients.qos)
     published = time.perf_counter()
     deadline = t0 + BURST_CAP_S
     while True:
@@ -418,7 +422,8 @@ def _print_table(doc: dict[str, Any]) -> None:
 
     plain, edge, s = doc["plain"], doc["edgefn"], doc["summary"]
     mark = {True: "[green]met[/]", False: "[red]missed[/]"}
-    t = Table(title=f"edgefn vs a plain paho + onnxruntime script (digits, QoS1, {doc['env']['cpus']} CPUs)")
+    t = Table(title=f"edgefn vs a plain paho + onnxruntime script "
+                    f"(digits, sensor QoS{doc['config']['qos']}, {doc['env']['cpus']} CPUs)")
     for col, just in (("", "left"), ("plain", "right"), ("edgefn", "right"), ("ratio", "right"),
                       ("target", "left"), ("", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -495,7 +500,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"broker {broker.url} ({mosquitto_version})")
         plain = System("plain", [sys.executable, str(PLAIN), broker.url, str(MODEL)], workdir)
         edge = edgefn_run("edgefn", broker.url, workdir, [FUNCTION], log_level="warning")
-        clients = Clients(broker.port)
+        clients = Clients(broker.port, qos=args.qos)
         try:
             results = {}
             for system in (plain, edge):
@@ -513,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bench/e2e.py",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {"serial": args.serial, "warmup": WARMUP, "burst": args.burst,
-                   "serial_timeout_s": SERIAL_TIMEOUT_S, "burst_idle_s": BURST_IDLE_S, "qos": 1},
+                   "serial_timeout_s": SERIAL_TIMEOUT_S, "burst_idle_s": BURST_IDLE_S, "qos": args.qos},
         "env": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                 "paho_mqtt": paho.mqtt.__version__, "onnxruntime": onnxruntime.__version__,
                 "mosquitto": mosquitto_version},
@@ -530,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=5000, help="events in the burst")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
     parser.add_argument("--tuned", action="store_true", help="a broker tuned for latency (set_tcp_nodelay true)")
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=1,
+                        help="the sensor's QoS (results are QoS1 either way); at 0 the broker acknowledges nothing")
     args = parser.parse_args(argv)
     if args.serial < 1 or args.burst < 1:
         parser.error("--serial and --burst must be at least 1")
