@@ -401,6 +401,30 @@ def _daemon_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
     return client
 
 
+def test_a_network_thread_stalled_while_paused_keeps_its_session(broker: LocalBroker, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """Paused, with the broker's PINGRESP waiting unread in the socket: the broker is alive. A network thread
+    stalled in the paused wait for longer than the keepalive (a loaded board; the suite once dropped a
+    session so) must not come back to a keepalive check that sees a stale time and drops the session."""
+    import edgefn.mqtt.client as client_module
+
+    client = _connected_client(broker, tmp_path)
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    while not connected.is_set():
+        assert client.loop(0.5) == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    client._keepalive = 1  # paho's side only: the broker keeps the 60 s of the CONNECT
+    client.paused = True
+    client._send_pingreq()  # its PINGRESP stays unread: the socket is readable
+    time.sleep(0.1)
+    monkeypatch.setattr(client_module, "_PAUSED_WAIT_S", 1.2)  # the stall, past the keepalive
+    try:
+        assert client.loop(0.5) == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert client.is_connected() and client.socket() is not None
+    finally:
+        client.disconnect()
+
+
 def test_a_publish_is_written_by_its_own_thread_while_pahos_is_busy(broker: LocalBroker, tmp_path: Path):
     """paho's thread held in a callback (as ingress holds it for a journal commit): a result published from
     another thread reaches the broker all the same, written by that thread. Queued for paho's thread, as

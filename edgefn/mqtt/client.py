@@ -128,9 +128,12 @@ class PausableClient(mqtt.Client):
                 self.heard_at = time.monotonic()
                 _quick_ack(self.socket())
             return rc
-        with self._msgtime_mutex:  # bytes are waiting to be read: the broker is alive
-            self._last_bytes_received = mqtt.time_func()
         time.sleep(_PAUSED_WAIT_S)
+        # Bytes are waiting to be read (nothing reads them while paused): the broker is alive. Noted after
+        # the wait, right before paho's keepalive check: a thread stalled in the wait for a keepalive (a
+        # loaded board) would otherwise come back to a stale time and drop a live session.
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _check_keepalive(self) -> None:
