@@ -20,7 +20,7 @@ was queued under the same lock. paho's own packets stay with paho (written inlin
 better). Not with TLS: one SSL object must not read on one thread while it writes on another.
 
 It leans on paho-mqtt 2's `loop_read`, `_check_keepalive`, `_packet_queue`, `_packet_write` and their
-state (`_last_bytes_received`, `_last_msg_out`, `_out_packet`, `_thread`; pinned below 3 in
+state (`_last_bytes_received`, `_last_msg_out`, `_ping_t`, `_out_packet`, `_thread`; pinned below 3 in
 pyproject.toml; tests/test_connection.py pauses a real connection longer than its keepalive, keeps one
 whose broker reads it late, and writes from many threads at once).
 """
@@ -134,7 +134,17 @@ class PausableClient(mqtt.Client):
         # loaded board) would otherwise come back to a stale time and drop a live session.
         with self._msgtime_mutex:
             self._last_bytes_received = mqtt.time_func()
+        self._not_awaiting_pingresp()  # it may be among them, unread
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _not_awaiting_pingresp(self) -> None:
+        # paho's loop_misc drops the session once its last PINGREQ is a keepalive old with no PINGRESP,
+        # which a paused session cannot read. It relies on _check_keepalive sending the next PINGREQ
+        # first, which that skips (while still resetting the clock it waits on) when paho stamped the last
+        # one a little after the `now` it compares with: then the session was dropped at once (the CI saw
+        # it under load). With no PINGRESP awaited, _check_keepalive sends a PINGREQ every keepalive, so
+        # the broker still hears from us, and loop_misc has nothing to time out.
+        self._ping_t = 0.0
 
     def _check_keepalive(self) -> None:
         # paho drops a session that has heard nothing, not even a PINGRESP, for a keepalive after its
