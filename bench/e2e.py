@@ -16,8 +16,8 @@ For each system, once it answers a probe event (so that it is subscribed):
      of its result at a subscriber client in this process (perf_counter); the next is sent once the
      result is in, or after 2 s (the event counts as lost). Reported: p50 and p99 in ms.
   2. burst: --burst events (default 5,000) published at QoS1 as fast as paho takes them (it queues
-     them, 20 in flight; with --qos 0 none wait for the broker); the subscriber counts distinct event ids answered, until all are or no
-     new result came for 5 s. Reported: throughput = answered / (first publish -> last result) and
+     them, 20 in flight; with --qos 0 none wait for the broker); the subscriber counts distinct event
+     ids answered, until all are or no new result came for 5 s. Reported: throughput = answered / (first publish -> last result) and
      lost = sent - answered.
 
 Payloads are scikit-learn's held-out digits (images 1400..1796, cycled) with unique event ids;

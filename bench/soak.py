@@ -347,9 +347,10 @@ def overload(ctx: Context, broker: Broker, clients: e2e.Clients) -> dict[str, An
         load = _offer(broker.port, TOPIC, "load", int(rate * ctx.args.duration) + 1, ctx.payload, rate,
                       ctx.args.duration, clients, threads=3)
         drain = _drain(daemon, clients, before, load["stopped"] + DRAIN_S, load["broker_acked"], published_before)
-        gap = _longest_gap(clients, load["start"], (drain["daemon_done"] or drain["ended"]) if drain["lost"] > 0 else None)
+        done = drain["daemon_done"] or drain["ended"]  # the daemon's work over, or the drain's deadline
+        gap = _longest_gap(clients, load["start"], done if drain["lost"] > 0 else None)
         doc = {"capacity_eps": capacity["throughput_eps"], "capacity_lost": capacity["lost"], **load, **drain,
-               "drain_s": (drain["daemon_done"] or drain["ended"]) - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb(),
+               "drain_s": done - load["stopped"], "longest_gap_s": gap, "peak_rss_mb": daemon.memory_mb(),
                "health_at_end": daemon.health()}
     finally:
         stopped = daemon.stop()

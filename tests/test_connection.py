@@ -72,6 +72,15 @@ def _connection(tmp_path: Path, port: int, on_message, filters=(), client_id: st
     return conn
 
 
+def _connected_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
+    """The daemon's kind of client, its CONNECT sent, paho's loop not started."""
+    from edgefn.mqtt.client import broker_client
+
+    client = broker_client(load_settings(broker=broker.url, state_dir=tmp_path), f"inline-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", broker.port)
+    return client
+
+
 def _sensor(port: int) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensor-{time.monotonic_ns()}", protocol=mqtt.MQTTv5)
     client.connect("127.0.0.1", port)
@@ -248,6 +257,30 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
             conn.stop()
 
 
+def test_a_network_thread_stalled_while_paused_keeps_its_session(broker: LocalBroker, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """Paused, with the broker's PINGRESP waiting unread in the socket: the broker is alive. A network thread
+    stalled in the paused wait for longer than the keepalive (a loaded board; the suite once dropped a
+    session so) must not come back to a keepalive check that sees a stale time and drops the session."""
+    import edgefn.mqtt.client as client_module
+
+    client = _connected_client(broker, tmp_path)
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    while not connected.is_set():
+        assert client.loop(0.5) == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    client._keepalive = 1  # paho's side only: the broker keeps the 60 s of the CONNECT
+    client.paused = True
+    client._send_pingreq()  # its PINGRESP stays unread: the socket is readable
+    time.sleep(0.1)
+    monkeypatch.setattr(client_module, "_PAUSED_WAIT_S", 1.2)  # the stall, past the keepalive
+    try:
+        assert client.loop(0.5) == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert client.is_connected() and client.socket() is not None
+    finally:
+        client.disconnect()
+
+
 @pytest.mark.broker
 def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(tmp_path):
     """mosquitto reads one packet per socket per pass of its loop: under load our PUBACKs for the
@@ -398,15 +431,6 @@ def test_a_drop_after_a_session_was_up_never_asks_whether_the_broker_is_mqtt(tmp
 # -- writes from the publishing thread (PausableClient._write_inline) --------------------------------
 
 
-def _connected_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
-    """The daemon's kind of client, its CONNECT sent, paho's loop not started."""
-    from edgefn.mqtt.client import broker_client
-
-    client = broker_client(load_settings(broker=broker.url, state_dir=tmp_path), f"inline-{time.monotonic_ns()}")
-    client.connect("127.0.0.1", broker.port)
-    return client
-
-
 def _daemon_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
     client = _connected_client(broker, tmp_path)
     connected = threading.Event()
@@ -414,30 +438,6 @@ def _daemon_client(broker: LocalBroker, tmp_path: Path) -> mqtt.Client:
     client.loop_start()
     assert connected.wait(5)
     return client
-
-
-def test_a_network_thread_stalled_while_paused_keeps_its_session(broker: LocalBroker, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch):
-    """Paused, with the broker's PINGRESP waiting unread in the socket: the broker is alive. A network thread
-    stalled in the paused wait for longer than the keepalive (a loaded board; the suite once dropped a
-    session so) must not come back to a keepalive check that sees a stale time and drops the session."""
-    import edgefn.mqtt.client as client_module
-
-    client = _connected_client(broker, tmp_path)
-    connected = threading.Event()
-    client.on_connect = lambda *_: connected.set()
-    while not connected.is_set():
-        assert client.loop(0.5) == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-    client._keepalive = 1  # paho's side only: the broker keeps the 60 s of the CONNECT
-    client.paused = True
-    client._send_pingreq()  # its PINGRESP stays unread: the socket is readable
-    time.sleep(0.1)
-    monkeypatch.setattr(client_module, "_PAUSED_WAIT_S", 1.2)  # the stall, past the keepalive
-    try:
-        assert client.loop(0.5) == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-        assert client.is_connected() and client.socket() is not None
-    finally:
-        client.disconnect()
 
 
 def test_a_publish_is_written_by_its_own_thread_while_pahos_is_busy(broker: LocalBroker, tmp_path: Path):

@@ -134,17 +134,14 @@ class PausableClient(mqtt.Client):
         # loaded board) would otherwise come back to a stale time and drop a live session.
         with self._msgtime_mutex:
             self._last_bytes_received = mqtt.time_func()
-        self._not_awaiting_pingresp()  # it may be among them, unread
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _not_awaiting_pingresp(self) -> None:
-        # paho's loop_misc drops the session once its last PINGREQ is a keepalive old with no PINGRESP,
-        # which a paused session cannot read. It relies on _check_keepalive sending the next PINGREQ
-        # first, which that skips (while still resetting the clock it waits on) when paho stamped the last
-        # one a little after the `now` it compares with: then the session was dropped at once (the CI saw
-        # it under load). With no PINGRESP awaited, _check_keepalive sends a PINGREQ every keepalive, so
-        # the broker still hears from us, and loop_misc has nothing to time out.
+        # No PINGRESP is awaited (it may be among those bytes, unread). paho's loop_misc drops the session
+        # once its last PINGREQ is a keepalive old with no PINGRESP, relying on _check_keepalive to send
+        # the next one first; that check skips it (while still resetting the clock it waits on) when paho
+        # stamped the last one a little after the `now` it compares with, and the session was dropped at
+        # once (the CI saw it under load). With none awaited, _check_keepalive sends a PINGREQ every
+        # keepalive, so the broker still hears from us, and loop_misc has nothing to time out.
         self._ping_t = 0.0
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _check_keepalive(self) -> None:
         # paho drops a session that has heard nothing, not even a PINGRESP, for a keepalive after its
