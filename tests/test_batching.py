@@ -245,7 +245,9 @@ def fp32_cloud():
 def test_the_cloud_answers_one_request_per_batch_with_each_callers_rows(fp32_cloud):
     registry = ModelRegistry([MODELS], variants={"digits-cnn": "fp32"})
     sizes = Sizes()
-    with CloudClient(fp32_cloud.url) as client:
+    # A request of stacked rows may take seconds on a loaded machine: the default 2 s timeout is a device's
+    # choice, not what this test is about.
+    with CloudClient(fp32_cloud.url, timeout_s=30) as client:
         batcher = Batcher(registry, client, max_calls=THREADS, wait_s=2.0, cloud_runners=1, on_batch=sizes)
         calls = [[images(30 * i, 1 + i % 3)] for i in range(THREADS)]
         with Busy(lambda inputs: batcher.cloud("digits-cnn", inputs)):
