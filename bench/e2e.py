@@ -26,7 +26,10 @@ and results with unknown ids are ignored. Targets: p50 ratio (edgefn/plain) <= 1
 ratio (edgefn/plain) >= 1.0, edgefn lost == 0. The script exits 0 whatever the figures (it is a
 benchmark); non-zero only if something failed to run. Results also go to bench/results/e2e.json.
 
-    .venv/bin/python bench/e2e.py [--serial N] [--burst N] [--tuned] [--qos 0|1] [--json-only]
+    .venv/bin/python bench/e2e.py [--serial N] [--burst N] [--tuned] [--qos 0|1] [--pad BYTES] [--json-only]
+
+--pad BYTES: each payload carries a JSON string field of that many bytes, which both systems parse with
+the rest (the payload-size axis: 10000 and 250000 give the 10 kB and 250 kB rows).
 
 --qos 0: the sensor publishes at QoS 0 (most sensors do); results stay QoS1. Nothing then tells the
 sensor whether the broker took an event, and a QoS 0 event a system drops is lost for good.
@@ -127,9 +130,10 @@ def results_subscriber(port: int, topic: str, on_message: Any, name: str) -> mqt
 class Clients:
     """The sensor (publisher) and the subscriber of results, both in this process."""
 
-    def __init__(self, port: int, persistent: bool = False, qos: int = 1):
+    def __init__(self, port: int, persistent: bool = False, qos: int = 1, pad: int = 0):
         """persistent: both clients keep MQTT 5 sessions that survive a broker restart; qos: the sensor's."""
         self.qos = qos
+        self.pad = pad  # bytes of filler in each payload (--pad)
         self.lock = threading.Lock()
         self.expected: dict[str, int] = {}  # event id -> true label, for the ids we wait for
         self.arrived: dict[str, float] = {}  # event id -> perf_counter at its first result
@@ -276,8 +280,11 @@ def ensure_built(function: Path) -> None:
         build(function)
 
 
-def _payload(event_id: str, pixels: list[int]) -> bytes:
-    return json.dumps({"id": event_id, "pixels": pixels}).encode()
+def _payload(event_id: str, pixels: list[int], pad: int = 0) -> bytes:
+    doc: dict[str, Any] = {"id": event_id, "pixels": pixels}
+    if pad:  # a string field that both systems parse with the rest and neither uses
+        doc["pad"] = "x" * pad
+    return json.dumps(doc).encode()
 
 
 def _wait_ready(clients: Clients, system: System, topic: str, images: list[list[int]]) -> float:
@@ -291,7 +298,7 @@ def _wait_ready(clients: Clients, system: System, topic: str, images: list[list[
         event_id = f"{system.name}-probe-{n}"
         with clients.lock:
             clients.expected[event_id] = -1
-        clients.pub.publish(topic, _payload(event_id, images[n % len(images)]), qos=clients.qos)
+        clients.pub.publish(topic, _payload(event_id, images[n % len(images)], clients.pad), qos=clients.qos)
         n += 1
         time.sleep(0.25)
         with clients.lock:
@@ -312,7 +319,7 @@ def _serial(clients: Clients, system: System, topic: str, images: list[list[int]
             system.check()
         k = i % len(images)
         event_id = f"{system.name}-{tag}-{i}"
-        payload = _payload(event_id, images[k])
+        payload = _payload(event_id, images[k], clients.pad)
         with clients.lock:
             clients.expected[event_id] = labels[k]
             clients.waiting_for = event_id
@@ -336,7 +343,7 @@ def _serial(clients: Clients, system: System, topic: str, images: list[list[int]
 def _burst(clients: Clients, system: System, topic: str, images: list[list[int]], labels: list[int],
            n: int, pids: dict[str, int | None]) -> dict[str, Any]:
     ids = [f"{system.name}-burst-{i}" for i in range(n)]
-    payloads = [_payload(ids[i], images[i % len(images)]) for i in range(n)]
+    payloads = [_payload(ids[i], images[i % len(images)], clients.pad) for i in range(n)]
     with clients.lock:
         for i, event_id in enumerate(ids):
             clients.expected[event_id] = labels[i % len(labels)]
@@ -423,7 +430,8 @@ def _print_table(doc: dict[str, Any]) -> None:
     plain, edge, s = doc["plain"], doc["edgefn"], doc["summary"]
     mark = {True: "[green]met[/]", False: "[red]missed[/]"}
     t = Table(title=f"edgefn vs a plain paho + onnxruntime script "
-                    f"(digits, sensor QoS{doc['config']['qos']}, {doc['env']['cpus']} CPUs)")
+                    f"(digits, sensor QoS{doc['config']['qos']}, {doc['config'].get('pad_bytes', 0)} bytes of padding, "
+                    f"{doc['env']['cpus']} CPUs)")
     for col, just in (("", "left"), ("plain", "right"), ("edgefn", "right"), ("ratio", "right"),
                       ("target", "left"), ("", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -500,7 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"broker {broker.url} ({mosquitto_version})")
         plain = System("plain", [sys.executable, str(PLAIN), broker.url, str(MODEL)], workdir)
         edge = edgefn_run("edgefn", broker.url, workdir, [FUNCTION], log_level="warning")
-        clients = Clients(broker.port, qos=args.qos)
+        clients = Clients(broker.port, qos=args.qos, pad=args.pad)
         try:
             results = {}
             for system in (plain, edge):
@@ -518,7 +526,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bench/e2e.py",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {"serial": args.serial, "warmup": WARMUP, "burst": args.burst,
-                   "serial_timeout_s": SERIAL_TIMEOUT_S, "burst_idle_s": BURST_IDLE_S, "qos": args.qos},
+                   "serial_timeout_s": SERIAL_TIMEOUT_S, "burst_idle_s": BURST_IDLE_S, "qos": args.qos,
+                   "pad_bytes": args.pad},
         "env": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                 "paho_mqtt": paho.mqtt.__version__, "onnxruntime": onnxruntime.__version__,
                 "mosquitto": mosquitto_version},
@@ -537,9 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned", action="store_true", help="a broker tuned for latency (set_tcp_nodelay true)")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1,
                         help="the sensor's QoS (results are QoS1 either way); at 0 the broker acknowledges nothing")
+    parser.add_argument("--pad", type=int, default=0, metavar="BYTES",
+                        help="filler bytes in each payload: 10000 and 250000 for the 10 kB and 250 kB rows")
     args = parser.parse_args(argv)
     if args.serial < 1 or args.burst < 1:
         parser.error("--serial and --burst must be at least 1")
+    if not 0 <= args.pad <= 256_000:
+        parser.error("--pad must be from 0 to 256000 (edgefn's max_payload_bytes is 256 KiB)")
 
     # SIGTERM unwinds like Ctrl-C, so the children and the broker are stopped on the way out.
     def _terminate(_sig: int, _frame: object) -> None:

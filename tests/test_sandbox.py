@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -346,6 +347,46 @@ def _comparable(answer) -> object:
     if isinstance(answer, FunctionError):
         return (type(answer).__name__, str(answer))
     return [(m.topic, {k: v for k, v in json.loads(m.payload).items() if k != "latency_ms"}) for m in answer]
+
+
+# -- payloads across the boundary ------------------------------------------------------------------
+
+EVERY_BYTE = bytes(range(256)) * 3
+
+
+def test_payloads_of_every_byte_value_cross_as_latin1_both_ways(hostile: FunctionSandbox):
+    """The daemon calls handle-latin1: each byte a code point of a string, there and back."""
+    assert all(inst.handle_latin1 is not None for inst in list(hostile._made.values()))
+    [one] = hostile.handle(_event("sensors/dev1/hostile", b"echo:" + EVERY_BYTE))
+    assert one.payload == EVERY_BYTE
+    events = [_event("sensors/dev1/hostile", b"echo:" + EVERY_BYTE[i:] + bytes([i]), f"b{i}") for i in (0, 128, 255)]
+    answers = hostile.handle_batch(events)
+    assert [a[0].payload for a in answers] == [e.payload[len(b"echo:"):] for e in events]
+
+
+@pytest.fixture(scope="module")
+def before_latin1_fn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guests/before-latin1, built against its own copy of the older world."""
+    folder = tmp_path_factory.mktemp("fn") / "before-latin1"
+    shutil.copytree(GUESTS / "before-latin1", folder)
+    (folder / "build").mkdir()
+    subprocess.run([sys.executable, "-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; "
+                    "componentize_py.script()", "-d", "wit", "-w", "function", "componentize", "app",
+                    "-o", "build/before.wasm"], cwd=folder, check=True, capture_output=True)
+    return folder
+
+
+def test_component_built_before_handle_latin1_runs_with_byte_lists(runtime: Runtime, before_latin1_fn: Path,
+                                                                    registry: ModelRegistry):
+    sandbox = _sandbox(runtime, before_latin1_fn, registry)
+    try:
+        assert all(inst.handle_latin1 is None for inst in list(sandbox._made.values()))
+        [one] = sandbox.handle(_event("sensors/dev1/before", EVERY_BYTE))
+        assert one.payload == b"one:" + EVERY_BYTE
+        answers = sandbox.handle_batch([_event("sensors/dev1/before", bytes([i]) * 3, f"b{i}") for i in (0, 200)])
+        assert [a[0].payload for a in answers] == [b"batch:\0\0\0", b"batch:" + bytes([200]) * 3]
+    finally:
+        sandbox.close()
 
 
 def test_batch_answers_equal_one_by_one_answers(digits: FunctionSandbox, held_out: list[tuple[list[int], int]]):

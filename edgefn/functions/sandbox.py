@@ -229,6 +229,7 @@ class _Instance:
     store: wasmtime.Store
     handle: ExportCall
     handle_batch: ExportCall | None  # absent from components built against an older world
+    handle_latin1: ExportCall | None  # the same: such a component's payloads cross as byte lists
     stderr: _GuestStderr
     events: int = 0
     idle_since: float = field(default_factory=time.monotonic)
@@ -242,11 +243,18 @@ class _Instance:
 
 
 def _message(fields: tuple[Any, ...]) -> Message:
-    """A `message` record as lifted: (topic, payload, qos, retain, properties), or (topic, payload)
-    from a component built against the world before qos, retain and properties (QoS1, not retained)."""
+    """A `message` or `message-latin1` record as lifted: (topic, payload, qos, retain, properties), or
+    (topic, payload) from a component built against the world before qos, retain and properties (QoS1,
+    not retained)."""
     if len(fields) == 2:
         return Message(*fields)
     topic, payload, qos, retain, properties = fields
+    if isinstance(payload, str):  # message-latin1: each character one byte
+        try:
+            payload = payload.encode("latin-1")
+        except UnicodeEncodeError:
+            raise OutputRejected(f"a message to {topic!r:.80} carries a character past U+00FF in its latin-1 "
+                                 "payload") from None
     return Message(topic, payload, qos, retain, tuple(properties))
 
 
@@ -294,6 +302,25 @@ def _lowered(event: Event) -> tuple[str, str, bytes, float]:
     return event.id, event.topic, event.payload, event.received_ms
 
 
+def _carried(events: list[Event]) -> list[tuple[str, str, str, float]]:
+    """Events as `event-latin1` records: a string of one code point per byte crosses as one byte vector."""
+    return [(e.id, e.topic, e.payload.decode("latin-1"), e.received_ms) for e in events]
+
+
+def _run_batch(inst: _Instance, events: list[Event]) -> list[tuple[bool, Any]]:
+    if inst.handle_latin1 is not None:
+        return inst.handle_latin1(_carried(events))
+    assert inst.handle_batch is not None  # a component without either gets events one by one
+    return inst.handle_batch([_lowered(e) for e in events])
+
+
+def _run_one(inst: _Instance, event: Event) -> tuple[bool, Any]:
+    if inst.handle_latin1 is None:
+        return inst.handle(_lowered(event))
+    answers = inst.handle_latin1(_carried([event]))
+    return answers[0] if len(answers) == 1 else (False, f"handle-latin1 gave {len(answers)} answers for one event")
+
+
 class FunctionSandbox:
     """A function's compiled component and its elastic pool of instances.
 
@@ -327,7 +354,7 @@ class FunctionSandbox:
         self._made: weakref.WeakValueDictionary[int, _Instance] = weakref.WeakValueDictionary()  # for memory_bytes
         probe = self._probe()
         # Components built against an older world have no handle-batch: they get events one by one.
-        self._batches = probe.handle_batch is not None
+        self._batches = probe.handle_batch is not None or probe.handle_latin1 is not None
         if self.min_instances and self.budget.reserve(self.instance_bytes):
             self._live, probe.reserved = 1, self.instance_bytes
             self._idle.append(probe)
@@ -401,8 +428,9 @@ class FunctionSandbox:
         func = instance.get_func(store, "handle")
         if func is None:
             raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
-        batch = instance.get_func(store, "handle-batch")
-        made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch), stderr, memories=memories)
+        batch, latin1 = instance.get_func(store, "handle-batch"), instance.get_func(store, "handle-latin1")
+        made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch),
+                         latin1 and ExportCall(store, latin1), stderr, memories=memories)
         self._made[id(made)] = made
         return made
 
@@ -468,7 +496,7 @@ class FunctionSandbox:
         if len(events) <= 1 or not self._batches:
             return [self._one(e) for e in events]
         try:
-            answers = self._call(lambda inst: inst.handle_batch([_lowered(e) for e in events]), len(events))
+            answers = self._call(lambda inst: _run_batch(inst, events), len(events))
         except FunctionError as exc:
             # A timed-out batch is never halved: its deadline is the per-event one times its events,
             # and halves would run the endless event again under half of it, a quarter, ... (about
@@ -484,7 +512,7 @@ class FunctionSandbox:
     def _one(self, event: Event) -> list[Message] | FunctionError:
         """Run one event alone: a trap, timeout or out-of-memory here is its own, a strike against its payload."""
         try:
-            return self._answer(*self._call(lambda inst: inst.handle(_lowered(event)), 1))
+            return self._answer(*self._call(lambda inst: _run_one(inst, event), 1))
         except FunctionError as exc:
             if self.quarantine is not None:
                 self.quarantine.strike(event.payload, exc)

@@ -17,6 +17,7 @@ badtopic  publishes to a topic with a control character (a broker would drop the
 wildtopic publishes to a topic with a wildcard
 count     adds one to the counter "n" in its state and publishes the new value
 bigstate  stores a 100 KiB state value (past the 64 KiB bound)
+echo:BYTES publishes the bytes after `echo:` as they came (any byte values)
 infer:{json}  calls host.infer with the model, dtype, shape and hex data of the JSON after the colon
               (for fuzzing the host side of infer); publishes the output shapes, or its error
 """
@@ -44,8 +45,10 @@ def _recurse(n):
 
 class WitWorld(Function):
     def handle(self, event):
-        what = bytes(event.payload).decode(errors="replace").strip()
         device = event.topic.split("/")[1]
+        if event.payload.startswith(b"echo:"):
+            return [Message(f"results/{device}/hostile", event.payload[len(b"echo:"):])]
+        what = bytes(event.payload).decode(errors="replace").strip()
         if what.startswith("infer:"):
             return _infer_args(what[len("infer:"):], device)
         ok = [Message(f"results/{device}/hostile", b"ok:" + event.id.encode())]
