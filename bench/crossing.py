@@ -12,7 +12,7 @@ this process with the real model (no broker, no daemon). The host times the expo
   export crossing   the export call, less the guest's handle_batch (the events in, the messages out)
   around            the sandbox's own work around the call (instance, deadline, checks of the outputs)
 
-    .venv/bin/python bench/crossing.py [--calls 300] [--json-only]
+    .venv/bin/python bench/crossing.py [--calls 300] [--pad BYTES] [--json-only]
 
 Takes about a minute (the copy is built with componentize-py first). Results also go to
 bench/results/crossing.json.
@@ -74,7 +74,7 @@ def timed_copy(dest: Path) -> Path:
     return fn
 
 
-def measure(fn: Path, cache: Path, calls: int) -> dict[str, Any]:
+def measure(fn: Path, cache: Path, calls: int, pad: int = 0) -> dict[str, Any]:
     import numpy as np
 
     from edgefn.events import Event
@@ -115,7 +115,7 @@ def measure(fn: Path, cache: Path, calls: int) -> dict[str, Any]:
                     before: dict[str, float] = {}
                     for i in range(WARM_CALLS + calls + 1):
                         events = [Event(f"c{i}-{k}", "sensors/bench/digits",
-                                        e2e._payload(f"c{i}-{k}", images[(i * n + k) % len(images)]), time.time() * 1000)
+                                        e2e._payload(f"c{i}-{k}", images[(i * n + k) % len(images)], pad), time.time() * 1000)
                                   for k in range(n)]
                         start = time.perf_counter()
                         answers = sandbox.handle_batch(events)
@@ -160,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="calls measured per batch size")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
+    parser.add_argument("--pad", type=int, default=0, metavar="BYTES", help="filler bytes in each payload (as e2e's)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="edgefn-crossing-") as tmp:
         fn = timed_copy(Path(tmp))
-        rows = measure(fn, Path(tmp) / "cache", args.calls)
+        rows = measure(fn, Path(tmp) / "cache", args.calls, args.pad)
     doc = {"benchmark": "bench/crossing.py", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "config": {"calls": args.calls, "warm_calls": WARM_CALLS}, "batches": rows}
+           "config": {"calls": args.calls, "warm_calls": WARM_CALLS, "pad_bytes": args.pad}, "batches": rows}
     e2e.write_results(RESULTS, doc)
     return e2e.report(doc, args.json_only, _print)
 
