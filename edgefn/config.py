@@ -34,6 +34,26 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}{':***' if parts.password is not None else ''}@{host}"))
 
 
+def check_url(url: str, schemes: tuple[str, ...], shape: str) -> str:
+    """`url` if it is one of `schemes` with a host, and a port from 1 to 65535 where it names one; else a
+    one-line ValueError that says why, and what it must look like (`shape`). urlsplit parses the port only
+    when asked for it: `mqtt://HOST:abc` used to pass here and end the daemon in a traceback on connecting."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # Invalid IPv6 URL
+        raise ValueError(f"{exc}: must look like {shape}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must look like {shape}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:  # 0: no port a server listens on (and `port or default` would quietly take the default)
+        given = parts.netloc.rpartition("@")[2].rpartition(":")[2]  # past a user and password: never said
+        raise ValueError(f"port {given!r} is not a number from 1 to 65535: must look like {shape}")
+    return url
+
+
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     """(the URL without a user and password, the user, the password), both unquoted; None where absent."""
     parts = urlsplit(url)
@@ -50,6 +70,7 @@ def default_state_dir() -> Path:
 
 
 ENV_PREFIX = "EDGEFN_"
+HTTP_SCHEMES, HTTP_SHAPE = ("http", "https"), "http://HOST:PORT or https://HOST:PORT"
 
 
 class Settings(BaseModel):
@@ -134,15 +155,15 @@ class Settings(BaseModel):
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
-        return value
+        return check_url(value, ("mqtt", "mqtts"), "mqtt://HOST:PORT or mqtts://HOST:PORT")
 
     @field_validator("fleet_url", "cloud_url")
     @classmethod
     def _http_url(cls, value: str | None, info: Any) -> str | None:
-        if value is not None and info.field_name == "fleet_url" and "@" in urlsplit(value).netloc:
+        if value is None:
+            return None
+        check_url(value, HTTP_SCHEMES, HTTP_SHAPE)
+        if info.field_name == "fleet_url" and "@" in urlsplit(value).netloc:
             raise ValueError("the fleet server takes this device's token (--device-token-file or "
                              "EDGEFN_DEVICE_TOKEN), not a user and password in its URL")
         return value

@@ -7,7 +7,8 @@ kind (4 = PUBACK, 9 = SUBACK, ...) on a client id's connection-th connection (bo
 the daemon's events and results sessions are two client ids, each counted on its own).
 
 `read_slowly` makes the broker read a client id's stream late, one packet per `pace` seconds, as a
-busy mosquitto does (it reads one packet per socket per pass of its loop).
+busy mosquitto does (it reads one packet per socket per pass of its loop). `drop_sent` decides, as
+`drop` does, for the packets a client sends after its CONNECT (8 = SUBSCRIBE, ...).
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 from edgefn.mqtt.local_broker import free_port
 
-PUBACK, SUBACK = 4, 9
+PUBACK, SUBSCRIBE, SUBACK = 4, 8, 9
 
 
 class DroppingProxy:
-    def __init__(self, broker_port: int, drop: Callable[[int, int, int], bool] = lambda *_: False):
+    def __init__(self, broker_port: int, drop: Callable[[int, int, int], bool] = lambda *_: False,
+                 drop_sent: Callable[[int, int, int], bool] | None = None):
         self.port = free_port()
-        self._broker_port, self._drop = broker_port, drop
+        self._broker_port, self._drop, self._drop_sent = broker_port, drop, drop_sent
         self.read_slowly: dict[str, float] = {}  # client id -> seconds per packet it sends
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._connections: Counter[str] = Counter()  # by client id
         self.dropped: Counter[int] = Counter()
+        self.dropped_sent: Counter[int] = Counter()  # of the clients' packets
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -53,8 +57,8 @@ class DroppingProxy:
         client_id = _client_id(connect)
         self._connections[client_id] += 1
         broker.sendall(connect)
-        pace = self.read_slowly.get(client_id)
-        copy = (lambda src, dst: self._copy_paced(src, dst, pace)) if pace else self._copy
+        pace, connection = self.read_slowly.get(client_id), self._connections[client_id]
+        copy = partial(self._copy_packets, pace=pace or 0.0, connection=connection) if pace or self._drop_sent else self._copy
         threading.Thread(target=copy, args=(client, broker), daemon=True).start()
         self._filter(broker, client, self._connections[client_id])
 
@@ -67,12 +71,17 @@ class DroppingProxy:
             pass
         _close(src, dst)
 
-    @staticmethod
-    def _copy_paced(src: socket.socket, dst: socket.socket, pace: float) -> None:
+    def _copy_packets(self, src: socket.socket, dst: socket.socket, pace: float, connection: int) -> None:
+        seen: Counter[int] = Counter()
         reader = src.makefile("rb")
         try:
             while packet := _read_packet(reader):
                 time.sleep(pace)
+                kind = packet[0] >> 4
+                seen[kind] += 1
+                if self._drop_sent is not None and self._drop_sent(kind, seen[kind], connection):
+                    self.dropped_sent[kind] += 1
+                    continue
                 dst.sendall(packet)
         except (OSError, IndexError):
             pass

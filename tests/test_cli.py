@@ -312,6 +312,30 @@ def test_run_invalid_broker_url(tmp_path: Path, url: str):
     assert "Traceback" not in result.output
 
 
+BAD_PORTS = {  # a URL whose port is not one: one line, wherever a broker or endpoint URL is given
+    "broker": ["run", "--broker", "mqtt://localhost:abc"],
+    "broker_with_login": ["run", "--broker", "mqtt://user:secret@localhost:99999"],
+    "cloud": ["run", "--cloud", "http://localhost:abc"],
+    "fleet": ["run", "--fleet", "https://localhost:0"],
+    "cloud_check": ["cloud", "check", "http://localhost:abc", "--models", str(MODELS)],
+    "fleet_server": ["fleet", "devices", "--server", "http://user:secret@localhost:abc"],
+}
+
+
+@pytest.mark.parametrize("command", list(BAD_PORTS))
+def test_a_url_whose_port_is_not_a_number_is_one_line(state_dir: Path, command: str):
+    # `run` with a function that loads: the broker's port used to be parsed only on connecting, a traceback.
+    args = BAD_PORTS[command]
+    if args[0] == "run":
+        args = [*args, "--state-dir", str(state_dir), "--functions", str(DIGITS_FN), "--models", str(MODELS),
+                "--no-build"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "is not a number from 1 to 65535" in result.output and "Traceback" not in result.output
+    assert "secret" not in result.output
+
+
 # --- status --------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from edgefn.mqtt.ingress import Ingress
 from edgefn.mqtt.local_broker import LocalBroker
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 from tests.conftest import Collector, eventually, publish
-from tests.mqtt_proxy import PUBACK, SUBACK, DroppingProxy
+from tests.mqtt_proxy import PUBACK, SUBACK, SUBSCRIBE, DroppingProxy
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=300)
 
@@ -181,6 +181,45 @@ def test_a_reconnect_with_a_backlog_publishes_without_its_suback_and_subscribes_
     finally:
         sensor.loop_stop()
         back.stop()
+        proxy.close()
+
+
+FIRST_SUBSCRIBE = {  # either way no SUBACK comes: the proxy drops the client's SUBSCRIBE, or the broker's SUBACK
+    "subscribe_lost": {"drop_sent": lambda kind, n, connection: (kind, n, connection) == (SUBSCRIBE, 1, 1)},
+    "suback_lost": {"drop": lambda kind, n, connection: (kind, n, connection) == (SUBACK, 1, 1)},
+}
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("lost", list(FIRST_SUBSCRIBE))
+def test_a_lost_suback_is_asked_again_within_seconds_and_events_flow(tmp_path, broker, lost):
+    # A new session (the broker holds no subscription for it): with its SUBSCRIBE lost nothing reaches it
+    # until it subscribes again, which it used to do only 30 s later. Its retained message comes once,
+    # though the broker may have taken the first SUBSCRIBE too.
+    proxy = DroppingProxy(broker.port, **FIRST_SUBSCRIBE[lost])
+    received: list[bytes] = []
+    settings = load_settings(broker=f"mqtt://127.0.0.1:{proxy.port}", client_id=f"edgefn-lost-{time.monotonic_ns()}",
+                             state_dir=tmp_path / "state")
+    conn = Connection(settings, lambda topic, payload, *_: received.append(payload), ["sensors/#"])
+    sensor = _sensor(broker.port)
+    sensor.publish("sensors/state", b"retained", qos=1, retain=True).wait_for_publish(5)
+    started = time.monotonic()
+    conn.start()
+    try:
+        n = 0
+        while not any(p.startswith(b"probe") for p in received) and time.monotonic() - started < 15:
+            sensor.publish("sensors/t", f"probe {n}".encode(), qos=1).wait_for_publish(5)
+            n += 1
+            time.sleep(0.25)
+        assert len(received) > 1, f"no event within {time.monotonic() - started:.1f} s of connecting"
+        assert eventually(lambda: conn.awaiting_suback == 0, 10 - (time.monotonic() - started)), "no SUBACK in 10 s"
+        assert proxy.dropped[SUBACK] + proxy.dropped_sent[SUBSCRIBE] == 1
+        assert time.monotonic() - started < 10
+        time.sleep(0.5)
+        assert received.count(b"retained") == 1
+    finally:
+        sensor.loop_stop()
+        conn.stop()
         proxy.close()
 
 

@@ -161,6 +161,29 @@ def test_daemon_refuses_a_payload_past_the_bound_without_running_it(broker, daem
     assert len(results.wait_for(2)) == 2
 
 
+def test_daemon_never_reads_a_payload_far_past_the_bound_and_keeps_its_session(settings_for, digits_fn):
+    # The events session's CONNECT sets MQTT 5's Maximum Packet Size from max_payload_bytes: the broker
+    # drops a larger PUBLISH itself. A 20 MB payload used to be read whole, then cut to its head.
+    with LocalBroker(extra_config="log_type notice\n") as noting:
+        results, errors = Collector(noting.port, "results/+/digits"), Collector(noting.port, "edgefn/errors/#")
+        d = Daemon(settings_for(noting, digits_fn))
+        d.start()
+        try:
+            d.wait_connected(10)
+            publish(noting.port, "sensors/dev1/digits", [b"x" * (20 << 20), *digit_payloads(1, "after")[0]])
+            assert [doc["event_id"] for _, doc in results.wait_for(1, 20)] == ["after-0"]
+            time.sleep(0.5)  # an answer to the large one, had it come in, would be out by now
+            assert errors.messages == []
+            assert "edgefn_events_received_total 1.0" in d.metrics.render().decode()  # ingress never saw it
+            log = noting.log_text()
+            assert f"Dropping too large outgoing PUBLISH for {d.settings.client_id} " in log
+            assert log.count(f" as {d.settings.client_id} ") == 1, "the events session was dropped"
+        finally:
+            d.stop(drain_timeout=0.5)
+            results.close()
+            errors.close()
+
+
 def test_daemon_keeps_a_result_the_broker_refuses_in_the_outbox(tmp_path, settings_for, digits_fn):
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite sensors/#\ntopic readwrite results/allowed/#\ntopic readwrite edgefn/#\n")

@@ -28,8 +28,9 @@ console = Console(stderr=True)  # what it says on the way: errors, progress, whe
 
 def fail(exc: Exception) -> NoReturn:
     """One line on stderr and exit code 2: how every edgefn error ends a command."""
-    # The message is text, not markup: "[/tmp/x]" or "[models]" in it must print as written.
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    # The message is text, not markup: "[/tmp/x]" or "[models]" in it must print as written; nor emoji
+    # codes: "http://HOST:abc: port" printed a 🔤 for ":abc:".
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", emoji=False)
     raise typer.Exit(2)
 
 
@@ -151,9 +152,13 @@ def call_fleet(method: str, server: str, path: str, *, token: str | None = None,
     """One request to the fleet API, its JSON answer back; every way it can go wrong is a one-line FleetError."""
     import httpx
 
-    from edgefn.config import redact_url
+    from edgefn.config import HTTP_SCHEMES, HTTP_SHAPE, check_url, redact_url
     from edgefn.protocol.fleet import API
 
+    try:
+        check_url(server, HTTP_SCHEMES, HTTP_SHAPE)
+    except ValueError as exc:  # else httpx's InvalidURL, which is no HTTPError
+        raise ConfigError(f"--server {redact_url(server)}: {exc}") from None
     url = f"{server.rstrip('/')}{API}{path}"
     shown, server = redact_url(url), redact_url(server)  # what the errors say; `url` keeps a user:password to log in
     headers = {"Authorization": f"Bearer {token}"} if token else {}

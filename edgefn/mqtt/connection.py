@@ -21,7 +21,11 @@ Maximum: the broker may then send that many QoS1 messages before our acknowledge
 the 20 it allows an MQTT 3.1.1 client; mosquitto counts those as in flight, not against its
 `max_queued_messages` (1000), past which it drops. That, not raw speed, is what keeps a burst from
 being lost at the broker while the inbox catches up. QoS 0 events are passed on with qos=0 and never
-acknowledged (a PUBACK for one is a protocol error: the broker drops the connection).
+acknowledged (a PUBACK for one is a protocol error: the broker drops the connection). The CONNECT
+also sets a Maximum Packet Size (`maximum_packet_size`): a payload far over `max_payload_bytes` is
+dropped by the broker, never read whole into the daemon's memory only to be cut to its head (one
+200 MB publish raised the daemon's peak RSS from 126 to 730 MB). The broker tells neither us nor the
+sender (mosquitto logs it), so nothing here counts it.
 
 Lost PUBACKs (mosquitto 2.0.16-2.0.20 drop them, like SUBACKs) are recovered by reconnecting the
 results session, which makes egress resend: egress asks for it when a PUBACK for a later message
@@ -67,6 +71,10 @@ from edgefn.observe.logs import Every
 log = logging.getLogger("edgefn.mqtt")
 
 RECEIVE_MAXIMUM = 65535  # QoS1 messages the broker may send ahead of our acknowledgements (the MQTT 5 maximum)
+# Besides its payload, an event's PUBLISH carries its topic (at most 64 KiB) and properties: allowed
+# as much again for those, so that no payload up to max_payload_bytes is ever dropped for its packet.
+PACKET_ALLOWANCE = 128 * 1024
+MQTT_MAX_PACKET = 268_435_460  # the largest packet MQTT can frame (a 4-byte remaining length, and its header)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session and its queue this long while we are away
 ACK_TIMEOUT_S = 30.0  # publishes waiting and nothing heard from the broker this long: reconnect
 KEEPALIVE_S = 30
@@ -96,10 +104,11 @@ class _Link:
     with backoff; why it is not connected (`last_error`); when the broker was last heard."""
 
     def __init__(self, settings: Settings, client_id: str, what: str, keepalive: int, *, persistent: bool,
-                 receive_maximum: int | None = None, network_level: int = logging.WARNING):
+                 receive_maximum: int | None = None, maximum_packet_size: int | None = None,
+                 network_level: int = logging.WARNING):
         self.settings, self.what, self._keepalive, self._persistent = settings, what, keepalive, persistent
         self._network_level = network_level  # how loud a failure to reach the broker is logged
-        self._receive_maximum = receive_maximum
+        self._receive_maximum, self._maximum_packet_size = receive_maximum, maximum_packet_size
         self.client = broker_client(settings, client_id)
         self.client.on_connect_fail = self._connect_failed
         self.last_error: str | None = None
@@ -119,6 +128,8 @@ class _Link:
             props.SessionExpiryInterval = SESSION_EXPIRY_S
         if self._receive_maximum is not None:
             props.ReceiveMaximum = self._receive_maximum
+        if self._maximum_packet_size is not None:
+            props.MaximumPacketSize = self._maximum_packet_size
         s = self.settings
         self.client.connect_async(s.broker_host, s.broker_port, keepalive=self._keepalive,
                                   clean_start=not self._persistent, properties=props)
@@ -183,6 +194,12 @@ class _Link:
                 pass
 
 
+def maximum_packet_size(settings: Settings) -> int:
+    """The largest PUBLISH an events session takes: the broker drops a larger one itself (MQTT 5's
+    Maximum Packet Size), so a payload far over max_payload_bytes never reaches the daemon's memory."""
+    return min(settings.max_payload_bytes + PACKET_ALLOWANCE, MQTT_MAX_PACKET)
+
+
 def _client_id(settings: Settings, priority: Priority) -> str:
     return settings.client_id if priority == "normal" else settings.client_id + PRIORITY_SUFFIX.format(priority=priority)
 
@@ -202,7 +219,7 @@ class _Events:
         self.priority = priority
         what = "events" if priority == "normal" else f"{priority}-priority events"
         self.link = _Link(conn._settings, _client_id(conn._settings, priority), what, keepalive, persistent=True,
-                          receive_maximum=receive_maximum)
+                          receive_maximum=receive_maximum, maximum_packet_size=maximum_packet_size(conn._settings))
         client = self.link.client
         client.on_connect = lambda _c, _u, _f, reason, _p: conn._events_connected(self, reason)
         client.on_disconnect = lambda _c, _u, _f, reason, _p: conn._events_disconnected(self, reason)

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
-from edgefn.config import redact_url, split_credentials
+from edgefn.config import HTTP_SCHEMES, HTTP_SHAPE, check_url, redact_url, split_credentials
 from edgefn.errors import CloudError, CloudUnavailable, ConfigError, ModelError
 from edgefn.inference.tensors import WireTensor, from_wire, to_wire
 from edgefn.offload import contract as contract_
@@ -102,8 +102,10 @@ class CloudClient:
                  max_backoff_s: float = 1.0, binary_threshold: int | None = 1024,
                  breaker: CircuitBreaker | None = None, max_connections: int = 16,
                  environ: Mapping[str, str] = os.environ, transport: httpx.BaseTransport | None = None):
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"cloud_url must be an http:// or https:// URL, got {redact_url(url)!r}")
+        try:
+            check_url(url, HTTP_SCHEMES, HTTP_SHAPE)
+        except ValueError as exc:
+            raise ConfigError(f"cloud_url {redact_url(url)!r} is not an endpoint's URL: {exc}") from None
         if timeout_s <= 0 or retries < 0:
             raise ConfigError("cloud_timeout_s must be positive and cloud_retries not negative")
         # A user:password in the URL logs in (HTTP Basic) but is kept out of the URL itself, which httpx logs
