@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +28,15 @@ from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
 from edgefn.inference.registry import ModelRegistry
 from tests.conftest import MODELS
-from tests.test_sandbox import ANSWER_WAT, LOAD_AND_CALL, _garble_code
+from tests.test_sandbox import (
+    ANSWER_WAT,
+    CRASHED,
+    STARTING_WAT,
+    _answer_in_child,
+    _forge,
+    _garble_code,
+    _lines_naming,
+)
 
 HOST = compiler.host_target()
 OTHER = "aarch64" if HOST == "x86_64" else "x86_64"
@@ -98,12 +106,24 @@ def test_a_shipped_artifact_that_does_not_match_is_compiled_here_instead(
 def test_a_shipped_artifact_with_damaged_code_is_never_run(answer_wasm: Path, tmp_path: Path):
     precompile_targets(answer_wasm, [HOST])
     _garble_code(compiler.precompiled(answer_wasm, HOST))
-    # In a child: mapping and running damaged code kills the process (SIGSEGV, SIGILL).
-    child = subprocess.run([sys.executable, "-c", LOAD_AND_CALL, str(tmp_path / "cache"), str(answer_wasm)],
-                           capture_output=True, text=True, timeout=60)
-    assert child.returncode == 0, f"the runtime ran a damaged artifact (exit status {child.returncode})"
-    assert child.stdout.strip() == "42"
-    assert "not used (its bytes do not match its checksum)" in child.stderr
+    assert "not used (its bytes do not match its checksum)" in _answer_in_child(tmp_path / "cache", answer_wasm)
+
+
+def test_a_shipped_artifact_that_crashes_its_loader_is_compiled_here_and_remembered(answer_wasm: Path,
+                                                                                     tmp_path: Path):
+    wasm = answer_wasm.with_name("starting.wasm")  # its start code runs at load
+    wasm.write_bytes(bytes(wasmtime.wat2wasm(STARTING_WAT)))
+    precompile_targets(wasm, [HOST])
+    shipped = compiler.precompiled(wasm, HOST)
+    _forge(shipped)  # as a bundle could ship it: its stamp matches, its code is gone; the old code died of it
+    forged, verdicts, written = shipped.read_bytes(), tmp_path / "cache", None
+    for _start in ("first", "second"):  # the second reads the verdict: no child tries it again
+        [line] = _lines_naming(_answer_in_child(verdicts, wasm), shipped.name)
+        assert re.search(rf"not used \({CRASHED}\); compiling for this CPU instead", line), line
+        [verdict] = verdicts.glob("*.crashed")
+        assert written in (None, verdict.stat().st_mtime_ns), "the second start tried it again"
+        written = verdict.stat().st_mtime_ns
+    assert shipped.read_bytes() == forged  # a bundle's files are never changed
 
 
 @pytest.mark.skipif(HOST != "x86_64", reason="the x86_64 wheel of wasmtime is the one known to lack aarch64")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from edgefn.errors import (
     Quarantined,
 )
 from edgefn.events import Event
+from edgefn.functions import compile as compiler
 from edgefn.functions.build import component_path
 from edgefn.functions.host import FunctionHost
 from edgefn.functions.manifest import Manifest, load_manifest
@@ -512,20 +514,148 @@ def _garble_code(artifact: Path) -> None:
     artifact.write_bytes(bytes(data))
 
 
-def test_component_cache_damaged_code_is_compiled_again_not_run(tmp_path: Path, answer_wasm: Path):
-    cache = tmp_path / "components"
+def _compiled(cache: Path, wasm: Path) -> Path:
+    """`wasm` compiled into the cache `cache` by a runtime; its artifact."""
     with Runtime(cache) as runtime:
-        runtime.load(answer_wasm)
-    [artifact] = _cached(cache, answer_wasm)
-    _garble_code(artifact)
-    # In a child: mapping and running damaged code kills the process (SIGSEGV, SIGILL).
-    child = subprocess.run([sys.executable, "-c", LOAD_AND_CALL, str(cache), str(answer_wasm)],
+        runtime.load(wasm)
+    [artifact] = _cached(cache, wasm)
+    return artifact
+
+
+def _answer_in_child(cache: Path, wasm: Path) -> str:
+    """Load `wasm` with the cache `cache` and call its `answer` in a child: mapping and running damaged code
+    kills the process (SIGSEGV, SIGILL), which would take pytest down too. What the child logged."""
+    child = subprocess.run([sys.executable, "-c", LOAD_AND_CALL, str(cache), str(wasm)],
                            capture_output=True, text=True, timeout=60)
     assert child.returncode == 0, f"the runtime ran a damaged artifact (exit status {child.returncode})"
     assert child.stdout.strip() == "42"
-    assert f"{artifact.name}: not mapped (its bytes do not match its checksum)" in child.stderr
+    return child.stderr
+
+
+def test_component_cache_damaged_code_is_compiled_again_not_run(tmp_path: Path, answer_wasm: Path):
+    cache = tmp_path / "components"
+    artifact = _compiled(cache, answer_wasm)
+    _garble_code(artifact)
+    logged = _answer_in_child(cache, answer_wasm)
+    assert f"{artifact.name}: not mapped (its bytes do not match its checksum)" in logged
     stamp = json.loads(artifact.with_name(artifact.name + ".json").read_text())
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() == stamp["sha256"]
+
+
+# As ANSWER_WAT, but its core module has a start function: instantiating it runs compiled code, as
+# instantiating a componentize-py component does (its damaged code then crashes the process at load).
+STARTING_WAT = """(component
+  (core module $m
+    (global $answer (mut i32) (i32.const 0))
+    (func $start i32.const 42 global.set $answer)
+    (start $start)
+    (func (export "f") (result i32) global.get $answer))
+  (core instance $i (instantiate $m))
+  (func (export "answer") (result u32) (canon lift (core func $i "f"))))"""
+CRASHED = r"loading it killed a trial process with SIG(SEGV|ILL|BUS)"
+
+
+@pytest.fixture()
+def starting_wasm(tmp_path: Path) -> Path:
+    wasm = tmp_path / "build" / "starting.wasm"
+    wasm.parent.mkdir(exist_ok=True)
+    wasm.write_bytes(bytes(wasmtime.wat2wasm(STARTING_WAT)))
+    return wasm
+
+
+def _forge(artifact: Path) -> None:
+    """Zero an artifact's code and rewrite its stamp's sha256 to match: damage no stamp check can tell."""
+    _garble_code(artifact)
+    stamp = artifact.with_name(artifact.name + ".json")
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()),
+                                 "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest()}))
+
+
+def _lines_naming(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if name in line]
+
+
+def test_component_cache_artifact_that_crashes_its_loader_is_compiled_again(tmp_path: Path, starting_wasm: Path):
+    cache = tmp_path / "components"
+    artifact = _compiled(cache, starting_wasm)
+    _forge(artifact)  # the old code mapped it and died of it (SIGSEGV)
+    [line] = _lines_naming(_answer_in_child(cache, starting_wasm), artifact.name)
+    assert re.search(rf"not mapped \({CRASHED}\); compiling it again", line), line
+    assert compiler.problem_with(artifact) is None and len(list(cache.glob("*.crashed"))) == 1
+
+
+def test_a_trusted_artifact_is_mapped_with_no_trial_load(tmp_path: Path, starting_wasm: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    from edgefn.functions import trial
+
+    cache = tmp_path / "components"
+    artifact = _compiled(cache, starting_wasm)  # then loaded in a child once: trusted
+    assert (cache / f"{compiler.stamped_sha256(artifact)}.trusted").exists()
+    children: list[list[str]] = []
+    real = subprocess.run
+
+    def run(args: list[str], **options: object) -> subprocess.CompletedProcess:
+        children.append(args)
+        return real(args, **options)
+
+    monkeypatch.setattr(trial.subprocess, "run", run)
+    with Runtime(cache) as runtime:
+        runtime.load(starting_wasm)
+    assert children == []
+
+
+TRIAL_OF_A_MISCOMPILE = """
+import sys
+from pathlib import Path
+from edgefn.errors import BuildError
+from edgefn.functions import compile as compiler
+from edgefn.functions.sandbox import Runtime
+from tests.test_sandbox import _forge
+compile_in_child = compiler.compile_in_child
+def miscompile(wasm, artifact, target=None):  # every compile of this wasmtime comes out broken
+    compile_in_child(wasm, artifact, target)
+    _forge(artifact)
+compiler.compile_in_child = miscompile
+with Runtime(Path(sys.argv[1])) as runtime:
+    try:
+        runtime.load(Path(sys.argv[2]))
+    except BuildError as exc:
+        print(exc)
+"""
+
+
+def test_an_artifact_that_crashes_its_loader_even_compiled_afresh_is_refused(tmp_path: Path, starting_wasm: Path):
+    child = subprocess.run([sys.executable, "-c", TRIAL_OF_A_MISCOMPILE, str(tmp_path / "components"),
+                            str(starting_wasm)], capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, f"loading a broken artifact killed the process (exit status {child.returncode})"
+    [artifact] = {m.group(1) for m in re.finditer(r"(\w+-wasmtime[\d.]+\.cwasm)", child.stdout + child.stderr)}
+    assert re.fullmatch(rf"{starting_wasm}: its freshly compiled artifact {artifact} does not load \({CRASHED}\)",
+                        child.stdout.strip()), child.stdout
+
+
+@pytest.mark.slow
+def test_a_forged_digits_artifact_is_compiled_again_by_fn_invoke(runtime: Runtime, digits_fn: Path,
+                                                                 component_cache: Path, tmp_path: Path):
+    """The finding: the digits component's cached artifact, its code zeroed and its stamp rewritten to
+    match, killed `edgefn fn invoke` (and the daemon) with SIGSEGV and nothing said."""
+    wasm = component_path(digits_fn, load_manifest(digits_fn))
+    runtime.load(wasm)  # compiled into the session's cache at the latest here
+    cache = tmp_path / "state" / "components"
+    cache.mkdir(parents=True)
+    for compiled in _cached(component_cache, wasm):
+        for path in (compiled, compiled.with_name(compiled.name + ".json")):
+            (cache / path.name).write_bytes(path.read_bytes())
+    [artifact] = _cached(cache, wasm)
+    _forge(artifact)
+    payload = json.dumps({"id": "forged-1", "pixels": [0] * 64})
+    child = subprocess.run([sys.executable, "-m", "edgefn", "fn", "invoke", str(digits_fn), "--topic",
+                            "sensors/dev1/digits", "--payload", payload, "--state-dir", str(tmp_path / "state"),
+                            "--models", str(MODELS), "--state", str(tmp_path / "invoke-state")],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"exit status {child.returncode}: {child.stderr[-2000:]}"
+    assert json.loads(child.stdout.split(" ", 1)[1])["event_id"] == "forged-1"
+    [line] = _lines_naming(child.stderr, artifact.name)
+    assert re.search(rf"not mapped \({CRASHED}\); compiling it again", line), line
 
 
 def test_runtime_removes_what_an_interrupted_compile_left(tmp_path: Path):

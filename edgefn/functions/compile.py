@@ -96,6 +96,11 @@ def problem_with(artifact: Path, component: str | None = None, target: str | Non
     return None if file_sha256(artifact) == written else "its bytes do not match its checksum"
 
 
+def stamped_sha256(artifact: Path) -> str:
+    """The sha256 its stamp gives an artifact (once `problem_with` passed it: its bytes' own)."""
+    return str(json.loads(stamp_of(artifact).read_text())["sha256"])
+
+
 def write_artifact(artifact: Path, data: bytes, component: str, target: str) -> None:
     """The artifact, then its stamp; a crash between the two leaves no stamp: compiled again."""
     stamp_of(artifact).unlink(missing_ok=True)
@@ -105,14 +110,18 @@ def write_artifact(artifact: Path, data: bytes, component: str, target: str) -> 
     write_atomic(stamp_of(artifact), (json.dumps(stamp, indent=2) + "\n").encode())
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a child that runs this very edgefn (a compile, a trial load)."""
+    return {**os.environ, "RUST_BACKTRACE": "0", "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgefn.__file__).parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def compile_in_child(wasm: Path, artifact: Path, target: str | None = None) -> None:
     """Compile `wasm` into `artifact` in a child process, for this CPU or for `target`; raises BuildError
     for a bad component or a target this wasmtime cannot compile for, OSError (ENOSPC, ...) when the
     artifact could not be written."""
-    env = {**os.environ, "RUST_BACKTRACE": "0", "PYTHONPATH": os.pathsep.join(  # the child runs this very edgefn
-        [str(Path(edgefn.__file__).parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run([sys.executable, "-m", "edgefn.functions.compile", str(wasm), str(artifact),
-                           *([target] if target else [])], capture_output=True, text=True, env=env)
+                           *([target] if target else [])], capture_output=True, text=True, env=child_env())
     # wasmtime aborts the process (a Rust panic) when its build lacks the target's code generator.
     if done.returncode == NOT_THIS_TARGET or "Support for this target is disabled" in done.stderr:
         raise BuildError(f"{wasm}: this wasmtime ({WASMTIME_VERSION}, {host_target()}) cannot compile for "

@@ -46,7 +46,7 @@ from edgefn.errors import (
 from edgefn.events import Event, Message
 from edgefn.files import file_sha256, remove_leftovers
 from edgefn.functions import compile as compiler
-from edgefn.functions import memory
+from edgefn.functions import memory, trial
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.budget import MemoryBudget, anon_rss_bytes, return_freed_memory
 from edgefn.functions.manifest import Manifest
@@ -112,14 +112,18 @@ class Runtime:
     def load(self, wasm: Path) -> wc.Component:
         """The component for `wasm`: the artifact shipped beside it for this CPU's target when its stamp
         matches (no compile at all), else compiled for this CPU once, in a child process, then mapped from
-        the cache. Compiling peaks at hundreds of MB: in the daemon, that would stay in its RSS."""
+        the cache. Compiling peaks at hundreds of MB: in the daemon, that would stay in its RSS. An artifact
+        not trusted yet is loaded in a child first (edgefn/functions/trial.py): one that crashes it is not
+        mapped here."""
         digest = file_sha256(Path(wasm))
         shipped = compiler.precompiled(Path(wasm), self.target)
         if shipped.exists() and (component := self._shipped(shipped, digest)) is not None:
             return component
         cached = self.cache_dir / f"{digest[:32]}-wasmtime{compiler.WASMTIME_VERSION}.cwasm"
-        if cached.exists() and (component := self._mapped(cached, digest)) is not None:
-            return component
+        if cached.exists():
+            if isinstance(mapped := self._mapped(cached, digest), wc.Component):
+                return mapped
+            log.error("%s: not mapped (%s); compiling it again", cached.name, mapped)
         # Seconds to minutes on a small board: say so before, and how long it took after.
         log.info("%s: compiling for this CPU (once; then cached in %s)", wasm, self.cache_dir)
         started = time.monotonic()
@@ -132,16 +136,15 @@ class Runtime:
                 return wc.Component.from_file(self.engine, str(wasm))
             except wasmtime.WasmtimeError as error:
                 raise BuildError(f"{wasm}: not a loadable component: {error}") from None
-        component = self._mapped(cached, digest)
-        if component is None:
-            raise BuildError(f"{wasm}: its freshly compiled artifact does not load")
-        return component
+        if isinstance(mapped := self._mapped(cached, digest), str):  # the error is the one line that says it
+            raise BuildError(f"{wasm}: its freshly compiled artifact {cached.name} does not load ({mapped})")
+        return mapped
 
     def _shipped(self, artifact: Path, digest: str) -> wc.Component | None:
         """The artifact shipped beside a component (a bundle's, or `edgefn fn build --target`'s) mapped when
         its stamp says: this wasmtime, this target, this component, these bytes. It is never removed (a
         bundle's folder does not change): a mismatch compiles here as if nothing were shipped."""
-        problem = compiler.problem_with(artifact, digest, self.target)
+        problem = compiler.problem_with(artifact, digest, self.target) or self._crashes(artifact)
         if problem is None:
             try:
                 return wc.Component.deserialize_file(self.engine, str(artifact))
@@ -150,19 +153,24 @@ class Runtime:
         log.warning("%s: not used (%s); compiling for this CPU instead", artifact, problem)
         return None
 
-    def _mapped(self, cached: Path, digest: str) -> wc.Component | None:
-        """The cached artifact mapped, if it is whole; a damaged one is removed (to be compiled again):
-        mapping one can kill the process before any error can be caught."""
-        problem = compiler.problem_with(cached, digest, self.target)
+    def _mapped(self, cached: Path, digest: str) -> wc.Component | str:
+        """The cached artifact mapped if it is whole, else why not; a damaged one is removed (to be
+        compiled again): mapping one can kill the process before any error can be caught."""
+        problem = compiler.problem_with(cached, digest, self.target) or self._crashes(cached)
         if problem is None:
             try:
                 return wc.Component.deserialize_file(self.engine, str(cached))
             except wasmtime.WasmtimeError as exc:  # another wasmtime's, or another CPU's
                 problem = " ".join(str(exc).split())
-        log.error("%s: not mapped (%s); compiling it again", cached.name, problem)
         cached.unlink(missing_ok=True)
         compiler.stamp_of(cached).unlink(missing_ok=True)
-        return None
+        return problem
+
+    def _crashes(self, artifact: Path) -> str | None:
+        """Why an artifact whose stamp matches must still not be mapped: loading it in a child killed the
+        child (its verdict is kept in the cache, so a trusted artifact costs no child at the next start)."""
+        crash = trial.crash_of(artifact, compiler.stamped_sha256(artifact), self.cache_dir)
+        return None if crash is None else f"loading it killed a trial process with {crash}"
 
     def close(self) -> None:
         self._stop.set()
