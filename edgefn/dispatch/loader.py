@@ -108,7 +108,9 @@ class Loader:
             raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
         policy = self._policy(manifest)
         host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
-                            manifest.confidence_threshold, self.metrics, batcher=batcher)
+                            manifest.confidence_threshold, self.metrics, batcher=batcher,
+                            log_lines_per_s=manifest.limits.log_lines_per_s,
+                            log_bytes_per_s=manifest.limits.log_bytes_per_s)
         # Load now: a missing model fails the start, not an event. What each runs as goes out
         # with every output of the function (user property edgefn-models).
         choices = [registry.choice(model) for model in manifest.models.use]
