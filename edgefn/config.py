@@ -119,6 +119,10 @@ class Settings(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="Serve /metrics and /healthz on 127.0.0.1:PORT (0: any free port).")
     max_payload_bytes: int = Field(default=256 * 1024, ge=1, description="Larger events go to the error topic, unseen by the function.")
+    max_hops: int = Field(default=8, ge=1, le=1000, description="Functions a chain of events may go through (each "
+                          "output carries its count, edgefn-hop): an event that went through this many is not run "
+                          "but answered on the error topic with reason loop, so a function that hears its own "
+                          "outputs stops.")
     metering: bool = Field(default=True, description="Meter each function's usage (guest CPU, memory, infer calls, "
                            "bytes) for /metrics, `edgefn status` and the fleet report.")
     journal: Literal["disk", "memory"] = Field(

@@ -109,7 +109,8 @@ class Daemon:
         self.router = Router(functions, self.sensors.under_pressure, self.outbox.done)
         self.metrics.usage.memory = lambda: {f.manifest.name: f.sandbox.memory_bytes() for f in self.functions}
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
-                               refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()))
+                               refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()),
+                               max_hops=s.max_hops)
         # Ingress and the connection exist before any worker can publish (replayed events).
         self.ingress = Ingress(self.inbox, s.inbox_max_events, self._deliver,
                                ack=lambda mid, qos, priority: self.connection.ack(mid, qos, priority),

@@ -25,6 +25,7 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
         ├── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
         ├── Quarantined      its payload (or its shape) kept trapping the guest: refused for a while
+        ├── Loop             the event came through max_hops functions already (edgefn-hop): not run
         └── Shed             a low-priority event dropped under overload, where its manifest allows it
                              without running (edgefn/functions/quarantine.py)
 
@@ -167,6 +168,10 @@ class PayloadTooLarge(FunctionError):
 
 class Quarantined(FunctionError):
     reason = "quarantined"
+
+
+class Loop(FunctionError):
+    reason = "loop"
 
 
 class Shed(FunctionError):

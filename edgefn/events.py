@@ -25,6 +25,7 @@ class Event:
     # that priority (None: to every function its topic triggers, as journaled before priorities).
     priority: Priority | None = None
     shed: bool = False  # dropped under overload: answered with reason "shed", never run
+    hop: int = 0  # functions the chain of events behind it went through (its edgefn-hop; a sensor's: 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,21 @@ def matches_any(topic: str, filters: Iterable[str]) -> bool:
     return any(topic_matches_sub(f, topic) for f in filters)
 
 
+def filters_overlap(a: str, b: str) -> bool:
+    """True when some topic matches both MQTT filters (`+` one level, `#` the rest, the parent too)."""
+    left, right = a.split("/"), b.split("/")
+    for i in range(max(len(left), len(right))):
+        x = left[i] if i < len(left) else None
+        y = right[i] if i < len(right) else None
+        if x == "#" or y == "#":
+            return True  # both matched every level before it, and `#` takes whatever follows
+        if x is None or y is None:
+            return False  # one ends here and the other goes on without a `#`
+        if x != y and "+" not in (x, y):
+            return False
+    return True
+
+
 def example_topic(topic_filter: str, device: str = "dev1") -> str:
     """A topic `topic_filter` matches: each `+` as `device`, a `#` as "test" (`sensors/+/t` -> `sensors/dev1/t`)."""
     levels = topic_filter.split("/")

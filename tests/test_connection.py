@@ -153,7 +153,7 @@ def test_a_reconnect_with_a_backlog_publishes_without_its_suback_and_subscribes_
     proxy = DroppingProxy(any_broker.port, lambda kind, n, connection: (kind, n, connection) == (SUBACK, 1, 1))
     received: list[tuple[bytes, int, int]] = []  # acknowledged once the connection is up
 
-    def on_message(topic, payload, mid, qos, dup, priority):
+    def on_message(topic, payload, mid, qos, dup, priority, hop):
         received.append((payload, mid, qos))
 
     back = _connection(tmp_path, proxy.port, on_message, ["sensors/#"], client_id=client_id, suback_timeout=0.5)
@@ -266,7 +266,7 @@ def test_paused_reading_holds_events_at_the_broker_and_keeps_the_connection_past
     got: list[bytes] = []
     disconnects: list[int] = []
     with LocalBroker() as broker:
-        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup, priority: got.append(p), ["sensors/#"],
+        conn = _connection(tmp_path, broker.port, lambda t, p, mid, qos, dup, priority, hop: got.append(p), ["sensors/#"],
                            keepalive=1)
         conn._on_disconnect = lambda priority: disconnects.append(1)
         if slow_pingreq:
@@ -330,7 +330,7 @@ def test_a_broker_that_reads_our_acknowledgements_late_keeps_the_events_session(
     disconnects: list[int] = []
     holder: list[Connection] = []
 
-    def journaled(topic, payload, mid, qos, dup, priority):
+    def journaled(topic, payload, mid, qos, dup, priority, hop):
         got.append((mid, dup))
         holder[0].ack(mid, qos, priority)
 
@@ -389,7 +389,7 @@ def test_results_are_acknowledged_at_once_while_events_crowd_the_stream_to_us(tm
     219 of 110,219 events answered in a 5-minute overload. Results have a session of their own."""
     read: list[int] = []
 
-    def slow_inbox(topic, payload, mid, qos, dup, priority):  # a full inbox: 2 ms an event, never acknowledged
+    def slow_inbox(topic, payload, mid, qos, dup, priority, hop):  # a full inbox: 2 ms an event, never acknowledged
         read.append(mid)
         time.sleep(0.002)
 

@@ -222,3 +222,23 @@ def test_an_outbox_written_before_delivery_options_reads_as_qos1_not_retained(tm
         b = inbox.append("sensors/a/x", b"two")
         inbox.settle([b.id], [(b.id, Message("results/a", b"new", qos=0, retain=True, properties=(("k", "v"),)))])
         assert inbox.outbox()[1][2] == Message("results/a", b"new", qos=0, retain=True, properties=(("k", "v"),))
+
+
+def test_an_inbox_written_before_hop_counts_opens_with_its_events_at_hop_0(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    with sqlite3.connect(path) as db:  # the inbox as an edgefn without hop counts made it, one event pending
+        db.executescript("""
+            CREATE TABLE inbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+                                received_ms REAL NOT NULL, dropped INTEGER NOT NULL DEFAULT 0, priority TEXT);
+            INSERT INTO inbox (topic, payload, received_ms) VALUES ('sensors/a/x', x'6f6c64', 1.0);
+        """)
+    db.close()
+    with Inbox(path) as inbox:
+        [old] = inbox.pending()
+        assert (old.id, old.payload, old.hop) == ("1", b"old", 0)
+        [new] = inbox.append_many([("results/a/x", b"new", 2.0, 0, None, 3)])
+        assert new.hop == 3
+    with Inbox(path) as inbox:
+        assert [e.hop for e in inbox.pending()] == [0, 3]
+        assert [e.hop for e, _ in inbox.heads()] == [0, 3]
+        assert [e.hop for e in inbox.events(["2"])] == [3]

@@ -9,6 +9,7 @@ from edgefn.topics import (
     ERRORS_TOPIC,
     check_filter,
     filter_problem,
+    filters_overlap,
     is_errors_topic,
     matches_any,
     topic_problem,
@@ -64,3 +65,17 @@ def test_errors_topic():
     assert topic == "edgefn/errors/digits"
     assert is_errors_topic(topic) and not is_errors_topic("results/edgefn/errors/digits")
     assert matches_any(topic, [ERRORS_FILTER])
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ("#", "results/+/digits", True),
+    ("sensors/+/digits", "results/+/digits", False),
+    ("results/+/digits", "results/dev1/+", True),
+    ("results/#", "results", True),  # '#' also matches the parent level
+    ("a/b", "a/b/c", False),
+    ("a/+", "a/b/#", True),
+    ("a/+/c", "a/b/d", False),
+    ("edgefn/errors/#", "edgefn/errors/digits", True),
+])
+def test_filters_overlap(a: str, b: str, expected: bool):
+    assert filters_overlap(a, b) is expected and filters_overlap(b, a) is expected

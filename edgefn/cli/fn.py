@@ -217,7 +217,9 @@ def _invoke_once(folder: Path, topic: str | None, payload: str | None, models: l
     store = StateStore(state / "state.sqlite")
     with Runtime((state_dir or default_state_dir()) / "components") as runtime:
         one = manifest.model_copy(update={"limits": manifest.limits.model_copy(update={"instances": 1})})
-        sandbox = FunctionSandbox(runtime, one, component_path(folder, manifest), FunctionHost(manifest.name, registry, store))
+        host = FunctionHost(manifest.name, registry, store, log_lines_per_s=manifest.limits.log_lines_per_s,
+                            log_bytes_per_s=manifest.limits.log_bytes_per_s)
+        sandbox = FunctionSandbox(runtime, one, component_path(folder, manifest), host)
         event = Event("invoke-1", topic, body, time.time() * 1000)
         try:
             return sandbox.handle(event), 0

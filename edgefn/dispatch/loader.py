@@ -29,6 +29,7 @@ from edgefn.offload.planner import Planner
 from edgefn.profiles import Profile
 from edgefn.protocol.offload import Policy
 from edgefn.protocol.outputs import FUNCTION, MODELS, RELEASE
+from edgefn.topics import ERRORS_TOPIC, filters_overlap
 
 if TYPE_CHECKING:
     from edgefn.offload.client import CloudClient
@@ -107,7 +108,9 @@ class Loader:
             raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
         policy = self._policy(manifest)
         host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
-                            manifest.confidence_threshold, self.metrics, batcher=batcher)
+                            manifest.confidence_threshold, self.metrics, batcher=batcher,
+                            log_lines_per_s=manifest.limits.log_lines_per_s,
+                            log_bytes_per_s=manifest.limits.log_bytes_per_s)
         # Load now: a missing model fails the start, not an event. What each runs as goes out
         # with every output of the function (user property edgefn-models).
         choices = [registry.choice(model) for model in manifest.models.use]
@@ -130,6 +133,7 @@ class Loader:
                           cloud_workers=s.cloud_workers or 1)
         log.info("function %s %s from %s: triggered by %s", manifest.name, manifest.version, folder,
                  ", ".join(manifest.trigger.topics))
+        _warn_of_loops(manifest)
         return LoadedFunction(manifest, sandbox, properties, planner, lanes, window,
                               Share(s.function_max_events, s.function_max_bytes))
 
@@ -141,6 +145,16 @@ class Loader:
                         manifest.name, policy)
             return "never"
         return policy
+
+
+def _warn_of_loops(manifest: Manifest) -> None:
+    """One line when the function may hear what it publishes (its results or its errors): each such
+    event runs it again, up to max_hops times (edgefn-hop)."""
+    published = [*manifest.publish.topics, ERRORS_TOPIC.format(function=manifest.name)]
+    echoes = [(t, p) for t in manifest.trigger.topics for p in published if filters_overlap(t, p)]
+    if echoes:
+        log.warning("function %s is triggered by what it publishes (%s): each output runs it again, up to "
+                    "max_hops times", manifest.name, ", ".join(f"trigger {t} takes {p}" for t, p in echoes))
 
 
 def _name_of(folder: Path) -> str:

@@ -6,6 +6,11 @@ A payload over `max_payload_bytes` is answered with an error without reaching th
 is a shed event (reason `shed`, counted in `edgefn_events_handled_total{outcome="shed"}`). A bug of ours never kills
 a worker: the events stay journaled and run again after a restart.
 
+Loops. Every answer's messages carry the event's hop count plus one (`edgefn-hop`, errors too). An event
+that went through `max_hops` functions already is not run: it is answered once with reason `loop`,
+and that answer (one hop further still) is answered with nothing, so a function that hears its own
+outputs, or two that answer each other, stop after a bounded number of events.
+
 Precedence across functions: the device's cores are shared, so a local batch waits before it runs
 while more urgent events are queued or running in any function's local lane (`Precedence`), for at
 most `PRECEDENCE_WAIT_S` at a time: a steady high-priority stream slows the rest, never stops it.
@@ -20,14 +25,16 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from edgefn.dispatch.lanes import Item, Lane, LoadedFunction
-from edgefn.errors import FunctionError, PayloadTooLarge, Shed
+from edgefn.errors import FunctionError, Loop, PayloadTooLarge, Shed
 from edgefn.events import PRIORITIES, RANK, Event, Message
 from edgefn.functions.manifest import Manifest
 from edgefn.journal.outbox import Pending
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics
+from edgefn.protocol.outputs import HOP
 from edgefn.topics import ERRORS_TOPIC
 
 log = logging.getLogger("edgefn.dispatch")
@@ -140,11 +147,12 @@ class Workers:
     and where answers go (the outbox)."""
 
     def __init__(self, max_payload_bytes: int, metrics: Metrics, answer: Answer,
-                 refill: Callable[[LoadedFunction], None]):
+                 refill: Callable[[LoadedFunction], None], max_hops: int = 8):
         self.max_payload_bytes, self.metrics, self._answer = max_payload_bytes, metrics, answer
         self._refill = refill  # parked events of a function back into its lanes, as far as it has room
+        self.max_hops = max_hops
         self.precedence = Precedence()
-        self._shed_said = Every(10.0)
+        self._shed_said, self._loop_ended = Every(10.0), Every(10.0)
 
     def start(self, functions: list[LoadedFunction]) -> None:
         self.precedence.watch([fn.local for fn in functions if fn.local.where == "local"])
@@ -183,7 +191,10 @@ class Workers:
         events: list[Event] = []
         answers: dict[str, list[Message] | FunctionError] = {}
         for e, _, _ in batch:
-            if e.shed:  # past the latency budget under overload, where the manifest allows it
+            if e.hop >= self.max_hops:  # first: an answer of any kind would go round again
+                answers[e.id] = Loop(f"the event went through {e.hop} functions (edgefn-hop), max_hops is "
+                                     f"{self.max_hops}: a function hears its own outputs, or functions answer each other")
+            elif e.shed:  # past the latency budget under overload, where the manifest allows it
                 answers[e.id] = Shed(f"low-priority event shed under overload (latency budget "
                                      f"{fn.manifest.latency_budget_ms:g} ms)")
             elif e.dropped or len(e.payload) > limit:  # refused before it costs the sandbox anything
@@ -213,6 +224,8 @@ class Workers:
                 fn.planner.served_on_cloud(len(events), took)
         for event, pending, ticket in batch:
             outputs = self.outputs(fn, event, answers[event.id])
+            hop = (HOP, str(event.hop + 1))  # before the function's own properties, which follow edgefn's
+            outputs = [replace(m, properties=(hop, *m.properties)) for m in outputs]
             urgent = event.priority == "high"  # its answer goes out ahead of others waiting to be sent
             lane.order.release(ticket, lambda p=pending, o=outputs, u=urgent: self._answer(p, o, fn.properties, u))
 
@@ -222,6 +235,12 @@ class Workers:
         if not event.replayed:  # an event journaled before a restart would count its downtime as latency
             # An oversized payload is the sender's fault, a shed event the load's: not the release's.
             fn.window.record(not isinstance(answer, FunctionError) or isinstance(answer, (PayloadTooLarge, Shed)), took)
+        if isinstance(answer, Loop) and event.hop > self.max_hops:  # the loop's own error, come back: ends here
+            self.metrics.events_handled.labels(fn.name, answer.reason).inc()
+            if (skipped := self._loop_ended.due()) is not None:
+                log.warning("%s: event %s on %r: a loop's error came back (edgefn-hop %d), answered with nothing "
+                            "(%d more since the last line)", fn.name, event.id, event.topic, event.hop, skipped)
+            return []
         if isinstance(answer, Shed):  # a line per event would flood the log under the very overload
             if (skipped := self._shed_said.due()) is not None:
                 log.warning("%s: shedding low-priority events under overload (%d more since the last line)",

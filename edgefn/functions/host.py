@@ -1,6 +1,6 @@
 """The host side of a function's sandbox: what the guest's `host` imports do (the `Host` protocol of
 `edgefn.functions.sandbox`): inference here or on the cloud endpoint, the function's small state,
-and its log.
+and its log (bounded: edgefn.observe.guestlog).
 
 Where a batch's inference runs is the planner's decision, handed in per worker with `plan()`; a
 cloud call that fails runs here instead, so no event is lost to the hand-off.
@@ -8,7 +8,6 @@ cloud call that fails runs here instead, so no event is lost to the hand-off.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ import numpy as np
 
 from edgefn.errors import CloudError, ModelError
 from edgefn.inference.tensors import WireTensor as Tensor
+from edgefn.observe.guestlog import BYTES_PER_S, LINES_PER_S, GuestLog
 
 if TYPE_CHECKING:  # types only: `fn invoke` and the tests build a host without a cloud client or batcher
     from edgefn.functions.state import StateStore
@@ -34,13 +34,14 @@ class FunctionHost:
 
     def __init__(self, name: str, registry: ModelRegistry, state: StateStore, cloud: CloudClient | None = None,
                  policy: Policy = "never", confidence: float = 0.5, metrics: Metrics | None = None,
-                 batcher: Batcher | None = None):
+                 batcher: Batcher | None = None, log_lines_per_s: int = LINES_PER_S,
+                 log_bytes_per_s: int = BYTES_PER_S):
         self.name, self.registry, self.state = name, registry, state
         self.cloud, self.policy, self.confidence, self.metrics = cloud, policy, confidence, metrics
         # Through a batcher, concurrent calls of one model are stacked into one run (here or on the endpoint).
         self._infer_here = batcher.local if batcher is not None else registry.infer
         self._infer_there = None if cloud is None else batcher.cloud if batcher is not None else self._cloud_infer
-        self._log = logging.getLogger(f"edgefn.fn.{name}")
+        self._log = GuestLog(name, log_lines_per_s, log_bytes_per_s, metrics)  # bounded: a guest may log in a loop
         self._plan = threading.local()  # where this worker's current batch runs its inference
         self._usage = metrics.usage if metrics is not None else None  # metering of each infer call
 
@@ -104,7 +105,7 @@ class FunctionHost:
             self.metrics.offload.labels(self.name, outcome, reason).inc()
 
     def log(self, level: int, message: str) -> None:
-        self._log.log(level if level in (10, 20, 30, 40, 50) else 20, "%s", message[:4096])
+        self._log.write(level, message)
 
 
 def _unsure(outputs: list[Tensor], threshold: float) -> bool:

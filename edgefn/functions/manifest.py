@@ -33,6 +33,8 @@
     max_output_bytes = 65536            # total payload bytes per event
     recycle_after = 5000                # events before an instance is replaced by a fresh one
     max_batch = 32                      # queued events handed to handle-batch in one call
+    log_lines_per_s = 100               # host.log lines a second (a second's worth at once); the rest dropped, counted
+    log_bytes_per_s = 65536             # and their bytes (each line cut at 4,096 characters first)
 
 Priorities. An event's priority for a function is the highest of the function's filters that match
 its topic. High-priority events are taken first (from the broker, the journal's bound, the
@@ -50,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgefn.errors import ManifestError, validation_text
 from edgefn.events import PRIORITIES, RANK, Priority
+from edgefn.observe.guestlog import BYTES_PER_S, LINES_PER_S
 from edgefn.protocol.offload import Policy
 from edgefn.tomlfile import read_toml
 from edgefn.topics import check_filter, matches_any
@@ -138,6 +141,12 @@ class LimitsSection(_Section):
     max_output_bytes: int = Field(default=65_536, ge=0, description="Output payload bytes per event.")
     recycle_after: int = Field(default=5_000, ge=1, description="Events before an instance is renewed.")
     max_batch: int = Field(default=32, ge=1, le=1024, description="Queued events handed over in one call (1: never batch).")
+    # A cut line (4,096 characters, up to 16 KiB in UTF-8) must fit a full second's bytes, or it never passes.
+    log_lines_per_s: int = Field(default=LINES_PER_S, ge=1, le=100_000, description="host.log lines a second, with "
+                                 "a burst of a second's worth; past it lines are dropped and counted.")
+    log_bytes_per_s: int = Field(default=BYTES_PER_S, ge=16_384, le=64 * 1024 * 1024, description="host.log bytes "
+                                 "(UTF-8) a second, with a burst of a second's worth; past it lines are dropped "
+                                 "and counted.")
 
     @model_validator(mode="after")
     def _bounds(self) -> LimitsSection:

@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     payload BLOB NOT NULL,
     received_ms REAL NOT NULL,
     dropped INTEGER NOT NULL DEFAULT 0,
-    priority TEXT
+    priority TEXT,
+    hop INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -84,6 +85,8 @@ def _setup(db: sqlite3.Connection, durability: str) -> None:
         db.execute("ALTER TABLE inbox ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0")
     if "priority" not in inbox:  # before priorities: NULL, the event goes to every function it triggers
         db.execute("ALTER TABLE inbox ADD COLUMN priority TEXT")
+    if "hop" not in inbox:  # before hop counts: its events came from sensors, as far as it knew
+        db.execute("ALTER TABLE inbox ADD COLUMN hop INTEGER NOT NULL DEFAULT 0")
     outbox = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
     for column, kind in _OUTBOX_DELIVERY:  # an outbox of an edgefn before QoS, retain and user properties
         if column not in outbox:
@@ -257,11 +260,12 @@ class Inbox:
                 raise self._failed(exc) from None
 
     def append_many(self, items: list[tuple[str, bytes, float]] | list[tuple[str, bytes, float, int]]
-                    | list[tuple[str, bytes, float, int, Priority | None]]) -> list[Event]:
-        """Commit received events (topic, payload, received_ms[, dropped[, priority]]) in one
+                    | list[tuple[str, bytes, float, int, Priority | None]]
+                    | list[tuple[str, bytes, float, int, Priority | None, int]]) -> list[Event]:
+        """Commit received events (topic, payload, received_ms[, dropped[, priority[, hop]]]) in one
         transaction; raises DiskFull, with nothing written, while the disk is full. `dropped`: the
         payload bytes not kept (an oversized payload is journaled as its head only); `priority`: the
-        class of the broker session it came on (None: every function it triggers)."""
+        class of the broker session it came on (None: every function it triggers); `hop`: its edgefn-hop."""
         with self._lock:
             if self._problem is not None and not self._space_returned():
                 raise DiskFull(self._problem)  # what little space there is stays for settling
@@ -270,9 +274,11 @@ class Inbox:
             for topic, payload, received_ms, *rest in items:
                 dropped = rest[0] if rest else 0
                 priority = rest[1] if len(rest) > 1 else None
-                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms, dropped, priority) VALUES (?, ?, ?, ?, ?)",
-                                 (topic, payload, received_ms, dropped, priority))
-                events.append(Event(str(cur.lastrowid), topic, payload, received_ms, dropped=dropped, priority=priority))
+                hop = rest[2] if len(rest) > 2 else 0
+                cur = db.execute("INSERT INTO inbox (topic, payload, received_ms, dropped, priority, hop) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (topic, payload, received_ms, dropped, priority, hop))
+                events.append(Event(str(cur.lastrowid), topic, payload, received_ms, dropped=dropped, priority=priority,
+                                    hop=hop))
         return events
 
     def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
@@ -335,19 +341,20 @@ class Inbox:
     def pending(self) -> list[Event]:
         """Events not yet answered, in arrival order (after a restart: to run again)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, payload, received_ms, dropped, priority FROM inbox "
+            rows = self._db.execute("SELECT seq, topic, payload, received_ms, dropped, priority, hop FROM inbox "
                                     "ORDER BY seq").fetchall()
-        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True, dropped=dropped, priority=priority)
-                for seq, topic, payload, received_ms, dropped, priority in rows]
+        return [Event(str(seq), topic, bytes(payload), received_ms, replayed=True, dropped=dropped, priority=priority,
+                      hop=hop)
+                for seq, topic, payload, received_ms, dropped, priority, hop in rows]
 
     def heads(self) -> list[tuple[Event, int]]:
         """Events not yet answered, in arrival order, without their payloads (event, payload size):
         what a restart routes; the payloads are read as the functions have room (`events`)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, length(payload), received_ms, priority FROM inbox "
+            rows = self._db.execute("SELECT seq, topic, length(payload), received_ms, priority, hop FROM inbox "
                                     "ORDER BY seq").fetchall()
-        return [(Event(str(seq), topic, b"", received_ms, replayed=True, priority=priority), size)
-                for seq, topic, size, received_ms, priority in rows]
+        return [(Event(str(seq), topic, b"", received_ms, replayed=True, priority=priority, hop=hop), size)
+                for seq, topic, size, received_ms, priority, hop in rows]
 
     def events(self, ids: list[str]) -> list[Event]:
         """The journaled events with these ids, whole, in the order asked (an id no longer there is left out)."""
@@ -355,10 +362,11 @@ class Inbox:
             return []
         marks = ",".join("?" * len(ids))
         with self._lock:
-            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms, dropped, priority FROM inbox "
+            rows = self._db.execute(f"SELECT seq, topic, payload, received_ms, dropped, priority, hop FROM inbox "
                                     f"WHERE seq IN ({marks})", [int(i) for i in ids]).fetchall()
-        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms, dropped=dropped, priority=priority)
-                 for seq, topic, payload, received_ms, dropped, priority in rows}
+        found = {str(seq): Event(str(seq), topic, bytes(payload), received_ms, dropped=dropped, priority=priority,
+                                 hop=hop)
+                 for seq, topic, payload, received_ms, dropped, priority, hop in rows}
         return [found[i] for i in ids if i in found]
 
     def outbox(self) -> list[tuple[int, str, Message]]:

@@ -67,6 +67,7 @@ from edgefn.mqtt.client import broker_client
 from edgefn.mqtt.egress import Egress, OnAcked
 from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
 from edgefn.observe.logs import Every
+from edgefn.protocol.outputs import hop_of
 
 log = logging.getLogger("edgefn.mqtt")
 
@@ -82,7 +83,8 @@ MAX_SILENCE_S = 300.0  # the longest the events session may hear nothing while i
 CONNACK_WAIT_S = 5.0  # a connection open this long with no CONNACK: say the port may not be a broker's
 RESULTS_SUFFIX = "-results"  # the results session's client id: the events session's, and this
 PRIORITY_SUFFIX = "-{priority}"  # a high or low priority class's events session: the client id, and this
-OnMessage = Callable[[str, bytes, int, int, bool, Priority], None]  # topic, payload, mid, qos, dup, its session's class
+# topic, payload, mid, qos, dup, its session's class, its hop count (edgefn-hop)
+OnMessage = Callable[[str, bytes, int, int, bool, Priority, int], None]
 
 
 def _by_priority(filters: Sequence[str] | Mapping[Priority, Sequence[str]]) -> dict[Priority, list[str]]:
@@ -223,8 +225,9 @@ class _Events:
         client = self.link.client
         client.on_connect = lambda _c, _u, _f, reason, _p: conn._events_connected(self, reason)
         client.on_disconnect = lambda _c, _u, _f, reason, _p: conn._events_disconnected(self, reason)
-        client.on_message = lambda _c, _u, msg: conn._on_message(msg.topic, msg.payload, msg.mid, msg.qos,
-                                                                 bool(msg.dup), priority)
+        client.on_message = lambda _c, _u, msg: conn._on_message(
+            msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.dup), priority,
+            hop_of(getattr(msg.properties, "UserProperty", None)))
         client.on_subscribe = lambda _c, _u, mid, reasons, _p: self.subscriptions.acknowledged(mid, reasons)
         client.silence_excused = lambda: conn._silence_excused(self)  # type: ignore[method-assign]
         self.acked_at = 0.0  # when this session last acknowledged an event (monotonic)
@@ -244,7 +247,7 @@ class Connection:
                  suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S,
                  connack_wait: float = CONNACK_WAIT_S):
         """`filters`: by priority class (a plain list: all normal). `on_message(topic, payload, mid,
-        qos, dup, priority)`; `on_disconnect(priority)`: that class's session went down."""
+        qos, dup, priority, hop)`; `on_disconnect(priority)`: that class's session went down."""
         self._settings, self._on_message = settings, on_message
         self._ack_timeout, self._connack_wait = ack_timeout, connack_wait
         self._on_disconnect = on_disconnect

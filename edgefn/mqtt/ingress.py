@@ -45,8 +45,8 @@ from edgefn.observe.logs import Every
 GROUP = 256
 log = logging.getLogger("edgefn.ingress")
 
-# topic, payload, mid, qos, received_ms, redelivered, dropped, the priority class of its session
-_Received = tuple[str, bytes, int, int, float, bool, int, Priority]
+# topic, payload, mid, qos, received_ms, redelivered, dropped, the priority class of its session, its hop count
+_Received = tuple[str, bytes, int, int, float, bool, int, Priority, int]
 
 
 HELD_OVERHEAD = 256  # what a held event costs in memory besides its payload (its tuple, topic, ...)
@@ -91,7 +91,7 @@ class Ingress:
         return next((held for held in self._held.values() if held), None)
 
     def on_message(self, topic: str, payload: bytes, mid: int, qos: int, dup: bool,
-                   priority: Priority = "normal") -> None:
+                   priority: Priority = "normal", hop: int = 0) -> None:
         dropped = 0
         if len(payload) > self._max_payload:  # refused by size: only its head is kept, for the error answer
             payload, dropped = payload[:HEAD_BYTES], len(payload)
@@ -99,7 +99,7 @@ class Ingress:
             if not self.accepting:
                 return  # not acknowledged: the broker keeps it for the next start (QoS 0: lost)
             # dup: the broker sent it before (to a daemon that may have answered it, then crashed)
-            item = (topic, payload, mid, qos, time.time() * 1000.0, dup, dropped, priority)
+            item = (topic, payload, mid, qos, time.time() * 1000.0, dup, dropped, priority, hop)
             if self._held[priority] or self._full(len(payload), priority == "high"):
                 self._hold(item)
             else:
@@ -186,8 +186,8 @@ class Ingress:
             return
         group, self._pending = self._pending, []
         try:
-            events = self._inbox.append_many([(topic, payload, received, dropped, priority)
-                                              for topic, payload, _, _, received, _, dropped, priority in group])
+            events = self._inbox.append_many([(topic, payload, received, dropped, priority, hop)
+                                              for topic, payload, _, _, received, _, dropped, priority, hop in group])
         except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
             return
@@ -200,7 +200,7 @@ class Ingress:
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
-        for _, _, mid, qos, _, _, _, priority in group:
+        for _, _, mid, qos, _, _, _, priority, _ in group:
             if qos:  # QoS 0 has no acknowledgement
                 self._ack(mid, qos, priority)  # only now, with the group durable; on its session (mids are per session)
         self._ready.append([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])

@@ -69,6 +69,11 @@ class Metrics:
         self.function_instances = Gauge("edgefn_function_instances", "Sandbox instances a function holds now "
                                         "(idle, busy and being made), between its min_instances and max_instances.",
                                         ["function"], registry=r)
+        self.guest_log_dropped_lines = Counter("edgefn_guest_log_dropped_lines", "Lines a function asked to log "
+                                               "past its bound (log_lines_per_s, log_bytes_per_s): dropped.",
+                                               ["function"], registry=r)
+        self.guest_log_dropped_bytes = Counter("edgefn_guest_log_dropped_bytes", "Their bytes (UTF-8, each line "
+                                               "cut at 4,096 characters first).", ["function"], registry=r)
         self.inference_batch = Histogram("edgefn_inference_batch_calls", "Infer calls served by one inference run "
                                          "(micro-batching), by model and where it ran; 1: the call ran alone.",
                                          ["model", "where"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)

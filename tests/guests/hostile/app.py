@@ -17,6 +17,7 @@ badtopic  publishes to a topic with a control character (a broker would drop the
 wildtopic publishes to a topic with a wildcard
 count     adds one to the counter "n" in its state and publishes the new value
 bigstate  stores a 100 KiB state value (past the 64 KiB bound)
+logflood  logs 1,000 lines of 4,000 characters (past the log's bound), then answers as ok
 echo:BYTES publishes the bytes after `echo:` as they came (any byte values)
 infer:{json}  calls host.infer with the model, dtype, shape and hex data of the JSON after the colon
               (for fuzzing the host side of infer); publishes the output shapes, or its error
@@ -97,6 +98,10 @@ class WitWorld(Function):
             n = int(host.state_get("n") or b"0") + 1
             host.state_set("n", str(n).encode())
             return [Message(f"results/{device}/hostile", str(n).encode())]
+        if what == "logflood":
+            for n in range(1000):
+                host.log(20, f"{n:04d} " + "x" * 3995)
+            return ok
         if what == "bigstate":
             host.state_set("big", b"x" * 100 * 1024)
             return ok
