@@ -24,6 +24,7 @@ help:
 	@echo "              bench/overload.py (capacity, hand-off to the cloud endpoint, cloud killed)"
 	@echo "              bench/fleet.py (rollout of a good and a bad bundle to 500 simulated devices)"
 	@echo "              bench/elastic.py (cold start after scale to zero, memory freed, elastic vs fixed pool)"
+	@echo "              bench/share.py (two daemons on one \$$share stream, one SIGKILLed: who answers what)"
 	@echo "make lint   - ruff over the package, the cloud service, tests, benches, models and examples"
 	@echo "make setup  - .venv with every extra, then system-deps"
 	@echo "make peers  - .venv-peers: Seldon MLServer and KServe, each in its own venv (the tests hand off to them)"

@@ -1,7 +1,8 @@
 """The daemon: wires broker, journal, dispatch, sandboxes, models and metrics, and owns their lifecycle.
 
     broker --QoS1 (MQTT 5)--> Ingress.on_message -> Inbox.append_many (group commit) -> PUBACK
-      -> Router.deliver: each triggered function's lane -> its Workers: FunctionSandbox.handle_batch
+      -> Router.deliver: each triggered function's lane (none: Unrouted, on edgefn/errors/unrouted)
+      -> its Workers: FunctionSandbox.handle_batch
       -> host.infer -> ModelRegistry -> InOrder (arrival order per lane) -> Outbox.answer: publish QoS1
       -> every 50 ms, Outbox.settle: answered events leave the inbox, their outputs still awaiting a
          PUBACK enter the outbox, acknowledged outbox rows leave it -> Ingress.answered (room for held events)
@@ -28,6 +29,7 @@ from edgefn.config import Settings
 from edgefn.dispatch.lanes import LoadedFunction, busy, retire, stop_workers
 from edgefn.dispatch.loader import Loader
 from edgefn.dispatch.router import Router
+from edgefn.dispatch.unrouted import Unrouted
 from edgefn.dispatch.worker import Workers, error_message
 from edgefn.errors import FunctionError, StorageError
 from edgefn.events import Event
@@ -106,7 +108,8 @@ class Daemon:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))
         self.outbox = Outbox(self.inbox, lambda *a, **kw: self.connection.publish(*a, **kw), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
-        self.router = Router(functions, self.sensors.under_pressure, self.outbox.done)
+        self.unrouted = Unrouted(self.outbox.answer, self.outbox.done, self.metrics, self._triggers)
+        self.router = Router(functions, self.sensors.under_pressure, self.outbox.done, self.unrouted)
         self.metrics.usage.memory = lambda: {f.manifest.name: f.sandbox.memory_bytes() for f in self.functions}
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
                                refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()),
@@ -145,6 +148,10 @@ class Daemon:
             self.metrics.function_load_failed.labels(name).set(1)
             body = {"function": name, "reason": "load-failed", "error": why}
             self.connection.publish(ERRORS_TOPIC.format(function=name), json.dumps(body).encode(), lambda _r: None)
+
+    def _triggers(self) -> list[str]:
+        """The trigger filters of the functions running now, as written in their manifests."""
+        return sorted({t for f in self.functions for t in f.manifest.trigger.topics})
 
     def _deliver(self, events: list[Event]) -> None:
         """Events the ingress has journaled (and acknowledged): to their functions' lanes."""
@@ -280,6 +287,8 @@ class Daemon:
             return "degraded", self.broker_error or "connecting to the broker"
         if self.loader.failed:
             return "degraded", "; ".join(f"function {n} did not load: {why}" for n, why in self.loader.failed.items())
+        if (unrouted := self.unrouted.problem()) is not None:
+            return "degraded", unrouted
         return "ok", None
 
     def health(self) -> dict:
@@ -297,6 +306,7 @@ class Daemon:
             "profile": self.profile.name,
             "pressure": self.sensors.health(),
             "held_unacknowledged": self.ingress.held,
+            "unrouted": self.unrouted.snapshot(),
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
             "instances": {f.manifest.name: f.sandbox.pool() for f in self.functions},
             "memory_budget": self.runtime.budget.snapshot(),

@@ -3,15 +3,19 @@ hand-over of a release swap, and the outbox's bookkeeping."""
 
 from __future__ import annotations
 
+import json
+import logging
 import queue
 import threading
 import time
 from pathlib import Path
 
+from edgefn.dispatch import unrouted as unrouted_module
 from edgefn.dispatch.lanes import Lane, LoadedFunction, hand_over, retire
 from edgefn.dispatch.order import InOrder
 from edgefn.dispatch.router import Router
 from edgefn.dispatch.share import Share
+from edgefn.dispatch.unrouted import Unrouted
 from edgefn.dispatch.worker import take
 from edgefn.events import Event, Message
 from edgefn.functions.manifest import Manifest
@@ -36,8 +40,9 @@ class Sandbox:
 
 
 def function(name: str = "f", topics: tuple[str, ...] = ("sensors/+/x",), workers: int = 1,
-             share: tuple[int, int] = (1000, 1 << 20)) -> LoadedFunction:
-    manifest = Manifest.model_validate({"function": {"name": name, "version": "1"}, "trigger": {"topics": list(topics)}})
+             share: tuple[int, int] = (1000, 1 << 20), **trigger: object) -> LoadedFunction:
+    manifest = Manifest.model_validate({"function": {"name": name, "version": "1"},
+                                        "trigger": {"topics": list(topics), **trigger}})
     return LoadedFunction(manifest, Sandbox(), [], Planner("never", 100, workers),  # type: ignore[arg-type]
                           {"local": Lane("local", workers)}, HealthWindow(), Share(*share))
 
@@ -157,20 +162,73 @@ def test_take_stops_at_the_stop_mark_and_leaves_it_for_the_next_worker():
 # -- routing --------------------------------------------------------------------------------------------
 def test_router_delivers_to_each_triggered_function_and_answers_unrouted_events():
     a, b = function("a", ("sensors/+/x",)), function("b", ("sensors/#",))
-    unrouted: list[Pending] = []
-    router = Router([a, b], lambda: False, unrouted.append)
+    done: list[Pending] = []
+    unrouted: list[tuple[str, Pending]] = []
+    router = Router([a, b], lambda: False, done.append, lambda e, p: unrouted.append((e.topic, p)))
     router.deliver([event(1, "sensors/one/x"), event(2, "sensors/one/y"), event(3, "other/z")])
     assert [item[0].id for item in list(a.local.queue.queue)] == ["1"]
     assert [item[0].id for item in list(b.local.queue.queue)] == ["1", "2"]
     shared = a.local.queue.queue[0][1]
     assert shared is b.local.queue.queue[0][1] and shared.functions == 2, "one pending entry per event"
-    assert [p.event_id for p in unrouted] == ["3"]
+    assert [(t, p.event_id, p.functions) for t, p in unrouted] == [("other/z", "3", 1)], "answered once, as unrouted"
+    assert done == []
     assert router.filters() == {"normal": ["sensors/#", "sensors/+/x"]}, "all normal: one class, one session"
+
+
+def test_router_matches_a_shared_subscription_by_its_filter_and_subscribes_it_whole():
+    """`$share/GROUP/FILTER`: the broker sends each event with its own topic (sensors/one/x), never the
+    trigger as written; matched as written, every event went to no function."""
+    a = function("a", ("$share/g1/sensors/+/x",))
+    unrouted: list[str] = []
+    router = Router([a], lambda: False, lambda p: None, lambda e, p: unrouted.append(e.topic))
+    router.deliver([event(1, "sensors/one/x"), event(2, "sensors/one/y")])
+    assert queued(a) == ["1"] and unrouted == ["sensors/one/y"]
+    assert router.filters() == {"normal": ["$share/g1/sensors/+/x"]}
+
+
+def test_router_answers_nothing_for_a_copy_another_priority_session_takes():
+    """A topic a function takes at high priority comes on the high session and, through a broader low
+    filter, on the low one too: the low copy is done without a word, not unrouted."""
+    fn = function("f", ("sensors/#", "sensors/+/alarm"), priority="low", priorities={"sensors/+/alarm": "high"})
+    done: list[str] = []
+    unrouted: list[str] = []
+    router = Router([fn], lambda: False, lambda p: done.append(p.event_id), lambda e, p: unrouted.append(e.id))
+    low = [Event("1", "sensors/a/alarm", b"", 0.0, priority="low"), Event("2", "other", b"", 0.0, priority="low")]
+    router.deliver(low)
+    assert done == ["1"] and unrouted == ["2"] and queued(fn) == []
+
+
+def test_unrouted_events_are_answered_counted_logged_once_per_topic_and_said(caplog, monkeypatch):
+    answered: list[tuple[str, list[Message]]] = []
+    done: list[str] = []
+    metrics = Metrics()
+    unrouted = Unrouted(lambda p, messages, props: answered.append((p.event_id, messages)),
+                        lambda p: done.append(p.event_id), metrics, lambda: ["$share/g1/sensors/+/x"])
+    assert unrouted.problem() is None and unrouted.snapshot() is None
+    with caplog.at_level(logging.WARNING, logger="edgefn.dispatch"):
+        for i, topic in enumerate(["other/a", "other/a", "other/b", "other/a", "edgefn/errors/digits"]):
+            unrouted(Event(str(i), topic, b'{"id": "s%d"}' % i, 0.0), Pending(str(i), False, 0, 1))
+    assert [event_id for event_id, _ in answered] == ["0", "1", "2", "3"]
+    assert done == ["4"], "an event on an error topic answers nothing: its answer would come back to it"
+    message = answered[0][1][0]
+    body = json.loads(message.payload)
+    assert message.topic == "edgefn/errors/unrouted" and (message.qos, message.retain) == (1, False)
+    assert (body["event_id"], body["topic"], body["reason"], body["function"]) == ("s0", "other/a", "unrouted", None)
+    assert "other/a matches no trigger" in body["error"] and "$share/g1/sensors/+/x" in body["error"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" went")[0] for line in lines] == ["event 0 on other/a", "event 2 on other/b",
+                                                         "event 4 on edgefn/errors/digits"], "a line per topic"
+    assert "edgefn_events_unrouted_total 5.0" in metrics.render().decode()
+    assert "5 events went to no function" in (unrouted.problem() or "")
+    assert unrouted.snapshot()["last_topic"] == "edgefn/errors/digits"
+    later = time.monotonic() + unrouted_module.HEALTH_S + 1
+    monkeypatch.setattr(unrouted_module.time, "monotonic", lambda: later)
+    assert unrouted.problem() is None, "healthy again once none has come for a while"
 
 
 def test_router_swap_starts_the_topic_cache_afresh():
     a, b = function("a", ("sensors/+/x",)), function("b", ("sensors/+/x",))
-    router = Router([a], lambda: False, lambda p: None)
+    router = Router([a], lambda: False, lambda p: None, lambda e, p: None)
     assert router.route("sensors/1/x") == [a]
     with router.swap():
         router.functions = [b]
@@ -280,7 +338,7 @@ def test_share_counts_bytes_and_always_takes_one_event_when_empty():
 
 def test_a_flood_of_one_function_does_not_hold_up_another():
     flooded, quiet = function("a", ("flood/#",), share=(5, 1 << 20)), function("b", ("quiet/#",))
-    router = Router([flooded, quiet], lambda: False, lambda p: None)
+    router = Router([flooded, quiet], lambda: False, lambda p: None, lambda e, p: None)
     router.deliver([event(i, "flood/x") for i in range(1000)] + [event(1000, "quiet/x")])
     assert len(queued(flooded)) == 5 and len(flooded.share.parked) == 995
     assert queued(quiet) == ["1000"], "the quiet function's event is in its lane at once"
@@ -288,7 +346,7 @@ def test_a_flood_of_one_function_does_not_hold_up_another():
 
 def test_replay_parks_everything_and_refill_reads_the_payloads_back():
     fn = function(share=(2, 1 << 20))
-    router = Router([fn], lambda: False, lambda p: None)
+    router = Router([fn], lambda: False, lambda p: None, lambda e, p: None)
     router.replay([(Event(str(i), "sensors/a/x", b"", 0.0, replayed=True), 1) for i in range(3)])
     assert queued(fn) == [] and len(fn.share.parked) == 3
     fn.refill(lambda ids: [event(int(i)) for i in ids], False)

@@ -151,6 +151,39 @@ def test_error_bad_topic_filter(tmp_path: Path, topic: str):
     assert f"{topic!r} is not a valid MQTT topic filter" in message
 
 
+def test_a_shared_trigger_loads_and_takes_its_priority(tmp_path: Path):
+    text = VALID.replace('"sensors/+/probe"', '"$share/g1/sensors/+/probe"') + '\n[trigger.priorities]\n"$share/g1/sensors/+/probe" = "high"\n'
+    m = load_manifest(write(tmp_path, text))
+    assert m.trigger.topics == ["$share/g1/sensors/+/probe"]
+    assert m.trigger.priority_of("sensors/dev1/probe") == "high", "matched by its filter, not as written"
+
+
+@pytest.mark.parametrize(("topic", "why"), [
+    ("$share", "no group name"),
+    ("$share/g1", "no filter after its group"),
+    ("$share/g1/", "no filter after its group"),
+    ("$share//sensors/+/probe", "no group name"),
+    ("$share/g+/sensors/+/probe", "group name 'g+' has a wildcard"),
+    ("$share/#/sensors", "group name '#' has a wildcard"),
+    ("$share/g1/sensors/#/probe", "filter 'sensors/#/probe' has a wildcard that is not a whole level"),
+    ("$share/g1/$share/g2/sensors", "shared subscription of a shared subscription"),
+])
+def test_error_bad_shared_trigger(tmp_path: Path, topic: str, why: str):
+    message = manifest_error(write(tmp_path, VALID.replace('"sensors/+/probe"', f'"{topic}"')))
+    assert "trigger.topics:" in message and f"{topic!r} is not a valid MQTT topic filter" in message
+    assert why in message, message
+
+
+def test_error_shared_publish_filter(tmp_path: Path):
+    message = manifest_error(write(tmp_path, VALID.replace('"results/+/probe"', '"$share/g1/results/+/probe"')))
+    assert "publish.topics:" in message and "is a shared subscription" in message
+
+
+def test_error_reserved_name(tmp_path: Path):
+    message = manifest_error(write(tmp_path, VALID.replace('name = "probe"', 'name = "unrouted"')))
+    assert "function.name:" in message and "'unrouted' is reserved" in message
+
+
 def test_error_bad_publish_filter(tmp_path: Path):
     message = manifest_error(write(tmp_path, VALID.replace('"results/+/probe"', '"results/#/probe"')))
     assert "publish.topics:" in message and "'results/#/probe'" in message

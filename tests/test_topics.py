@@ -8,9 +8,11 @@ from edgefn.topics import (
     ERRORS_FILTER,
     ERRORS_TOPIC,
     check_filter,
+    example_topic,
     filter_problem,
     filters_overlap,
     is_errors_topic,
+    match_filter,
     matches_any,
     topic_problem,
 )
@@ -22,13 +24,17 @@ from edgefn.topics import (
     ("sensors/dev7/x/digits", ["sensors/+/digits"], False),
     ("sensors", ["sensors/#"], True),  # '#' also matches the parent level
     ("$SYS/load", ["#"], False),  # '$' topics are not matched by a leading wildcard
+    ("sensors/dev7/digits", ["$share/g1/sensors/+/digits"], True),  # a shared subscription: by its filter
+    ("sensors/dev7/digits", ["$share/g1/#"], True),
+    ("$share/g1/sensors/dev7/digits", ["$share/g1/sensors/+/digits"], False),
     ("a/b", [], False),
 ])
 def test_matches_any(topic: str, filters: list[str], expected: bool):
     assert matches_any(topic, filters) is expected
 
 
-@pytest.mark.parametrize("topic_filter", ["#", "+", "a/+/c", "a/b/#", "+/+/#", "a//b"])
+@pytest.mark.parametrize("topic_filter", ["#", "+", "a/+/c", "a/b/#", "+/+/#", "a//b", "$share/g1/a/+/c",
+                                          "$share/g1/#", "$shared/x", "$SHARE/x"])
 def test_valid_filters(topic_filter: str):
     assert filter_problem(topic_filter) is None
     assert check_filter(topic_filter) == topic_filter
@@ -41,6 +47,10 @@ def test_valid_filters(topic_filter: str):
     ("a/b+/c", "not a whole level"),
     ("a/\x00", "control character"),
     ("a" * 65_536, "longer than 65,535 bytes"),
+    ("$share/g1", "no filter after its group"),
+    ("$share//a", "no group name"),
+    ("$share/g#/a", "wildcard"),
+    ("$share/g1/a/#/b", "not a whole level"),
 ])
 def test_invalid_filters(topic_filter: str, why: str):
     assert why in (filter_problem(topic_filter) or "")
@@ -79,3 +89,9 @@ def test_errors_topic():
 ])
 def test_filters_overlap(a: str, b: str, expected: bool):
     assert filters_overlap(a, b) is expected and filters_overlap(b, a) is expected
+
+
+def test_a_shared_subscription_matches_by_its_filter():
+    assert match_filter("$share/g1/sensors/+/digits") == "sensors/+/digits"
+    assert match_filter("sensors/+/digits") == "sensors/+/digits"
+    assert example_topic("$share/g1/sensors/+/digits") == "sensors/dev1/digits"

@@ -9,6 +9,11 @@ mqtt/connection.py), so an event whose topic triggers functions at two prioritie
 each copy goes only to the functions that take its topic at the priority of the session it came
 on, and so each function gets it once. (A function's priority for a topic is the highest of its
 matching filters, and that filter is subscribed on that priority's session.)
+
+A trigger `$share/GROUP/FILTER` (a shared subscription) is subscribed to as written and matches
+topics by FILTER (`edgefn.topics.matches_any`): the broker hands each event on FILTER to one member
+of GROUP, with its own topic. An event that no function takes at all is handed to `unrouted`
+(dispatch/unrouted.py): answered on edgefn/errors/unrouted, never dropped without a word.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ _ROUTE_CACHE_MAX = 10_000  # distinct topics remembered; a sensor fleet with mor
 
 class Router:
     def __init__(self, functions: list[LoadedFunction], under_pressure: Callable[[], bool],
-                 unrouted: Callable[[Pending], None]):
+                 done: Callable[[Pending], None], unrouted: Callable[[Event, Pending], None]):
         self.functions = functions
         self._under_pressure = under_pressure
-        self._unrouted = unrouted  # an event no function takes: answered at once
+        self._done = done  # a copy whose functions take it on another session: nothing to answer
+        self._unrouted = unrouted  # an event no function takes at all: answered on edgefn/errors/unrouted
         self._cache: dict[tuple[str, Priority | None], list[LoadedFunction]] = {}
         self._lock = threading.Lock()
 
@@ -60,28 +66,48 @@ class Router:
 
     def deliver(self, events: list[Event]) -> None:
         """Hand journaled events to each function they trigger: into a lane, or parked past its share."""
+        nowhere: list[tuple[Event, Pending, bool]] = []
         with self._lock:
             pressure = self._under_pressure()
             for event in events:
                 routes = self.route(event.topic, event.priority)
-                pending = Pending.of(event, len(routes))
                 if not routes:
-                    self._unrouted(pending)
+                    nowhere.append((event, Pending.of(event, 1), self._taken_elsewhere(event)))
+                    continue
+                pending = Pending.of(event, len(routes))
                 for fn in routes:
                     fn.offer(event, pending, pressure)
+        self._nowhere(nowhere)
 
     def replay(self, heads: list[tuple[Event, int]]) -> None:
         """Events journaled before a restart (without their payloads: event, size), parked with each
         function they trigger; its workers read them back from disk as they have room."""
+        nowhere: list[tuple[Event, Pending, bool]] = []
         with self._lock:
             for event, size in heads:
                 routes = self.route(event.topic, event.priority)
-                pending = Pending.of(event, len(routes), size)
                 if not routes:
-                    self._unrouted(pending)
+                    nowhere.append((event, Pending.of(event, 1, size), self._taken_elsewhere(event)))
+                    continue
+                pending = Pending.of(event, len(routes), size)
                 for fn in routes:
                     with fn.share.lock:
                         fn.share.parked.append(pending)
+        self._nowhere(nowhere)
+
+    def _taken_elsewhere(self, event: Event) -> bool:
+        """Whether a function takes `event`'s topic at another priority than the session it came on: its
+        topic came on that class's session too, and goes to the function there."""
+        return event.priority is not None and bool(self.route(event.topic))
+
+    def _nowhere(self, events: list[tuple[Event, Pending, bool]]) -> None:
+        """Events that go to no function on the session they came on, outside the lock (an answer is
+        published): a copy taken on another session is done; any other went to no function at all."""
+        for event, pending, elsewhere in events:
+            if elsewhere:
+                self._done(pending)
+            else:
+                self._unrouted(event, pending)
 
     @contextmanager
     def swap(self) -> Iterator[None]:

@@ -49,17 +49,23 @@ PRECEDENCE_WAIT_S = 0.5  # the longest a batch waits at a time for more urgent e
 Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]], bool], None]  # Outbox.answer
 
 
-def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
-    """The message on the function's error topic that answers `event` when it failed."""
-    body = {
+def error_body(event: Event, reason: str, error: str, fn: Manifest | None = None) -> dict[str, str | None]:
+    """The JSON document on an error topic about `event`: the function it failed in (None: no function
+    took it), the topic, the reason in a word and the error in a sentence."""
+    return {
         "event_id": _payload_id(event),
-        "function": fn.name,
-        "version": fn.version,
+        "function": fn.name if fn else None,
+        "version": fn.version if fn else None,
         "topic": event.topic,
-        "reason": exc.reason,
-        "error": str(exc),
+        "reason": reason,
+        "error": error,
         "journal_id": event.id,
     }
+
+
+def error_message(fn: Manifest, event: Event, exc: FunctionError) -> Message:
+    """The message on the function's error topic that answers `event` when it failed."""
+    body = error_body(event, exc.reason, str(exc), fn)
     return Message(ERRORS_TOPIC.format(function=fn.name), json.dumps(body).encode())
 
 

@@ -6,7 +6,8 @@
     module = "app"                      # the Python module that defines WitWorld.handle
 
     [trigger]
-    topics = ["sensors/+/digits", "alarms/#"]  # MQTT filters, subscribed at QoS1
+    topics = ["sensors/+/digits", "alarms/#"]  # MQTT filters, subscribed at QoS1 ("$share/GROUP/FILTER":
+                                        # shared with the other daemons of GROUP, each event to one of them)
     priority = "normal"                 # high | normal | low: of every filter not named below
     shed = false                        # under overload, low-priority events may be shed (see below)
 
@@ -55,7 +56,7 @@ from edgefn.events import PRIORITIES, RANK, Priority
 from edgefn.observe.guestlog import BYTES_PER_S, LINES_PER_S
 from edgefn.protocol.offload import Policy
 from edgefn.tomlfile import read_toml
-from edgefn.topics import check_filter, matches_any
+from edgefn.topics import UNROUTED, check_filter, is_shared, matches_any
 
 MANIFEST = "edgefn.toml"
 FUNCTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -75,6 +76,8 @@ class FunctionSection(_Section):
     def _name(cls, value: str) -> str:
         if not FUNCTION_NAME.match(value):
             raise ValueError("must start with a lowercase letter and hold only a-z, 0-9, '-', '_'")
+        if value == UNROUTED:  # edgefn/errors/unrouted is the daemon's: events no function takes
+            raise ValueError(f"{UNROUTED!r} is reserved (edgefn/errors/{UNROUTED} is where events no function takes go)")
         return value
 
 
@@ -120,6 +123,15 @@ class PublishSection(TopicsSection):
     max_properties: int = Field(default=8, ge=0, le=256, description="User properties per message.")
     max_property_bytes: int = Field(default=1024, ge=0, le=65_535,
                                     description="User properties' keys and values, UTF-8 bytes per message.")
+
+    @field_validator("topics")
+    @classmethod
+    def _not_shared(cls, value: list[str]) -> list[str]:
+        for t in value:
+            if is_shared(t):
+                raise ValueError(f"{t!r} is a shared subscription ($share/...): that is for trigger topics, "
+                                 "a message is published to a plain topic")
+        return value
 
 
 class ModelsSection(_Section):

@@ -34,6 +34,9 @@ class Metrics:
         self.events_received = Counter("edgefn_events_received", "Events journaled from the broker.", registry=r)
         self.events_redelivered = Counter("edgefn_events_redelivered", "Of those, events the broker sent again "
                                           "(DUP set: sent before the last reconnect, perhaps answered).", registry=r)
+        self.events_unrouted = Counter("edgefn_events_unrouted", "Events the broker delivered that no function "
+                                       "takes: answered on edgefn/errors/unrouted (its payload says the topic "
+                                       "and why).", registry=r)
         self.events_handled = Counter("edgefn_events_handled", "Events handled, by function and outcome.",
                                       ["function", "outcome"], registry=r)
         self.event_seconds = Histogram("edgefn_event_seconds", "Receive to outputs handed to the broker.",
