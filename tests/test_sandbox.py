@@ -709,6 +709,22 @@ def _nested(depth: int, event_id: str) -> Event:
     return _event("sensors/dev1/digits", body, event_id)
 
 
+def test_bisect_stack_overflow_runs_the_deep_events_alone(runtime: Runtime, digits_fn: Path, registry: ModelRegistry,
+                                                          held_out: list[tuple[list[int], int]],
+                                                          monkeypatch: pytest.MonkeyPatch):
+    sandbox = _sandbox(runtime, digits_fn, registry)
+    try:
+        _halving(sandbox, monkeypatch, pays=True)
+        spy = Spy(sandbox, monkeypatch)
+        good = [digit_event(pixels, f"g{i}") for i, (pixels, _) in enumerate(held_out[:15])]
+        answers = sandbox.handle_batch([*good[:11], _nested(2000, "n0"), *good[11:]])
+        assert _kinds(answers) == ["ok"] * 11 + ["GuestStackOverflow"] + ["ok"] * 4
+        # The batch of 16, the one nested deep alone, the other 15 together; halving took 9 calls, 5 instances.
+        assert (spy.calls, spy.created) == (3, 2)
+    finally:
+        sandbox.close()
+
+
 def test_quarantine_shape_of_nested_json_in_digits(runtime: Runtime, digits_fn: Path, registry: ModelRegistry,
                                                    held_out: list[tuple[list[int], int]]):
     sandbox = _sandbox(runtime, digits_fn, registry)
