@@ -2,16 +2,22 @@
 
 One process, a real `FunctionSandbox` of the digits example (its model, one instance, the
 manifest's limits) fed straight through `handle_batch` in batches of the manifest's max_batch
-(32), as the daemon's workers do when events queue up. The poison is real: 4 kB of JSON nested
-2000 levels deep overflows the guest's stack in its json parser (a trap); each poison event
-carries its own id, so no two are the same bytes. Good events are held-out digits images.
+(32), as the daemon's workers do when events queue up. The poison is real: JSON nested deep
+overflows the guest's stack in its json parser (a trap); each poison event carries its own id, so
+no two are the same bytes. Good events are held-out digits images. Two kinds of poison (--mode):
+
+  fixed     4 kB nested 2000 levels deep: every poison event has the same shape;
+  varying   nested 1,100 to 65,000 levels deep (log-uniform: as many in 1,100-2,200 as in
+            32,000-65,000), so the poison changes its shape as well as its bytes. The guest
+            overflows from about 1,200 levels on; shallower ones it answers with an error.
 
 For each poison share (0 %, 10 %, 50 %: 1:1) and each of four sandboxes, in the same run:
 
   before      a failed batch runs again event by event, each alone (the old handle_batch);
   bisect      a failed batch is halved until each culprit is alone; no quarantine;
-  alone+q     quarantine (a payload or JSON shape that trapped 3 times is refused, a suspect runs
-              alone), but a failed batch runs event by event: what bisect adds to quarantine;
+  alone+q     quarantine (a payload that trapped 3 times is refused, and JSON as deep as 3 that
+              overflowed the stack in the same frames; a suspect runs alone), but a failed batch runs
+              event by event: what bisect adds to quarantine;
   after       bisect and quarantine (FunctionSandbox as it is).
 
 it prints the good events' throughput per CPU second of the process (the figure that holds on a
@@ -21,9 +27,10 @@ fresh and serves the stream twice: `first` includes learning the poison (its fir
 `steady` is the same sandbox on a second stream whose poison has other ids (so other bytes).
 Each cell is the best of --repeats sandboxes. Every answer is checked (good: a result for its
 event, or an error that is counted and printed; poison: an error). Target: good throughput at 10 % poison >= 0.8x the throughput at 0 %
-(the `after` sandbox), in both passes.
+(the `after` sandbox), in both passes and both modes. The clean (0 %) cells serve both modes.
 
-    .venv/bin/python bench/poison.py [--good N] [--repeats N] [--batch N] [--json-only]
+    .venv/bin/python bench/poison.py [--good N] [--repeats N] [--batch N] [--mode fixed|varying|both]
+                                     [--sandboxes after,before,...] [--shares 0,0.1] [--json-only]
 
 Results also go to bench/results/poison.json. Exit status 0 whatever the figures.
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -54,7 +62,9 @@ from edgefn.inference.registry import ModelRegistry  # noqa: E402
 
 RESULTS = e2e.ROOT / "bench" / "results" / "poison.json"
 SHARES = (0.0, 0.1, 0.5)
-DEPTH = 2000  # the guest's stack overflows between 1000 and 2000 levels
+DEPTH = 2000  # the guest's stack overflows from about 1,200 levels on
+VARYING = (1100, 65000)  # the depths of --mode varying
+MODES = ("fixed", "varying")
 TARGET = 0.8
 
 
@@ -97,9 +107,15 @@ class Counted:
         sandbox._call, sandbox._new_instance = counting_call, counting_new_instance  # type: ignore[method-assign]
 
 
-def _events(images: list[list[int]], good: int, share: float, seed: int) -> list[Event]:
-    """`good` digits events with poison mixed in at random places, `share` of all events."""
+def _poison(event_id: str, depth: int) -> bytes:
+    return f'{{"id": "{event_id}", "pixels": '.encode() + b"[" * depth + b"]" * depth + b"}"
+
+
+def _events(images: list[list[int]], good: int, share: float, seed: int, mode: str = "fixed") -> list[Event]:
+    """`good` digits events with poison mixed in at random places, `share` of all events; its depth
+    fixed or varying (`mode`)."""
     rng = random.Random(seed)
+    shallow, deepest = VARYING
     poison = round(good * share / (1 - share))
     kinds = ["good"] * good + ["poison"] * poison
     rng.shuffle(kinds)
@@ -109,7 +125,8 @@ def _events(images: list[list[int]], good: int, share: float, seed: int) -> list
         if kind == "good":
             payload = e2e._payload(event_id, images[i % len(images)])
         else:
-            payload = f'{{"id": "{event_id}", "pixels": '.encode() + b"[" * DEPTH + b"]" * DEPTH + b"}"
+            depth = DEPTH if mode == "fixed" else round(shallow * (deepest / shallow) ** rng.random())
+            payload = _poison(event_id, depth)
         events.append(Event(event_id, "sensors/bench/digits", payload, now))
     return events
 
@@ -138,65 +155,91 @@ def _run(sandbox: FunctionSandbox, events: list[Event], batch: int) -> dict[str,
             "good_failed": dict(failed)}
 
 
+KINDS: dict[str, tuple[type[FunctionSandbox], dict[str, Any]]] = {
+    "before": (Before, {"quarantine": False}), "bisect": (FunctionSandbox, {"quarantine": False}),
+    "alone+q": (AloneWithQuarantine, {}), "after": (FunctionSandbox, {})}
+
+
+def _cell(runtime: Runtime, made: tuple[Any, ...], kind: str, streams: dict[str, list[Event]],
+          repeats: int, batch: int) -> dict[str, dict[str, Any]]:
+    """The best of `repeats` fresh sandboxes of `kind`, each serving the warm-up then the streams in turn."""
+    manifest, wasm, registry, images = made
+    cls, options = KINDS[kind]
+    runs: dict[str, list[dict[str, Any]]] = {pass_: [] for pass_ in streams}
+    for _ in range(repeats):
+        host = FunctionHost(manifest.name, registry, StateStore(":memory:"))
+        sandbox = cls(runtime, manifest, wasm, host, max_instances=1, **options)
+        try:
+            _run(sandbox, _events(images, 300, 0.0, seed=1), batch)  # warm-up
+            for pass_, events in streams.items():
+                runs[pass_].append(_run(sandbox, events, batch))
+        finally:
+            sandbox.close()
+    return {pass_: max(done, key=lambda r: r["good_per_cpu_s"]) for pass_, done in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--good", type=int, default=1000, help="good events in each run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per cell, each on a fresh sandbox; the best counts")
     parser.add_argument("--batch", type=int, default=None, help="events per handle_batch (default: max_batch)")
+    parser.add_argument("--mode", choices=[*MODES, "both"], default="both", help="the poison's depth: fixed, varying")
+    parser.add_argument("--sandboxes", default=",".join(KINDS), help=f"which of {', '.join(KINDS)} (comma-separated)")
+    parser.add_argument("--shares", default=",".join(f"{s:g}" for s in SHARES), help="poison shares; 0 is always run")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
     args = parser.parse_args(argv)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    kinds = [k for k in args.sandboxes.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"no such sandbox: {', '.join(sorted(unknown))}")
+    shares = sorted({0.0, *(float(s) for s in args.shares.split(",") if s)})
     e2e.ensure_built(e2e.FUNCTION)
     manifest = load_manifest(e2e.FUNCTION)
     batch = args.batch or manifest.limits.max_batch
     images, _ = e2e._digits()
     registry = ModelRegistry([e2e.ROOT / "models"])
-    kinds = {"before": (Before, {"quarantine": False}), "bisect": (FunctionSandbox, {"quarantine": False}),
-             "alone+q": (AloneWithQuarantine, {}), "after": (FunctionSandbox, {})}
-    cells: dict[str, dict[str, Any]] = {}  # "pass/sandbox@share"
+    cells: dict[str, dict[str, Any]] = {}  # "mode/pass/sandbox@share"; the clean cells as mode "clean"
     with tempfile.TemporaryDirectory(prefix="edgefn-poison-") as tmp, Runtime(Path(tmp)) as runtime:
-        wasm = component_path(e2e.FUNCTION, manifest)
-        for share in SHARES:
-            streams = {"first": _events(images, args.good, share, seed=15),
-                       "steady": _events(images, args.good, share, seed=16)}
-            for name, (cls, options) in kinds.items():
-                runs: dict[str, list[dict[str, Any]]] = {"first": [], "steady": []}
-                for _ in range(args.repeats):
-                    host = FunctionHost(manifest.name, registry, StateStore(":memory:"))
-                    sandbox = cls(runtime, manifest, wasm, host, instances=1, **options)
-                    try:
-                        _run(sandbox, _events(images, 300, 0.0, seed=1), batch)  # warm-up
-                        for pass_, events in streams.items():
-                            runs[pass_].append(_run(sandbox, events, batch))
-                    finally:
-                        sandbox.close()
-                for pass_, done in runs.items():
-                    cells[f"{pass_}/{name}@{share:g}"] = max(done, key=lambda r: r["good_per_cpu_s"])
+        made = (manifest, component_path(e2e.FUNCTION, manifest), registry, images)
+        for share in shares:
+            for mode in modes if share else ("clean",):
+                streams = {pass_: _events(images, args.good, share, seed, mode if share else "fixed")
+                           for pass_, seed in (("first", 15), ("steady", 16))}
+                for kind in kinds:  # the sandboxes alternate within a mode and share: they see the same load
+                    for pass_, cell in _cell(runtime, made, kind, streams, args.repeats, batch).items():
+                        cells[f"{mode}/{pass_}/{kind}@{share:g}"] = cell
     for key, cell in cells.items():
-        cell["ratio_to_clean"] = cell["good_per_cpu_s"] / cells[key.split("@")[0] + "@0"]["good_per_cpu_s"]
-    after_10 = {pass_: cells[f"{pass_}/after@0.1"]["ratio_to_clean"] for pass_ in ("first", "steady")}
+        _, pass_kind = key.split("/", 1)
+        cell["ratio_to_clean"] = cell["good_per_cpu_s"] / cells["clean/" + pass_kind.split("@")[0] + "@0"]["good_per_cpu_s"]
+    at_10 = {f"{mode}/{pass_}": cells[f"{mode}/{pass_}/after@0.1"]["ratio_to_clean"]
+             for mode in modes for pass_ in ("first", "steady") if f"{mode}/{pass_}/after@0.1" in cells}
     doc: dict[str, Any] = {
         "benchmark": "bench/poison.py", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "batch": batch, "depth": DEPTH, "good": args.good, "repeats": args.repeats, "cells": cells,
+        "batch": batch, "depth": DEPTH, "varying_depth": list(VARYING), "modes": list(modes), "good": args.good,
+        "repeats": args.repeats, "load_average": [round(x, 2) for x in os.getloadavg()], "cells": cells,
         "target": f"after: good throughput at 10 % poison >= {TARGET}x at 0 %",
-        "after_ratio_at_10pct": after_10, "target_met": min(after_10.values()) >= TARGET,
+        "after_ratio_at_10pct": at_10, "target_met": bool(at_10) and min(at_10.values()) >= TARGET,
     }
     e2e.write_results(RESULTS, doc)
-    if args.json_only:
-        print(json.dumps(doc, indent=2))
-        return 0
-    print(f"digits, batches of {batch}, poison: JSON nested {DEPTH} deep (stack overflow), each with its own id")
-    print(f"{'pass':6} {'sandbox':8} {'poison':>6} {'good/cpu-s':>10} {'vs 0 %':>7} {'good/s wall':>11} "
+    return e2e.report(doc, args.json_only, _show)
+
+
+def _show(doc: dict[str, Any]) -> None:
+    print(f"digits, batches of {doc['batch']}, poison: JSON nested {doc['depth']} deep (fixed) or "
+          f"{doc['varying_depth'][0]:,}-{doc['varying_depth'][1]:,} deep (varying), each with its own id; "
+          f"load average {doc['load_average']}")
+    print(f"{'mode':7} {'pass':6} {'sandbox':8} {'poison':>6} {'good/cpu-s':>10} {'vs 0 %':>7} {'good/s wall':>11} "
           f"{'calls':>6} {'instances':>9}  poison ended as")
-    for key, cell in sorted(cells.items(), key=lambda kv: kv[0].startswith("steady")):
-        pass_, name, share = key.replace("/", "@").split("@")
-        print(f"{pass_:6} {name:8} {float(share):6.0%} {cell['good_per_cpu_s']:10.0f} {cell['ratio_to_clean']:6.2f}x "
-              f"{cell['good_eps_wall']:11.0f} {cell['guest_calls']:6d} {cell['instances_created']:9d}  "
-              f"{cell['poison_endings']}" + (f"; good failed: {cell['good_failed']}" if cell["good_failed"] else ""))
+    for key, cell in sorted(doc["cells"].items(), key=lambda kv: kv[0].split("/")[1] == "steady"):
+        mode, pass_, name, share = key.replace("@", "/").split("/")
+        print(f"{mode:7} {pass_:6} {name:8} {float(share):6.0%} {cell['good_per_cpu_s']:10.0f} "
+              f"{cell['ratio_to_clean']:6.2f}x {cell['good_eps_wall']:11.0f} {cell['guest_calls']:6d} "
+              f"{cell['instances_created']:9d}  {cell['poison_endings']}"
+              + (f"; good failed: {cell['good_failed']}" if cell["good_failed"] else ""))
+    measured = ", ".join(f"{ratio:.2f}x {where}" for where, ratio in doc["after_ratio_at_10pct"].items())
     verdict = "met" if doc["target_met"] else "NOT met"
-    print(f"target (after, 10 %): >= {TARGET}x; measured {after_10['first']:.2f}x first, "
-          f"{after_10['steady']:.2f}x steady: {verdict}")
+    print(f"target (after, 10 %): >= {TARGET}x; measured {measured or 'nothing (no after sandbox at 10 %)'}: {verdict}")
     print(f"results written to {RESULTS.relative_to(e2e.ROOT)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
     └── FunctionError        an event the function could not handle (goes to edgefn/errors/<fn>)
         ├── GuestError       the guest answered with an error (bad payload, ...)
         ├── GuestTrap        the guest trapped (a bug, a stack overflow)
+        │   └── GuestStackOverflow  its call stack ran out (`where`: the guest frames that recursed)
         ├── GuestTimeout     the guest ran past its per-event deadline
         ├── GuestOutOfMemory the guest exceeded its memory limit
         ├── OutputRejected   the guest asked to publish what its manifest does not allow
         ├── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
-        ├── Quarantined      its payload (or its shape) kept trapping the guest: refused for a while
+        ├── Quarantined      its payload (or stack faults as deep) kept trapping the guest: refused for a while
         ├── Loop             the event came through max_hops functions already (edgefn-hop): not run
         └── Shed             a low-priority event dropped under overload, where its manifest allows it
                              without running (edgefn/functions/quarantine.py)
@@ -148,6 +149,15 @@ class GuestError(FunctionError):
 
 class GuestTrap(FunctionError):
     reason = "trap"
+
+
+class GuestStackOverflow(GuestTrap):
+    """The guest's call stack ran out; `where` names the guest functions that recursed ("" if unknown), so
+    that the quarantine can learn this fault apart from others (edgefn/functions/quarantine.py)."""
+
+    def __init__(self, message: str = "stack overflow", *, where: str = ""):
+        super().__init__(message)
+        self.where = where
 
 
 class GuestTimeout(FunctionError):

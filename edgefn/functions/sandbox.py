@@ -4,8 +4,9 @@ A guest gets only what the `edgefn:function` world imports (host.infer, log, sta
 WASI with no preopened directory, no socket permission and no inherited stdio: no files, no
 network. Each instance has a memory limit; each event a wall-clock deadline enforced by epoch
 interruption. An instance that trapped, timed out or ran out of memory is thrown away, and the
-next event gets a fresh one. A batch that fails is bisected to find its culprit; a payload that
-keeps failing is quarantined (edgefn/functions/quarantine.py).
+next event gets a fresh one. A batch that fails is bisected to find its culprit (a batch whose
+stack ran out runs its deeply nested JSON alone first); a payload that keeps failing, or JSON as
+deep as payloads that kept overflowing the stack, is quarantined (edgefn/functions/quarantine.py).
 
 The pool is elastic, between the manifest's min_instances and max_instances. An event that finds
 no idle instance waits for one for up to `SCALE_UP_SHARE` of the function's latency budget (counted
@@ -38,6 +39,7 @@ from edgefn.errors import (
     FunctionError,
     GuestError,
     GuestOutOfMemory,
+    GuestStackOverflow,
     GuestTimeout,
     GuestTrap,
     OutputRejected,
@@ -50,7 +52,7 @@ from edgefn.functions import memory, trial
 from edgefn.functions._boundary import ExportCall, add_host_func
 from edgefn.functions.budget import MemoryBudget, anon_rss_bytes, return_freed_memory
 from edgefn.functions.manifest import Manifest
-from edgefn.functions.quarantine import Quarantine
+from edgefn.functions.quarantine import Quarantine, nesting
 from edgefn.inference.tensors import WireTensor as Tensor  # (dtype, shape, raw little-endian bytes)
 from edgefn.protocol.outputs import RESERVED_PREFIX
 from edgefn.topics import matches_any, topic_problem
@@ -266,6 +268,17 @@ def _message(fields: tuple[Any, ...]) -> Message:
     return Message(topic, payload, qos, retain, tuple(properties))
 
 
+# A frame of wasmtime's backtrace: "   4: 0xe6b16a - libpython3.14.so!_parse_array_unicode" (or without the address).
+_WASM_FRAME = re.compile(r"^\s*\d+: (?:0x[0-9a-f]+ - )?(?:[^!\s]+!)?(?P<function>.+)$", re.MULTILINE)
+
+
+def _recursion(text: str) -> str:
+    """The guest functions that recur among the frames a stack overflow's backtrace shows: where it
+    recursed, the same however deep it went (the innermost frames, an allocator say, vary with the depth)."""
+    frames = _WASM_FRAME.findall(text.split("Caused by:", 1)[0])
+    return ", ".join(sorted({f for f in frames if frames.count(f) > 1}))
+
+
 def _classify(exc: wasmtime.WasmtimeError, stderr: _GuestStderr, timeout_ms: int, memory_mb: int) -> FunctionError:
     """Map a wasmtime error to why the event failed, from the trap kind and the guest's traceback."""
     text = str(exc)
@@ -273,7 +286,7 @@ def _classify(exc: wasmtime.WasmtimeError, stderr: _GuestStderr, timeout_ms: int
     if cause == "interrupt":
         return GuestTimeout(f"ran past its {timeout_ms} ms deadline")
     if "call stack exhausted" in cause:
-        return GuestTrap("stack overflow")
+        return GuestStackOverflow(where=_recursion(text))
     raised = stderr.last_exception()
     if (raised and raised.startswith("MemoryError")) or "memory" in cause:
         return GuestOutOfMemory(f"exceeded its {memory_mb} MiB memory limit")
@@ -495,9 +508,11 @@ class FunctionSandbox:
         each half runs as a batch of its own, recursively: the good events get their answers from
         the halves that succeed, the culprit ends alone and its error lands on it. Only a failed
         call throws its instance away; a half that succeeds leaves its instance warm. Each half
-        is screened again: once a culprit is struck, the events of its shape still in the batch
-        run alone (or are refused) instead of failing more halves. Where a failed call costs
-        more than the calls halving would spare, the events run alone instead (`_CallCosts`).
+        is screened again: once a culprit is struck, the events that resemble it still in the
+        batch run alone (or are refused) instead of failing more halves. Where a failed call costs
+        more than the calls halving would spare, the events run alone instead (`_CallCosts`). A
+        stack overflow names its likely culprits, the events nested deeper than ordinary JSON:
+        they run alone and the others together, with no halving (`_deep_alone`).
 
         An event of a failed batch runs again (as any re-run does): state updates from the failed
         call are not undone."""
@@ -506,6 +521,10 @@ class FunctionSandbox:
         try:
             answers = self._call(lambda inst: _run_batch(inst, events), len(events))
         except FunctionError as exc:
+            # A stack overflow points at its likely culprits: the events nested deeper than ordinary JSON.
+            deep = [nesting(e.payload) is not None for e in events] if isinstance(exc, GuestStackOverflow) else []
+            if any(deep):
+                return self._deep_alone(events, deep)
             # A timed-out batch is never halved: its deadline is the per-event one times its events,
             # and halves would run the endless event again under half of it, a quarter, ... (about
             # one more batch deadline in all); alone it costs one per-event deadline.
@@ -517,13 +536,25 @@ class FunctionSandbox:
             return [self._one(e) for e in events]
         return [self._answer(ok, value) for ok, value in answers]
 
+    def _deep_alone(self, events: list[Event], deep: list[bool]) -> list[list[Message] | FunctionError]:
+        """A batch whose stack ran out: its events nested deep (`deep`) run alone, each screened again (the
+        first may teach the quarantine the fault), then the others together."""
+        answers: list[list[Message] | FunctionError | None] = [None] * len(events)
+        for i, event in enumerate(events):
+            if deep[i]:
+                answers[i] = self.handle_batch([event])[0]
+        rest = [i for i, d in enumerate(deep) if not d]
+        for i, answer in zip(rest, self.handle_batch([events[i] for i in rest]), strict=True):
+            answers[i] = answer
+        return answers  # type: ignore[return-value]  (every slot is filled)
+
     def _one(self, event: Event) -> list[Message] | FunctionError:
         """Run one event alone: a trap, timeout or out-of-memory here is its own, a strike against its payload."""
         try:
             return self._answer(*self._call(lambda inst: _run_one(inst, event), 1))
         except FunctionError as exc:
             if self.quarantine is not None:
-                self.quarantine.strike(event.payload, exc)
+                self.quarantine.strike(event.payload, exc, self.manifest.version)
             return exc
 
     def _answer(self, ok: bool, value: Any) -> list[Message] | FunctionError:
