@@ -289,6 +289,8 @@ class Daemon:
             return "degraded", "; ".join(f"function {n} did not load: {why}" for n, why in self.loader.failed.items())
         if (unrouted := self.unrouted.problem()) is not None:
             return "degraded", unrouted
+        if (limits := self.connection.limits) is not None and limits.problem is not None:
+            return "degraded", limits.problem
         return "ok", None
 
     def health(self) -> dict:
@@ -301,6 +303,7 @@ class Daemon:
             "state_damage": self.state.damage,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
             "broker_sessions": self.connection.sessions,
+            "broker_limits": limits.snapshot() if (limits := self.connection.limits) else None,
             "inbox_events": self.ingress.outstanding,
             "outbox_messages": self.outbox.rows,
             "profile": self.profile.name,

@@ -27,6 +27,10 @@ dropped by the broker, never read whole into the daemon's memory only to be cut 
 200 MB publish raised the daemon's peak RSS from 126 to 730 MB). The broker tells neither us nor the
 sender (mosquitto logs it), so nothing here counts it.
 
+The results session sends within what its CONNACK allows (`limits.py`: Maximum QoS, Retain
+Available, Receive Maximum, Maximum Packet Size): the broker drops a connection that exceeds them,
+and egress's resending made that a reconnect loop.
+
 Lost PUBACKs (mosquitto 2.0.16-2.0.20 drop them, like SUBACKs) are recovered by reconnecting the
 results session, which makes egress resend: egress asks for it when a PUBACK for a later message
 shows an earlier one's was lost; the watchdog, when nothing is heard from the broker for
@@ -65,6 +69,7 @@ from edgefn.errors import BrokerError
 from edgefn.events import PRIORITIES, Priority
 from edgefn.mqtt.client import broker_client
 from edgefn.mqtt.egress import Egress, OnAcked
+from edgefn.mqtt.limits import BrokerLimits
 from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
 from edgefn.observe.logs import Every
 from edgefn.protocol.outputs import hop_of
@@ -278,6 +283,12 @@ class Connection:
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
         self._lost_acks = Every(10.0)
+        self._limits: BrokerLimits | None = None  # what the broker allows results, once a CONNACK said
+
+    @property
+    def limits(self) -> BrokerLimits | None:
+        """What the broker allows the results session (its last CONNACK), None before the first."""
+        return self._limits
 
     def _open(self, priority: Priority, filters: Sequence[str]) -> _Events:
         receive_maximum, keepalive, suback_timeout = self._session_args
@@ -446,7 +457,12 @@ class Connection:
                            props: Properties) -> None:
         if not self._results.connected(reason):
             return
-        self._egress.take_back(getattr(props, "ReceiveMaximum", 65535))
+        limits = BrokerLimits.of(props)
+        self._egress.take_back(limits)
+        if limits != self._limits:  # said once, not at every reconnect
+            for note in limits.notes():
+                log.warning("%s", note)
+        self._limits = limits
         with self._lock:
             self._reconnecting = False
         log.debug("results connection to %s up", self._settings.broker)

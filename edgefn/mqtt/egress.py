@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
+from edgefn.mqtt.limits import BrokerLimits
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 
 # QoS1 publishes of ours awaiting a PUBACK, at most (and no more than the broker's own Receive
@@ -93,6 +94,7 @@ class _Outgoing:
     props: UserProperties
     qos: int = 1
     retain: bool = False
+    sent_qos: int = 1  # the QoS it went out at: no more than the broker allows
     seq: int = 0  # order handed to paho on this connection
     sent_at: float = 0.0
 
@@ -109,6 +111,7 @@ class Egress:
         self._in_flight: dict[int, _Outgoing] = {}  # by mid, in the order handed to paho
         self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of their mid being recorded
         self._window = 0  # how many may await a PUBACK; 0 while disconnected
+        self._limits = BrokerLimits()  # what the broker allows, as its last CONNACK said
         self._seq = 0
         self._pumping = self._pump_again = False  # one thread hands messages to paho at a time: order
         self._handing = threading.Lock()  # held while one message goes from the queue into paho
@@ -134,9 +137,10 @@ class Egress:
             return next(iter(self._in_flight.values())).sent_at
 
     # -- the session's turns -------------------------------------------------------------------------
-    def take_back(self, receive_maximum: int) -> None:
+    def take_back(self, limits: BrokerLimits) -> None:
         """On a CONNACK, on paho's thread before paho resends its unacknowledged messages: take them
-        back, to go again first and in order with the queue, within the window the broker allows."""
+        back, to go again first and in order with the queue, within the `limits` the broker allows
+        (its Receive Maximum the window, its Maximum QoS, retain, packet size)."""
         with self._handing:  # a message being handed to paho is recorded first
             self._client.drop_out_messages()
             with self._lock:
@@ -146,7 +150,8 @@ class Egress:
                 for out in again:  # the broker may have passed them on already
                     out.props.add(POSSIBLE_DUPLICATE)
                 self._unsent.extendleft(reversed(again))
-                self._window = min(PUBLISH_WINDOW, receive_maximum)
+                self._limits = limits
+                self._window = min(PUBLISH_WINDOW, limits.receive_maximum)
 
     def hold(self) -> None:
         """On a disconnect: hold everything until the next CONNACK."""
@@ -192,9 +197,15 @@ class Egress:
                 self._hand_over(out)
 
     def _hand_over(self, out: _Outgoing) -> None:
+        limits = self._limits  # replaced by take_back under `_handing`, which our caller holds
+        out.sent_qos = min(out.qos, limits.maximum_qos)
+        if (too_large := _too_large(out, limits.maximum_packet_size)) is not None:
+            out.on_acked(too_large)  # sent, it would make the broker drop the connection, again and again
+            return
         try:
             while True:
-                info = self._client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain,
+                info = self._client.publish(out.topic, out.payload, qos=out.sent_qos,
+                                            retain=out.retain and limits.retain_available,
                                             properties=out.props)  # type: ignore[arg-type]
                 # Its only cause here (paho's queue is unbounded): the id came round to a message
                 # still awaiting its PUBACK. paho skipped it; the next one is free.
@@ -225,8 +236,20 @@ class Egress:
                 return
             # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
             # (A QoS0 message is only written, in order: its callback says nothing of the others'.)
-            lost = out.qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
+            lost = out.sent_qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
         out.on_acked(refused)
         if lost:
             self._reconnect("the broker's acknowledgement of an earlier message was lost")
         self.pump()
+
+
+def _too_large(out: _Outgoing, maximum: int | None) -> str | None:
+    """Why the broker would not take `out`'s PUBLISH (None: it would)."""
+    if maximum is None:
+        return None
+    topic = len(out.topic.encode())
+    remaining = 2 + topic + (2 if out.sent_qos else 0) + len(out.props.pack()) + len(out.payload)
+    size = 1 + len(_variable_byte_integer(remaining)) + remaining
+    if size <= maximum:
+        return None
+    return f"not published: {size} bytes, more than the broker's Maximum Packet Size of {maximum}"
