@@ -45,6 +45,7 @@ def _setup(db: sqlite3.Connection, durability: str) -> None:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     db.execute("PRAGMA busy_timeout=10000")  # `edgefn journal ack-damage` writes it while the daemon runs
+    db.execute("PRAGMA journal_size_limit=1048576")  # its WAL is cut back to 1 MiB after each checkpoint
     db.executescript(_SCHEMA)
 
 
