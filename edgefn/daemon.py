@@ -283,6 +283,9 @@ class Daemon:
         idle = time.monotonic() - self.outbox.progress_at
         if pending and idle > self.settings.stall_s:
             return "stalled", f"{pending} events or answers pending, nothing published or settled for {idle:.0f} s"
+        damage = self.inbox.damage
+        if damage is not None:  # events may be lost: said until an operator has seen it
+            return "degraded", f"journal damage (acknowledge with `edgefn journal ack-damage`): {damage}"
         if not self.connected:
             return "degraded", self.broker_error or "connecting to the broker"
         if self.loader.failed:

@@ -12,6 +12,7 @@ import pytest
 from edgefn.errors import DiskFull
 from edgefn.events import Message
 from edgefn.journal.inbox import Inbox
+from edgefn.journal.mark import acknowledge_damage
 from tests.conftest import fill
 
 
@@ -180,11 +181,15 @@ def test_journal_that_went_back_is_reported_as_events_lost(tmp_path: Path, how: 
     else:
         path.unlink()
     with Inbox(path) as inbox:
-        assert "200 unanswered events" in (inbox.damage or "") and "lost" in inbox.damage
+        damage = inbox.damage
+        assert "200 unanswered events" in (damage or "") and "lost" in damage
         assert int(inbox.append("sensors/a/x", b"new").id) > int(ids[-1])
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [inbox.damage]
-    with Inbox(path) as inbox:  # reported once: the journal is whole again
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [damage]
+    with Inbox(path) as inbox:  # found once (the journal is whole again), said until acknowledged
+        assert inbox.damage == damage
+        assert acknowledge_damage(path) == [damage]
         assert inbox.damage is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [damage]
 
 
 def test_whole_journal_reports_no_damage(tmp_path: Path):
@@ -242,3 +247,4 @@ def test_an_inbox_written_before_hop_counts_opens_with_its_events_at_hop_0(tmp_p
         assert [e.hop for e in inbox.pending()] == [0, 3]
         assert [e.hop for e, _ in inbox.heads()] == [0, 3]
         assert [e.hop for e in inbox.events(["2"])] == [3]
+

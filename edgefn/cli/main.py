@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from edgefn.cli import bundle, cloud, fleet, fn, model, profile, run, service
+from edgefn.cli import bundle, cloud, fleet, fn, journal, model, profile, run, service
 
 # -h as well as --help, on every command (click hands it down to the groups' contexts).
 app = typer.Typer(help="edgefn: MQTT-triggered, sandboxed functions with on-device inference.",
@@ -39,6 +39,7 @@ app.add_typer(profile.profile_app, name="profile")
 app.add_typer(bundle.bundle_app, name="bundle")
 app.add_typer(fleet.fleet_app, name="fleet")
 app.add_typer(service.service_app, name="service")
+app.add_typer(journal.journal_app, name="journal")
 
 if __name__ == "__main__":
     app()

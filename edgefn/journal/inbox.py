@@ -20,9 +20,11 @@ settle goes through. Meanwhile new events are refused whole (`DiskFull`, nothing
 `problem` says why; `checkpoint()` re-creates the reserve and resumes once space has returned.
 `checkpoint()` also shrinks the files once the journal is empty (the WAL and the freed pages).
 
-A damaged file is moved aside and a fresh journal started (`damage` says so). A journal that went
-back (emptied, deleted, an old copy restored) is caught by a small sidecar that records how far the
-sequence came: it must never go backwards, and event ids are never reused, even after a loss.
+A damaged file is moved aside and a fresh journal started. A journal that went back (emptied,
+deleted, an old copy restored, its WAL cut) is caught by its mark (`mark.py`), written with every
+group commit: the events acknowledged and not answered that the journal no longer holds are lost,
+and counted. Either is kept in the mark as `damage` until an operator acknowledges it. Event ids
+are never reused, even after a loss.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
 from edgefn.errors import DiskFull, StorageError
 from edgefn.events import Event, Message, Priority
-from edgefn.files import open_sqlite, storage_error, write_atomic
+from edgefn.files import open_sqlite, storage_error
+from edgefn.journal.mark import Mark, mark_path
 
 log = logging.getLogger("edgefn.journal")
 
@@ -131,13 +134,14 @@ class _Reserve:
         return True
 
 
-def _read_mark(mark: Path) -> dict[str, int]:
+def _read_legacy_mark(mark: Path) -> dict[str, int]:
+    """The highest ids an edgefn before `inbox.mark` recorded (`inbox.sqlite.seq`, JSON), to go on from."""
     try:
-        return {k: int(v) for k, v in json.loads(mark.read_text()).items()}
+        return {k: int(v) for k, v in json.loads(mark.read_text()).items() if k in ("inbox", "outbox")}
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("%s: unreadable (%s); the journal cannot be checked for loss this time", mark.name, exc)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        log.warning("%s: unreadable (%s); ids go on from the journal's", mark.name, exc)
         return {}
 
 
@@ -145,70 +149,100 @@ class Inbox:
     """Events received and not yet answered; one writer connection shared under a lock.
 
     `problem` is set while the journal cannot take new events (the disk is full) and cleared when
-    it can again; `damage` says what opening found, if anything was damaged or lost."""
+    it can again; `damage` says what was found damaged or lost, until an operator acknowledges it."""
 
     def __init__(self, path: Path | str, durability: Literal["process", "full"] = "process",
                  reserve_bytes: int = RESERVE_BYTES):
         self._lock = threading.Lock()
         self._closed = False
-        self._last_mark: dict[str, int] = {}
         self._problem: str | None = None
-        self.damage: str | None = None
         self._name = Path(path).name
         self._reserve: _Reserve | None = None
-        self._mark: Path | None = None
-        recorded: dict[str, int] = {}
+        self._mark: Mark | None = None
+        self._mark_behind = False  # a write of the mark failed: it is set from the journal at the next checkpoint
+        self._unsaved_damage: list[str] = []  # damage the mark could not keep (a full disk at start)
         if str(path) != ":memory:":  # ":memory:" keeps nothing across a crash (--journal memory)
             path = Path(path)
-            self._mark = path.with_name(path.name + ".seq")
+            self._mark = Mark(mark_path(path), durability)
             self._reserve = _Reserve(path.with_name(path.name + ".reserve"), reserve_bytes)
-            recorded = self._last_mark = _read_mark(self._mark)
-        self._db, self.damage = open_sqlite(path, lambda db: _setup(db, durability))
-        if self._reserve is None:
+        self._db, damaged = open_sqlite(path, lambda db: _setup(db, durability))
+        if self._mark is None or self._reserve is None:
             return
-        self._never_go_back(recorded)
-        if self.damage:
-            log.error(self.damage)
+        self._check(damaged, path.with_name(path.name + ".seq"))
         if not self._reserve.restore():
             self._full(f"the journal keeps {2 * reserve_bytes >> 20} MiB free: its reserve and room for events")
-        self._record()
 
-    # -- how far the journal has come: a sidecar that must never go backwards --------------------
+    # -- what the journal owes: checked against its mark at each start -----------------------------
     def _sequences(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
 
-    def _never_go_back(self, recorded: dict[str, int]) -> None:
-        """Catch a journal emptied, deleted or replaced by an older copy; keep ids growing anyway."""
-        now = self._sequences()
-        behind = {t: recorded[t] for t in ("inbox", "outbox") if now.get(t, 0) < recorded.get(t, 0)}
-        if not behind:
-            return
-        lost = (f"{recorded.get('pending', 0)} unanswered events and {recorded.get('unsent', 0)} undelivered "
-                f"answers journaled before")
-        if self.damage is None:
-            self.damage = (f"{self._name} went back (event {now.get('inbox', 0)}, journal had reached "
-                           f"{recorded.get('inbox', 0)}): {lost} are lost")
-        else:  # a damaged file: its events are in the copy moved aside, not replayed
-            self.damage += f"; {lost} are in it, not replayed"
-        # Consumers drop results by event id: a fresh journal must not hand out old ids again.
-        self._db.execute("BEGIN IMMEDIATE")
-        for table, seq in behind.items():
-            self._db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
-            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, seq))
-        self._db.execute("COMMIT")
+    def _held(self) -> tuple[set[int], set[int]]:
+        return ({s for (s,) in self._db.execute("SELECT seq FROM inbox")},
+                {s for (s,) in self._db.execute("SELECT seq FROM outbox")})
 
-    def _record(self) -> None:
-        """Write the sidecar (under the lock or before the journal is shared); best effort."""
+    def _check(self, damaged: str | None, legacy: Path) -> None:
+        """Count what the journal lost against its mark (a damaged file moved aside, a journal emptied,
+        deleted, replaced by an older copy); report it; then keep ids growing and the mark in step."""
+        assert self._mark is not None
+        events, unsent = self._held()
+        now = self._sequences()
+        fresh = self._mark.fresh  # a first start, an older edgefn's journal, a damaged mark: nothing to compare
+        acked, owed, high = (set(), set(), _read_legacy_mark(legacy)) if fresh else self._mark.owed()
+        behind = {t: high[t] for t in ("inbox", "outbox") if now.get(t, 0) < high.get(t, 0)}
+        lost = (f"{len(acked - events)} unanswered events and {len(owed - unsent)} undelivered answers, "
+                f"acknowledged before,")
+        if self._mark.damage:
+            self._report(f"{self._mark.damage}; the journal could not be checked for loss this time")
+        if damaged:  # its events are in the copy moved aside, not replayed
+            self._report(damaged if fresh else f"{damaged}; {lost} are in it, not replayed")
+        elif not fresh and (behind or acked - events or owed - unsent):
+            self._report(f"{self._name} went back (event {now.get('inbox', 0)}, journal had reached "
+                         f"{high.get('inbox', 0)}): {lost} are lost")
+        if behind:  # consumers drop results by event id: a fresh journal must not hand out old ids again
+            self._db.execute("BEGIN IMMEDIATE")
+            for table, seq in behind.items():
+                self._db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, seq))
+            self._db.execute("COMMIT")
+        self._keep_mark(lambda mark: mark.reset(events, unsent, self._sequences()))
+        legacy.unlink(missing_ok=True)
+
+    def _report(self, damage: str) -> None:
+        """Say it once, and keep it in the mark until acknowledged (in memory only if the mark cannot take it)."""
+        log.error(damage)
+        assert self._mark is not None
+        try:
+            self._mark.report(damage)
+        except StorageError as exc:
+            self._unsaved_damage.append(f"{damage} (not kept: {exc})")
+
+    @property
+    def damage(self) -> str | None:
+        """What was found damaged or lost and is not acknowledged yet (`edgefn journal ack-damage`), or None.
+        Read from the mark each time: an acknowledgement from another process shows at once."""
+        if self._mark is None:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                found = self._mark.unacknowledged()
+            except sqlite3.Error as exc:
+                found = [f"{self._mark.path.name}: cannot be read ({exc})"]
+        return "; ".join(found + self._unsaved_damage) or None
+
+    def _keep_mark(self, write: Callable[[Mark], None]) -> None:
+        """Write the mark (under the lock). A failed write leaves the mark behind the journal, which
+        loses nothing the journal holds; it is set from the journal at the next checkpoint."""
         if self._mark is None:
             return
-        mark = {**self._sequences(),
-                "pending": self._db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0],
-                "unsent": self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]}
-        if mark == self._last_mark:
-            return
-        with contextlib.suppress(OSError):  # a full disk: the previous mark stays, still a true lower bound
-            write_atomic(self._mark, json.dumps(mark).encode())
-            self._last_mark = mark
+        try:
+            write(self._mark)
+        except StorageError as exc:
+            if not self._mark_behind:  # a full disk is the journal's problem too, said there as an error
+                log.log(logging.WARNING if isinstance(exc, DiskFull) else logging.ERROR,
+                        "%s; set from the journal again at the next checkpoint", exc)
+            self._mark_behind = True
 
     # -- a full disk --------------------------------------------------------------------------------
     @property
@@ -279,6 +313,8 @@ class Inbox:
                                  "VALUES (?, ?, ?, ?, ?, ?)", (topic, payload, received_ms, dropped, priority, hop))
                 events.append(Event(str(cur.lastrowid), topic, payload, received_ms, dropped=dropped, priority=priority,
                                     hop=hop))
+        with self._lock:  # after the commit, before the PUBACK: every acknowledged event is in the mark
+            self._keep_mark(lambda mark: mark.acknowledged([int(e.id) for e in events]))
         return events
 
     def settle(self, answered: Iterable[str], undelivered: list[tuple[str, Message]],
@@ -288,6 +324,8 @@ class Inbox:
         On a full disk the reserve is given back for it, so that the journal can still shrink."""
         done = [(int(e),) for e in answered]
         gone = [(int(o),) for o in delivered]
+        with self._lock:  # before the journal forgets them: a crash between the two loses nothing from sight
+            self._keep_mark(lambda mark: mark.answered(done, gone))
         try:
             return self._settle(done, undelivered, gone)
         except DiskFull:
@@ -311,12 +349,14 @@ class Inbox:
                 ids.append(cur.lastrowid)
             db.executemany("DELETE FROM inbox WHERE seq = ?", done)
             db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
+        with self._lock:
+            self._keep_mark(lambda mark: mark.unsent(ids))
         return ids
 
     def checkpoint(self) -> None:
         """Housekeeping, every few seconds: resume after a full disk once space has returned; when
-        the journal is empty, give its freed pages back and cut the WAL to nothing; record how far
-        the sequence has come. A full disk is reported by `problem`, not raised."""
+        the journal is empty, give its freed pages back and cut the WAL to nothing; set the mark
+        from the journal if a write of it failed. A full disk is reported by `problem`, not raised."""
         if self._reserve is None:
             return
         with self._lock:
@@ -336,7 +376,9 @@ class Inbox:
                 error = self._failed(exc)
                 if not isinstance(error, DiskFull):
                     raise error from None
-            self._record()
+            if self._mark_behind and self._problem is None:
+                self._mark_behind = False
+                self._keep_mark(lambda mark: mark.reset(*self._held(), self._sequences()))
 
     def pending(self) -> list[Event]:
         """Events not yet answered, in arrival order (after a restart: to run again)."""
@@ -381,8 +423,9 @@ class Inbox:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._record()
                 self._db.close()
+                if self._mark is not None:
+                    self._mark.close()
 
     def __enter__(self) -> Inbox:
         return self
