@@ -44,6 +44,7 @@ from edgefn.mqtt.ingress import Ingress
 from edgefn.observe.device import Sensors, device_profile
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
+from edgefn.observe.refusals import BrokerRefusals
 from edgefn.observe.window import HealthWindow
 from edgefn.protocol.fleet import Health
 from edgefn.service.notify import Notifier
@@ -122,9 +123,10 @@ class Daemon:
                                max_payload_bytes=s.max_payload_bytes, max_held_bytes=s.held_max_bytes,
                                pause=lambda paused: self.connection.pause_reading(paused),
                                pause_high=lambda paused: self.connection.pause_reading(paused, high=True))
+        self.refusals = BrokerRefusals(self.metrics.broker_refusals, self._publish_filters)
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,
-                                     subscriptions_file=s.state_dir / "subscriptions.json")
+                                     subscriptions_file=s.state_dir / "subscriptions.json", refusals=self.refusals)
         self.outbox.replay(unsent)  # queued by paho until connected, before any new answer
         self.router.replay(replay)
         self.workers.start(self.functions)
@@ -152,6 +154,10 @@ class Daemon:
     def _triggers(self) -> list[str]:
         """The trigger filters of the functions running now, as written in their manifests."""
         return sorted({t for f in self.functions for t in f.manifest.trigger.topics})
+
+    def _publish_filters(self) -> list[str]:
+        """The publish filters of the functions running now (what a refused answer is counted under)."""
+        return [t for f in self.functions for t in f.manifest.publish.topics]
 
     def _deliver(self, events: list[Event]) -> None:
         """Events the ingress has journaled (and acknowledged): to their functions' lanes."""
@@ -289,6 +295,8 @@ class Daemon:
             return "degraded", "; ".join(f"function {n} did not load: {why}" for n, why in self.loader.failed.items())
         if (unrouted := self.unrouted.problem()) is not None:
             return "degraded", unrouted
+        if (refused := self.refusals.problem()) is not None:  # until the broker takes that filter again
+            return "degraded", refused
         return "ok", None
 
     def health(self) -> dict:
@@ -307,6 +315,7 @@ class Daemon:
             "pressure": self.sensors.health(),
             "held_unacknowledged": self.ingress.held,
             "unrouted": self.unrouted.snapshot(),
+            "broker_refusals": self.refusals.snapshot(),
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
             "instances": {f.manifest.name: f.sandbox.pool() for f in self.functions},
             "memory_budget": self.runtime.budget.snapshot(),
