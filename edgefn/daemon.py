@@ -41,6 +41,7 @@ from edgefn.journal.inbox import Inbox
 from edgefn.journal.outbox import Outbox
 from edgefn.mqtt.connection import Connection
 from edgefn.mqtt.ingress import Ingress
+from edgefn.observe.deliveries import Deliveries
 from edgefn.observe.device import Sensors, device_profile
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
@@ -79,6 +80,7 @@ class Daemon:
         self.agent: FleetAgent | None = None
         self.housekeeping_problem: str | None = None  # why the last settle or commit failed (a full disk, ...)
         self._housekeeping_failed = Every(60.0)
+        self.deliveries = Deliveries(self._triggers)  # each trigger filter's last event, for /healthz
         self.notifier = Notifier()  # systemd, where it runs the daemon (Type=notify): ready, watchdog, stopping
 
     @property
@@ -162,6 +164,7 @@ class Daemon:
     def _deliver(self, events: list[Event]) -> None:
         """Events the ingress has journaled (and acknowledged): to their functions' lanes."""
         self.metrics.events_received.inc(len(events))
+        self.deliveries.record(e.topic for e in events)
         if redelivered := sum(e.replayed for e in events):  # ingress marks the broker's DUP copies replayed
             self.metrics.events_redelivered.inc(redelivered)
         self.router.deliver(events)
@@ -238,6 +241,7 @@ class Daemon:
                 old, self.router.functions = self.router.functions, functions
                 self.registry, self.window, self.release = registry, window, release
             self.connection.set_filters(self.router.filters())
+            self.deliveries.forget_filters()
             log.info("activated %s", release.label if release else "the local functions")
             # The new workers start once the old lanes are empty: a function's answers leave in the order
             # its events came, across the swap too (new events wait in the new lanes meanwhile).
@@ -316,6 +320,7 @@ class Daemon:
             "held_unacknowledged": self.ingress.held,
             "unrouted": self.unrouted.snapshot(),
             "broker_refusals": self.refusals.snapshot(),
+            "last_delivery_s_ago": self.deliveries.snapshot(),
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
             "instances": {f.manifest.name: f.sandbox.pool() for f in self.functions},
             "memory_budget": self.runtime.budget.snapshot(),

@@ -7,8 +7,11 @@ import logging
 import urllib.error
 import urllib.request
 
+from prometheus_client import CollectorRegistry, Counter
+
 from edgefn.daemon import Daemon
 from edgefn.mqtt.local_broker import LocalBroker
+from edgefn.observe.refusals import BrokerRefusals
 from tests.conftest import Collector, eventually, publish
 from tests.test_daemon import digit_payloads
 
@@ -49,6 +52,7 @@ def test_answers_an_acl_refuses_are_one_line_a_metric_and_degraded_health(tmp_pa
                                                                                    "refused": 100}}}
             # Neither retried nor dropped: counted, and kept in the outbox (sent again at the next start).
             assert eventually(lambda: d.outbox.rows == 100, 10), d.outbox.rows
+            assert health["last_delivery_s_ago"]["sensors/+/digits"] is not None  # the events came
             assert results.messages == []
 
             # The broker takes that filter again (here: another device's results): health is ok again.
@@ -60,3 +64,39 @@ def test_answers_an_acl_refuses_are_one_line_a_metric_and_degraded_health(tmp_pa
         finally:
             d.stop(drain_timeout=0.5)
             results.close()
+
+
+def test_a_trigger_the_acl_never_delivers_shows_no_delivery_in_healthz(tmp_path, settings_for, digits_fn, caplog):
+    """mosquitto grants the SUBACK for a filter its ACL denies reading and drops at delivery: the log says
+    "subscribed to", and /healthz shows that filter with no delivery since the start."""
+    acl = tmp_path / "acl"  # the sensors may publish; nobody may read them
+    acl.write_text("topic write sensors/#\ntopic readwrite edgefn/#\ntopic readwrite results/#\n")
+    caplog.set_level(logging.INFO, logger="edgefn")
+    with LocalBroker(extra_config=f"acl_file {acl}\n") as acl_broker:
+        d = Daemon(settings_for(acl_broker, digits_fn, metrics_port=0))
+        d.start()
+        try:
+            d.wait_connected(10)
+            assert eventually(lambda: any(r.getMessage() == "subscribed to sensors/+/digits" for r in caplog.records), 10)
+            publish(acl_broker.port, "sensors/dev1/digits", digit_payloads(3, "unread")[0])
+            assert not eventually(lambda: d.ingress.outstanding or "edgefn_events_received_total 0.0"
+                                  not in d.metrics.render().decode(), 1.0)
+            assert _healthz(d)[1]["last_delivery_s_ago"] == {"sensors/+/digits": None}
+        finally:
+            d.stop(drain_timeout=0.5)
+
+
+def test_a_refused_subscription_is_said_once_counted_and_cleared_when_granted(caplog):
+    """Brokers that do refuse a SUBACK (0x87, ...): the same bookkeeping as a refused publish."""
+    counter = Counter("refusals", "", ["kind", "filter", "reason"], registry=CollectorRegistry())
+    refusals = BrokerRefusals(counter)
+    caplog.set_level(logging.INFO, logger="edgefn")
+    for _ in range(5):
+        refusals.subscribed("sensors/+/digits", "Not authorized")
+    assert counter.labels("subscribe", "sensors/+/digits", "Not authorized")._value.get() == 5
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert refusals.problem() == "the broker refuses subscribing to sensors/+/digits to this client: not authorized"
+    assert refusals.snapshot() == {"subscribe": {"sensors/+/digits": {"reason": "Not authorized", "refused": 5}}}
+    refusals.subscribed("sensors/+/digits", None)
+    assert refusals.problem() is None and refusals.snapshot() == {}
+    assert refusals.filter_of("edgefn/errors/digits") == "edgefn/#"  # no publish filter: the first level
