@@ -242,6 +242,7 @@ class Daemon:
                 self.registry, self.window, self.release = registry, window, release
             self.connection.set_filters(self.router.filters())
             self.deliveries.forget_filters()
+            self.refusals.forget_filters()
             log.info("activated %s", release.label if release else "the local functions")
             # The new workers start once the old lanes are empty: a function's answers leave in the order
             # its events came, across the swap too (new events wait in the new lanes meanwhile).

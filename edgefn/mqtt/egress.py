@@ -104,8 +104,8 @@ class _Outgoing:
 
 class Egress:
     """The publish queue and in-flight window of one paho client. `reconnect(why)` is the session's:
-    called when a PUBACK was lost; `on_puback(topic, refused)`, the broker's answer to each message
-    (what it refuses is counted there), on paho's thread."""
+    called when a PUBACK was lost; `on_puback(topic, refused)`, the broker's answer to each QoS1
+    message (what it refuses is counted there), on paho's thread."""
 
     def __init__(self, client: mqtt.Client, reconnect: Callable[[str], None], on_puback: OnPuback | None = None):
         self._client, self._reconnect = client, reconnect
@@ -221,7 +221,7 @@ class Egress:
                 out.seq, out.sent_at = self._seq, time.monotonic()
                 self._in_flight[info.mid] = out
         if refused is not _NOT_YET:
-            if self._on_puback is not None:
+            if self._on_puback is not None and out.qos == 1:
                 self._on_puback(out.topic, refused)  # type: ignore[arg-type]
             out.on_acked(refused)  # type: ignore[arg-type]
 
@@ -241,7 +241,7 @@ class Egress:
             # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
             # (A QoS0 message is only written, in order: its callback says nothing of the others'.)
             lost = out.qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
-        if self._on_puback is not None:
+        if self._on_puback is not None and out.qos == 1:  # a QoS0 message has no PUBACK: written says nothing
             self._on_puback(out.topic, refused)
         out.on_acked(refused)
         if lost:

@@ -75,6 +75,10 @@ class BrokerRefusals:
                 out.setdefault(kind, {})[f] = {"reason": r.reason, "refused": r.count}
         return out
 
+    def forget_filters(self) -> None:
+        """The publish filters changed (a release swapped in): match topics afresh."""
+        self._filters = {}
+
     def filter_of(self, topic: str) -> str:
         found = self._filters.get(topic)
         if found is None:
