@@ -41,9 +41,11 @@ from edgefn.journal.inbox import Inbox
 from edgefn.journal.outbox import Outbox
 from edgefn.mqtt.connection import Connection
 from edgefn.mqtt.ingress import Ingress
+from edgefn.observe.deliveries import Deliveries
 from edgefn.observe.device import Sensors, device_profile
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics, ObserveServer
+from edgefn.observe.refusals import BrokerRefusals
 from edgefn.observe.window import HealthWindow
 from edgefn.protocol.fleet import Health
 from edgefn.service.notify import Notifier
@@ -78,6 +80,7 @@ class Daemon:
         self.agent: FleetAgent | None = None
         self.housekeeping_problem: str | None = None  # why the last settle or commit failed (a full disk, ...)
         self._housekeeping_failed = Every(60.0)
+        self.deliveries = Deliveries(self._triggers)  # each trigger filter's last event, for /healthz
         self.notifier = Notifier()  # systemd, where it runs the daemon (Type=notify): ready, watchdog, stopping
 
     @property
@@ -122,9 +125,10 @@ class Daemon:
                                max_payload_bytes=s.max_payload_bytes, max_held_bytes=s.held_max_bytes,
                                pause=lambda paused: self.connection.pause_reading(paused),
                                pause_high=lambda paused: self.connection.pause_reading(paused, high=True))
+        self.refusals = BrokerRefusals(self.metrics.broker_refusals, self._publish_filters)
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,
-                                     subscriptions_file=s.state_dir / "subscriptions.json")
+                                     subscriptions_file=s.state_dir / "subscriptions.json", refusals=self.refusals)
         self.outbox.replay(unsent)  # queued by paho until connected, before any new answer
         self.router.replay(replay)
         self.workers.start(self.functions)
@@ -153,9 +157,14 @@ class Daemon:
         """The trigger filters of the functions running now, as written in their manifests."""
         return sorted({t for f in self.functions for t in f.manifest.trigger.topics})
 
+    def _publish_filters(self) -> list[str]:
+        """The publish filters of the functions running now (what a refused answer is counted under)."""
+        return [t for f in self.functions for t in f.manifest.publish.topics]
+
     def _deliver(self, events: list[Event]) -> None:
         """Events the ingress has journaled (and acknowledged): to their functions' lanes."""
         self.metrics.events_received.inc(len(events))
+        self.deliveries.record(e.topic for e in events)
         if redelivered := sum(e.replayed for e in events):  # ingress marks the broker's DUP copies replayed
             self.metrics.events_redelivered.inc(redelivered)
         self.router.deliver(events)
@@ -232,6 +241,8 @@ class Daemon:
                 old, self.router.functions = self.router.functions, functions
                 self.registry, self.window, self.release = registry, window, release
             self.connection.set_filters(self.router.filters())
+            self.deliveries.forget_filters()
+            self.refusals.forget_filters()
             log.info("activated %s", release.label if release else "the local functions")
             # The new workers start once the old lanes are empty: a function's answers leave in the order
             # its events came, across the swap too (new events wait in the new lanes meanwhile).
@@ -292,6 +303,8 @@ class Daemon:
             return "degraded", "; ".join(f"function {n} did not load: {why}" for n, why in self.loader.failed.items())
         if (unrouted := self.unrouted.problem()) is not None:
             return "degraded", unrouted
+        if (refused := self.refusals.problem()) is not None:  # until the broker takes that filter again
+            return "degraded", refused
         if (limits := self.connection.limits) is not None and limits.problem is not None:
             return "degraded", limits.problem
         return "ok", None
@@ -313,6 +326,8 @@ class Daemon:
             "pressure": self.sensors.health(),
             "held_unacknowledged": self.ingress.held,
             "unrouted": self.unrouted.snapshot(),
+            "broker_refusals": self.refusals.snapshot(),
+            "last_delivery_s_ago": self.deliveries.snapshot(),
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
             "instances": {f.manifest.name: f.sandbox.pool() for f in self.functions},
             "memory_budget": self.runtime.budget.snapshot(),

@@ -138,8 +138,10 @@ class Outbox:
         else:
             # The broker said no (not authorized, quota, too large): the output stays in the
             # outbox, to be published again after a restart, rather than counted as delivered.
+            # Not a line each: the broker's refusals are counted and said once a minute by filter
+            # (edgefn.observe.refusals), what paho would not send by egress.
             self._metrics.messages_refused.inc()
-            log.error("event %s: the message on %r was not delivered: %s", out.event_id, out.message.topic, refused)
+            log.debug("event %s: the message on %r was not delivered: %s", out.event_id, out.message.topic, refused)
 
     def settle(self) -> None:
         """One transaction: answered events leave the inbox, their unacknowledged outputs enter the

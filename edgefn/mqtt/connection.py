@@ -72,6 +72,7 @@ from edgefn.mqtt.egress import Egress, OnAcked
 from edgefn.mqtt.limits import BrokerLimits
 from edgefn.mqtt.subscriptions import SUBACK_TIMEOUT_S, Subscriptions
 from edgefn.observe.logs import Every
+from edgefn.observe.refusals import BrokerRefusals
 from edgefn.protocol.outputs import hop_of
 
 log = logging.getLogger("edgefn.mqtt")
@@ -237,7 +238,9 @@ class _Events:
         client.silence_excused = lambda: conn._silence_excused(self)  # type: ignore[method-assign]
         self.acked_at = 0.0  # when this session last acknowledged an event (monotonic)
         self.connected = threading.Event()
-        self.subscriptions = Subscriptions(client, filters, self.connected, subscriptions_file, suback_timeout)
+        refusals = conn._refusals
+        self.subscriptions = Subscriptions(client, filters, self.connected, subscriptions_file, suback_timeout,
+                                           on_suback=refusals.subscribed if refusals is not None else None)
 
     @property
     def reading(self) -> bool:
@@ -250,10 +253,12 @@ class Connection:
                  on_disconnect: Callable[[Priority], None] | None = None, subscriptions_file: Path | None = None, *,
                  receive_maximum: int = RECEIVE_MAXIMUM, ack_timeout: float = ACK_TIMEOUT_S,
                  suback_timeout: float = SUBACK_TIMEOUT_S, keepalive: int = KEEPALIVE_S,
-                 connack_wait: float = CONNACK_WAIT_S):
+                 connack_wait: float = CONNACK_WAIT_S, refusals: BrokerRefusals | None = None):
         """`filters`: by priority class (a plain list: all normal). `on_message(topic, payload, mid,
-        qos, dup, priority, hop)`; `on_disconnect(priority)`: that class's session went down."""
+        qos, dup, priority, hop)`; `on_disconnect(priority)`: that class's session went down;
+        `refusals`: where PUBACKs and SUBACKs that refuse are counted and said."""
         self._settings, self._on_message = settings, on_message
+        self._refusals = refusals
         self._ack_timeout, self._connack_wait = ack_timeout, connack_wait
         self._on_disconnect = on_disconnect
         self._keepalive = keepalive
@@ -276,7 +281,7 @@ class Connection:
         results.on_connect = self._results_connected
         results.on_disconnect = self._results_disconnected
         results.on_publish = self._published
-        self._egress = Egress(results, self._reconnect)
+        self._egress = Egress(results, self._reconnect, refusals.published if refusals is not None else None)
         self._lock = threading.Lock()  # whether a reconnect was asked for on the results session; sessions added
         self._reconnecting = False
         self._started = False

@@ -29,6 +29,7 @@ Locks, nested in this order only: paho's own -> `_handing` -> `_lock`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -38,7 +39,10 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from edgefn.mqtt.limits import BrokerLimits
+from edgefn.observe.logs import Every
 from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
+
+log = logging.getLogger("edgefn.mqtt")
 
 # QoS1 publishes of ours awaiting a PUBACK, at most (and no more than the broker's own Receive
 # Maximum, 20 on a stock mosquitto): few enough that their PUBACKs never crowd the broker's queue
@@ -46,6 +50,7 @@ from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
 PUBLISH_WINDOW = 256
 MAX_UNSENT = 60_000  # publish() blocks past this many queued outputs while connected (memory)
 OnAcked = Callable[["str | None"], None]  # None when delivered, else why the broker refused it
+OnPuback = Callable[[str, "str | None"], None]  # (topic, None or why the broker refused it): each PUBACK
 
 _NOT_YET = object()
 
@@ -101,10 +106,12 @@ class _Outgoing:
 
 class Egress:
     """The publish queue and in-flight window of one paho client. `reconnect(why)` is the session's:
-    called when a PUBACK was lost."""
+    called when a PUBACK was lost; `on_puback(topic, refused)`, the broker's answer to each QoS1
+    message (what it refuses is counted there), on paho's thread."""
 
-    def __init__(self, client: mqtt.Client, reconnect: Callable[[str], None]):
+    def __init__(self, client: mqtt.Client, reconnect: Callable[[str], None], on_puback: OnPuback | None = None):
         self._client, self._reconnect = client, reconnect
+        self._on_puback = on_puback
         self._lock = threading.Condition()  # the queue, the window and what awaits a PUBACK
         self._unsent: deque[_Outgoing] = deque()  # not handed to paho yet, in publish() order
         self._urgent: deque[_Outgoing] = deque()  # the same, published as urgent: sent first
@@ -115,6 +122,7 @@ class Egress:
         self._seq = 0
         self._pumping = self._pump_again = False  # one thread hands messages to paho at a time: order
         self._handing = threading.Lock()  # held while one message goes from the queue into paho
+        self._unpublishable = Every(60.0)
 
     @property
     def awaiting_ack(self) -> int:
@@ -212,10 +220,10 @@ class Egress:
                 if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
                     break
         except ValueError as exc:  # a topic or payload paho refuses
-            out.on_acked(f"not published: {exc}")
+            self._not_published(out, str(exc))
             return
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: resent after the CONNACK
-            out.on_acked(f"not published: {mqtt.error_string(info.rc)}")
+            self._not_published(out, mqtt.error_string(info.rc))
             return
         with self._lock:
             refused = self._early.pop(info.mid, _NOT_YET)
@@ -224,7 +232,14 @@ class Egress:
                 out.seq, out.sent_at = self._seq, time.monotonic()
                 self._in_flight[info.mid] = out
         if refused is not _NOT_YET:
+            if self._on_puback is not None and out.qos == 1:
+                self._on_puback(out.topic, refused)  # type: ignore[arg-type]
             out.on_acked(refused)  # type: ignore[arg-type]
+
+    def _not_published(self, out: _Outgoing, why: str) -> None:
+        if (skipped := self._unpublishable.due()) is not None:
+            log.error("a message to %r was not published: %s (%d more since the last line)", out.topic, why, skipped)
+        out.on_acked(f"not published: {why}")
 
     def acknowledged(self, mid: int, refused: str | None) -> None:
         """The broker's PUBACK for `mid` (paho's thread, holding paho's lock): None, or why it refused.
@@ -237,6 +252,8 @@ class Egress:
             # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
             # (A QoS0 message is only written, in order: its callback says nothing of the others'.)
             lost = out.sent_qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
+        if self._on_puback is not None and out.sent_qos == 1:  # a message sent at QoS0 has no PUBACK: written says nothing
+            self._on_puback(out.topic, refused)
         out.on_acked(refused)
         if lost:
             self._reconnect("the broker's acknowledgement of an earlier message was lost")

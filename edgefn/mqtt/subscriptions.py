@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -40,6 +40,7 @@ from edgefn.observe.logs import Every
 log = logging.getLogger("edgefn.mqtt")
 
 SUBACK_TIMEOUT_S = 4.0  # no SUBACK this long: subscribe again
+OnSuback = Callable[[str, "str | None"], None]
 
 
 class Subscriptions:
@@ -47,8 +48,10 @@ class Subscriptions:
     a connect has subscribed (see the module docstring)."""
 
     def __init__(self, client: mqtt.Client, filters: Sequence[str], connected: threading.Event,
-                 subscriptions_file: Path | None = None, suback_timeout: float = SUBACK_TIMEOUT_S):
+                 subscriptions_file: Path | None = None, suback_timeout: float = SUBACK_TIMEOUT_S,
+                 on_suback: OnSuback | None = None):
         self._client, self._connected = client, connected
+        self._on_suback = on_suback  # (filter, None or why the broker refused it): counted and said there
         self.suback_timeout = suback_timeout
         self._filters_lock = threading.Lock()  # the filters, and subscribing to them on connect
         self._filters = list(filters)
@@ -100,7 +103,10 @@ class Subscriptions:
         granted = [f for f, r in zip(filters, reasons, strict=False) if not r.is_failure]
         if granted:  # the one line that shows a trigger with a typo: what the broker will send us
             log.info("subscribed to %s", ", ".join(granted))
-        if refused and (skipped := self._refused.due()) is not None:
+        if self._on_suback is not None:
+            for f, r in zip(filters, reasons, strict=False):
+                self._on_suback(f, str(r) if r.is_failure else None)
+        elif refused and (skipped := self._refused.due()) is not None:
             log.error("the broker refused the subscription to %s (%d more since the last line)", "; ".join(refused), skipped)
 
     def retry_late(self, now: float) -> None:

@@ -47,6 +47,10 @@ class Metrics:
                                           registry=r)
         self.messages_refused = Counter("edgefn_messages_refused", "Messages the broker refused (PUBACK failure).",
                                         registry=r)
+        self.broker_refusals = Counter("edgefn_broker_refusals", "PUBACKs and SUBACKs with a failure reason code "
+                                       "(an ACL: not authorized, ...), by kind (publish, subscribe), filter (a publish: "
+                                       "its function's publish filter, else its topic's first level) and reason.",
+                                       ["kind", "filter", "reason"], registry=r)
         self.inbox_depth = Gauge("edgefn_inbox_events", "Events in the inbox, not yet answered.", registry=r)
         self.outbox_depth = Gauge("edgefn_outbox_messages", "Answers in the outbox, not yet acknowledged by the broker.",
                                   registry=r)
