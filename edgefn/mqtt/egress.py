@@ -232,7 +232,7 @@ class Egress:
                 out.seq, out.sent_at = self._seq, time.monotonic()
                 self._in_flight[info.mid] = out
         if refused is not _NOT_YET:
-            if self._on_puback is not None and out.qos == 1:
+            if self._on_puback is not None and out.sent_qos == 1:
                 self._on_puback(out.topic, refused)  # type: ignore[arg-type]
             out.on_acked(refused)  # type: ignore[arg-type]
 
@@ -252,7 +252,7 @@ class Egress:
             # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
             # (A QoS0 message is only written, in order: its callback says nothing of the others'.)
             lost = out.sent_qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
-        if self._on_puback is not None and out.sent_qos == 1:  # a message sent at QoS0 has no PUBACK: written says nothing
+        if self._on_puback is not None and out.sent_qos == 1:  # sent at QoS0: no PUBACK, written says nothing
             self._on_puback(out.topic, refused)
         out.on_acked(refused)
         if lost:
