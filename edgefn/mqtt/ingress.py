@@ -186,22 +186,23 @@ class Ingress:
             except Exception:  # a bug of ours: the events stay journaled and run again after a restart
                 log.exception("delivering %d events failed", len(events))
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Commit the pending group and acknowledge it; False when the journal refused it (kept pending)."""
         if not self._pending:
-            return
+            return True
         group, self._pending = self._pending, []
         try:
             events = self._inbox.append_many([(topic, payload, received, dropped, priority)
                                               for topic, payload, _, _, received, _, dropped, priority in group])
         except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
-            return
+            return False
         except Exception as exc:  # an I/O error of another kind: nothing acknowledged, try again on the next flush
             self._pending[:0] = group
             if (skipped := self._journal_failed.due()) is not None:  # flush runs every few ms
                 log.error("cannot journal %d events; they stay unacknowledged: %s (%d failures since the last line)",
                           len(group), exc, skipped)
-            return
+            return False
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
@@ -209,6 +210,7 @@ class Ingress:
             if qos:  # QoS 0 has no acknowledgement
                 self._ack(mid, qos, priority)  # only now, with the group durable; on its session (mids are per session)
         self._ready.append([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
+        return True
 
     def answered(self, n: int, nbytes: int = 0) -> None:
         """n events (nbytes of payload) left the inbox: take held ones in their place."""
@@ -220,9 +222,12 @@ class Ingress:
         self._deliver_ready()
 
     def _take_room(self) -> None:
-        """Held events, most urgent first, into the room there is now."""
+        """Held events, most urgent first, into the room there is now, committed a group at a time:
+        a group the journal refuses (its budget) stays one group, and the rest stay held."""
         while (held := self._next_held()) is not None and not self._full(len(held[0][1]), held[0][7] == "high"):
             self._take_held(held)
+            if self._pending_bytes >= GROUP_BYTES and not self._flush():
+                break
         self._resume_if_room()
 
     def disconnected(self, priority: Priority = "normal") -> None:
