@@ -143,3 +143,31 @@ def test_the_journals_byte_budget_holds_a_flood_before_the_disk_is_full(broker, 
         assert d.health()["status"] == "ok"
     finally:
         d.stop(drain_timeout=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small_disk", ["48m"], indirect=True)
+def test_a_journal_that_filled_the_disk_drains_and_answers_every_event(broker, settings_for, hostile_fn, collector,
+                                                                         small_disk: Path):
+    """The same flood with no budget fills the disk; the pages of the events answered since go back
+    to it, the daemon takes the rest as room returns, and answers them all (an old journal kept its
+    free pages and stayed full: 4,092 of 4,457 events never answered)."""
+    results = collector("results/#")
+    d = Daemon(_state_on(small_disk, settings_for(broker, hostile_fn, journal_max_bytes=1 << 40)))
+    d.start()
+    try:
+        d.wait_connected(10)
+        full = []
+        publish(broker.port, "sensors/dev1/hostile", [b"ok" + b" " * 250_000 for _ in range(240)])
+
+        def answered() -> bool:
+            if d.inbox.problem is not None:
+                full.append(True)
+            return len(results.messages) >= 240
+
+        assert eventually(answered, 120), f"{len(results.messages)} of 240 answered: {d.inbox.problem}"
+        assert full, "the flood never filled the disk"
+        assert len({body for _, body in results.messages}) == 240
+        assert eventually(lambda: d.health()["status"] == "ok", 20), d.health()["problem"]
+    finally:
+        d.stop(drain_timeout=2)
