@@ -134,6 +134,10 @@ class Settings(BaseModel):
                                  "answered (on disk) before ingress stops acknowledging.")
     inbox_max_events: int = Field(default=50_000, ge=1, description="Events journaled and not yet answered (on "
                                   "disk; about 200 bytes each in memory) before ingress stops acknowledging.")
+    journal_max_bytes: int | None = Field(default=None, ge=1, description="The journal's bytes on disk (events, "
+                                          "undelivered answers, its WAL) before ingress stops acknowledging; by "
+                                          "default half of the filesystem's free space at start (the journal's "
+                                          "own files counted as free), so a flood never fills the disk.")
     stall_s: float = Field(default=30.0, gt=0, description="/healthz says stalled when work is pending and nothing "
                            "was published or settled for this long.")
     held_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Payload bytes received past the inbox's "

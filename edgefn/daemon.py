@@ -105,7 +105,8 @@ class Daemon:
         self.loader = Loader(s, self.runtime, self.profile, self.state, self.cloud, self.metrics, self.fleet)
         self.loader.broken = self._broken
         self.registry, functions = self._load_active()
-        self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:", durability=s.durability)
+        self.inbox = Inbox(s.state_dir / "inbox.sqlite" if s.journal == "disk" else ":memory:", durability=s.durability,
+                           max_bytes=s.journal_max_bytes)
         replay, unsent = self.inbox.heads(), self.inbox.outbox()
         if replay or unsent:
             log.info("after a restart: %d answers to publish again, %d events to run again", len(unsent), len(replay))

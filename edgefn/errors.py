@@ -11,7 +11,8 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
     ├── CloudError           the cloud inference endpoint refused a request or answered nonsense (status)
     │   └── CloudUnavailable the endpoint gave no answer: circuit breaker open, unreachable, timed out, 5xx
     ├── StorageError         the journal or the function state cannot be written or read
-    │   └── DiskFull         no space left: the write was refused whole, nothing half-written
+    │   ├── DiskFull         no space left: the write was refused whole, nothing half-written
+    │   └── JournalFull      the journal is at its byte budget on disk: new events refused whole
     ├── FleetError           the fleet server refused a request (status) or could not be reached
     │   ├── BundleError      a bundle that cannot be built or unpacked, or is malformed
     │   ├── UpdateRefused    a release the device will not run (signature, hash, stale, rolled back, mixed)
@@ -109,6 +110,11 @@ class StorageError(EdgefnError):
 
 class DiskFull(StorageError):
     """No space left for a write; the transaction was rolled back whole. Resumes once space returns."""
+
+
+class JournalFull(StorageError):
+    """The journal holds its byte budget on disk (journal_max_bytes): new events refused whole, nothing
+    written. Resumes as answered events leave it."""
 
 
 class FleetError(HttpStatus, EdgefnError):

@@ -212,15 +212,18 @@ def publish(port: int, topic: str, payloads: list[bytes]) -> None:
 
 
 @pytest.fixture()
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB filesystem (tmpfs), so that writes meet ENOSPC as on a full device. Needs root."""
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real 4 MiB filesystem (tmpfs), so that writes meet ENOSPC as on a full device. Needs root.
+    Another size by indirect parametrization: `@pytest.mark.parametrize("small_disk", ["48m"], indirect=True)`."""
+    size = getattr(request, "param", "4m")
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0:
         # A skipped test proves nothing: like the peers' venv and faketime, what the suite needs it asks for.
-        pytest.fail("the full-disk tests mount a 4 MiB tmpfs and need root: run the suite as root (CI does)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a 4 MiB tmpfs for the full-disk tests: {mounted.stderr.strip()}"
+        pytest.fail(f"the full-disk tests mount a {size} tmpfs and need root: run the suite as root (CI does)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    assert mounted.returncode == 0, f"cannot mount a {size} tmpfs for the full-disk tests: {mounted.stderr.strip()}"
     try:
         yield disk
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefn.errors import DiskFull
+from edgefn.errors import DiskFull, JournalFull
 from edgefn.events import Message
-from edgefn.journal.inbox import Inbox
+from edgefn.journal.inbox import _SCHEMA, Inbox
 from edgefn.journal.mark import acknowledge_damage
 from tests.conftest import fill
 
@@ -134,6 +135,83 @@ def test_checkpoint_shrinks_an_empty_journal(tmp_path: Path):
         inbox.checkpoint()
         assert path.with_name("inbox.sqlite-wal").stat().st_size == 0
         assert path.stat().st_size < full_size // 10
+
+
+def test_settles_give_a_bloated_journals_pages_back_while_it_runs(tmp_path: Path):
+    """A flood leaves free pages behind as it is answered: they go back to the disk, not only once empty."""
+    path = tmp_path / "inbox.sqlite"
+    with Inbox(path) as inbox:
+        payloads = [os.urandom(100_000) for _ in range(300)]
+        events = inbox.append_many([("sensors/a/x", p, 0.0) for p in payloads])
+        inbox.checkpoint()
+        bloated = path.stat().st_size
+        assert bloated > 30_000_000
+        for i in range(0, 290, 10):  # as the daemon settles: a few answered events at a time
+            inbox.settle([e.id for e in events[i:i + 10]], [])
+        inbox.checkpoint()
+        assert path.stat().st_size < bloated // 3  # 10 events left, and a few MiB of free pages for the next ones
+        assert [e.payload for e in inbox.pending()] == payloads[290:]  # the pages moved, the rows whole
+
+
+def _old_journal(path: Path, auto_vacuum: str) -> None:
+    """A journal as an older edgefn (or an interrupted flood) left it: 30 MB of pages, one event in use."""
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA auto_vacuum={auto_vacuum}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+        db.executemany("INSERT INTO inbox (topic, payload, received_ms) VALUES (?, ?, 0)",
+                       [("sensors/a/x", os.urandom(100_000)) for _ in range(300)])
+        db.execute("DELETE FROM inbox WHERE seq < 300")
+    db.close()
+
+
+@pytest.mark.parametrize("auto_vacuum", ["NONE", "INCREMENTAL"])
+def test_a_bloated_journal_shrinks_at_start(tmp_path: Path, auto_vacuum: str):
+    path = tmp_path / "inbox.sqlite"
+    _old_journal(path, auto_vacuum)
+    assert path.stat().st_size > 30_000_000
+    with Inbox(path) as inbox:
+        assert path.stat().st_size < 1_000_000 and path.with_name("inbox.sqlite-wal").stat().st_size == 0
+        assert inbox._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL: it shrinks as it runs from now on
+        [event] = inbox.pending()
+        assert event.id == "300" and len(event.payload) == 100_000
+
+
+def test_the_journals_free_pages_count_as_room_on_a_full_disk(small_disk: Path):
+    """The journal filled the disk itself: once it drains, it takes events again though the disk
+    has less free than its reserve asks (the room is in its own free pages)."""
+    path = small_disk / "inbox.sqlite"
+    inbox = Inbox(path, reserve_bytes=512 * 1024, max_bytes=1 << 40)  # no budget: the disk itself fills
+    try:
+        events = []
+        with contextlib.suppress(DiskFull):
+            for _ in range(100):  # a 4 MiB disk: full long before
+                events += inbox.append_many([("sensors/a/x", os.urandom(50_000), 0.0) for _ in range(5)])
+                inbox.checkpoint()  # as the daemon does every few seconds: the WAL goes into the file
+        assert inbox.problem is not None
+        for i in range(0, len(events) - 1, 4):  # as the daemon settles, a few at a time; the reserve pays the first
+            inbox.settle([e.id for e in events[i:min(i + 4, len(events) - 1)]], [])
+        inbox.checkpoint()
+        assert inbox.problem is None and inbox.taking
+        inbox.append("sensors/a/x", os.urandom(50_000))
+    finally:
+        inbox.close()
+
+
+def test_the_byte_budget_refuses_events_whole_until_answers_make_room(tmp_path: Path):
+    path = tmp_path / "inbox.sqlite"
+    with Inbox(path, max_bytes=8 * 1024 * 1024) as inbox:
+        events = []
+        with pytest.raises(JournalFull, match="budget"):
+            for _ in range(100):  # 30 MB at most
+                events += inbox.append_many([("sensors/a/x", os.urandom(100_000), 0.0) for _ in range(3)])
+        assert not inbox.taking and inbox.problem is None  # held back, not a fault
+        on_disk = path.stat().st_size + path.with_name("inbox.sqlite-wal").stat().st_size
+        assert on_disk < 8 * 1024 * 1024 + 4 * 1024 * 1024  # the budget, and free pages it kept for reuse
+        assert len(inbox) == len(events) > 30
+        inbox.settle([e.id for e in events[:10]], [])
+        assert inbox.taking
+        inbox.append("sensors/a/x", os.urandom(100_000))
 
 
 # --- damaged and lost journals ---------------------------------------------------------------------

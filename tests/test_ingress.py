@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def test_ingress_disconnect_forgets_what_the_broker_will_redeliver(tmp_path: Pat
 class FailingOnce:
     """An inbox whose first commit fails (a full disk), then recovers."""
 
+    taking = True  # as far as ingress can tell beforehand
+
     def __init__(self, inbox: Inbox):
         self.inbox, self.failed = inbox, False
 
@@ -155,6 +158,8 @@ def test_ingress_drops_qos0_events_past_the_bound_and_says_so_once(tmp_path: Pat
 
 def test_ingress_logs_a_failing_journal_once_per_interval(tmp_path: Path, caplog):
     class Full:
+        taking = True
+
         def append_many(self, items):
             raise sqlite3.OperationalError("database or disk is full")
 
@@ -219,3 +224,19 @@ def test_ingress_delivers_outside_its_lock(tmp_path: Path):
     assert wire.acked == [1, 2]
     release.set()
     first.join(5)
+
+
+def test_ingress_holds_events_while_the_journal_is_at_its_byte_budget(tmp_path: Path):
+    """The journal's budget on disk holds ingress as a full disk does: nothing acknowledged past it,
+    the rest taken in as answers make room."""
+    inbox = Inbox(tmp_path / "inbox.sqlite", max_bytes=6 * 1024 * 1024)
+    wire, delivered = Wire(inbox), []
+    ingress = Ingress(inbox, 10_000, delivered.extend, wire.ack, lambda: False)  # no bound of its own in reach
+    for mid in range(1, 101):  # 10 MB
+        ingress.on_message("t", os.urandom(100_000), mid, 1, False)
+    journaled = len(inbox)
+    assert 20 < journaled < 60 and not inbox.taking
+    assert wire.acked == list(range(1, journaled + 1)) and ingress.held >= 100 - journaled - 1
+    inbox.settle([e.id for e in delivered[:30]], [])
+    ingress.answered(30, 30 * 100_000)
+    assert len(wire.acked) > journaled and len(inbox) > journaled - 30

@@ -20,6 +20,21 @@ settle goes through. Meanwhile new events are refused whole (`DiskFull`, nothing
 `problem` says why; `checkpoint()` re-creates the reserve and resumes once space has returned.
 `checkpoint()` also shrinks the files once the journal is empty (the WAL and the freed pages).
 
+Giving space back. A deleted row's pages stay in the file as free pages, which new rows reuse; a
+flood leaves many more of them than the journal will hold again. So the file is made with
+`auto_vacuum=INCREMENTAL` (a journal of an older edgefn is converted by one `VACUUM` at start),
+every free page is given back at start, and after each settle that leaves more than
+`KEEP_FREE_BYTES` of them, at most `VACUUM_STEP_PAGES` go back to the filesystem in a short
+transaction of their own, so a bloated journal shrinks while it runs without holding up the group
+commit. The journal's free pages count as room when the disk-full state checks for space: a
+journal that filled the disk itself comes out of it as it drains.
+
+A byte budget. The journal's bytes on disk (its pages in use and its WAL) are held under
+`max_bytes` (`journal_max_bytes`; by default half of the filesystem's free space at start, the
+journal's own files counted as free): past it `append_many` refuses new events whole
+(`JournalFull`) and `taking` is False, so that ingress holds them unacknowledged (as on a full
+disk) until settles make room. A flood, QoS 0 included, so stops short of filling the disk.
+
 A damaged file is moved aside and a fresh journal started. A journal that went back (emptied,
 deleted, an old copy restored, its WAL cut) is caught by its mark (`mark.py`), written with every
 group commit: the events acknowledged and not answered that the journal no longer holds are lost,
@@ -41,15 +56,18 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from edgefn.errors import DiskFull, StorageError
+from edgefn.errors import DiskFull, JournalFull, StorageError
 from edgefn.events import Event, Message, Priority
 from edgefn.files import open_sqlite, storage_error
 from edgefn.journal.mark import Mark, mark_path
+from edgefn.observe.logs import Every
 
 log = logging.getLogger("edgefn.journal")
 
 RESERVE_BYTES = 8 * 1024 * 1024  # room for a settle of ~8 MB of events on a full disk (one is ~50 ms of work)
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # a WAL larger than this is cut back to it after each checkpoint
+KEEP_FREE_BYTES = 4 * 1024 * 1024  # free pages kept for new events to reuse; past this they go back to the disk
+VACUUM_STEP_PAGES = 256  # given back after one settle at most (1 MiB of 4 KiB pages): the group commit waits for it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -114,11 +132,13 @@ class _Reserve:
             return False
         return True
 
-    def restore(self) -> bool:
-        """Hold the space again, only if as much again is free besides (no tug of war with a filler)."""
+    def restore(self, reusable: int = 0) -> bool:
+        """Hold the space again, only if as much again is free besides (no tug of war with a filler),
+        counting `reusable` bytes (the journal's free pages: room for events that the disk need not give)."""
         if self.held:
             return True
-        if shutil.disk_usage(self.path.parent).free < 2 * self.size:
+        free = shutil.disk_usage(self.path.parent).free
+        if free < self.size or free + reusable < 2 * self.size:
             return False
         tmp = self.path.with_name(self.path.name + ".new")
         try:
@@ -149,10 +169,11 @@ class Inbox:
     """Events received and not yet answered; one writer connection shared under a lock.
 
     `problem` is set while the journal cannot take new events (the disk is full) and cleared when
-    it can again; `damage` says what was found damaged or lost, until an operator acknowledges it."""
+    it can again; `damage` says what was found damaged or lost, until an operator acknowledges it;
+    `taking` is False while it refuses new events (a full disk, or its byte budget `max_bytes` reached)."""
 
     def __init__(self, path: Path | str, durability: Literal["process", "full"] = "process",
-                 reserve_bytes: int = RESERVE_BYTES):
+                 reserve_bytes: int = RESERVE_BYTES, max_bytes: int | None = None):
         self._lock = threading.Lock()
         self._closed = False
         self._problem: str | None = None
@@ -166,11 +187,90 @@ class Inbox:
             self._mark = Mark(mark_path(path), durability)
             self._reserve = _Reserve(path.with_name(path.name + ".reserve"), reserve_bytes)
         self._db, damaged = open_sqlite(path, lambda db: _setup(db, durability))
+        self._page_size: int = self._db.execute("PRAGMA page_size").fetchone()[0]
+        self.max_bytes: int | None = None  # the byte budget on disk (None: ":memory:", none)
+        self._at_budget = False
+        self._budget_reached = Every(60.0)
         if self._mark is None or self._reserve is None:
             return
         self._check(damaged, path.with_name(path.name + ".seq"))
-        if not self._reserve.restore():
+        self._shrink_at_start()
+        if not self._reserve.restore(self._reusable()):
             self._full(f"the journal keeps {2 * reserve_bytes >> 20} MiB free: its reserve and room for events")
+        self.max_bytes = max_bytes if max_bytes is not None else self._default_budget()
+
+    # -- giving space back, and the byte budget ---------------------------------------------------
+    def _shrink_at_start(self) -> None:
+        """Give every free page back to the filesystem; a journal made without auto_vacuum (an older
+        edgefn) is converted first, by one VACUUM. Best effort: on a full disk the settles do it later."""
+        try:
+            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._db.execute("VACUUM")  # rewrites only the rows in use: quick for a drained journal
+                log.info("%s: converted to give its free pages back (auto_vacuum)", self._name)
+            self._db.executescript("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as exc:
+            log.warning("%s: could not give its free space back at start (%s); settles will", self._name, exc)
+
+    def _give_back(self, most: int) -> None:
+        """Give free pages past KEEP_FREE_BYTES (all of them on a full disk: the WAL needs the room)
+        back to the filesystem, `most` of them at a time (under the lock). A transaction of its own:
+        on a full disk it fails alone, and a settle never does."""
+        keep = KEEP_FREE_BYTES if self._problem is None else 0
+        excess = self._free_pages() - keep // self._page_size
+        if excess > 0:
+            with contextlib.suppress(sqlite3.OperationalError):  # execute() would free one page per call
+                self._db.executescript(f"PRAGMA incremental_vacuum({min(excess, most)})")
+                if self._problem is not None:  # the file shrinks now, and the WAL starts over, in the room it had
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _free_pages(self) -> int:
+        return self._db.execute("PRAGMA freelist_count").fetchone()[0]
+
+    def _reusable(self) -> int:
+        """Bytes of the journal's free pages: room for new events that the disk need not give."""
+        return self._free_pages() * self._page_size
+
+    def _on_disk(self) -> int:
+        """What the journal's events and answers cost on disk: its pages in use and its WAL (the free
+        pages it keeps, at most KEEP_FREE_BYTES past a settle's step, come on top: new rows fill them first)."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0] - self._free_pages()
+        try:
+            wal = os.stat(self._wal).st_size
+        except FileNotFoundError:
+            wal = 0
+        return pages * self._page_size + wal
+
+    @property
+    def _wal(self) -> Path:
+        assert self._reserve is not None
+        return self._reserve.path.with_name(self._name + "-wal")
+
+    def _default_budget(self) -> int:
+        """Half of the filesystem's free space now, the journal's own files counted as free."""
+        assert self._reserve is not None
+        own = sum(f.stat().st_size for f in (self._reserve.path.with_name(self._name), self._wal) if f.exists())
+        return (shutil.disk_usage(self._reserve.path.parent).free + own) // 2
+
+    def _over_budget(self, incoming: int) -> bool:
+        """Whether `incoming` more payload bytes would take the journal past its budget (under the
+        lock); an inbox without events always takes them, so one larger than the budget is not stuck."""
+        if self.max_bytes is None:
+            return False
+        on_disk = self._on_disk()
+        self._at_budget = (on_disk + incoming > self.max_bytes
+                           and self._db.execute("SELECT EXISTS (SELECT 1 FROM inbox)").fetchone()[0])
+        if self._at_budget and (skipped := self._budget_reached.due()) is not None:
+            log.warning("%s: %d MiB on disk, at its budget of %d MiB (journal_max_bytes): new events wait "
+                        "unacknowledged until answers make room (%d times since the last line)",
+                        self._name, on_disk >> 20, self.max_bytes >> 20, skipped)
+        return self._at_budget
+
+    @property
+    def taking(self) -> bool:
+        """Whether new events may come: not while the disk is full or the journal is at its budget."""
+        return self._problem is None and not self._at_budget
 
     # -- what the journal owes: checked against its mark at each start -----------------------------
     def _sequences(self) -> dict[str, int]:
@@ -257,9 +357,11 @@ class Inbox:
         return DiskFull(self._problem)
 
     def _space_returned(self) -> bool:
-        """Resume after a full disk once the reserve is held again and as much is free for events."""
+        """Resume after a full disk once the reserve is held again and as much is free for events, in
+        the journal's free pages or on the disk (under the lock)."""
         assert self._reserve is not None
-        if not self._reserve.restore() or shutil.disk_usage(self._reserve.path.parent).free < self._reserve.size:
+        room = self._reusable()
+        if not self._reserve.restore(room) or shutil.disk_usage(self._reserve.path.parent).free + room < self._reserve.size:
             return False
         log.info("%s: space returned, taking new events again", self._name)
         self._problem = None
@@ -303,6 +405,8 @@ class Inbox:
         with self._lock:
             if self._problem is not None and not self._space_returned():
                 raise DiskFull(self._problem)  # what little space there is stays for settling
+            if self._over_budget(sum(len(item[1]) for item in items)):
+                raise JournalFull(f"{self._name}: at its budget of {self.max_bytes} bytes on disk")
         events = []
         with self._transaction() as db:
             for topic, payload, received_ms, *rest in items:
@@ -327,15 +431,25 @@ class Inbox:
         with self._lock:  # before the journal forgets them: a crash between the two loses nothing from sight
             self._keep_mark(lambda mark: mark.answered(done, gone))
         try:
-            return self._settle(done, undelivered, gone)
+            ids = self._settle(done, undelivered, gone)
         except DiskFull:
             if self._reserve is None or not self._reserve.release():
                 raise
             log.warning("%s: gave back the %d KiB reserve to settle on a full disk", self._name, self._reserve.size >> 10)
-        ids = self._settle(done, undelivered, gone)
-        with self._lock, contextlib.suppress(sqlite3.OperationalError):
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the next settle reuses the WAL's space
+            ids = self._settle(done, undelivered, gone)
+            with self._lock, contextlib.suppress(sqlite3.OperationalError):
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the next settle reuses the WAL's space
+        self._after_settle()
         return ids
+
+    def _after_settle(self) -> None:
+        """Deleted rows' pages go back to the disk, a step at a time; the budget may have room again."""
+        if self._reserve is None:
+            return
+        with self._lock:
+            self._give_back(VACUUM_STEP_PAGES)
+            if self._at_budget:
+                self._over_budget(0)
 
     def _settle(self, done: list[tuple[int]], undelivered: list[tuple[str, Message]],
                 gone: list[tuple[int]]) -> list[int]:
@@ -354,16 +468,14 @@ class Inbox:
         return ids
 
     def checkpoint(self) -> None:
-        """Housekeeping, every few seconds: resume after a full disk once space has returned; when
-        the journal is empty, give its freed pages back and cut the WAL to nothing; set the mark
-        from the journal if a write of it failed. A full disk is reported by `problem`, not raised."""
+        """Housekeeping, every few seconds: give free pages back (when the journal is empty, all of
+        them, and cut the WAL to nothing); resume after a full disk once space has returned; set the
+        mark from the journal if a write of it failed. A full disk is reported by `problem`, not raised."""
         if self._reserve is None:
             return
         with self._lock:
             if self._closed:
                 return
-            if self._problem is not None:
-                self._space_returned()
             try:
                 idle = not self._db.execute("SELECT EXISTS (SELECT 1 FROM inbox) OR EXISTS (SELECT 1 FROM outbox)"
                                             ).fetchone()[0]
@@ -371,11 +483,16 @@ class Inbox:
                     self._db.executescript("PRAGMA incremental_vacuum")  # execute() would free one page per call
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 else:
-                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._give_back(VACUUM_STEP_PAGES)
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the file shrinks by what was given back
             except sqlite3.OperationalError as exc:
                 error = self._failed(exc)
                 if not isinstance(error, DiskFull):
                     raise error from None
+            if self._problem is not None:
+                self._space_returned()
+            if self._at_budget:
+                self._over_budget(0)
             if self._mark_behind and self._problem is None:
                 self._mark_behind = False
                 self._keep_mark(lambda mark: mark.reset(*self._held(), self._sequences()))

@@ -1,14 +1,15 @@
 """Ingress: events from the broker into the inbox. Commit first, then acknowledge, then hand over.
 
 Runs on paho's network thread. Events that arrive together are committed in one transaction:
-a group is flushed as soon as the socket has no more bytes waiting (or at 256 events), so a
+a group is flushed as soon as the socket has no more bytes waiting (or at 256 events or 4 MiB), so a
 lone event is committed at once and a burst costs one commit per group instead of one per event.
 A group that ends while the socket still looked readable (a ping response, say) is flushed by
 `flush()`, which the daemon calls every few milliseconds.
 
 Backpressure: when the inbox holds `max_events` unanswered events or `max_bytes` of their
-payloads (on disk), new ones are held in memory unacknowledged, and journaled and acknowledged as
-answers make room (`answered`). Past `max_held_bytes` of held payloads, ingress asks the
+payloads (on disk), or the journal takes none (a full disk, its byte budget on disk reached: not
+`Inbox.taking`), new ones are held in memory unacknowledged, and journaled and acknowledged as
+answers make room (`answered`) or the journal takes events again (`flush`). Past `max_held_bytes` of held payloads, ingress asks the
 connection to stop reading (`pause`): the broker keeps the rest, and memory stays bounded in bytes.
 A payload over `max_payload_bytes` is journaled as its head only (and answered with an error): it
 never costs more than that in memory or on disk.
@@ -43,6 +44,7 @@ from edgefn.journal.inbox import Inbox
 from edgefn.observe.logs import Every
 
 GROUP = 256
+GROUP_BYTES = 4 * 1024 * 1024  # a group's payloads: a commit copies them into the WAL, then the file (twice on disk)
 log = logging.getLogger("edgefn.ingress")
 
 # topic, payload, mid, qos, received_ms, redelivered, dropped, the priority class of its session, its hop count
@@ -104,13 +106,15 @@ class Ingress:
                 self._hold(item)
             else:
                 self._take(item)
-                if len(self._pending) >= GROUP or not self._more_waiting():
+                if len(self._pending) >= GROUP or self._pending_bytes >= GROUP_BYTES or not self._more_waiting():
                     self._flush()
         self._deliver_ready()
 
     def _full(self, size: int, urgent: bool = False) -> bool:
         """No room for one more event of `size` bytes (an empty inbox always has room); `urgent`:
         counting the headroom of high-priority events."""
+        if not self._inbox.taking:  # a full disk or the journal's budget: held, bounded like any other
+            return True
         events = self.outstanding + len(self._pending)
         if events == 0:
             return False
@@ -161,6 +165,7 @@ class Ingress:
 
     def flush(self) -> None:
         with self._lock:
+            self._take_room()  # the journal may take events again with none answered (space returned)
             self._flush()
         self._deliver_ready()
 
@@ -181,22 +186,23 @@ class Ingress:
             except Exception:  # a bug of ours: the events stay journaled and run again after a restart
                 log.exception("delivering %d events failed", len(events))
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Commit the pending group and acknowledge it; False when the journal refused it (kept pending)."""
         if not self._pending:
-            return
+            return True
         group, self._pending = self._pending, []
         try:
             events = self._inbox.append_many([(topic, payload, received, dropped, priority, hop)
                                               for topic, payload, _, _, received, _, dropped, priority, hop in group])
         except StorageError:  # a full disk: the journal said so once; nothing acknowledged, tried again later
             self._pending[:0] = group
-            return
+            return False
         except Exception as exc:  # an I/O error of another kind: nothing acknowledged, try again on the next flush
             self._pending[:0] = group
             if (skipped := self._journal_failed.due()) is not None:  # flush runs every few ms
                 log.error("cannot journal %d events; they stay unacknowledged: %s (%d failures since the last line)",
                           len(group), exc, skipped)
-            return
+            return False
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
@@ -204,17 +210,25 @@ class Ingress:
             if qos:  # QoS 0 has no acknowledgement
                 self._ack(mid, qos, priority)  # only now, with the group durable; on its session (mids are per session)
         self._ready.append([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
+        return True
 
     def answered(self, n: int, nbytes: int = 0) -> None:
         """n events (nbytes of payload) left the inbox: take held ones in their place."""
         with self._lock:
             self.outstanding -= n
             self.outstanding_bytes -= nbytes
-            while (held := self._next_held()) is not None and not self._full(len(held[0][1]), held[0][7] == "high"):
-                self._take_held(held)
+            self._take_room()
             self._flush()
-            self._resume_if_room()
         self._deliver_ready()
+
+    def _take_room(self) -> None:
+        """Held events, most urgent first, into the room there is now, committed a group at a time:
+        a group the journal refuses (its budget) stays one group, and the rest stay held."""
+        while (held := self._next_held()) is not None and not self._full(len(held[0][1]), held[0][7] == "high"):
+            self._take_held(held)
+            if self._pending_bytes >= GROUP_BYTES and not self._flush():
+                break
+        self._resume_if_room()
 
     def disconnected(self, priority: Priority = "normal") -> None:
         """The session of `priority` went down; the broker redelivers what it never had acknowledged:
