@@ -308,6 +308,8 @@ class Daemon:
             return "degraded", refused
         if (limits := self.connection.limits) is not None and limits.problem is not None:
             return "degraded", limits.problem
+        if self.cloud is not None and (handoff := self.cloud.problem()) is not None:
+            return "degraded", handoff  # the events still run here, but the operator meant them elsewhere
         return "ok", None
 
     def health(self) -> dict:
@@ -347,7 +349,8 @@ class Daemon:
         """The hand-off: its endpoint, its breaker, whether its last calls went through, its last error."""
         if self.cloud is None:
             return None
-        return {**self.cloud.status.snapshot(), "breaker": self.cloud.breaker.state.value}
+        breaker = self.cloud.breaker.stats()
+        return {**self.cloud.status.snapshot(), "breaker": breaker.state.value, "breaker_reason": breaker.reason}
 
     def _model_status(self, name: str) -> dict:
         choice = self.registry.choice(name)

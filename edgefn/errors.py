@@ -88,7 +88,8 @@ class CloudError(HttpStatus, EdgefnError):
 
     `reason` names the kind of failure in a word, for the offload metric and the log: refused (a 4xx),
     not-served (the endpoint has no such model), mismatch (its names, datatypes or shapes are not the
-    local model's), bad-answer (not an OIP answer, or one that does not fit the model); and for
+    local model's), bad-answer (not an OIP answer, or one that does not fit the model), not-oip (GET /v2
+    does not answer as an OIP server does: no such endpoint at that URL); and for
     `CloudUnavailable`: breaker-open, unreachable, timeout, server-error (5xx)."""
 
     default_reason = "refused"

@@ -168,3 +168,40 @@ def test_breaker_refuses_nonsense_settings():
         CircuitBreaker(failure_threshold=0)
     with pytest.raises(ValueError):
         CircuitBreaker(failure_rate=1.5)
+
+
+def refuse(breaker: CircuitBreaker) -> None:
+    permit = breaker.acquire()
+    assert permit is not None
+    permit.refused()
+
+
+def test_breaker_opens_at_the_first_refusal_for_a_minute_doubling_to_ten(clock: FakeClock):
+    """A 401/403: the endpoint will refuse every call alike, so one trial a minute, then rarer."""
+    breaker = CircuitBreaker(failure_threshold=5, cooldown_s=5, clock=clock)
+    refuse(breaker)
+    stats = breaker.stats()
+    assert (stats.state, stats.reason, stats.retry_in_s) == (BreakerState.OPEN, "refused", 60)
+    waits = []
+    for _ in range(6):
+        opened = clock.now
+        while (trial := breaker.acquire()) is None:
+            clock.advance(1)
+        waits.append(clock.now - opened)
+        assert breaker.acquire() is None  # one trial at a time, while the refusal stands
+        trial.refused()
+    assert waits == [60, 120, 240, 480, 600, 600]
+
+
+def test_breaker_forgets_refusals_once_a_call_goes_through(clock: FakeClock):
+    breaker = CircuitBreaker(cooldown_s=5, refused_cooldown_s=2, max_refused_cooldown_s=8, clock=clock)
+    refuse(breaker)
+    clock.advance(2)
+    refuse(breaker)  # the trial: now 4 s
+    clock.advance(4)
+    succeed(breaker)  # the trial goes through: closed, and the next refusal waits 2 s again
+    assert (breaker.state, breaker.stats().reason) == (BreakerState.CLOSED, None)
+    refuse(breaker)
+    assert breaker.stats().retry_in_s == 2
+    with pytest.raises(ValueError):
+        CircuitBreaker(refused_cooldown_s=10, max_refused_cooldown_s=5)

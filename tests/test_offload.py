@@ -4,14 +4,18 @@ that is gone costs nothing but the hand-off, low confidence asks the cloud's mod
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
+from fastapi import Request
 from typer.testing import CliRunner
 
-from cloud_sync.serve import start_server
+from cloud_sync.serve import OipEndpoint, start_server
 from edgefn.cli.main import app
 from edgefn.daemon import Daemon
 from edgefn.functions.host import _unsure
@@ -207,9 +211,88 @@ def test_an_endpoint_that_cannot_serve_the_model_is_named_at_the_first_event(bro
         cloud_health = d.health()["cloud"]
         assert (cloud_health["state"], cloud_health["failing"]) == ("failing", ["digits"])
         assert cloud_health["last_error"]["reason"] == "not-served"
+        assert d.health()["status"] == "degraded"  # the events run here, not where the operator meant them
+        assert d.health()["problem"].startswith(f"hand-off to {cloud.url} fails for digits (not-served: ")
         status = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["status", "--port", str(d.observe.port)])
-        assert status.exit_code == 0, status.output
+        assert status.exit_code == 1, status.output
         assert f"{cloud.url}: failing (digits), breaker closed" in status.output
         assert "cloud last error" in status.output and "digits (not-served)" in status.output
+    finally:
+        d.stop(drain_timeout=2)
+
+
+class CountingEndpoint(OipEndpoint):
+    """The real endpoint, counting the requests that reach it (refused ones included)."""
+
+    asked = 0
+
+    async def _gate(self, request: Request) -> None:
+        self.asked += 1
+        await super()._gate(request)
+
+
+@pytest.fixture()
+def guarded():
+    """An endpoint that wants a token the daemon does not have (a wrong one is set, as after a rotation)."""
+    endpoint = CountingEndpoint.from_folders([MODELS], auth=("Authorization", "Bearer the-right-one"))
+    with start_server(endpoint) as server:
+        yield server, endpoint
+
+
+def wrong_token(monkeypatch) -> dict:
+    monkeypatch.setenv("EDGEFN_TEST_CLOUD_TOKEN", "Bearer a-wrong-one")
+    return {"cloud_auth_header": "Authorization", "cloud_auth_env": "EDGEFN_TEST_CLOUD_TOKEN"}
+
+
+@pytest.mark.broker
+def test_a_refusing_endpoint_is_asked_once_and_every_event_runs_here(broker, collector, settings_for, digits_fn,
+                                                                      guarded, monkeypatch):
+    """A 401 opens the breaker for a minute: the batches after it run here without asking (the old client
+    asked on every batch, and was refused every time)."""
+    server, endpoint = guarded
+    results = collector("results/+/digits")
+    d = Daemon(settings_for(broker, digits_fn, cloud_url=server.url, offload="always", **wrong_token(monkeypatch)))
+    d.start()
+    try:
+        d.wait_connected(10)
+        payloads, labels = digit_payloads(60, "refused")
+        publish(broker.port, "sensors/dev6/digits", payloads[:1])
+        results_of(results, 1)
+        assert endpoint.asked == 1
+        for k in range(1, 60, 6):  # rounds apart: each batch would ask the endpoint
+            publish(broker.port, "sensors/dev6/digits", payloads[k:k + 6])
+            results_of(results, min(60, k + 6))
+        docs = results_of(results, 60)
+        assert {doc["ran_on"] for doc in docs} == {"local"}
+        assert sum(doc["label"] == labels[doc["event_id"]] for doc in docs) / 60 >= 0.85
+        assert endpoint.asked == 1, f"{endpoint.asked} requests reached the endpoint after its 401"
+        cloud_health = d.health()["cloud"]
+        assert (cloud_health["breaker"], cloud_health["breaker_reason"]) == ("open", "refused")
+    finally:
+        d.stop(drain_timeout=2)
+
+
+@pytest.mark.broker
+def test_healthz_is_degraded_while_the_endpoint_refuses_and_says_why(broker, collector, settings_for, digits_fn,
+                                                                    guarded, monkeypatch):
+    server, _ = guarded
+    results = collector("results/+/digits")
+    d = Daemon(settings_for(broker, digits_fn, cloud_url=server.url, offload="always", metrics_port=0,
+                            **wrong_token(monkeypatch)))
+    d.start()
+    try:
+        d.wait_connected(10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/healthz", timeout=5) as answer:
+            assert json.load(answer)["status"] == "ok"  # nothing handed off yet
+        publish(broker.port, "sensors/dev7/digits", digit_payloads(1, "refused")[0])
+        assert [doc["ran_on"] for doc in results_of(results, 1)] == ["local"]
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/healthz", timeout=5)
+        doc = json.load(unhealthy.value)
+        assert unhealthy.value.code == 503 and doc["status"] == "degraded", doc
+        assert f"{server.url} refuses hand-off (401 missing or wrong Authorization header)" in doc["problem"]
+        assert "events run here" in doc["problem"] and "asked again in" in doc["problem"]
+        status = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["status", "--port", str(d.observe.port)])
+        assert "breaker open (refused)" in status.output, status.output
     finally:
         d.stop(drain_timeout=2)

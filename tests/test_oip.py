@@ -4,6 +4,7 @@ endpoint against NVIDIA's tritonclient, every answer equal to local onnxruntime'
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO
 
@@ -592,3 +594,54 @@ def test_hostile_bodies_get_a_clear_error(http: httpx.Client, body: bytes, statu
     answer = http.post("/v2/models/digits/infer", content=body, timeout=60)
     assert answer.status_code == status and says in answer.json()["error"], answer.text[:300]
     assert http.get("/v2/health/live").status_code == 200
+
+
+@pytest.fixture()
+def chatty_loggers() -> Iterator[None]:
+    """setup_logging changes process-wide loggers: put them back after the test."""
+    saved = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_each_request_is_a_debug_line_not_an_info_line(server: CloudServer, pixels: np.ndarray, chatty_loggers,
+                                                       caplog: pytest.LogCaptureFixture):
+    """httpx logs every request at INFO: one line per hand-off in the daemon's log, unless asked for."""
+    from edgefn.cli._toolkit import setup_logging
+
+    caplog.set_level(logging.INFO)
+    setup_logging("info")
+    with CloudClient(server.url) as client:
+        assert client.infer("digits", [to_wire(pixels[:1])])
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    setup_logging("debug")  # --log-level debug shows them
+    with CloudClient(server.url) as client:
+        assert client.infer("digits", [to_wire(pixels[:1])])
+    assert any("HTTP Request: POST" in r.getMessage() for r in caplog.records if r.name == "httpx")
+
+
+def test_cloud_check_says_a_web_server_is_not_an_oip_endpoint_in_one_line(tmp_path: Path):
+    """A plain HTTP server answers GET /v2 with its 404 page: that is no endpoint, not a missing model."""
+    (tmp_path / "index.html").write_text("<!DOCTYPE HTML><html><body>hello</body></html>")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    web = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner(env={"COLUMNS": "400"}).invoke(
+            app, ["cloud", "check", f"http://127.0.0.1:{web.server_port}", "--models", str(MODELS)])
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: http://127.0.0.1:{web.server_port} is not an Open Inference Protocol v2 endpoint: "
+        "GET /v2 answered 404, not its name and version"], result.output
+    assert "DOCTYPE" not in result.output
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's name
+        pass

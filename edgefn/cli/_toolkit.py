@@ -46,9 +46,15 @@ def cli_errors() -> Iterator[None]:
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+# Libraries whose INFO lines are per request (httpx logs every hand-off): shown at debug only.
+CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    value = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=value, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if value <= logging.DEBUG else max(value, logging.WARNING))
 
 
 # ---- options ----

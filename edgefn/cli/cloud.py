@@ -138,6 +138,7 @@ def check(
             registry.info(name)  # a model the functions use and --models lacks: say so before any call
         with CloudClient(url, model_map=name_values("--cloud-model", cloud_model), timeout_s=timeout_s,
                          retries=0, auth_header=auth_header, auth_env=auth_env) as client:
+            client.server_metadata()  # one line for a server that is no OIP endpoint, not a table of 404s
             checks = [check_model(client, registry, name) for name in names]
     if as_json:
         print_json({"url": url, "ok": all(c.ok for c in checks), "models": [c.to_json() for c in checks]})

@@ -211,7 +211,8 @@ def _cloud_rows(cloud: dict | None) -> list[tuple[str, str]]:
     state = cloud.get("state", "?")
     if cloud.get("failing"):
         state += f" ({', '.join(cloud['failing'])})"
-    rows = [("cloud", f"{cloud.get('url', '?')}: {state}, breaker {cloud.get('breaker', '?')}, "
+    breaker = cloud.get("breaker", "?") + (f" ({why})" if (why := cloud.get("breaker_reason")) else "")
+    rows = [("cloud", f"{cloud.get('url', '?')}: {state}, breaker {breaker}, "
                       f"{cloud.get('handed_off', 0)} handed off, {sum(cloud.get('failures', {}).values())} failed")]
     if (error := cloud.get("last_error")) is not None:
         rows.append(("cloud last error", f"{error.get('model')} ({error.get('reason')}): {error.get('error')}"))

@@ -3,6 +3,11 @@
     closed ──(N consecutive failures, or a failure rate over the window)──> open
     open ──(cool-down elapsed)──> half-open: up to `trial_calls` calls let through at once
     half-open ──(a trial succeeds)──> closed          half-open ──(a trial fails)──> open
+    closed or half-open ──(a call refused: 401/403)──> open for `refused_cooldown_s`, doubling while it
+    keeps refusing, up to `max_refused_cooldown_s`
+
+A refusal opens it at once and for long: the endpoint answers, but not us (a wrong or expired token),
+and asking again on every batch only repeats the refusal, so one trial a minute (then rarer) is enough.
 
 A caller asks for a `Permit` before each call (None: the breaker is open, do not call) and tells the
 permit how the call went. Outcomes of calls let through before the state last changed are ignored, so a
@@ -35,6 +40,8 @@ class BreakerStats:
     window_calls: int
     window_failures: int
     opened_total: int  # how many times it has opened
+    reason: str | None = None  # why it is open or half-open: "failing", or "refused" (401/403)
+    retry_in_s: float | None = None  # while open: seconds until a trial call is let through
 
 
 class Permit:
@@ -51,6 +58,12 @@ class Permit:
     def failed(self) -> None:
         self._report(False)
 
+    def refused(self) -> None:
+        """The endpoint answered, and refused us (401/403): open for the long back-off."""
+        if not self._done:
+            self._done = True
+            self._breaker._refuse(self._generation)
+
     def _report(self, ok: bool) -> None:
         if not self._done:
             self._done = True
@@ -61,23 +74,33 @@ class CircuitBreaker:
     """Opens after `failure_threshold` consecutive failures, or when at least `min_calls` calls in the last
     `window_s` seconds failed at `failure_rate` or more; lets `trial_calls` through after `cooldown_s`.
 
+    A refused call opens it for `refused_cooldown_s`, twice that after the next refused trial, and so on up
+    to `max_refused_cooldown_s`; a call that goes through resets it.
+
     `on_change(old, new)` is called after each change of state, outside the lock."""
 
     def __init__(self, *, failure_threshold: int = 5, failure_rate: float = 0.5, min_calls: int = 20,
                  window_s: float = 30.0, cooldown_s: float = 10.0, trial_calls: int = 1,
+                 refused_cooldown_s: float = 60.0, max_refused_cooldown_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[BreakerState, BreakerState], None] | None = None):
         if failure_threshold < 1 or min_calls < 1 or trial_calls < 1:
             raise ValueError("failure_threshold, min_calls and trial_calls must be at least 1")
         if not 0 < failure_rate <= 1 or window_s <= 0 or cooldown_s < 0:
             raise ValueError("failure_rate must be in (0, 1], window_s positive, cooldown_s not negative")
+        if not 0 <= refused_cooldown_s <= max_refused_cooldown_s:
+            raise ValueError("refused_cooldown_s must be between 0 and max_refused_cooldown_s")
         self.failure_threshold, self.failure_rate, self.min_calls = failure_threshold, failure_rate, min_calls
         self.window_s, self.cooldown_s, self.trial_calls = window_s, cooldown_s, trial_calls
+        self.refused_cooldown_s, self.max_refused_cooldown_s = refused_cooldown_s, max_refused_cooldown_s
         self._clock, self._on_change = clock, on_change
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self._generation = 0  # bumped at every change of state
         self._opened_at = 0.0
+        self._open_for = cooldown_s  # this opening's cool-down
+        self._reason: str | None = None
+        self._refusals = 0  # refused calls in a row: each doubles the next cool-down
         self._opened_total = 0
         self._consecutive = 0
         self._trials = 0  # trial calls out now (half-open)
@@ -97,7 +120,10 @@ class CircuitBreaker:
         with self._lock:
             change = self._cool_down()
             calls, failures = self._window()
-            stats = BreakerStats(self._state, self._consecutive, calls, failures, self._opened_total)
+            retry_in = (max(0.0, self._opened_at + self._open_for - self._clock())
+                        if self._state is BreakerState.OPEN else None)
+            stats = BreakerStats(self._state, self._consecutive, calls, failures, self._opened_total,
+                                 self._reason, retry_in)
         self._notify(change)
         return stats
 
@@ -125,6 +151,15 @@ class CircuitBreaker:
                     change = self._count(ok)
         self._notify(change)
 
+    def _refuse(self, generation: int) -> None:
+        with self._lock:
+            change = None
+            if generation == self._generation and self._state is not BreakerState.OPEN:
+                self._refusals += 1
+                change = self._move(BreakerState.OPEN, "refused", min(
+                    self.max_refused_cooldown_s, self.refused_cooldown_s * 2 ** (self._refusals - 1)))
+        self._notify(change)
+
     def _count(self, ok: bool) -> tuple[BreakerState, BreakerState] | None:
         now = self._clock()
         self._consecutive = 0 if ok else self._consecutive + 1
@@ -145,19 +180,26 @@ class CircuitBreaker:
         return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
 
     def _cool_down(self) -> tuple[BreakerState, BreakerState] | None:
-        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
-            return self._move(BreakerState.HALF_OPEN)
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for:
+            return self._move(BreakerState.HALF_OPEN, self._reason)
         return None
 
-    def _move(self, new: BreakerState) -> tuple[BreakerState, BreakerState]:
+    def _move(self, new: BreakerState, reason: str = "failing",
+              open_for: float | None = None) -> tuple[BreakerState, BreakerState]:
         old, self._state = self._state, new
         self._generation += 1
         self._trials = 0
+        self._reason = reason
         if new is BreakerState.OPEN:
             self._opened_at = self._clock()
+            self._open_for = self.cooldown_s if open_for is None else open_for
             self._opened_total += 1
+            if reason != "refused":
+                self._refusals = 0
         elif new is BreakerState.CLOSED:
             self._consecutive = 0
+            self._refusals = 0
+            self._reason = None
             self._buckets.clear()
         return old, new
 

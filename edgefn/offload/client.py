@@ -11,7 +11,9 @@ Errors, at this boundary only:
   and 5xx are tried again, `retries` times with exponential backoff; a timeout is not (the latency
   budget is spent already). The caller runs the work here instead.
 - `CloudError`: the endpoint answered, but refused the request (4xx: never tried again) or answered
-  something that is not an OIP response. `.status` is the HTTP status, if any.
+  something that is not an OIP response. `.status` is the HTTP status, if any. A 401 or 403 also opens
+  the breaker for its long back-off (a minute, doubling to ten): the credentials are wrong for every
+  request, so the next ones run here without asking.
 
 The auth header's value is read from an environment variable when the client is made; it is kept out
 of `repr`, logs and error messages.
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
     from edgefn.observe.metrics import Metrics
 
 log = logging.getLogger("edgefn.offload")
+
+# Statuses that refuse the client itself, not one request: they open the breaker for its long back-off.
+REFUSED = (401, 403)
 
 # Failures where the request surely or possibly did not reach a working server: worth another try
 # (inference has no side effects, so a request that did arrive may run twice).
@@ -135,6 +140,7 @@ class CloudClient:
         # Settled once (one dict write is atomic: no lock; two threads may both ask the first time).
         self._plans: dict[tuple[str, Any], contract_.Plan] = {}
         self._binary: bool | None = None
+        self._refusal = ""  # the last 401/403, for /healthz
 
     def __repr__(self) -> str:
         return (f"CloudClient(url={self.url!r}, model_map={self.model_map!r}, auth_header={self.auth_header!r}, "
@@ -149,12 +155,48 @@ class CloudClient:
     def close(self) -> None:
         self._http.close()
 
+    def problem(self) -> str | None:
+        """Why the hand-off does not work now, for /healthz: the endpoint refuses us, or some model's last
+        hand-off failed; None when it works (or nothing was handed off yet)."""
+        stats = self.breaker.stats()
+        if stats.reason == "refused" and stats.state is not BreakerState.CLOSED:
+            when = f"in {stats.retry_in_s:.0f} s" if stats.retry_in_s is not None else "now"
+            return (f"the cloud endpoint {self.url} refuses hand-off ({self._refusal}): events run here; "
+                    f"it is asked again {when}")
+        status = self.status.snapshot()
+        if status["state"] == "failing":
+            last = status["last_error"] or {}
+            return (f"hand-off to {self.url} fails for {', '.join(status['failing'])} "
+                    f"({last.get('reason')}: {last.get('error')}): events run here")
+        return None
+
     def ready(self, model: str) -> bool:
         """Whether the endpoint says `model` is ready (one try, no breaker: this is the probe)."""
         try:
             return self._http.get(self._path(model, "ready")).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def server_metadata(self) -> dict[str, Any]:
+        """What the endpoint says of itself (GET /v2: an OIP server answers {name, version, extensions}),
+        through the breaker; a CloudError with reason not-oip when it does not answer like one (a web
+        server, another API), so that is said rather than its 404 page."""
+        try:
+            response = self._send("GET", "/v2")
+        except CloudError as exc:
+            if type(exc) is not CloudError or exc.status in REFUSED:
+                raise  # no answer, or a refusal: an OIP server with a token may say so
+            doc, answered = None, f"{exc.status}"
+        else:
+            try:
+                doc = response.json()
+            except ValueError:
+                doc = None
+            answered = f"{response.status_code} {response.headers.get('content-type', '')}".strip()
+        if not (isinstance(doc, dict) and "name" in doc and "version" in doc):
+            raise CloudError(f"{self.url} is not an Open Inference Protocol v2 endpoint: GET /v2 answered "
+                             f"{answered}, not its name and version", reason="not-oip")
+        return doc
 
     def metadata(self, model: str) -> dict[str, Any]:
         """The endpoint's metadata of `model` (GET /v2/models/{name}), through the breaker."""
@@ -253,10 +295,10 @@ class CloudClient:
         and refuses such a body."""
         if self._binary is None:
             try:
-                extensions = self._send("GET", "/v2").json().get("extensions", [])
+                extensions = self.server_metadata().get("extensions", [])
             except CloudUnavailable:
                 raise
-            except (CloudError, ValueError, AttributeError):
+            except CloudError:
                 extensions = []
             self._binary = isinstance(extensions, list) and oip.EXTENSIONS[0] in extensions
         return self._binary
@@ -276,14 +318,19 @@ class CloudClient:
         """One exchange through the breaker, tried again on connection failures and 5xx; a 2xx response."""
         permit = self.breaker.acquire()
         if permit is None:
-            raise CloudUnavailable(f"{self.url}: circuit breaker open (the endpoint failed recently)",
-                                   reason="breaker-open")
+            why = ("it refused our credentials recently" if self.breaker.stats().reason == "refused"
+                   else "the endpoint failed recently")
+            raise CloudUnavailable(f"{self.url}: circuit breaker open ({why})", reason="breaker-open")
         try:
             response = self._exchange(method, path, body, headers)
         except BaseException:
             permit.failed()
             raise
-        permit.succeeded()  # it answered: a 4xx is the request's fault, not the endpoint's
+        if response.status_code in REFUSED:
+            self._refusal = f"{response.status_code} {_error_text(response)}"
+            permit.refused()  # a wrong or expired credential: every request would be refused alike
+        else:
+            permit.succeeded()  # it answered: another 4xx is the request's fault, not the endpoint's
         if response.status_code >= 400:
             raise CloudError(f"{self.url}{path}: {response.status_code} {_error_text(response)}",
                              response.status_code, "not-served" if response.status_code == 404 else "refused")
