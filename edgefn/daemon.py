@@ -187,7 +187,11 @@ class Daemon:
         for thread in [t for fn in self.functions for t in fn.workers] + [self._housekeeper]:
             if thread is not None:
                 thread.join(timeout=2)
-        self.outbox.settle()  # what the broker has not acknowledged yet waits in the outbox
+        try:
+            self.outbox.settle()  # what the broker has not acknowledged yet waits in the outbox
+        except StorageError as exc:  # a full disk: those events stay in the inbox and run again at the next start
+            log.warning("the journal could not take the last answers at stop (%s): their events run again at "
+                        "the next start, marked as possible duplicates", exc)
         self.connection.stop()
         if self.observe:
             self.observe.close()
