@@ -31,6 +31,7 @@ from edgefn.events import Event, Message
 from edgefn.journal.outbox import Pending
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics
+from edgefn.protocol.outputs import HOP
 from edgefn.topics import UNROUTED, UNROUTED_TOPIC, is_errors_topic
 
 log = logging.getLogger("edgefn.dispatch")
@@ -86,7 +87,10 @@ class Unrouted:
             self._done(pending)
             return
         body = error_body(event, UNROUTED, why)
-        self._answer(pending, [Message(UNROUTED_TOPIC, json.dumps(body).encode())], ())
+        # One hop further, as every answer: a function on edgefn/errors/# that publishes where only a stale
+        # subscription listens would otherwise go round at hop 0 for ever.
+        hop = ((HOP, str(event.hop + 1)),)
+        self._answer(pending, [Message(UNROUTED_TOPIC, json.dumps(body).encode(), properties=hop)], ())
 
     def problem(self) -> str | None:
         """Why /healthz is degraded: events went to no function within the last `HEALTH_S` (None: none did)."""

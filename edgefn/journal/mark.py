@@ -46,6 +46,9 @@ def _setup(db: sqlite3.Connection, durability: str) -> None:
     db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     db.execute("PRAGMA busy_timeout=10000")  # `edgefn journal ack-damage` writes it while the daemon runs
     db.execute("PRAGMA journal_size_limit=1048576")  # its WAL is cut back to 1 MiB after each checkpoint
+    # A checkpoint every 64 pages (256 KiB), not SQLite's 1,000 (4 MiB): on a full disk the mark's WAL
+    # must not take the room the journal's reserve keeps for settling.
+    db.execute("PRAGMA wal_autocheckpoint=64")
     db.executescript(_SCHEMA)
 
 

@@ -208,7 +208,7 @@ class Egress:
         limits = self._limits  # replaced by take_back under `_handing`, which our caller holds
         out.sent_qos = min(out.qos, limits.maximum_qos)
         if (too_large := _too_large(out, limits.maximum_packet_size)) is not None:
-            out.on_acked(too_large)  # sent, it would make the broker drop the connection, again and again
+            self._not_published(out, too_large)  # sent, it would make the broker drop the connection, again and again
             return
         try:
             while True:
@@ -269,4 +269,4 @@ def _too_large(out: _Outgoing, maximum: int | None) -> str | None:
     size = 1 + len(_variable_byte_integer(remaining)) + remaining
     if size <= maximum:
         return None
-    return f"not published: {size} bytes, more than the broker's Maximum Packet Size of {maximum}"
+    return f"{size} bytes, more than the broker's Maximum Packet Size of {maximum}"
