@@ -289,8 +289,9 @@ class Daemon:
     def wait_connected(self, timeout: float) -> None:
         self.connection.wait_connected(timeout)
 
-    def _trouble(self) -> tuple[str, str | None]:
-        """The daemon's status (ok, degraded, stalled) and why, when it is not ok."""
+    def _trouble(self, damage: str | None) -> tuple[str, str | None]:
+        """The daemon's status (ok, degraded, stalled) and why, when it is not ok; `damage`: the journal's
+        (read from its mark by the caller, once per /healthz)."""
         if self.inbox.problem is not None:  # a full disk: nothing new is taken until there is room again
             return "degraded", self.inbox.problem
         if self.housekeeping_problem is not None:
@@ -299,7 +300,6 @@ class Daemon:
         idle = time.monotonic() - self.outbox.progress_at
         if pending and idle > self.settings.stall_s:
             return "stalled", f"{pending} events or answers pending, nothing published or settled for {idle:.0f} s"
-        damage = self.inbox.damage
         if damage is not None:  # events may be lost: said until an operator has seen it
             return "degraded", f"journal damage (acknowledge with `edgefn journal ack-damage`): {damage}"
         if not self.connected:
@@ -317,12 +317,13 @@ class Daemon:
         return "ok", None
 
     def health(self) -> dict:
-        status, problem = self._trouble()
+        damage = self.inbox.damage  # a read of the mark's SQLite file
+        status, problem = self._trouble(damage)
         return {
             "status": status,
             "problem": problem,
             "journal": self.inbox.problem or "ok",
-            "journal_damage": self.inbox.damage,
+            "journal_damage": damage,
             "state_damage": self.state.damage,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),
             "broker_sessions": self.connection.sessions,

@@ -232,9 +232,14 @@ class Egress:
                 out.seq, out.sent_at = self._seq, time.monotonic()
                 self._in_flight[info.mid] = out
         if refused is not _NOT_YET:
-            if self._on_puback is not None and out.sent_qos == 1:
-                self._on_puback(out.topic, refused)  # type: ignore[arg-type]
-            out.on_acked(refused)  # type: ignore[arg-type]
+            self._answered(out, refused)  # type: ignore[arg-type]
+
+    def _answered(self, out: _Outgoing, refused: str | None) -> None:
+        """The broker's answer to `out` reaches its refusal count (only what went out at QoS1 has one:
+        a QoS0 write says nothing) and then its owner."""
+        if self._on_puback is not None and out.sent_qos == 1:
+            self._on_puback(out.topic, refused)
+        out.on_acked(refused)
 
     def _not_published(self, out: _Outgoing, why: str) -> None:
         if (skipped := self._unpublishable.due()) is not None:
@@ -252,9 +257,7 @@ class Egress:
             # The broker acknowledges in order: an earlier message still waiting lost its PUBACK.
             # (A QoS0 message is only written, in order: its callback says nothing of the others'.)
             lost = out.sent_qos == 1 and bool(self._in_flight) and next(iter(self._in_flight.values())).seq < out.seq
-        if self._on_puback is not None and out.sent_qos == 1:  # sent at QoS0: no PUBACK, written says nothing
-            self._on_puback(out.topic, refused)
-        out.on_acked(refused)
+        self._answered(out, refused)
         if lost:
             self._reconnect("the broker's acknowledgement of an earlier message was lost")
         self.pump()

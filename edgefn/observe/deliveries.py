@@ -24,13 +24,16 @@ class Deliveries:
     def record(self, topics: Iterable[str]) -> None:
         """Events on these topics came now."""
         now = time.monotonic()
+        filters: list[str] | None = None  # read once per call, and only when a topic is new
         with self._lock:
             for topic in topics:
                 found = self._filter_of.get(topic)
                 if found is None:
                     if len(self._filter_of) >= _TOPICS_MAX:
                         self._filter_of.clear()
-                    found = self._filter_of[topic] = [f for f in self._filters() if matches_any(topic, [f])]
+                    if filters is None:
+                        filters = list(self._filters())
+                    found = self._filter_of[topic] = [f for f in filters if matches_any(topic, [f])]
                 for f in found:
                     self._at[f] = now
 
