@@ -97,14 +97,24 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: Any) -> None:
 
 
 def _cpu_seconds(pid: int | None) -> float | None:
-    """user + system CPU time of a process (Linux /proc), None where it cannot be read."""
+    """user + system CPU time of a process and of its live children (edgefn's worker processes; Linux
+    /proc), None where it cannot be read."""
     if pid is None:
         return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        own = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+    return own + sum(_cpu_seconds(child) or 0.0 for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def results_subscriber(port: int, topic: str, on_message: Any, name: str) -> mqtt.Client:
@@ -507,7 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         broker_pid = broker._proc.pid if broker._proc is not None else None  # for CPU accounting only
         say(f"broker {broker.url} ({mosquitto_version})")
         plain = System("plain", [sys.executable, str(PLAIN), broker.url, str(MODEL)], workdir)
-        edge = edgefn_run("edgefn", broker.url, workdir, [FUNCTION], log_level="warning")
+        workers = () if args.workers is None else ("--workers", str(args.workers))
+        edge = edgefn_run("edgefn", broker.url, workdir, [FUNCTION], *workers, log_level="warning")
         clients = Clients(broker.port, qos=args.qos, pad=args.pad)
         try:
             results = {}
@@ -527,7 +538,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {"serial": args.serial, "warmup": WARMUP, "burst": args.burst,
                    "serial_timeout_s": SERIAL_TIMEOUT_S, "burst_idle_s": BURST_IDLE_S, "qos": args.qos,
-                   "pad_bytes": args.pad},
+                   "pad_bytes": args.pad, "workers": args.workers},
         "env": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                 "paho_mqtt": paho.mqtt.__version__, "onnxruntime": onnxruntime.__version__,
                 "mosquitto": mosquitto_version},
@@ -542,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--serial", type=int, default=500, help="events timed one at a time (after 50 warm-up)")
     parser.add_argument("--burst", type=int, default=5000, help="events in the burst")
+    parser.add_argument("--workers", type=int, default=None, help="edgefn's worker processes (default: its own)")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON results")
     parser.add_argument("--tuned", action="store_true", help="a broker tuned for latency (set_tcp_nodelay true)")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1,

@@ -104,6 +104,11 @@ class Settings(BaseModel):
                                     "one trial call may close the circuit breaker again.")
     cloud_workers: int = Field(default=4, ge=0, le=64, description="Extra instances per function that run the "
                                "batches handed to the cloud (on-overload, always).")
+    workers: int | None = Field(default=None, ge=0, le=64, description="Worker processes that run the functions "
+                                "(sandboxes and models), each on a core of its own, apart from intake (reading, "
+                                "journaling, acknowledging, publishing) (default: the cores less one, at least one; "
+                                "0: run them in the daemon's own process, on threads). A function with a cloud "
+                                "endpoint runs in the daemon's process.")
     batch_max: int = Field(default=16, ge=1, le=1024, description="Most concurrent infer calls of one model "
                            "stacked into one inference, here or on the cloud endpoint (1: no micro-batching).")
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000, description="Longest a call waits for others to "

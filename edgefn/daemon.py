@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from edgefn.config import Settings
 from edgefn.dispatch.lanes import LoadedFunction, busy, retire, stop_workers
 from edgefn.dispatch.loader import Loader
+from edgefn.dispatch.processes import RemoteSandbox
 from edgefn.dispatch.router import Router
 from edgefn.dispatch.unrouted import Unrouted
 from edgefn.dispatch.worker import Workers, error_message
@@ -338,13 +339,19 @@ class Daemon:
             "last_delivery_s_ago": self.deliveries.snapshot(),
             "functions": {f.manifest.name: f.manifest.version for f in self.functions},
             "instances": {f.manifest.name: f.sandbox.pool() for f in self.functions},
-            "memory_budget": self.runtime.budget.snapshot(),
+            "memory_budget": self._memory_budget(),
             "failed_functions": dict(self.loader.failed),
             "release": self.release.label if self.release else None,
             "models": {name: self._model_status(name) for name in self._models_in_use()},
             "cloud": self._cloud_status(),
             "usage": self.usage(),
         }
+
+    def _memory_budget(self) -> dict:
+        """What the functions' instances hold of the device's memory budget: in the worker processes (each
+        holds its share) where the functions run there, else in this process."""
+        remote = next((f.sandbox for f in self.functions if isinstance(f.sandbox, RemoteSandbox)), None)
+        return remote.budget() if remote is not None else self.runtime.budget.snapshot()
 
     def usage(self) -> dict[str, dict[str, float | int]]:
         """What each function has cost since the daemon started (edgefn.observe.usage)."""

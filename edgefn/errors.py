@@ -28,8 +28,10 @@ onnxruntime, httpx, python-tuf) are mapped to these at the module that talks to 
         ├── PayloadTooLarge  the event is larger than max_payload_bytes (never reaches the guest)
         ├── Quarantined      its payload (or stack faults as deep) kept trapping the guest: refused for a while
         ├── Loop             the event came through max_hops functions already (edgefn-hop): not run
-        └── Shed             a low-priority event dropped under overload, where its manifest allows it
+        ├── Shed             a low-priority event dropped under overload, where its manifest allows it
                              without running (edgefn/functions/quarantine.py)
+        ├── WorkerCrashed    the event killed the worker process that ran it, twice (edgefn.dispatch.processes)
+        └── NotLoaded        its function loaded in the daemon but not in the worker processes
 
 Errors that stand for an HTTP answer carry its status one way, MLServer style: the `HttpStatus` mixin
 gives them `status` (an int, or None where no answer came), marked (status) above. The OIP v2 errors of
@@ -193,6 +195,14 @@ class Loop(FunctionError):
 
 class Shed(FunctionError):
     reason = "shed"
+
+
+class WorkerCrashed(FunctionError):
+    reason = "worker-crashed"
+
+
+class NotLoaded(FunctionError):
+    reason = "load-failed"
 
 
 class _Invalid(Protocol):

@@ -73,6 +73,8 @@ def run(
                                                       "inference, here or on the cloud (default 16; 1: off).")] = None,
     batch_wait_ms: Annotated[float | None, typer.Option(help="Longest an infer call waits for others to stack with, "
                                                               "only while other calls are in flight (default 2).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes that run the functions, a core each (default: "
+                                                    "the cores less one; 0: in the daemon's own process).")] = None,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="How much the daemon says.")] = "info",
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
@@ -93,7 +95,7 @@ def run(
                                  offload=offload, fleet_url=fleet, device_id=device_id, group=group,
                                  fleet_root=fleet_root, device_token_file=device_token_file,
                                  fleet_poll_s=fleet_poll, batch_max=batch_max,
-                                 batch_wait_ms=batch_wait_ms)
+                                 batch_wait_ms=batch_wait_ms, workers=workers)
         # A function that does not build is reported by the daemon (status, metrics, its error topic)
         # while the others serve.
         broken = build_stale(settings.functions, keep_going=True) if build and not settings.fleet_only else {}

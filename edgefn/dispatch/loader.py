@@ -6,11 +6,14 @@ unpacked bundle; without one, from --functions and --models.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgefn.config import Settings
+from edgefn.dispatch.child import WorkerSpec
 from edgefn.dispatch.lanes import Lane, LoadedFunction
+from edgefn.dispatch.processes import RemoteSandbox, WorkerProcesses, default_workers
 from edgefn.dispatch.share import Share
 from edgefn.errors import EdgefnError
 from edgefn.fleet.store import FleetStore, Release
@@ -20,6 +23,7 @@ from edgefn.functions.manifest import Manifest, load_manifest
 from edgefn.functions.sandbox import FunctionSandbox, Runtime
 from edgefn.functions.state import StateStore
 from edgefn.inference.batching import Batcher
+from edgefn.inference.choice import Choice
 from edgefn.inference.delegates import chains_from_profile
 from edgefn.inference.measured import LATENCY_FILE
 from edgefn.inference.registry import ModelRegistry
@@ -60,14 +64,16 @@ class Loader:
     def _load(self, function_dirs: list[Path], model_dirs: list[Path], release: Release | None,
               window: HealthWindow) -> tuple[ModelRegistry, list[LoadedFunction]]:
         s = self.settings
-        registry = ModelRegistry(
-            model_dirs, variants=s.model_variants if release is None else _pins_for(s.model_variants, model_dirs),
-            on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format, c.delegate),
-            chains=chains_from_profile(self.profile, s.state_dir), precisions=self.profile.variant_preference,
-            cpu_precisions=self.profile.cpu_variant_preference,
-            search=s.delegate_dirs, latency_file=s.state_dir / LATENCY_FILE)
+        pins = s.model_variants if release is None else _pins_for(s.model_variants, model_dirs)
+        registry = make_registry(s, self.profile, model_dirs, pins,
+                                 on_load=lambda c: self.metrics.set_model_variant(c.model, c.variant, c.format,
+                                                                                  c.delegate))
         batcher = Batcher(registry, self.cloud, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000,
                           on_batch=self.metrics.observe_inference_batch)
+        count = default_workers() if s.workers is None else s.workers
+        processes = None if count == 0 else WorkerProcesses(
+            count, WorkerSpec(s, self.profile, list(model_dirs), pins, [], self._worker_budget(count),
+                              logging.getLogger().getEffectiveLevel()), self.state, self.metrics.usage)
         functions: list[LoadedFunction] = []
         failed: dict[str, str] = {}
         try:
@@ -75,13 +81,19 @@ class Loader:
                 try:
                     if folder in self.broken:
                         raise EdgefnError(self.broken[folder])
-                    functions.append(self._load_function(folder, registry, batcher, release, window))
+                    functions.append(self._load_function(folder, registry, batcher, release, window, processes))
                 except EdgefnError as exc:
                     if release is not None:
                         raise  # a fleet release loads whole or not at all: the agent rolls it back
                     name = _name_of(folder)
                     failed[name] = str(exc)
                     log.error("function %s does not load, the others serve: %s", name, exc)
+            if processes is not None and any(isinstance(fn.sandbox, RemoteSandbox) for fn in functions):
+                processes.start()
+                if release is not None:  # a release is checked whole before it runs; the daemon's own
+                    # functions load in the workers while intake already journals their events
+                    for name, why in processes.ready().items():
+                        raise EdgefnError(f"function {name} does not load in a worker process: {why}")
             if failed and not functions:
                 raise EdgefnError("no function loads: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
         except BaseException:
@@ -99,8 +111,13 @@ class Loader:
             return []
         return discover(paths)
 
+    def _worker_budget(self, count: int) -> int | None:
+        """Each worker process's share of the device's memory budget for instances."""
+        budget = self.profile.capacity.memory_budget_mb
+        return None if budget is None else max(1, budget // count)
+
     def _load_function(self, folder: Path, registry: ModelRegistry, batcher: Batcher, release: Release | None,
-                       window: HealthWindow) -> LoadedFunction:
+                       window: HealthWindow, processes: WorkerProcesses | None) -> LoadedFunction:
         s = self.settings
         manifest = load_manifest(folder)
         wasm = runnable_component(folder, manifest)
@@ -123,11 +140,21 @@ class Loader:
         # `always`: the function's own lane hands every batch off; `on-overload`: a cloud lane of its own.
         # A worker per instance the function may scale up to; idle workers hold no instance.
         most = manifest.limits.instance_bounds[1]
-        lanes = {"local": Lane("cloud" if policy == "always" else "local", most)}
-        if policy == "on-overload" and s.cloud_workers:
-            lanes["cloud"] = Lane("cloud", s.cloud_workers)
-        sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
-                                  max_instances=sum(lane.workers for lane in lanes.values()))
+        ordered = manifest.trigger.keeps_order(folder)
+        sandbox: FunctionSandbox | RemoteSandbox
+        if processes is not None and policy == "never":
+            # Its batches run in the worker processes: as many at once as it may have instances in each
+            # (one, if it keeps order). Compiled here first, so that every worker maps the cache.
+            self.runtime.load(wasm)
+            processes.add(manifest, folder, wasm)
+            sandbox = RemoteSandbox(processes, manifest, ordered)
+            lanes = {"local": Lane("local", 1 if ordered else most * processes.count)}
+        else:
+            lanes = {"local": Lane("cloud" if policy == "always" else "local", 1 if ordered else most)}
+            if policy == "on-overload" and s.cloud_workers:
+                lanes["cloud"] = Lane("cloud", s.cloud_workers)
+            sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
+                                      max_instances=sum(lane.workers for lane in lanes.values()))
         self.metrics.watch_instances(manifest.name, sandbox)
         planner = Planner(policy, manifest.latency_budget_ms, most,
                           cloud_workers=s.cloud_workers or 1)
@@ -145,6 +172,15 @@ class Loader:
                         manifest.name, policy)
             return "never"
         return policy
+
+
+def make_registry(settings: Settings, profile: Profile, model_dirs: list[Path], pins: dict[str, str],
+                  on_load: Callable[[Choice], None] | None = None) -> ModelRegistry:
+    """The models under `model_dirs`, as this device runs them (the daemon's, and each worker process's)."""
+    return ModelRegistry(
+        model_dirs, variants=pins, on_load=on_load, chains=chains_from_profile(profile, settings.state_dir),
+        precisions=profile.variant_preference, cpu_precisions=profile.cpu_variant_preference,
+        search=settings.delegate_dirs, latency_file=settings.state_dir / LATENCY_FILE)
 
 
 def _warn_of_loops(manifest: Manifest) -> None:

@@ -10,6 +10,7 @@
                                         # shared with the other daemons of GROUP, each event to one of them)
     priority = "normal"                 # high | normal | low: of every filter not named below
     shed = false                        # under overload, low-priority events may be shed (see below)
+    ordered = true                      # one batch at a time, in arrival order (default: if it uses state)
 
     [trigger.priorities]                # per filter (each one of `topics`), overriding `priority`
     "alarms/#" = "high"
@@ -96,11 +97,21 @@ class TriggerSection(TopicsSection):
     priorities: dict[str, Priority] = Field(default_factory=dict, description="Per trigger filter: its priority.")
     shed: bool = Field(default=False, description="Under overload, low-priority events may be answered on the "
                        "error topic with reason shed instead of run (where no cloud endpoint takes them).")
+    ordered: bool | None = Field(default=None, description="Run its events one batch at a time, in arrival order "
+                                 "(each function's answers leave in arrival order either way); off: its batches "
+                                 "run on every worker at once. Default: on for a function whose sources use "
+                                 "host.state_set (read-modify-write needs one writer at a time), else off.")
 
     @field_validator("priorities")
     @classmethod
     def _named(cls, value: dict[str, Priority]) -> dict[str, Priority]:
         return {check_filter(f): p for f, p in value.items()}
+
+    def keeps_order(self, sources: Path) -> bool:
+        """`ordered`, or by default whether the function's Python sources under `sources` set state."""
+        if self.ordered is not None:
+            return self.ordered
+        return any("state_set" in f.read_text(errors="replace") for f in sorted(sources.rglob("*.py")))
 
     def priority_of_filter(self, topic_filter: str) -> Priority:
         return self.priorities.get(topic_filter, self.priority)

@@ -349,6 +349,8 @@ class FunctionSandbox:
     function's lanes). `quarantine`: True for a `Quarantine` with its defaults, False for none, or one
     of your own."""
 
+    meters_itself = False  # its calls are metered by the worker that makes them (edgefn.observe.usage)
+
     def __init__(self, runtime: Runtime, manifest: Manifest, wasm: Path, host: Host,
                  max_instances: int | None = None, quarantine: Quarantine | bool = True):
         self.runtime, self.manifest, self.host = runtime, manifest, host

@@ -120,6 +120,26 @@ class Usage:
             usage = self._functions[function] = FunctionUsage()
         return usage
 
+    def take(self, function: str) -> FunctionUsage | None:
+        """What `function` has cost since the last take, reset (a worker process hands it to the daemon's)."""
+        with self._lock:
+            return self._functions.pop(function, None)
+
+    def add(self, function: str, more: FunctionUsage | None) -> None:
+        """Book what a worker process measured of `function` (its `take`)."""
+        if more is None or not self.enabled:
+            return
+        with self._lock:
+            usage = self._of(function)
+            usage.invocations += more.invocations
+            usage.guest_cpu_s += more.guest_cpu_s
+            usage.peak_memory_bytes = max(usage.peak_memory_bytes, more.peak_memory_bytes)
+            for where in WHERE:
+                usage.infer_calls[where] += more.infer_calls[where]
+                usage.infer_s[where] += more.infer_s[where]
+            usage.bytes_in += more.bytes_in
+            usage.bytes_out += more.bytes_out
+
     def snapshot(self) -> dict[str, FunctionUsage]:
         """Each function's totals now (copies), with its peak memory read afresh."""
         sizes = self.memory() if self.enabled else {}
