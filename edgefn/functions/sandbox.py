@@ -256,7 +256,7 @@ class _Instance:
     idle_since: float = field(default_factory=time.monotonic)
     reserved: int = 0  # bytes of the memory budget it holds
     made_bytes: int = 0  # what instantiating it added to the process's own memory
-    written: int | None = None  # its memories' own bytes before its first call (`FunctionSandbox._written`)
+    written: int | None = None  # its memories' own bytes before its first call (`FunctionSandbox._own`)
 
     def drop(self) -> None:
         """Free the store (its linear memory goes back to the OS) and the stderr file."""
