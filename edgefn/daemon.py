@@ -94,7 +94,7 @@ class Daemon:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.profile = device_profile(s.profile, s.device_root, self.metrics)
         self.runtime = Runtime(s.state_dir / "components", memory_budget_mb=self.profile.capacity.memory_budget_mb,
-                               watch_memory=s.metering)  # no metering: no map read on each instantiation
+                               watch_memory=s.metering)  # no metering, no budget: no map read on each instantiation
         self.state = StateStore(s.state_dir / "state.sqlite")
         self.cloud: CloudClient | None = None
         if s.cloud_url:

@@ -242,3 +242,26 @@ def fill(disk: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def digits_copies(digits_fn: Path, dest: Path, n: int) -> tuple[Path, Path]:
+    """`n` copies of the built digits function (d0 ... d<n-1>) under dest/functions, and a folder of models for
+    them under dest/models: each copy differs only in its name and topics, and calls the model named like it
+    (the digits example's way), here the digits model under another name (its files linked, not copied)."""
+    functions, models = dest / "functions", dest / "models"
+    for i in range(n):
+        name = f"d{i}"
+        folder = functions / name
+        shutil.copytree(digits_fn, folder, ignore=shutil.ignore_patterns("__pycache__"))
+        text = (folder / "edgefn.toml").read_text()
+        (folder / "edgefn.toml").write_text(text.replace('name = "digits"', f'name = "{name}"')
+                                            .replace("/digits", f"/{name}").replace('["digits"]', f'["{name}"]'))
+        (folder / "build" / "digits.wasm").rename(folder / "build" / f"{name}.wasm")
+        model = models / name
+        model.mkdir(parents=True)
+        for part in (MODELS / "digits").iterdir():
+            if part.name == "model.json":
+                (model / part.name).write_text(part.read_text().replace('"name": "digits"', f'"name": "{name}"', 1))
+            else:
+                (model / part.name).symlink_to(part)
+    return functions, models

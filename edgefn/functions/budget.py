@@ -3,8 +3,10 @@
 A device profile's `[capacity] memory_budget_mb` says how much memory the functions' warm instances
 may hold together. An instance reserves its measured size before it is created and gives it back
 when it is dropped; a reservation that does not fit is refused, so no scale-up ever goes past the
-budget. What an instance weighs is measured, not guessed: `anon_rss_bytes` around its creation
-(see `FunctionSandbox`).
+budget. What an instance weighs is measured, not guessed, and only what it adds: `anon_rss_bytes`
+around its instantiation (under the instantiation lock), plus what its first call wrote to its own
+linear memories (`edgefn.functions.memory.private_bytes`: that instance's pages alone, so neither the
+host's allocations nor other instances' first calls running at the same time count; see `FunctionSandbox`).
 """
 
 from __future__ import annotations

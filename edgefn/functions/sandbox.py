@@ -78,13 +78,16 @@ class Runtime:
     """The process-wide wasmtime engine, its epoch ticker, the compiled-component cache, the memory
     budget every function's instances share (`memory_budget_mb`; None: unbounded) and the pool
     keeper that releases idle instances. `watch_memory`: note each instance's linear memories as it is
-    made (one read of the process's memory map, for usage metering's peak memory)."""
+    made (one read of the process's memory map, for usage metering's peak memory); always done under a
+    budget, which counts each instance for what its own memories hold (`memory.private_bytes`)."""
 
     def __init__(self, cache_dir: Path, memory_budget_mb: int | None = None, *, watch_memory: bool = True):
         self.engine = compiler.engine()
-        self.watch_memory = watch_memory
+        self.watch_memory = watch_memory or memory_budget_mb is not None
         self.budget = MemoryBudget(None if memory_budget_mb is None else memory_budget_mb << 20)
         self._pools: weakref.WeakSet[FunctionSandbox] = weakref.WeakSet()
+        # sha256 -> the component loaded from those bytes, while a function holds it (`load`).
+        self._components: weakref.WeakValueDictionary[str, wc.Component] = weakref.WeakValueDictionary()
         self.target = compiler.host_target()
         self.cache_dir = Path(cache_dir)
         if self.cache_dir.is_dir() and (left := remove_leftovers(self.cache_dir)):
@@ -116,8 +119,16 @@ class Runtime:
         matches (no compile at all), else compiled for this CPU once, in a child process, then mapped from
         the cache. Compiling peaks at hundreds of MB: in the daemon, that would stay in its RSS. An artifact
         not trusted yet is loaded in a child first (edgefn/functions/trial.py): one that crashes it is not
-        mapped here."""
+        mapped here. Functions of the same component (the same bytes: copies that differ in their manifests)
+        share it, loaded once while any of them holds it: loaded per function, its compiled code was mapped
+        once each (about 20 MiB more RSS per digits function, though the page cache holds those pages once)."""
         digest = file_sha256(Path(wasm))
+        component = self._components.get(digest)
+        if component is None:
+            component = self._components[digest] = self._load(Path(wasm), digest)
+        return component
+
+    def _load(self, wasm: Path, digest: str) -> wc.Component:
         shipped = compiler.precompiled(Path(wasm), self.target)
         if shipped.exists() and (component := self._shipped(shipped, digest)) is not None:
             return component
@@ -244,6 +255,8 @@ class _Instance:
     events: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     reserved: int = 0  # bytes of the memory budget it holds
+    made_bytes: int = 0  # what instantiating it added to the process's own memory
+    written: int | None = None  # its memories' own bytes before its first call (`FunctionSandbox._own`)
 
     def drop(self) -> None:
         """Free the store (its linear memory goes back to the OS) and the stderr file."""
@@ -388,14 +401,13 @@ class FunctionSandbox:
 
     def _probe(self) -> _Instance:
         """A first instance, made at load so that a broken component fails the load and not an event;
-        what it adds to the process's own memory is what each instance is counted for, until an
-        instance's first call shows more (`_measured_first_call`)."""
-        before = anon_rss_bytes()
+        what instantiating it added is what each instance is counted for, until an instance's first
+        call shows more (`_measured_first_call`)."""
+        self._creations: list[int] = []  # what the last instantiations added to the process's own memory
+        self._first_calls: list[int] = []  # what the last instances' first calls added to their memories
+        self._releases: list[int] = []  # what the last instances released held, each
         probe = self._new_instance()
-        self._creation_bytes = max(anon_rss_bytes() - before, 0)
-        self._first_calls: list[int] = []  # what the last instances' first calls added
-        self._releases: list[int] = []  # what releasing the last idle instances gave back, each
-        self.instance_bytes = max(self._creation_bytes, _MIN_INSTANCE_BYTES)
+        self._estimate()
         log.debug("%s: an instance holds about %.1f MiB", self.manifest.name, self.instance_bytes / 2**20)
         return probe
 
@@ -445,7 +457,10 @@ class FunctionSandbox:
         store.set_epoch_deadline(1 << 62)  # instantiation runs the guest's start code
         try:
             with memory.watch() if self.runtime.watch_memory else memory.unwatched() as memories:
+                # Under the instantiation lock: no other instance is being made meanwhile.
+                before = anon_rss_bytes()
                 instance = self._linker.instantiate(store, self.component)
+                made_bytes = max(anon_rss_bytes() - before, 0)
         except wasmtime.WasmtimeError as exc:
             raise BuildError(f"{self.manifest.name}: cannot instantiate: {exc}") from None
         func = instance.get_func(store, "handle")
@@ -453,9 +468,31 @@ class FunctionSandbox:
             raise BuildError(f"{self.manifest.name}: the component exports no `handle`")
         batch, latin1 = instance.get_func(store, "handle-batch"), instance.get_func(store, "handle-latin1")
         made = _Instance(store, ExportCall(store, func), batch and ExportCall(store, batch),
-                         latin1 and ExportCall(store, latin1), stderr, memories=memories)
+                         latin1 and ExportCall(store, latin1), stderr, made_bytes=made_bytes, memories=memories)
         self._made[id(made)] = made
+        with self._cond:
+            self._creations = [*self._creations[-8:], made_bytes]
         return made
+
+    def _own(self, inst: _Instance) -> int | None:
+        """What the instance's own linear memories hold in RAM (`memory.private_bytes`): read for it alone,
+        whatever other threads do meanwhile. None where its memories are not known (no budget, metering off)."""
+        return memory.private_bytes(inst.memories, self.limits.memory_mb << 20) if inst.memories else None
+
+    def _grown(self, inst: _Instance, anon_before: int) -> int:
+        """What an instance's first call made it hold: what its own memories gained; where they cannot be
+        read, what the process's own memory grew by since `anon_before` (other threads' work counts too)."""
+        own = self._own(inst)
+        if own is None or inst.written is None:
+            return anon_rss_bytes() - anon_before
+        return own - inst.written
+
+    def _size(self, inst: _Instance) -> int | None:
+        """What a warm instance holds now: what instantiating it added and what its memories gained since
+        its first call (None where they cannot be read)."""
+        if inst.written is None or (own := self._own(inst)) is None:
+            return None
+        return inst.made_bytes + max(own - inst.written, 0)
 
     def memory_bytes(self) -> int:
         """The linear memory of the largest instance alive now (a guest's memory never shrinks: its peak)."""
@@ -580,9 +617,9 @@ class FunctionSandbox:
                 if inst.events:
                     result = call(inst)
                 else:  # its first call: the guest's runtime warms up, and what it holds is measured
-                    before = anon_rss_bytes()
+                    inst.written, before = self._own(inst), anon_rss_bytes()
                     result = call(inst)
-                    fits = self._measured_first_call(inst, anon_rss_bytes() - before)
+                    fits = self._measured_first_call(inst, self._grown(inst, before))
             except wasmtime.WasmtimeError as exc:
                 keep, failure = False, _classify(exc, inst.stderr, self.limits.timeout_ms, self.limits.memory_mb)
                 raise failure from None
@@ -599,11 +636,11 @@ class FunctionSandbox:
                 self._costs.note(time.perf_counter() - started, failed=not keep, events=events)
 
     def _measured_first_call(self, inst: _Instance, grown: int) -> bool:
-        """What an instance's first call adds to the process's memory (the guest's runtime warming up)
-        is part of what it holds. The function's estimate is what creating one added plus the median
-        of the last first calls (a median: other threads allocate meanwhile, and the function's very
-        first call may load what the host shares, such as a model), or what releasing warm ones gave
-        back where that is more (`_estimate`). This instance's reservation grows
+        """What an instance's first call adds to its own memories (the guest's runtime warming up) is
+        part of what it holds; what the host allocates meanwhile (a model's first run, other functions'
+        calls) is not. The function's estimate is what creating one added plus what a first call adds
+        (medians of the last few), or what warm ones held when released where that is more
+        (`_estimate`). This instance's reservation grows
         to the estimate if the budget has room; if not, False: it is dropped after this call, so the
         budget is never exceeded."""
         with self._cond:
@@ -620,12 +657,12 @@ class FunctionSandbox:
 
     def _estimate(self) -> None:
         """What an instance is counted for (under `_cond`): the larger of what a new one comes to after its
-        first call and what releasing a warm one gave back (medians of the last few), within
-        [1 MiB, memory_mb]."""
+        first call and what a warm one held when released (medians of the last few: the very first
+        instantiation of a component also sets up what its instances share), within [1 MiB, memory_mb]."""
         def median(values: list[int]) -> int:
             return sorted(values)[len(values) // 2] if values else 0
 
-        estimate = max(self._creation_bytes + median(self._first_calls), median(self._releases))
+        estimate = max(median(self._creations) + median(self._first_calls), median(self._releases))
         self.instance_bytes = min(max(estimate, _MIN_INSTANCE_BYTES), self.limits.memory_mb << 20)
 
     def _take(self) -> _Instance:
@@ -727,15 +764,14 @@ class FunctionSandbox:
                    and now - self._idle[0].idle_since >= idle_s):
                 released.append(self._idle.pop(0))
         if released:
-            before = anon_rss_bytes()
+            sizes = [size for inst in released if (size := self._size(inst)) is not None]
             for inst in released:
                 inst.drop()
             return_freed_memory()
-            freed = (before - anon_rss_bytes()) // len(released)
             for inst in released:
                 self._lost_one(inst.reserved)
             with self._cond:  # what a warm instance held, measured as it goes: part of the estimate
-                self._releases = [*self._releases[-8:], max(freed, 0)]
+                self._releases = [*self._releases, *sizes][-9:]
                 self._estimate()
             log.debug("%s: scaled down to %d instances (%d idle for %g s)", self.manifest.name, self._live,
                       len(released), idle_s)
