@@ -13,12 +13,15 @@ cost of an fsync per commit. After a restart, `outbox()` returns the undelivered
 order they were answered, and `pending()` every event not yet answered, in arrival order: the
 daemon publishes the first again and runs the second again, marking both as possible duplicates.
 
-A full disk. SQLite needs free space to delete: the pages a delete changes go to the WAL first
-(measured: about one byte free per byte of events deleted). So a reserve file of `reserve_bytes`
-sits next to the journal; when a settle fails for lack of space the reserve is given back and the
-settle goes through. Meanwhile new events are refused whole (`DiskFull`, nothing acknowledged) and
-`problem` says why; `checkpoint()` re-creates the reserve and resumes once space has returned.
-`checkpoint()` also shrinks the files once the journal is empty (the WAL and the freed pages).
+A full disk. SQLite needs free space to delete: the pages a delete changes go to the WAL first.
+With `secure_delete=FAST` that is the b-tree pages only (measured: 144 kB of WAL to forget 154
+events of 250 kB; a SQLite built with SECURE_DELETE zeroes every freed page through the WAL, 38 MB,
+so a settle on a full disk needed as much room as it would free). A reserve file of `reserve_bytes`
+sits next to the journal; when a settle (or its write of the mark) fails for lack of space the
+reserve is given back and the settle goes through. Meanwhile new events are refused whole
+(`DiskFull`, nothing acknowledged) and `problem` says why; `checkpoint()` re-creates the reserve
+and resumes once space has returned. `checkpoint()` also shrinks the files once the journal is
+empty (the WAL and the freed pages).
 
 Giving space back. A deleted row's pages stay in the file as free pages, which new rows reuse; a
 flood leaves many more of them than the journal will hold again. So the file is made with
@@ -96,6 +99,11 @@ _OUTBOX_DELIVERY = (("qos", "INTEGER NOT NULL DEFAULT 1"), ("retain", "INTEGER N
 
 def _setup(db: sqlite3.Connection, durability: str) -> None:
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only: lets it shrink
+    # Where SQLite is built with SECURE_DELETE (Debian's, Ubuntu's), a delete writes zeros over every page it
+    # frees, through the WAL: a settle would need as much free disk as the events it forgets (38 MB for 154
+    # events of 250 kB, more than the reserve: a full disk stayed full). FAST zeroes only the pages it writes
+    # anyway; a payload's freed overflow pages keep their bytes until reused or given back (incremental vacuum).
+    db.execute("PRAGMA secure_delete=FAST")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     db.execute("PRAGMA busy_timeout=10000")  # another process on the same file waits, not fails
