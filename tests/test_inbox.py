@@ -13,7 +13,7 @@ import pytest
 from edgefn.errors import DiskFull, JournalFull
 from edgefn.events import Message
 from edgefn.journal.inbox import _SCHEMA, Inbox
-from edgefn.journal.mark import acknowledge_damage
+from edgefn.journal.mark import acknowledge_damage, mark_path
 from tests.conftest import fill
 
 
@@ -109,6 +109,28 @@ def test_full_disk_refuses_new_events_whole_and_still_settles(small_disk: Path, 
         inbox.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and not errors[0].exc_info  # one line, not a traceback per try
+
+
+def test_a_journal_closed_on_a_full_disk_counts_no_answered_event_lost_at_the_next_start(
+        small_disk: Path, caplog: pytest.LogCaptureFixture):
+    """A settle on a full disk whose write of the mark fails: the journal forgets the answered events, and
+    the mark must too, or the next start says they were lost (it did: 250 events "lost", all answered)."""
+    path = small_disk / "inbox.sqlite"
+    inbox = Inbox(path, reserve_bytes=512 * 1024)
+    try:
+        events = inbox.append_many([("sensors/a/x", os.urandom(1000), 0.0) for _ in range(300)])
+        with contextlib.closing(sqlite3.connect(mark_path(path))) as other:  # its WAL emptied: a write must grow it
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = fill(small_disk)
+        inbox.settle([e.id for e in events[:250]], [])  # the reserve pays
+        assert len(inbox) == 50 and inbox.problem is not None
+    finally:
+        inbox.close()  # stopped on the full disk, before space returned
+    filler.unlink()
+    with Inbox(path, reserve_bytes=512 * 1024) as again:
+        assert again.damage is None
+        assert [e.id for e in again.pending()] == [e.id for e in events[250:]]
+    assert not [r for r in caplog.records if "lost" in r.getMessage()]
 
 
 def test_full_disk_at_open_refuses_events_until_space_returns(small_disk: Path):

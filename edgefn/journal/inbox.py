@@ -67,7 +67,7 @@ from edgefn.observe.logs import Every
 
 log = logging.getLogger("edgefn.journal")
 
-RESERVE_BYTES = 8 * 1024 * 1024  # room for a settle of ~8 MB of events on a full disk (one is ~50 ms of work)
+RESERVE_BYTES = 8 * 1024 * 1024  # room on a full disk for settles (and the mark's writes) until pages go back
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # a WAL larger than this is cut back to it after each checkpoint
 KEEP_FREE_BYTES = 4 * 1024 * 1024  # free pages kept for new events to reuse; past this they go back to the disk
 VACUUM_STEP_PAGES = 256  # given back after one settle at most (1 MiB of 4 KiB pages): the group commit waits for it
@@ -339,11 +339,12 @@ class Inbox:
                 found = [f"{self._mark.path.name}: cannot be read ({exc})"]
         return "; ".join(found + self._unsaved_damage) or None
 
-    def _keep_mark(self, write: Callable[[Mark], None]) -> None:
-        """Write the mark (under the lock). A failed write leaves the mark behind the journal, which
-        loses nothing the journal holds; it is set from the journal at the next checkpoint."""
+    def _keep_mark(self, write: Callable[[Mark], None]) -> StorageError | None:
+        """Write the mark (under the lock); the error if it failed. A failed write leaves the mark out of
+        step with the journal (after a settle: still owing events the journal has answered, a false loss
+        at the next start); it is set from the journal at the next checkpoint, and at close."""
         if self._mark is None:
-            return
+            return None
         try:
             write(self._mark)
         except StorageError as exc:
@@ -351,6 +352,15 @@ class Inbox:
                 log.log(logging.WARNING if isinstance(exc, DiskFull) else logging.ERROR,
                         "%s; set from the journal again at the next checkpoint", exc)
             self._mark_behind = True
+            return exc
+        return None
+
+    def _set_mark_from_journal(self) -> StorageError | None:
+        """The mark says what the journal holds now (under the lock, the journal open)."""
+        failed = self._keep_mark(lambda mark: mark.reset(*self._held(), self._sequences()))
+        if failed is None:
+            self._mark_behind = False
+        return failed
 
     # -- a full disk --------------------------------------------------------------------------------
     @property
@@ -437,18 +447,29 @@ class Inbox:
         done = [(int(e),) for e in answered]
         gone = [(int(o),) for o in delivered]
         with self._lock:  # before the journal forgets them: a crash between the two loses nothing from sight
-            self._keep_mark(lambda mark: mark.answered(done, gone))
+            failed = self._keep_mark(lambda mark: mark.answered(done, gone))
+        if isinstance(failed, DiskFull) and self._release_reserve():  # else the mark would owe what the journal forgets
+            with self._lock:
+                self._keep_mark(lambda mark: mark.answered(done, gone))
         try:
             ids = self._settle(done, undelivered, gone)
         except DiskFull:
-            if self._reserve is None or not self._reserve.release():
+            if not self._release_reserve():
                 raise
-            log.warning("%s: gave back the %d KiB reserve to settle on a full disk", self._name, self._reserve.size >> 10)
             ids = self._settle(done, undelivered, gone)
             with self._lock, contextlib.suppress(sqlite3.OperationalError):
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the next settle reuses the WAL's space
         self._after_settle()
         return ids
+
+    def _release_reserve(self, why: str = "settle") -> bool:
+        """Give the reserve back for a write on a full disk; False if none was held. New events are
+        refused until it is held again (`_space_returned`): its room stays for settling."""
+        if self._reserve is None or not self._reserve.release():
+            return False
+        self._full(f"its reserve given back to {why}")
+        log.warning("%s: gave back the %d KiB reserve to %s on a full disk", self._name, self._reserve.size >> 10, why)
+        return True
 
     def _after_settle(self) -> None:
         """Deleted rows' pages go back to the disk, a step at a time; the budget may have room again."""
@@ -501,9 +522,8 @@ class Inbox:
                 self._space_returned()
             if self._at_budget:
                 self._over_budget(0)
-            if self._mark_behind and self._problem is None:
-                self._mark_behind = False
-                self._keep_mark(lambda mark: mark.reset(*self._held(), self._sequences()))
+            if self._mark_behind:  # on a full disk too: a daemon stopped there must not count answered events lost
+                self._set_mark_from_journal()
 
     def pending(self) -> list[Event]:
         """Events not yet answered, in arrival order (after a restart: to run again)."""
@@ -548,9 +568,20 @@ class Inbox:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                if self._mark_behind:
+                    self._set_mark_at_close()
                 self._db.close()
                 if self._mark is not None:
                     self._mark.close()
+
+    def _set_mark_at_close(self) -> None:
+        """Stopped before a checkpoint set the mark (a full disk): set it now, with the reserve's room if
+        need be (the next start holds the reserve again where there is room), lest it count answered events lost."""
+        if isinstance(self._set_mark_from_journal(), DiskFull) and self._release_reserve("set its mark"):
+            self._set_mark_from_journal()
+        if self._mark_behind:
+            log.error("%s: its mark could not be set from the journal; the next start may count answered events "
+                      "as lost", self._name)
 
     def __enter__(self) -> Inbox:
         return self
