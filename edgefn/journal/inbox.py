@@ -568,20 +568,26 @@ class Inbox:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                if self._mark_behind:
-                    self._set_mark_at_close()
-                self._db.close()
+                held = (*self._held(), self._sequences()) if self._mark_behind else None
+                self._db.close()  # its WAL is copied back and removed: on a full disk, room for the mark
+                if held is not None:
+                    self._set_mark_at_close(*held)
                 if self._mark is not None:
                     self._mark.close()
 
-    def _set_mark_at_close(self) -> None:
-        """Stopped before a checkpoint set the mark (a full disk): set it now, with the reserve's room if
-        need be (the next start holds the reserve again where there is room), lest it count answered events lost."""
-        if isinstance(self._set_mark_from_journal(), DiskFull) and self._release_reserve("set its mark"):
-            self._set_mark_from_journal()
-        if self._mark_behind:
-            log.error("%s: its mark could not be set from the journal; the next start may count answered events "
-                      "as lost", self._name)
+    def _set_mark_at_close(self, events: set[int], unsent: set[int], high: dict[str, int]) -> None:
+        """Stopped before a checkpoint set the mark (a full disk): set it to what the journal holds, with
+        the reserve's room if need be (the next start holds it again where there is room), lest the next
+        start count answered events as lost."""
+        def reset(mark: Mark) -> None:
+            mark.reset(events, unsent, high)
+
+        failed = self._keep_mark(reset)
+        if isinstance(failed, DiskFull) and self._release_reserve("set its mark"):
+            failed = self._keep_mark(reset)
+        if failed is not None:
+            log.error("%s: its mark could not be set from the journal (%s); the next start may count answered "
+                      "events as lost", self._name, failed)
 
     def __enter__(self) -> Inbox:
         return self
