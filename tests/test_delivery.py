@@ -155,6 +155,28 @@ def test_the_journals_byte_budget_holds_a_flood_before_the_disk_is_full(broker, 
 
 
 @pytest.mark.slow
+def test_health_says_the_journal_is_at_its_budget_while_ingress_holds_events(broker, settings_for, hostile_fn):
+    """A journal at its byte budget holds new events back unacknowledged: /healthz says so, degraded
+    (it said "journal": "ok", status ok, while the senders waited), and ok again once it has drained."""
+    d = Daemon(settings_for(broker, hostile_fn, journal_max_bytes=1 << 20))
+    d.start()
+    try:
+        d.wait_connected(10)
+        publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * 250_000 for _ in range(20)])  # 300 ms each
+
+        def at_budget() -> bool:
+            health = d.health()
+            return "at its budget" in health["journal"] and health["status"] == "degraded" \
+                and "journal_max_bytes" in health["problem"]
+
+        assert eventually(at_budget, 20), d.health()
+        assert eventually(lambda: d.ingress.held == 0 and d.ingress.outstanding == 0, 120), d.ingress.held
+        assert eventually(lambda: d.health()["journal"] == "ok", 20), d.health()["journal"]
+    finally:
+        d.stop(drain_timeout=2)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["48m"], indirect=True)
 def test_a_journal_that_filled_the_disk_drains_and_answers_every_event(broker, settings_for, hostile_fn, collector,
                                                                          small_disk: Path,

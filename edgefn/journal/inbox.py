@@ -276,6 +276,14 @@ class Inbox:
         return self._at_budget
 
     @property
+    def holding(self) -> str | None:
+        """Why new events wait unacknowledged though the disk has room (the journal is at its byte budget), or None."""
+        if not self._at_budget or self.max_bytes is None:
+            return None
+        return (f"{self._name}: at its budget of {self.max_bytes >> 20} MiB on disk (journal_max_bytes): new events "
+                f"are held unacknowledged until answers make room")
+
+    @property
     def taking(self) -> bool:
         """Whether new events may come: not while the disk is full or the journal is at its budget."""
         return self._problem is None and not self._at_budget
