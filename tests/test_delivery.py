@@ -162,7 +162,8 @@ def test_health_says_the_journal_is_at_its_budget_while_ingress_holds_events(bro
     d.start()
     try:
         d.wait_connected(10)
-        publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * 250_000 for _ in range(20)])  # 300 ms each
+        # Each runs to its 300 ms deadline; each payload differs, or the same bytes would be quarantined and refused at once.
+        publish(broker.port, "sensors/dev1/hostile", [b"loop" + b" " * (250_000 + i) for i in range(20)])
 
         def at_budget() -> bool:
             health = d.health()
