@@ -301,6 +301,8 @@ class Daemon:
         idle = time.monotonic() - self.outbox.progress_at
         if pending and idle > self.settings.stall_s:
             return "stalled", f"{pending} events or answers pending, nothing published or settled for {idle:.0f} s"
+        if (holding := self.inbox.holding) is not None:  # the senders wait, as on a full disk, though not stuck
+            return "degraded", f"{holding} ({self.ingress.held} held)"
         if damage is not None:  # events may be lost: said until an operator has seen it
             return "degraded", f"journal damage (acknowledge with `edgefn journal ack-damage`): {damage}"
         if not self.connected:
@@ -323,7 +325,7 @@ class Daemon:
         return {
             "status": status,
             "problem": problem,
-            "journal": self.inbox.problem or "ok",
+            "journal": self.inbox.problem or self.inbox.holding or "ok",
             "journal_damage": damage,
             "state_damage": self.state.damage,
             "broker": "connected" if self.connected else (self.broker_error or "connecting"),

@@ -13,7 +13,7 @@ import pytest
 from edgefn.errors import DiskFull, JournalFull
 from edgefn.events import Message
 from edgefn.journal.inbox import _SCHEMA, Inbox
-from edgefn.journal.mark import acknowledge_damage
+from edgefn.journal.mark import acknowledge_damage, mark_path
 from tests.conftest import fill
 
 
@@ -109,6 +109,61 @@ def test_full_disk_refuses_new_events_whole_and_still_settles(small_disk: Path, 
         inbox.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and not errors[0].exc_info  # one line, not a traceback per try
+
+
+def _empty_wal(db: Path) -> None:
+    """Cut the WAL of the SQLite file at `db` to nothing (from another connection): its next write must grow it."""
+    with contextlib.closing(sqlite3.connect(db)) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def test_a_journal_closed_on_a_full_disk_counts_no_answered_event_lost_at_the_next_start(
+        small_disk: Path, caplog: pytest.LogCaptureFixture):
+    """A settle on a full disk whose write of the mark fails: the journal forgets the answered events, and
+    the mark must too, or the next start says they were lost (it did: 250 events "lost", all answered)."""
+    path = small_disk / "inbox.sqlite"
+    inbox = Inbox(path, reserve_bytes=512 * 1024)
+    try:
+        events = inbox.append_many([("sensors/a/x", os.urandom(1000), 0.0) for _ in range(300)])
+        _empty_wal(mark_path(path))
+        filler = fill(small_disk)
+        inbox.settle([e.id for e in events[:250]], [])  # the reserve pays
+        assert len(inbox) == 50 and inbox.problem is not None
+    finally:
+        inbox.close()  # stopped on the full disk, before space returned
+    filler.unlink()
+    with Inbox(path, reserve_bytes=512 * 1024) as again:
+        assert again.damage is None
+        assert [e.id for e in again.pending()] == [e.id for e in events[250:]]
+    assert not [r for r in caplog.records if "lost" in r.getMessage()]
+
+
+def test_a_mark_out_of_step_on_a_full_disk_is_set_from_the_journal_at_close(small_disk: Path,
+                                                                            caplog: pytest.LogCaptureFixture):
+    """The reserve already given back, a settle goes on though its write of the mark fails (the disk needs
+    the room it frees); at close, on a disk full again, the mark is set from the journal in the room that
+    the journal's WAL leaves as it closes."""
+    path = small_disk / "inbox.sqlite"
+    inbox = Inbox(path, reserve_bytes=1024 * 1024)
+    try:
+        events = inbox.append_many([("sensors/a/x", os.urandom(1000), 0.0) for _ in range(300)])
+        _empty_wal(mark_path(path))
+        fill(small_disk)
+        inbox.settle([e.id for e in events[:100]], [])  # the reserve pays
+        assert not path.with_name("inbox.sqlite.reserve").exists()
+        inbox.checkpoint()  # the journal's WAL is copied back: the next settle writes over it, in its own room
+        _empty_wal(mark_path(path))
+        fill(small_disk)  # and what the checkpoint gave back taken too
+        inbox.settle([e.id for e in events[100:250]], [])
+        assert len(inbox) == 50
+        filler = fill(small_disk)  # and what that settle gave back
+    finally:
+        inbox.close()
+    filler.unlink()
+    with Inbox(path, reserve_bytes=1024 * 1024) as again:
+        assert again.damage is None
+        assert [e.id for e in again.pending()] == [e.id for e in events[250:]]
+    assert not [r for r in caplog.records if "lost" in r.getMessage()]
 
 
 def test_full_disk_at_open_refuses_events_until_space_returns(small_disk: Path):
