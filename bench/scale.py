@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -112,11 +111,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(msg, file=sys.stderr, flush=True)
 
     ensure_built(FUNCTION)
-    cache = Path(tempfile.mkdtemp(prefix="edgefn-scale-cache-"))  # compiled once, mapped by every run
-    try:
-        rows = [restart(w, args.events, cache, say) for w in args.workers]
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    cache = Path(tempfile.gettempdir()) / "edgefn-bench-components"  # compiled once, kept for the next run
+    cache.mkdir(exist_ok=True)
+    rows = [restart(w, args.events, cache, say) for w in args.workers]
     by = {r["workers"]: r for r in rows}
     summary: dict[str, Any] = {}
     if 1 in by and 2 in by:
