@@ -90,7 +90,7 @@ def test_an_unordered_function_spreads_over_every_worker(broker, settings_for, s
     assert d.functions[0].local.workers == 4, "its instances in each worker"
     publish(broker.port, "sensors/dev1/hostile", [b"ok"] * 200)
     results.wait_for(200, timeout=60)
-    assert all("hostile" in w.memory for w in _processes(d)._workers), "a worker ran none of its batches"
+    assert all("hostile" in w.ran for w in _processes(d)._workers), "a worker ran none of its batches"
 
 
 def test_a_state_limit_is_the_guests_error_in_a_worker(broker, settings_for, started, collector, counter_fn):

@@ -5,8 +5,8 @@ pipes (the daemon's `multiprocessing.connection` framing, pickled tuples). It lo
 is given (mapping the compiled components from the cache the daemon filled, so their code pages are
 shared through the page cache) and its models, says ("ready", failed, sizes), then answers:
 
-    ("run", id, function, events)  ->  ("done", id, answers, usage, memory_bytes)   (or ("failed", id, why))
-    ("pool", id)                   ->  ("pool", id, {function: its pool}, its memory budget)
+    ("run", id, function, events)  ->  ("done", id, answers, usage)   (or ("failed", id, why))
+    ("pool", id)                   ->  ("pool", id, {function: its pool and memory}, its memory budget)
 
 Batches run concurrently, each on a thread of its own (a slow function does not hold a neighbour's
 batch; each function's instance pool is elastic here as in the daemon). A guest's `state-get` and
@@ -165,7 +165,7 @@ def serve(inbound: Connection, outbound: Connection) -> None:
             pipe.send(("failed", asked, f"{type(exc).__name__}: {exc}"))
             return
         call.done(answers)
-        pipe.send(("done", asked, answers, usage.take(name), sandbox.memory_bytes()))
+        pipe.send(("done", asked, answers, usage.take(name)))
 
     with ThreadPoolExecutor(thread_name_prefix="edgefn-batch") as batches:
         while True:
@@ -179,8 +179,8 @@ def serve(inbound: Connection, outbound: Connection) -> None:
             elif kind == "state":
                 pipe.answered(message[1], message[2:])
             elif kind == "pool":
-                pipe.send(("pool", message[1], {name: sb.pool() for name, sb in sandboxes.items()},
-                           runtime.budget.snapshot()))
+                pipe.send(("pool", message[1], {name: {**sb.pool(), "memory_bytes": sb.memory_bytes()}
+                                                for name, sb in sandboxes.items()}, runtime.budget.snapshot()))
             else:
                 break
         pipe.closed()

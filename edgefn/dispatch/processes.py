@@ -77,7 +77,7 @@ class _Worker:
 
     def __init__(self, index: int, spec: WorkerSpec, state: StateStore):
         self.index, self._state = index, state
-        self.memory: dict[str, int] = {}  # function -> its largest instance's linear memory there
+        self.ran: set[str] = set()  # the functions it has run batches of
         self.loaded: tuple[dict[str, str], dict[str, int]] | None = None  # once ready: what `ready` returns
         self.running = 0  # batches sent and not answered (guarded by WorkerProcesses._lock)
         self._ready = threading.Event()
@@ -280,8 +280,8 @@ class WorkerProcesses:
                 worker.running -= 1
         if answer[0] == "failed":
             raise EdgefnError(f"worker process {worker.index}: {answer[2]}")
-        _, _, answers, usage, memory = answer
-        worker.memory[function] = memory
+        _, _, answers, usage = answer
+        worker.ran.add(function)
         self._usage.add(function, usage)
         return answers
 
@@ -325,7 +325,8 @@ class WorkerProcesses:
                 "peak_mb": round(sum(b["peak_mb"] for b in budgets), 1)}
 
     def memory_bytes(self, function: str) -> int:
-        return max((w.memory.get(function, 0) for w in self._workers), default=0)
+        """The linear memory of the function's largest instance in any worker (read there: a map read)."""
+        return max((int(p[function]["memory_bytes"]) for p, _ in self._pools() if function in p), default=0)
 
     def release(self) -> None:
         """One function of these workers is closed; the last one stops them."""
