@@ -9,8 +9,9 @@ processes; N: N worker processes), in a fresh state folder:
   2. a daemon (in this process, examples/functions/digits, a stock mosquitto on loopback: its answers
      are published there, to no subscriber) is started and answers them;
   3. measured: seconds from start() to the first answer and to the last, the rate between them
-     (events/s), and the CPU seconds of the daemon's process and of its worker processes (Linux /proc)
-     per 1,000 events.
+     (events/s), the CPU seconds of the daemon's process and of its worker processes (Linux /proc)
+     per 1,000 events, and their RSS and PSS at the end (this process is the daemon's: it counts the
+     bench's own imports too, scikit-learn's digits among them).
 
 Target (issue: functions on every core): 2 workers answer at >= 1.7x the rate of 1 worker. The
 machine's cores are shared with the broker (which takes every answer) and this process's intake; the
@@ -84,7 +85,9 @@ def restart(workers: int, n: int, cache: Path, say: Any) -> dict[str, Any]:
                 time.sleep(0.02)
             finished = time.perf_counter()
             intake_cpu = time.process_time() - cpu0
-            worker_cpu = sum(_cpu_seconds(pid) or 0.0 for pid in _children(os.getpid()) if _is_worker(pid))
+            workers_now = [pid for pid in _children(os.getpid()) if _is_worker(pid)]
+            worker_cpu = sum(_cpu_seconds(pid) or 0.0 for pid in workers_now)
+            memory = {"daemon": _memory_mb(os.getpid()), "workers": [_memory_mb(pid) for pid in workers_now]}
         finally:
             daemon.stop(drain_timeout=5)
     assert first is not None, "nothing was answered"
@@ -92,10 +95,23 @@ def restart(workers: int, n: int, cache: Path, say: Any) -> dict[str, Any]:
     row = {"workers": workers, "events": n, "answered": done, "first_answer_s": round(first[0] - started, 2),
            "all_answered_s": round(finished - started, 2), "rate_eps": round(rate, 1),
            "daemon_cpu_s_per_1000": round(intake_cpu / done * 1000, 3),
-           "worker_cpu_s_per_1000": round(worker_cpu / done * 1000, 3)}
+           "worker_cpu_s_per_1000": round(worker_cpu / done * 1000, 3),
+           "rss_mb": round(memory["daemon"]["Rss"] + sum(m["Rss"] for m in memory["workers"]), 1),
+           "pss_mb": round(memory["daemon"]["Pss"] + sum(m["Pss"] for m in memory["workers"]), 1),
+           "memory_mb": memory}
     say(f"workers {workers}: {row['rate_eps']:,.0f} events/s after the first answer at {row['first_answer_s']} s; "
-        f"CPU per 1,000 events: daemon {row['daemon_cpu_s_per_1000']} s, workers {row['worker_cpu_s_per_1000']} s")
+        f"CPU per 1,000 events: daemon {row['daemon_cpu_s_per_1000']} s, workers {row['worker_cpu_s_per_1000']} s; "
+        f"RSS {row['rss_mb']} MiB, PSS {row['pss_mb']} MiB (daemon and workers, this process included)")
     return row
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """Rss and Pss of a process (smaps_rollup), MiB."""
+    rollup = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        rollup[key] = int(value.split()[0]) / 1024
+    return {"Rss": round(rollup["Rss"], 1), "Pss": round(rollup["Pss"], 1)}
 
 
 def _is_worker(pid: int) -> bool:
