@@ -258,7 +258,11 @@ class WorkerProcesses:
         worker = self._pick(pin)
         try:
             if worker.loaded is None:  # its first batch: intake ran while it loaded
-                self._booked(*worker.ready())
+                try:
+                    self._booked(*worker.ready())
+                except EdgefnError:  # it died loading: not this batch's doing; the next batch finds a new one
+                    self._restart(worker)
+                    raise
             if function in self.failed:
                 return [NotLoaded(f"function {function} does not load: {self.failed[function]}")] * len(events)
             within = len(events) * self._timeouts[function] + ANSWER_SLACK_S
