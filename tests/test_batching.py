@@ -302,8 +302,9 @@ def batch_histogram(d: Daemon, model: str, where: str = "local") -> tuple[float,
 @pytest.mark.broker
 def test_a_daemon_with_batching_on_answers_as_without(broker, collector, settings_for, digits_fn):
     results = collector("results/+/digits")
+    # workers=0: the batch histogram of this process (a worker process's is its own)
     d = Daemon(settings_for(broker, digits_fn, batch_max=16, batch_wait_ms=5, model_variants={"digits": "fp32"},
-                               metrics_port=0))
+                               metrics_port=0, workers=0))
     d.start()
     try:
         d.wait_connected(10)

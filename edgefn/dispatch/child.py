@@ -131,6 +131,7 @@ def serve(inbound: Connection, outbound: Connection) -> None:
     from edgefn.functions.host import FunctionHost
     from edgefn.functions.manifest import load_manifest
     from edgefn.functions.sandbox import FunctionSandbox, Runtime
+    from edgefn.inference.batching import Batcher
     from edgefn.observe.metrics import Metrics
 
     s = spec.settings
@@ -139,13 +140,15 @@ def serve(inbound: Connection, outbound: Connection) -> None:
     runtime = Runtime(s.state_dir / "components", memory_budget_mb=spec.memory_budget_mb, watch_memory=s.metering)
     registry = make_registry(s, spec.profile, spec.model_dirs, spec.pins)
     state = _StateOverPipe(pipe)
+    # Concurrent batches' infer calls of one model stacked into one run, as in the daemon's process.
+    batcher = Batcher(registry, None, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000)
     sandboxes: dict[str, FunctionSandbox] = {}
     failed: dict[str, str] = {}
     for fn in spec.functions:
         try:
             manifest = load_manifest(fn.folder)
             host = FunctionHost(manifest.name, registry, state, None, "never", manifest.confidence_threshold,
-                                metrics, log_lines_per_s=manifest.limits.log_lines_per_s,
+                                metrics, batcher=batcher, log_lines_per_s=manifest.limits.log_lines_per_s,
                                 log_bytes_per_s=manifest.limits.log_bytes_per_s)
             for model in manifest.models.use:
                 registry.choice(model)  # loaded now: a missing model fails the start, not an event
