@@ -556,3 +556,53 @@ def test_a_client_not_yet_looping_writes_a_large_publish_without_hanging(broker:
             client.loop_stop()
             client.disconnect()
         results.close()
+
+
+def _counting(client: mqtt.Client, name: str) -> list[int]:
+    """Count the calls of one of the client's methods (the method itself still runs)."""
+    calls: list[int] = []
+    method = getattr(client, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    setattr(client, name, counted)
+    return calls
+
+
+def test_a_burst_is_read_many_packets_a_read_each_one_whole(broker: LocalBroker, tmp_path: Path):
+    """A burst waiting in the socket is read a chunk at a time, not a packet (paho's own reads: three at least a
+    packet, and one packet each time its loop wakes); every packet arrives whole and in order, one of 100 KB
+    across several reads too."""
+    client = _daemon_client(broker, tmp_path)
+    got: list[bytes] = []
+    first, release = threading.Event(), threading.Event()
+
+    def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        first.set()
+        release.wait(10)  # the rest of the burst piles up in the socket meanwhile
+        got.append(msg.payload)
+        c.ack(msg.mid, msg.qos)
+
+    client.on_message = on_message
+    client.subscribe("burst/#", 1)
+    bodies = [f"{i}:".encode() + (b"x" * 100_000 if i % 50 == 25 else b"y" * 200) for i in range(300)]
+    recvs = _counting(client, "_sock_recv")
+    try:
+        time.sleep(0.3)  # the SUBACK
+        sensor = _sensor(broker.port)
+        sensor.publish("burst/one", bodies[0], qos=1)
+        assert first.wait(5)
+        for body in bodies[1:]:
+            sensor.publish("burst/one", body, qos=1)
+        time.sleep(1.0)  # the broker writes the rest to our socket
+        release.set()
+        assert eventually(lambda: len(got) == len(bodies), 20)
+        assert got == bodies
+        assert len(recvs) < 60, f"{len(recvs)} reads for {len(bodies)} packets"
+    finally:
+        release.set()
+        client.loop_stop()
+        client.disconnect()
+

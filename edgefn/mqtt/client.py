@@ -19,8 +19,12 @@ ms of an answer's way out, one event at a time. One lock orders the writers; pah
 was queued under the same lock. paho's own packets stay with paho (written inline too, they measured no
 better). Not with TLS: one SSL object must not read on one thread while it writes on another.
 
-It leans on paho-mqtt 2's `loop_read`, `_check_keepalive`, `_packet_queue`, `_packet_write` and their
-state (`_last_bytes_received`, `_last_msg_out`, `_ping_t`, `_out_packet`, `_thread`; pinned below 3 in
+Reading a chunk at a time: what the socket holds is read at once (up to 64 KiB) and every whole packet in
+it handled, where paho reads each packet in three reads or more, one packet per wake of its loop.
+
+It leans on paho-mqtt 2's `loop_read`, `_packet_read`, `_packet_handle`, `_check_keepalive`, `_packet_queue`,
+`_packet_write` and their state (`_in_packet`, `_last_bytes_received`, `_last_msg_out`, `_ping_t`, `_out_packet`,
+`_thread`; pinned below 3 in
 pyproject.toml; tests/test_connection.py pauses a real connection longer than its keepalive, keeps one
 whose broker reads it late, and writes from many threads at once).
 """
@@ -40,6 +44,7 @@ from edgefn.errors import BrokerError
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux only; elsewhere setsockopt fails and is ignored
 _PAUSED_WAIT_S = 0.005  # the socket stays readable while paused: wait this long per loop instead of spinning
+_READ_CHUNK = 64 * 1024  # read from the socket at once: a burst's packets come a few hundred per read
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
@@ -85,6 +90,72 @@ class PausableClient(mqtt.Client):
         # One writer to the socket at a time, paho's thread or another. Re-entrant: before loop_start, paho
         # writes the rest of a packet from within _packet_queue (loop_write) while the inline write holds it.
         self._writing = threading.RLock()
+        self._read = bytearray()  # bytes read from the socket and not handled yet: at most a part of one packet
+        self._next = 0  # while handling the packets of a read: where the next one begins in `_read`
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self._read.clear()  # a part of a packet of the old connection
+        return super().reconnect()
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes of a next packet were read already (the rest of it, if any, is on its way)."""
+        return len(self._read) > self._next
+
+    def _packet_read(self) -> mqtt.MQTTErrorCode:
+        """Read what the socket holds, up to _READ_CHUNK, in one call, and handle every whole packet in it.
+
+        paho reads a packet in three reads at least (its first byte, its length a byte at a time, the
+        rest), and one packet per wake of its loop; in a burst that was most of what an event cost
+        here. What is left of a packet waits in `_read` for the rest of its bytes. Packets read while
+        reading is paused are handled all the same: they are in memory already (at most a chunk)."""
+        try:
+            data = self._sock_recv(_READ_CHUNK)
+        except BlockingIOError:
+            return mqtt.MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if not data:
+            return mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        buf = self._read
+        buf += data
+        pos, end = 0, len(buf)
+        rc = mqtt.MQTTErrorCode.MQTT_ERR_AGAIN  # all handled: paho's loop_read stops reading
+        while pos + 2 <= end:
+            length, mult, at = 0, 1, pos + 1  # the remaining length: a byte at a time, 7 bits each
+            while at < end:
+                byte = buf[at]
+                length += (byte & 127) * mult
+                at += 1
+                if not byte & 128:
+                    break
+                mult *= 128
+                if at - pos > 4:
+                    return mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL  # past the 4 bytes MQTT allows
+            else:
+                break  # its length is not all here yet
+            if at + length > end:
+                break  # its body is not all here yet
+            self._in_packet = {"command": buf[pos], "have_remaining": 1, "remaining_count": [],
+                               "remaining_mult": 1, "remaining_length": length, "packet": buf[at:at + length],
+                               "to_process": 0, "pos": 0}
+            pos = self._next = at + length
+            try:
+                handled = self._packet_handle()
+            except mqtt.MalformedPacket as exc:
+                self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+                handled = mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL
+            if handled or self._sock is None:  # an error, or the callback disconnected
+                rc = handled
+                break
+        del buf[:pos]
+        self._next = 0
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": 0, "packet": bytearray(), "to_process": 0, "pos": 0}
+        return rc
 
     def _packet_write(self) -> mqtt.MQTTErrorCode:
         with self._writing:

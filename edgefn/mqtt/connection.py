@@ -420,7 +420,10 @@ class Connection:
         """True when bytes of a next packet are already waiting on the socket of the session whose
         thread asks (used to group commits)."""
         session = next((s for s in self._sessions.values() if s.reading), None)
-        sock = (session or next(iter(self._sessions.values()))).link.client.socket()
+        client = (session or next(iter(self._sessions.values()))).link.client
+        if client.buffered:  # read with the event being handled: no need to ask the socket
+            return True
+        sock = client.socket()
         if sock is None:
             return False
         pending = getattr(sock, "pending", None)  # TLS: decrypted bytes held by the SSL layer
