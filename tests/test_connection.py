@@ -606,3 +606,33 @@ def test_a_burst_is_read_many_packets_a_read_each_one_whole(broker: LocalBroker,
         client.loop_stop()
         client.disconnect()
 
+
+def test_acknowledgements_of_a_group_go_out_in_one_write_and_the_broker_takes_them(tmp_path: Path):
+    """ack_many: one packet of PUBACKs queued for 45 events; the broker takes every one of them: after a
+    reconnect of the persistent session it sends again only the 5 left unacknowledged."""
+    with LocalBroker() as broker:
+        settings = load_settings(broker=broker.url, state_dir=tmp_path, client_id=f"acks-{time.monotonic_ns()}")
+        got: list[tuple[bytes, bool]] = []
+        mids: list[int] = []
+
+        def on_message(_topic: str, payload: bytes, mid: int, _qos: int, dup: bool, *_: object) -> None:
+            got.append((payload, dup))
+            mids.append(mid)
+
+        conn = Connection(settings, on_message, ["acks/#"])
+        conn.start()
+        try:
+            conn.wait_connected(5)
+            publish(broker.port, "acks/one", [b"%d" % i for i in range(50)])
+            assert eventually(lambda: len(got) == 50, 10)
+            queued = _counting(conn._sessions["normal"].link.client, "_packet_queue")
+            conn.ack_many(mids[:45], "normal")
+            assert len(queued) == 1
+            time.sleep(0.5)  # the broker reads them
+            got.clear()
+            conn._sessions["normal"].link.drop()  # paho reconnects; the broker resends what was not acknowledged
+            assert eventually(lambda: len(got) >= 5, 10)
+            time.sleep(0.5)
+            assert got == [(b"%d" % i, True) for i in range(45, 50)]
+        finally:
+            conn.stop()

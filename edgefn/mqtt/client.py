@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -44,6 +45,7 @@ from edgefn.errors import BrokerError
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux only; elsewhere setsockopt fails and is ignored
 _PAUSED_WAIT_S = 0.005  # the socket stays readable while paused: wait this long per loop instead of spinning
+_PUBACK = struct.Struct("!BBH")  # a PUBACK with no reason code (success): its type, its length (2), the packet id
 _READ_CHUNK = 64 * 1024  # read from the socket at once: a burst's packets come a few hundred per read
 
 
@@ -96,6 +98,12 @@ class PausableClient(mqtt.Client):
     def reconnect(self) -> mqtt.MQTTErrorCode:
         self._read.clear()  # a part of a packet of the old connection
         return super().reconnect()
+
+    def ack_many(self, mids: list[int]) -> mqtt.MQTTErrorCode:
+        """Acknowledge these QoS 1 messages (manual acks): their PUBACKs written as one, where paho
+        queues, wakes its thread for and writes each apart."""
+        packet = b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids])
+        return self._packet_queue(mqtt.PUBACK, packet, 0, 0)
 
     @property
     def buffered(self) -> bool:

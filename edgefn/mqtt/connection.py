@@ -442,6 +442,12 @@ class Connection:
             session.acked_at = time.monotonic()
             session.link.client.ack(mid, qos)
 
+    def ack_many(self, mids: list[int], priority: Priority = "normal") -> None:
+        """Acknowledge these events, received at QoS 1 on the session of `priority`, in one write."""
+        session = self._sessions[priority]
+        session.acked_at = time.monotonic()
+        session.link.client.ack_many(mids)
+
     def _silence_excused(self, session: _Events) -> bool:
         """Whether the broker's silence on an events session (not even a PINGRESP) is explained.
 
