@@ -636,3 +636,49 @@ def test_acknowledgements_of_a_group_go_out_in_one_write_and_the_broker_takes_th
             assert got == [(b"%d" % i, True) for i in range(45, 50)]
         finally:
             conn.stop()
+
+
+def test_events_without_properties_skip_pahos_decoding_and_arrive_as_paho_would_hand_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A PUBLISH with no properties (most sensors' events) is handed over without paho's MQTTMessage and
+    Properties; one with properties (a hop count) still goes paho's way. Topic, payload, QoS and hop count
+    arrive alike either way."""
+    import paho.mqtt.client as paho_client
+
+    decoded: list[int] = []
+    decode = paho_client._packet.decode_publish
+
+    def counted(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(paho_client._packet, "decode_publish", counted)
+    with LocalBroker() as broker:
+        settings = load_settings(broker=broker.url, state_dir=tmp_path, client_id=f"plain-{time.monotonic_ns()}")
+        got: list[tuple[str, bytes, int, int]] = []
+
+        def on_message(topic: str, payload: bytes, mid: int, qos: int, dup: bool, _p: object, hop: int) -> None:
+            got.append((topic, payload, qos, hop))
+            if qos:
+                conn.ack(mid, qos)
+
+        conn = Connection(settings, on_message, ["plain/#"])
+        conn.start()
+        sensor = _sensor(broker.port)
+        try:
+            conn.wait_connected(5)
+            for i in range(50):
+                sensor.publish(f"plain/{i % 3}", b"%d" % i, qos=i % 2)
+            assert eventually(lambda: len(got) == 50, 10)
+            assert decoded == []
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = ("edgefn-hop", "3")
+            sensor.publish("plain/hop", b"h\xffop", qos=1, properties=props)
+            assert eventually(lambda: len(got) == 51, 10)
+            assert len(decoded) == 1
+        finally:
+            sensor.loop_stop()
+            sensor.disconnect()
+            conn.stop()
+    assert sorted(got[:50]) == sorted((f"plain/{i % 3}", b"%d" % i, i % 2, 0) for i in range(50))  # QoS 0 may pass QoS 1
+    assert got[50] == ("plain/hop", b"h\xffop", 1, 3)

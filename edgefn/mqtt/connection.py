@@ -234,6 +234,8 @@ class _Events:
         client.on_message = lambda _c, _u, msg: conn._on_message(
             msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.dup), priority,
             hop_of(getattr(msg.properties, "UserProperty", None)))
+        client.on_plain_publish = lambda topic, payload, mid, qos, dup: conn._on_message(  # no properties: hop 0
+            topic, payload, mid, qos, dup, priority, 0)
         client.on_subscribe = lambda _c, _u, mid, reasons, _p: self.subscriptions.acknowledged(mid, reasons)
         client.silence_excused = lambda: conn._silence_excused(self)  # type: ignore[method-assign]
         self.acked_at = 0.0  # when this session last acknowledged an event (monotonic)
