@@ -21,21 +21,22 @@ client's topic, then to the daemon's. Measured:
           over that time. Ingress acknowledges each group right after its commit, on the same thread
           (before it reads the next packet), so this is the rate of events journaled and acknowledged;
           after each round the daemon's edgefn_events_received_total (counted after the PUBACK) must
-          have grown by the burst, and the inbox emptied.
+          have grown by the events journaled, and the inbox emptied.
   paho    the client's own clock at its first and last message of the burst: (n - 1) / that time.
-
-A burst ends when every event came, or none more for 2 s: a stock mosquitto (2.0.11 here) drops QoS 1
-messages for a subscriber that reads slower than the burst comes, Receive Maximum 65535 or not,
-once about a thousand wait for its socket. What each subscriber never got is reported as lost at the
-broker: the journal can be the buffer only for what intake reads in time.
   broker  the publishers' clock from their first write to the last PUBACK: how fast the broker took
           the burst in (an upper bound on what either subscriber can be seen to take).
 
-Also each subscriber's CPU time per event (user + system, /proc), which load from other programs on
-the machine does not change as it changes the rates. With two CPUs or more (--pin, the default
-there), the daemon and the paho client run on one CPU (taskset) and the broker, the publishers and
-this process on another, so that the subscriber's rate is its own. Rounds alternate paho and edgefn;
-medians are reported.
+A burst ends when every event came, or none more for 2 s: a stock mosquitto (2.0.11 here) drops QoS 1
+messages for a subscriber that reads slower than the burst comes, even with a Receive Maximum of 65535
+(thousands of a burst: its $SYS/broker/publish/messages/dropped counts them). What each subscriber
+never got is reported as lost at the broker: the journal can be the buffer only for what intake reads
+in time.
+
+Also each subscriber's CPU time per event (user + system, /proc): less at the mercy of other programs'
+load than the rates are, not free of it (paho alone measured 45-85 us an event on a shared machine).
+With two CPUs or more (--pin, the default there), the daemon and the paho client run on one CPU
+(taskset) and the broker, the publishers and this process on another, so that the subscriber's rate
+is its own. Rounds alternate paho and edgefn; medians are reported.
 
     .venv/bin/python bench/intake.py [--events 30000] [--rounds 3] [--payload-bytes 200] [--no-pin]
                                      [--profile FILE] [--json-only]
