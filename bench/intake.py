@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             paho.stop()
             daemon.stop()
-    median = {who: {key: statistics.median(r[who][key] for r in rounds)
+    median = {who: {key: round(statistics.median(r[who][key] for r in rounds), 1)
                     for key in ("eps", "cpu_us_per_event", "broker_eps", "lost_at_broker")} for who in ("paho", "edgefn")}
     doc = {
         "benchmark": "bench/intake.py",
@@ -427,15 +427,15 @@ def _print_table(doc: dict[str, Any]) -> None:
     s, m = doc["summary"], doc["median"]
     print(f"intake, medians of {doc['config']['rounds']} bursts of {doc['config']['events']:,} events "
           f"(pinned: {doc['config']['pinned']})")
-    print(f"  edgefn (journaled and acknowledged): {s['edgefn_eps']:>8,} events/s  "
+    print(f"  edgefn (journaled and acknowledged): {s['edgefn_eps']:>8,.0f} events/s  "
           f"{m['edgefn']['cpu_us_per_event']:>6} µs CPU an event  (target {s['target_eps']:,})")
-    print(f"  paho alone (acknowledged):           {s['paho_eps']:>8,} events/s  {m['paho']['cpu_us_per_event']:>6} "
+    print(f"  paho alone (acknowledged):           {s['paho_eps']:>8,.0f} events/s  {m['paho']['cpu_us_per_event']:>6} "
           f"µs CPU an event")
-    print(f"  ratio edgefn/paho: {s['ratio']:.2f}; broker took the bursts at {m['edgefn']['broker_eps']:,} (edgefn's) "
-          f"and {m['paho']['broker_eps']:,} (paho's) events/s; every event journaled acknowledged: "
+    print(f"  ratio edgefn/paho: {s['ratio']:.2f}; broker took the bursts at {m['edgefn']['broker_eps']:,.0f} (edgefn's) "
+          f"and {m['paho']['broker_eps']:,.0f} (paho's) events/s; every event journaled acknowledged: "
           f"{s['all_acknowledged']}")
-    print(f"  lost at the broker (mosquitto dropped them; median): edgefn {m['edgefn']['lost_at_broker']:,}, "
-          f"paho {m['paho']['lost_at_broker']:,}")
+    print(f"  lost at the broker (mosquitto dropped them; median): edgefn {m['edgefn']['lost_at_broker']:,.0f}, "
+          f"paho {m['paho']['lost_at_broker']:,.0f}")
     print(f"results written to {RESULTS.relative_to(e2e.ROOT)}")
 
 
