@@ -566,7 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.pad <= 256_000:
         parser.error("--pad must be from 0 to 256000 (edgefn's max_payload_bytes is 256 KiB)")
 
-    # SIGTERM unwinds like Ctrl-C, so the children and the broker are stopped on the way out.
+    return run_main("e2e", run, args, _print_table)
+
+
+def run_main(name: str, run: Any, args: argparse.Namespace, show: Any) -> int:
+    """A benchmark's `run(args)` with its report: SIGTERM unwinds like Ctrl-C, so the children and the
+    broker are stopped on the way out; a failure is one line (a traceback only for a bug) and status 1."""
+
     def _terminate(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -574,14 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         doc = run(args)
     except KeyboardInterrupt:
-        print("e2e: interrupted; the children and the broker were stopped", file=sys.stderr)
+        print(f"{name}: interrupted; the children and the broker were stopped", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a benchmark reports and exits non-zero
         if not isinstance(exc, BenchError):
             traceback.print_exc()
-        print(f"e2e: failed: {exc}", file=sys.stderr)
+        print(f"{name}: failed: {exc}", file=sys.stderr)
         return 1
-    return report(doc, args.json_only, _print_table)
+    return report(doc, args.json_only, show)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ class Daemon:
                                max_bytes=s.inbox_max_bytes, outstanding_bytes=sum(size for _, size in replay),
                                max_payload_bytes=s.max_payload_bytes, max_held_bytes=s.held_max_bytes,
                                pause=lambda paused: self.connection.pause_reading(paused),
-                               pause_high=lambda paused: self.connection.pause_reading(paused, high=True))
+                               pause_high=lambda paused: self.connection.pause_reading(paused, high=True),
+                               ack_many=lambda mids, priority: self.connection.ack_many(mids, priority))
         self.refusals = BrokerRefusals(self.metrics.broker_refusals, self._publish_filters)
         self.connection = Connection(s, self.ingress.on_message, self.router.filters(),
                                      on_disconnect=self.ingress.disconnected,

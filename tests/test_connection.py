@@ -556,3 +556,129 @@ def test_a_client_not_yet_looping_writes_a_large_publish_without_hanging(broker:
             client.loop_stop()
             client.disconnect()
         results.close()
+
+
+def _counting(client: mqtt.Client, name: str) -> list[int]:
+    """Count the calls of one of the client's methods (the method itself still runs)."""
+    calls: list[int] = []
+    method = getattr(client, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    setattr(client, name, counted)
+    return calls
+
+
+def test_a_burst_is_read_many_packets_a_read_each_one_whole(broker: LocalBroker, tmp_path: Path):
+    """A burst waiting in the socket is read a chunk at a time, not a packet (paho's own reads: three at least a
+    packet, and one packet each time its loop wakes); every packet arrives whole and in order, one of 100 KB
+    across several reads too."""
+    client = _daemon_client(broker, tmp_path)
+    got: list[bytes] = []
+    first, release = threading.Event(), threading.Event()
+
+    def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        first.set()
+        release.wait(10)  # the rest of the burst piles up in the socket meanwhile
+        got.append(msg.payload)
+        c.ack(msg.mid, msg.qos)
+
+    client.on_message = on_message
+    client.subscribe("burst/#", 1)
+    bodies = [f"{i}:".encode() + (b"x" * 100_000 if i % 50 == 25 else b"y" * 200) for i in range(300)]
+    recvs = _counting(client, "_sock_recv")
+    try:
+        time.sleep(0.3)  # the SUBACK
+        sensor = _sensor(broker.port)
+        sensor.publish("burst/one", bodies[0], qos=1)
+        assert first.wait(5)
+        for body in bodies[1:]:
+            sensor.publish("burst/one", body, qos=1)
+        time.sleep(1.0)  # the broker writes the rest to our socket
+        release.set()
+        assert eventually(lambda: len(got) == len(bodies), 20)
+        assert got == bodies
+        assert len(recvs) < 60, f"{len(recvs)} reads for {len(bodies)} packets"
+    finally:
+        release.set()
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_acknowledgements_of_a_group_go_out_in_one_write_and_the_broker_takes_them(tmp_path: Path):
+    """ack_many: one packet of PUBACKs queued for 45 events; the broker takes every one of them: after a
+    reconnect of the persistent session it sends again only the 5 left unacknowledged."""
+    with LocalBroker() as broker:
+        settings = load_settings(broker=broker.url, state_dir=tmp_path, client_id=f"acks-{time.monotonic_ns()}")
+        got: list[tuple[bytes, bool]] = []
+        mids: list[int] = []
+
+        def on_message(_topic: str, payload: bytes, mid: int, _qos: int, dup: bool, *_: object) -> None:
+            got.append((payload, dup))
+            mids.append(mid)
+
+        conn = Connection(settings, on_message, ["acks/#"])
+        conn.start()
+        try:
+            conn.wait_connected(5)
+            publish(broker.port, "acks/one", [b"%d" % i for i in range(50)])
+            assert eventually(lambda: len(got) == 50, 10)
+            queued = _counting(conn._sessions["normal"].link.client, "_packet_queue")
+            conn.ack_many(mids[:45], "normal")
+            assert len(queued) == 1
+            time.sleep(0.5)  # the broker reads them
+            got.clear()
+            conn._sessions["normal"].link.drop()  # paho reconnects; the broker resends what was not acknowledged
+            assert eventually(lambda: len(got) >= 5, 10)
+            time.sleep(0.5)
+            assert got == [(b"%d" % i, True) for i in range(45, 50)]
+        finally:
+            conn.stop()
+
+
+def test_events_without_properties_skip_pahos_decoding_and_arrive_as_paho_would_hand_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A PUBLISH with no properties (most sensors' events) is handed over without paho's MQTTMessage and
+    Properties; one with properties (a hop count) still goes paho's way. Topic, payload, QoS and hop count
+    arrive alike either way."""
+    import paho.mqtt.client as paho_client
+
+    decoded: list[int] = []
+    decode = paho_client._packet.decode_publish
+
+    def counted(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(paho_client._packet, "decode_publish", counted)
+    with LocalBroker() as broker:
+        settings = load_settings(broker=broker.url, state_dir=tmp_path, client_id=f"plain-{time.monotonic_ns()}")
+        got: list[tuple[str, bytes, int, int]] = []
+
+        def on_message(topic: str, payload: bytes, mid: int, qos: int, dup: bool, _p: object, hop: int) -> None:
+            got.append((topic, payload, qos, hop))
+            if qos:
+                conn.ack(mid, qos)
+
+        conn = Connection(settings, on_message, ["plain/#"])
+        conn.start()
+        sensor = _sensor(broker.port)
+        try:
+            conn.wait_connected(5)
+            for i in range(50):
+                sensor.publish(f"plain/{i % 3}", b"%d" % i, qos=i % 2)
+            assert eventually(lambda: len(got) == 50, 10)
+            assert decoded == []
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = ("edgefn-hop", "3")
+            sensor.publish("plain/hop", b"h\xffop", qos=1, properties=props)
+            assert eventually(lambda: len(got) == 51, 10)
+            assert len(decoded) == 1
+        finally:
+            sensor.loop_stop()
+            sensor.disconnect()
+            conn.stop()
+    assert sorted(got[:50]) == sorted((f"plain/{i % 3}", b"%d" % i, i % 2, 0) for i in range(50))  # QoS 0 may pass QoS 1
+    assert got[50] == ("plain/hop", b"h\xffop", 1, 3)

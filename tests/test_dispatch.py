@@ -352,3 +352,28 @@ def test_replay_parks_everything_and_refill_reads_the_payloads_back():
     fn.refill(lambda ids: [event(int(i)) for i in ids], False)
     items = list(fn.local.queue.queue)
     assert [(e.id, e.payload, e.replayed) for e, _, _ in items] == [("0", b"0", True), ("1", b"1", True)]
+
+
+def test_a_workers_outcome_and_latency_series_are_looked_up_once_per_function_and_outcome():
+    """prometheus's labels() (a lock, its labels checked) on each event was a cost of every answer: the
+    series are kept, and what they count is the same."""
+    from edgefn.dispatch.worker import Workers
+    from edgefn.errors import Shed
+
+    metrics = Metrics()
+    looked_up: list[tuple[str, ...]] = []
+    for metric in (metrics.events_handled, metrics.event_seconds):
+        labels = metric.labels
+
+        def counted(*values: str, _labels=labels) -> object:
+            looked_up.append(values)
+            return _labels(*values)
+
+        metric.labels = counted  # type: ignore[method-assign]
+    workers = Workers(1 << 20, metrics, lambda *a: None, refill=lambda fn: None)
+    fn = function()
+    for i in range(100):
+        workers.outputs(fn, event(i), [] if i % 10 else Shed("shed"))
+    assert sorted(looked_up) == [("f",), ("f", "ok"), ("f", "shed")]
+    assert metrics.events_handled.labels("f", "ok")._value.get() == 90
+    assert metrics.events_handled.labels("f", "shed")._value.get() == 10

@@ -269,6 +269,39 @@ def test_the_byte_budget_refuses_events_whole_until_answers_make_room(tmp_path: 
         inbox.append("sensors/a/x", os.urandom(100_000))
 
 
+
+def test_group_commits_far_from_the_budget_measure_the_disk_only_after_a_settle(tmp_path: Path):
+    """Asking SQLite for its page counts and stat()ing the WAL at every group commit was a cost of each
+    event's intake: far from the budget, an estimate since the last measurement does; a settle (which
+    writes the outbox) has the next commit measure again."""
+    with Inbox(tmp_path / "inbox.sqlite", max_bytes=64 * 1024 * 1024) as inbox:
+        measured: list[int] = []
+        on_disk = inbox._on_disk
+
+        def counted() -> int:
+            measured.append(1)
+            return on_disk()
+
+        inbox._on_disk = counted  # type: ignore[method-assign]
+        events = [e for _ in range(100) for e in inbox.append_many([("sensors/a/x", b"x" * 200, 0.0)] * 10)]
+        assert len(measured) == 1
+        inbox.settle([e.id for e in events], [])
+        inbox.append("sensors/a/x", b"x")
+        assert len(measured) == 2
+        assert inbox.taking
+
+
+def test_the_budget_estimate_measures_again_as_it_nears_the_budget(tmp_path: Path):
+    """Many small commits (each adds whole pages to the WAL) stop at the budget all the same."""
+    path = tmp_path / "inbox.sqlite"
+    with Inbox(path, max_bytes=2 * 1024 * 1024) as inbox:
+        with pytest.raises(JournalFull, match="budget"):
+            for _ in range(20_000):
+                inbox.append("sensors/a/x", os.urandom(300))
+        on_disk = path.stat().st_size + path.with_name("inbox.sqlite-wal").stat().st_size
+        assert on_disk < 2 * 1024 * 1024 + 4 * 1024 * 1024  # the budget, and free pages it kept for reuse
+
+
 # --- damaged and lost journals ---------------------------------------------------------------------
 
 

@@ -71,6 +71,10 @@ RESERVE_BYTES = 8 * 1024 * 1024  # room on a full disk for settles (and the mark
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # a WAL larger than this is cut back to it after each checkpoint
 KEEP_FREE_BYTES = 4 * 1024 * 1024  # free pages kept for new events to reuse; past this they go back to the disk
 VACUUM_STEP_PAGES = 256  # given back after one settle at most (1 MiB of 4 KiB pages): the group commit waits for it
+# What one appended event may add on disk besides its payload (its row, the index), how many times it is
+# written (the WAL, then the file), and the pages a commit adds to the WAL however small it is: the
+# estimate of the journal's growth between measurements errs high.
+ROW_BYTES, WRITTEN_TIMES, COMMIT_PAGES = 128, 2, 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -198,6 +202,10 @@ class Inbox:
         self._page_size: int = self._db.execute("PRAGMA page_size").fetchone()[0]
         self.max_bytes: int | None = None  # the byte budget on disk (None: ":memory:", none)
         self._at_budget = False
+        # The bytes on disk as last measured (None: measure at the next group commit) and what was appended
+        # since: far from the budget, a group commit need not ask SQLite and stat the WAL.
+        self._measured: int | None = None
+        self._appended = 0
         self._budget_reached = Every(60.0)
         if self._mark is None or self._reserve is None:
             return
@@ -261,12 +269,19 @@ class Inbox:
         own = sum(f.stat().st_size for f in (self._reserve.path.with_name(self._name), self._wal) if f.exists())
         return (shutil.disk_usage(self._reserve.path.parent).free + own) // 2
 
-    def _over_budget(self, incoming: int) -> bool:
-        """Whether `incoming` more payload bytes would take the journal past its budget (under the
-        lock); an inbox without events always takes them, so one larger than the budget is not stuck."""
+    def _over_budget(self, incoming: int, rows: int = 0) -> bool:
+        """Whether `incoming` more payload bytes (of `rows` events) would take the journal past its budget
+        (under the lock); an inbox without events always takes them, so one larger than the budget is not
+        stuck. Measured only near the budget: far from it, an estimate since the last measurement says so."""
         if self.max_bytes is None:
             return False
-        on_disk = self._on_disk()
+        growth = WRITTEN_TIMES * (incoming + ROW_BYTES * rows) + COMMIT_PAGES * self._page_size
+        if self._measured is not None and not self._at_budget and (
+                self._measured + self._appended + growth <= self.max_bytes):
+            self._appended += growth  # taken (or, if the commit fails, counted all the same: the estimate errs high)
+            return False  # under the budget however the appends since the last measurement landed
+        on_disk = self._measured = self._on_disk()
+        self._appended = growth
         self._at_budget = (on_disk + incoming > self.max_bytes
                            and self._db.execute("SELECT EXISTS (SELECT 1 FROM inbox)").fetchone()[0])
         if self._at_budget and (skipped := self._budget_reached.due()) is not None:
@@ -431,7 +446,8 @@ class Inbox:
         with self._lock:
             if self._problem is not None and not self._space_returned():
                 raise DiskFull(self._problem)  # what little space there is stays for settling
-            if self._over_budget(sum(len(item[1]) for item in items)):
+            incoming = sum(len(item[1]) for item in items)
+            if self._over_budget(incoming, len(items)):
                 raise JournalFull(f"{self._name}: at its budget of {self.max_bytes} bytes on disk")
         events = []
         with self._transaction() as db:
@@ -484,6 +500,7 @@ class Inbox:
         if self._reserve is None:
             return
         with self._lock:
+            self._measured = None  # the outbox took rows, the inbox gave some back: measured at the next commit
             self._give_back(VACUUM_STEP_PAGES)
             if self._at_budget:
                 self._over_budget(0)
@@ -528,6 +545,7 @@ class Inbox:
                     raise error from None
             if self._problem is not None:
                 self._space_returned()
+            self._measured = None
             if self._at_budget:
                 self._over_budget(0)
             if self._mark_behind:  # on a full disk too: a daemon stopped there must not count answered events lost

@@ -19,8 +19,12 @@ ms of an answer's way out, one event at a time. One lock orders the writers; pah
 was queued under the same lock. paho's own packets stay with paho (written inline too, they measured no
 better). Not with TLS: one SSL object must not read on one thread while it writes on another.
 
-It leans on paho-mqtt 2's `loop_read`, `_check_keepalive`, `_packet_queue`, `_packet_write` and their
-state (`_last_bytes_received`, `_last_msg_out`, `_ping_t`, `_out_packet`, `_thread`; pinned below 3 in
+Reading a chunk at a time: what the socket holds is read at once (up to 64 KiB) and every whole packet in
+it handled, where paho reads each packet in three reads or more, one packet per wake of its loop.
+
+It leans on paho-mqtt 2's `loop_read`, `_packet_read`, `_packet_handle`, `_check_keepalive`, `_packet_queue`,
+`_packet_write` and their state (`_in_packet`, `_last_bytes_received`, `_last_msg_out`, `_ping_t`, `_out_packet`,
+`_thread`; pinned below 3 in
 pyproject.toml; tests/test_connection.py pauses a real connection longer than its keepalive, keeps one
 whose broker reads it late, and writes from many threads at once).
 """
@@ -29,8 +33,10 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -40,6 +46,8 @@ from edgefn.errors import BrokerError
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux only; elsewhere setsockopt fails and is ignored
 _PAUSED_WAIT_S = 0.005  # the socket stays readable while paused: wait this long per loop instead of spinning
+_PUBACK = struct.Struct("!BBH")  # a PUBACK with no reason code (success): its type, its length (2), the packet id
+_READ_CHUNK = 64 * 1024  # read from the socket at once: a burst's packets come a few hundred per read
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
@@ -79,12 +87,88 @@ class PausableClient(mqtt.Client):
 
     paused = False
     heard_at = 0.0  # when bytes were last read from the broker (monotonic)
+    # A PUBLISH at QoS 0 or 1 without properties (MQTT 5), which most sensors' events are: handed to this as
+    # (topic, payload, mid, qos, dup) in place of on_message, not made into paho's MQTTMessage and Properties
+    # (decoding those was a tenth of what intake cost). None: every PUBLISH goes paho's way.
+    on_plain_publish: Callable[[str, bytes, int, int, bool], None] | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # One writer to the socket at a time, paho's thread or another. Re-entrant: before loop_start, paho
         # writes the rest of a packet from within _packet_queue (loop_write) while the inline write holds it.
         self._writing = threading.RLock()
+        self._read = bytearray()  # bytes read from the socket and not handled yet: at most a part of one packet
+        self._next = 0  # while handling the packets of a read: where the next one begins in `_read`
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self._read.clear()  # a part of a packet of the old connection
+        return super().reconnect()
+
+    def ack_many(self, mids: list[int]) -> mqtt.MQTTErrorCode:
+        """Acknowledge these QoS 1 messages (manual acks): their PUBACKs written as one, where paho
+        queues, wakes its thread for and writes each apart."""
+        packet = b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids])
+        return self._packet_queue(mqtt.PUBACK, packet, 0, 0)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes of a next packet were read already (the rest of it, if any, is on its way)."""
+        return len(self._read) > self._next
+
+    def _packet_read(self) -> mqtt.MQTTErrorCode:
+        """Read what the socket holds, up to _READ_CHUNK, in one call, and handle every whole packet in it.
+
+        paho reads a packet in three reads at least (its first byte, its length a byte at a time, the
+        rest), and one packet per wake of its loop; in a burst that was most of what an event cost
+        here. What is left of a packet waits in `_read` for the rest of its bytes. Packets read while
+        reading is paused are handled all the same: they are in memory already (at most a chunk)."""
+        try:
+            data = self._sock_recv(_READ_CHUNK)
+        except BlockingIOError:
+            return mqtt.MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if not data:
+            return mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        buf = self._read
+        buf += data
+        pos, end = 0, len(buf)
+        rc = mqtt.MQTTErrorCode.MQTT_ERR_AGAIN  # all handled: paho's loop_read stops reading
+        while pos + 2 <= end:
+            length, mult, at = 0, 1, pos + 1  # the remaining length: a byte at a time, 7 bits each
+            while at < end:
+                byte = buf[at]
+                length += (byte & 127) * mult
+                at += 1
+                if not byte & 128:
+                    break
+                mult *= 128
+                if at - pos > 4:
+                    return mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL  # past the 4 bytes MQTT allows
+            else:
+                break  # its length is not all here yet
+            if at + length > end:
+                break  # its body is not all here yet
+            self._in_packet = {"command": buf[pos], "have_remaining": 1, "remaining_count": [],
+                               "remaining_mult": 1, "remaining_length": length, "packet": buf[at:at + length],
+                               "to_process": 0, "pos": 0}
+            pos = self._next = at + length
+            try:
+                handled = self._packet_handle()
+            except mqtt.MalformedPacket as exc:
+                self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+                handled = mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL
+            if handled or self._sock is None:  # an error, or the callback disconnected
+                rc = handled
+                break
+        del buf[:pos]
+        self._next = 0
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": 0, "packet": bytearray(), "to_process": 0, "pos": 0}
+        return rc
 
     def _packet_write(self) -> mqtt.MQTTErrorCode:
         with self._writing:
@@ -116,6 +200,29 @@ class PausableClient(mqtt.Client):
         with self._msgtime_mutex:
             self._last_msg_out = mqtt.time_func()
         return sent
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        handler, packet, command = self.on_plain_publish, self._in_packet["packet"], self._in_packet["command"]
+        qos = (command & 0x06) >> 1
+        if handler is None or qos > 1 or self._protocol != mqtt.MQTTv5 or len(packet) < 2:
+            return super()._handle_publish()
+        end = 2 + (packet[0] << 8 | packet[1])  # the topic's end
+        at = end + 2 if qos else end  # the packet id, then the properties' length
+        if at >= len(packet) or packet[at] != 0:  # properties (a hop count, ...), or a malformed packet: paho's
+            return super()._handle_publish()
+        try:
+            topic = packet[2:end].decode()
+        except UnicodeDecodeError:
+            return super()._handle_publish()
+        mid = packet[end] << 8 | packet[end + 1] if qos else 0
+        with self._in_callback_mutex:
+            try:
+                handler(topic, bytes(packet[at + 1:]), mid, qos, bool(command & 0x08))
+            except Exception as err:  # as paho does with on_message
+                self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                if not self.suppress_exceptions:
+                    raise
+        return self._send_puback(mid) if qos and not self._manual_ack else mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     @staticmethod
     def silence_excused() -> bool:

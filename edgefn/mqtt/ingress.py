@@ -61,11 +61,14 @@ class Ingress:
                  ack: Callable[..., None], more_waiting: Callable[[], bool], outstanding: int = 0,
                  max_bytes: int = 1 << 62, outstanding_bytes: int = 0, *, max_payload_bytes: int = 1 << 62,
                  max_held_bytes: int = 1 << 62, pause: Callable[[bool], None] = lambda paused: None,
-                 pause_high: Callable[[bool], None] = lambda paused: None):
-        """`ack(mid, qos, priority)` acknowledges on the session of that priority class; `pause` and
-        `pause_high` stop or resume reading on the normal and low sessions / on the high one."""
+                 pause_high: Callable[[bool], None] = lambda paused: None,
+                 ack_many: Callable[[list[int], Priority], None] | None = None):
+        """`ack(mid, qos, priority)` acknowledges on the session of that priority class (`ack_many(mids,
+        priority)`, where given, a group's QoS 1 events of a class at once); `pause` and `pause_high` stop
+        or resume reading on the normal and low sessions / on the high one."""
         self._inbox, self._max, self._max_bytes, self._deliver = inbox, max_events, max_bytes, deliver
-        self._ack, self._more_waiting, self._pause, self._pause_high = ack, more_waiting, pause, pause_high
+        self._ack, self._ack_many = ack, ack_many
+        self._more_waiting, self._pause, self._pause_high = more_waiting, pause, pause_high
         self._max_payload, self._max_held_bytes = max_payload_bytes, max_held_bytes
         self.outstanding = outstanding  # journaled and not yet answered
         self.outstanding_bytes = outstanding_bytes  # their payload bytes
@@ -206,11 +209,25 @@ class Ingress:
         self.outstanding += len(events)
         self.outstanding_bytes += self._pending_bytes
         self._pending_bytes = 0
-        for _, _, mid, qos, _, _, _, priority, _ in group:
-            if qos:  # QoS 0 has no acknowledgement
-                self._ack(mid, qos, priority)  # only now, with the group durable; on its session (mids are per session)
+        self._acknowledge(group)  # only now, with the group durable
         self._ready.append([replace(e, replayed=True) if item[5] else e for e, item in zip(events, group, strict=True)])
         return True
+
+    def _acknowledge(self, group: list[_Received]) -> None:
+        """Each event of a committed group on its session (mids are per session); QoS 0 has no acknowledgement."""
+        if self._ack_many is None:
+            for _, _, mid, qos, _, _, _, priority, _ in group:
+                if qos:
+                    self._ack(mid, qos, priority)
+            return
+        by_class: dict[Priority, list[int]] = {}
+        for _, _, mid, qos, _, _, _, priority, _ in group:
+            if qos == 1:
+                by_class.setdefault(priority, []).append(mid)
+            elif qos:
+                self._ack(mid, qos, priority)
+        for priority, mids in by_class.items():
+            self._ack_many(mids, priority)
 
     def answered(self, n: int, nbytes: int = 0) -> None:
         """n events (nbytes of payload) left the inbox: take held ones in their place."""
