@@ -682,3 +682,37 @@ def test_events_without_properties_skip_pahos_decoding_and_arrive_as_paho_would_
             conn.stop()
     assert sorted(got[:50]) == sorted((f"plain/{i % 3}", b"%d" % i, i % 2, 0) for i in range(50))  # QoS 0 may pass QoS 1
     assert got[50] == ("plain/hop", b"h\xffop", 1, 3)
+
+
+def test_plain_pubacks_skip_pahos_decoding_and_a_refusal_still_says_why(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """A PUBACK that only says success (nearly every answer's) is taken without paho's decoding; the
+    broker's refusal (an ACL) still goes paho's way, with its reason."""
+    import paho.mqtt.client as paho_client
+
+    decoded: list[int] = []
+    decode = paho_client._packet.decode_puback
+
+    def counted(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(paho_client._packet, "decode_puback", counted)
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite results/#\n")
+    with LocalBroker(extra_config=f"acl_file {acl}\n") as broker:
+        settings = load_settings(broker=broker.url, state_dir=tmp_path, client_id=f"acks-{time.monotonic_ns()}")
+        conn = Connection(settings, lambda *a: None, [])
+        conn.start()
+        acked: list[str | None] = []
+        try:
+            conn.wait_connected(5)
+            for i in range(30):
+                conn.publish(f"results/{i}", b"x", acked.append)
+            assert eventually(lambda: len(acked) == 30, 10)
+            assert acked == [None] * 30 and decoded == []
+            conn.publish("elsewhere/denied", b"x", acked.append)
+            assert eventually(lambda: len(acked) == 31, 10)
+            assert acked[-1] is not None and "authori" in acked[-1].lower() and len(decoded) == 1
+        finally:
+            conn.stop()
