@@ -5,7 +5,7 @@ pipes (the daemon's `multiprocessing.connection` framing, pickled tuples). It lo
 is given (mapping the compiled components from the cache the daemon filled, so their code pages are
 shared through the page cache) and its models, says ("ready", failed, sizes), then answers:
 
-    ("run", id, function, events)  ->  ("done", id, answers, usage)   (or ("failed", id, why))
+    ("run", id, function, events, metered)  ->  ("done", id, answers, usage)   (or ("failed", id, why))
     ("pool", id)                   ->  ("pool", id, {function: its pool and memory}, its memory budget)
 
 Batches run concurrently, each on a thread of its own (a slow function does not hold a neighbour's
@@ -31,6 +31,7 @@ from typing import Any
 
 from edgefn.errors import EdgefnError, StorageError
 from edgefn.functions.state import StateLimitError
+from edgefn.observe.usage import UNMETERED
 
 log = logging.getLogger("edgefn.worker")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -158,9 +159,9 @@ def serve(inbound: Connection, outbound: Connection) -> None:
     pipe.send(("ready", failed, {name: sb.instance_bytes for name, sb in sandboxes.items()}))
     usage = metrics.usage
 
-    def run(asked: int, name: str, events: list) -> None:
+    def run(asked: int, name: str, events: list, metered: bool) -> None:
         sandbox = sandboxes[name]
-        call = usage.call(name, events)
+        call = usage.call(name, events) if metered else UNMETERED  # a health check's sample: not the function's use
         try:
             answers = sandbox.handle_batch(events)
         except Exception as exc:  # a bug of ours: the daemon keeps the events journaled

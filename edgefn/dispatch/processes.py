@@ -177,11 +177,12 @@ class _Worker:
     def stop(self, wait_s: float = 2.0) -> None:
         """Close its pipes (it exits when it reads the end), then kill it if it has not."""
         self._to.close()
-        try:
-            self.proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
+        # Its end is the end of its pipe to us (the reader hears it). Not Popen.wait(timeout): that polls
+        # with time.sleep, which fails on a device whose wall clock is being faked or stepped.
+        self._reader.join(wait_s)
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
         self._from.close()
 
 
@@ -244,9 +245,10 @@ class WorkerProcesses:
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers]
 
-    def run(self, function: str, events: list[Event], pin: int | None) -> list[Answer]:
-        """Run a batch of `function` on a worker (`pin`: that one): one answer per event."""
-        return self._on(function, events, pin, retried=False)
+    def run(self, function: str, events: list[Event], pin: int | None, metered: bool = True) -> list[Answer]:
+        """Run a batch of `function` on a worker (`pin`: that one): one answer per event; `metered`: its
+        guest call counted in the function's usage."""
+        return self._on(function, events, pin, metered, retried=False)
 
     def _pick(self, pin: int | None) -> _Worker:
         with self._lock:
@@ -254,7 +256,7 @@ class WorkerProcesses:
             worker.running += 1
             return worker
 
-    def _on(self, function: str, events: list[Event], pin: int | None, retried: bool) -> list[Answer]:
+    def _on(self, function: str, events: list[Event], pin: int | None, metered: bool, retried: bool) -> list[Answer]:
         worker = self._pick(pin)
         try:
             if worker.loaded is None:  # its first batch: intake ran while it loaded
@@ -266,19 +268,19 @@ class WorkerProcesses:
             if function in self.failed:
                 return [NotLoaded(f"function {function} does not load: {self.failed[function]}")] * len(events)
             within = len(events) * self._timeouts[function] + ANSWER_SLACK_S
-            answer = worker.ask(("run", function, events), within)
+            answer = worker.ask(("run", function, events, metered), within)
         except _Died as exc:
             pin = worker.index
             log.error("worker process %d (pid %s) died running %d events of %s (%s)", worker.index, worker.pid,
                       len(events), function, exc)
             self._restart(worker)
             if not retried:  # once more as it was: what killed it may not have been this batch
-                return self._on(function, events, pin, retried=True)
+                return self._on(function, events, pin, metered, retried=True)
             if len(events) == 1:
                 return [WorkerCrashed(f"the event killed its worker process twice ({exc})")]
             half = len(events) // 2
-            return (self._on(function, events[:half], pin, retried=True)
-                    + self._on(function, events[half:], pin, retried=True))
+            return (self._on(function, events[:half], pin, metered, retried=True)
+                    + self._on(function, events[half:], pin, metered, retried=True))
         finally:
             with self._lock:
                 worker.running -= 1
@@ -363,8 +365,8 @@ class RemoteSandbox:
         self._pin = processes.pin(manifest.name) if ordered else None
         self._closed = False
 
-    def handle_batch(self, events: list[Event]) -> list[Answer]:
-        return self._processes.run(self.manifest.name, events, self._pin)
+    def handle_batch(self, events: list[Event], *, metered: bool = True) -> list[Answer]:
+        return self._processes.run(self.manifest.name, events, self._pin, metered)
 
     def handle(self, event: Event) -> list[Message]:
         answer = self.handle_batch([event])[0]

@@ -35,7 +35,7 @@ from edgefn.functions.manifest import Manifest
 from edgefn.journal.outbox import Pending
 from edgefn.observe.logs import Every
 from edgefn.observe.metrics import Metrics
-from edgefn.observe.usage import Usage
+from edgefn.observe.usage import UNMETERED
 from edgefn.protocol.outputs import HOP
 from edgefn.topics import ERRORS_TOPIC
 
@@ -49,7 +49,6 @@ log = logging.getLogger("edgefn.dispatch")
 BATCH_MAX_BYTES = 64 * 1024
 PRECEDENCE_WAIT_S = 0.5  # the longest a batch waits at a time for more urgent events elsewhere
 Answer = Callable[[Pending, list[Message], Sequence[tuple[str, str]], bool], None]  # Outbox.answer
-_UNMETERED = Usage(enabled=False).call("", [])
 
 
 def error_body(event: Event, reason: str, error: str, fn: Manifest | None = None) -> dict[str, str | None]:
@@ -223,7 +222,7 @@ class Workers:
                 self.precedence.start(priority)
             started = time.perf_counter()
             # Usage metering: CPU, bytes (edgefn.observe.usage); a worker process meters its own calls.
-            metered = _UNMETERED if fn.sandbox.meters_itself else self.metrics.usage.call(fn.name, events)
+            metered = UNMETERED if fn.sandbox.meters_itself else self.metrics.usage.call(fn.name, events)
             try:
                 results = fn.sandbox.handle_batch(events)
             finally:

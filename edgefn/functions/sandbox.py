@@ -505,9 +505,10 @@ class FunctionSandbox:
             raise answer
         return answer
 
-    def handle_batch(self, events: list[Event]) -> list[list[Message] | FunctionError]:
+    def handle_batch(self, events: list[Event], *, metered: bool = True) -> list[list[Message] | FunctionError]:
         """Run events that queued up together in as few calls as possible; one answer (messages or
-        the error) each, in order.
+        the error) each, in order. (`metered`: for the lanes' workers to say; a sandbox in this process
+        is metered by its caller, `edgefn.dispatch.worker`.)
 
         A quarantined payload is answered `Quarantined` without running. A suspect (it failed
         before) runs alone, so it cannot spoil a batch again; the other events run in order, as

@@ -86,6 +86,7 @@ class _Off:
 
 
 _OFF = _Off()
+UNMETERED = _OFF  # a guest call not to book (a health check's sample, one a worker process meters)
 
 
 class Usage:
