@@ -16,14 +16,15 @@ sensors/+/digits-flood). Steps:
      probes it answered), answered with a result, answered with reason shed, other errors, still unanswered; the
      broker's log lines 'Outgoing messages are being dropped for client ...' [0] for the daemon's
      sessions, and the flood events acknowledged by the broker but never delivered; the largest inbox
-     (events journaled, unanswered) and held count (past the inbox's bound, unacknowledged) /healthz
-     said during the flood.
+     (events journaled, unanswered), held count (past the inbox's bound, unacknowledged) and outbox
+     (answers awaiting the broker's PUBACK) /healthz said during the flood.
 
 This process publishes the flood and subscribes to the probes' results, so it shares the cores with
 the daemon and the broker: the figures are pessimistic on a small machine, and noisy where other
 work runs beside them.
 
-    .venv/bin/python bench/flood.py [--minutes 1] [--tuned] [--json-only]
+    .venv/bin/python bench/flood.py [--minutes 1] [--tuned] [--flood-weight W] [--flood-priority low]
+                                     [--json-only]
 
 Results also go to bench/results/flood-stock.json (flood-tuned.json with --tuned). Exit status 0
 whatever the figures; 1 when the run failed (its error is in the JSON).
@@ -78,11 +79,12 @@ def _drain(daemon: soak.Daemon, until: float) -> bool:
 
 
 def _watch(daemon: soak.Daemon, stop: threading.Event, peaks: dict[str, int]) -> None:
-    """The largest inbox (journaled, unanswered) and held (unacknowledged) counts /healthz says, every 0.5 s."""
+    """The largest inbox (journaled, unanswered), held (unacknowledged) and outbox (answers not yet acknowledged by
+    the broker) counts /healthz says, every 0.5 s."""
     while not stop.wait(0.5):
         health = daemon.health()
         if health is not None:
-            for key in ("inbox_events", "held_unacknowledged"):
+            for key in ("inbox_events", "held_unacknowledged", "outbox_messages"):
                 peaks[key] = max(peaks.get(key, 0), int(health.get(key) or 0))
 
 
@@ -128,6 +130,7 @@ def measure(ctx: soak.Context, broker: soak.Broker, clients: e2e.Clients) -> dic
                "flood_other_errors": answered - flood.get("ok", 0) - flood.get("shed", 0),
                "flood_unanswered": journaled - answered, "drained": drained,
                "peak_inbox_events": peaks.get("inbox_events"), "peak_held": peaks.get("held_unacknowledged"),
+               "peak_outbox": peaks.get("outbox_messages"),
                "flood_not_delivered": max(0, int(offered.get("broker_acked") or 0) - journaled),
                "broker_drop_lines_daemon": len(daemon_drops), "broker_drop_lines_other": len(drops) - len(daemon_drops),
                "alone": alone, "during": during, "p99_ratio": during["p99_ms"] / alone["p99_ms"],
@@ -143,12 +146,17 @@ def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     images, labels = e2e._digits()
     name = "tuned" if args.tuned else "stock"
     doc: dict[str, Any] = {"benchmark": "bench/flood.py", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           "config": {"minutes": args.minutes, "broker": name,
+                           "config": {"minutes": args.minutes, "broker": name, "flood_weight": args.flood_weight,
+                                      "flood_priority": args.flood_priority,
                                       "broker_conf": f"listener PORT 127.0.0.1\nallow_anonymous true\n{BROKERS[name]}"},
                            "targets": TARGETS}
     with tempfile.TemporaryDirectory(prefix="edgefn-flood-") as tmp:
         ctx = soak.Context(args, Path(tmp), images, labels)
-        ctx.flood = soak.digits_copy(ctx.workdir, "digits-flood")
+        trigger = f'priority = "{args.flood_priority}"' if args.flood_priority else ""
+        ctx.flood = soak.digits_copy(ctx.workdir, "digits-flood", trigger)
+        if args.flood_weight is not None:  # its part of the journal's bound, against digits' weight of 1
+            manifest = ctx.flood[0] / "edgefn.toml"
+            manifest.write_text(manifest.read_text().replace("[limits]\n", f"[limits]\njournal_weight = {args.flood_weight}\n"))
         with Runtime(ctx.workdir / "components") as runtime:  # compiled once, outside the measured daemon
             runtime.load(e2e.FUNCTION / "build" / "digits.wasm")
         say(f"flood for {args.minutes:g} min, {name} broker")
@@ -170,7 +178,7 @@ ROWS = [("flood offered, 3 sensors at top rate (events/s)", "flood_offered_eps",
         ("  for the bench's own clients", "broker_drop_lines_other", "{:,}"),
         ("flood answered: results / shed / other errors", ("flood_ok", "flood_shed", "flood_other_errors"), "{:,}"),
         ("flood journaled, unanswered after the drain [0]", "flood_unanswered", "{:,}"),
-        ("largest inbox / held unacknowledged during the flood", ("peak_inbox_events", "peak_held"), "{:,}"),
+        ("largest inbox / held / outbox during the flood", ("peak_inbox_events", "peak_held", "peak_outbox"), "{:,}"),
         ("neighbour alone p50 / p99 (ms)", ("alone.p50_ms", "alone.p99_ms"), "{:,.1f}"),
         ("neighbour under the flood p50 / p99 (ms)", ("during.p50_ms", "during.p99_ms"), "{:,.1f}"),
         ("neighbour p99 under flood / alone [<= 2]", "p99_ratio", "{:,.2f}"),
@@ -199,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=1.0, help="length of the flood (the issue's target: 10)")
     parser.add_argument("--tuned", action="store_true", help="the broker with max_queued_messages 100000")
+    parser.add_argument("--flood-weight", type=float, help="digits-flood's journal_weight (digits has 1; default 1)")
+    parser.add_argument("--flood-priority", choices=("low", "high"), help="digits-flood's priority (default normal, "
+                        "as digits: both on one events session; low: the flood on a session of its own)")
     parser.add_argument("--json-only", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -100,3 +100,43 @@ def test_a_flood_past_its_budget_neither_delays_nor_loses_the_neighbours_events(
         assert not d.ingress.paused and d.ingress.held == 0
     lines = [r.getMessage() for r in caplog.records if "past its budget in the journal" in r.getMessage()]
     assert len(lines) == 1, "one line per 10 s, not a line per shed event"
+
+
+@pytest.mark.broker
+def test_a_functions_answer_does_not_wait_behind_another_functions_backlog_of_answers(broker, collector):
+    """Egress, a real paho client and mosquitto: 300 answers of a flooded function queued (the window
+    closed, as behind a broker that takes 20 at a time), then one of its neighbour's: with a window of
+    one, the neighbour's answer goes out second, not 301st; each function's own answers keep their order."""
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgefn.mqtt.client import PausableClient
+    from edgefn.mqtt.egress import Egress
+    from edgefn.mqtt.limits import BrokerLimits
+    from edgefn.protocol.outputs import FUNCTION
+
+    got = collector("answers/#")
+    client = PausableClient(CallbackAPIVersion.VERSION2, client_id=f"egress-{time.monotonic_ns()}", protocol=5)
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    egress = Egress(client, lambda why: None)
+    client.on_publish = lambda _c, _u, mid, reason, _p: egress.acknowledged(mid, None)
+    connected = []
+    client.on_connect = lambda *_a: connected.append(True)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        assert eventually(lambda: connected, 5)
+        acked: list[str | None] = []
+        for i in range(300):
+            egress.publish("answers/flood", b"%d" % i, acked.append, [(FUNCTION, "flood@1")])
+        egress.publish("answers/neighbour", b"n", acked.append, [(FUNCTION, "neighbour@1")])
+        egress.take_back(BrokerLimits(receive_maximum=1))
+        egress.pump()
+        messages = got.wait_for(301, timeout=30)
+        assert len(messages) == 301 and acked == [None] * 301
+        order = [topic for topic, _ in messages]
+        assert order.index("answers/neighbour") <= 1, f"the neighbour's answer went out at {order.index('answers/neighbour')}"
+        assert [doc for topic, doc in messages if topic == "answers/flood"] == list(range(300)), "in order"
+    finally:
+        client.loop_stop()
+        client.disconnect()
