@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from edgefn.config import Settings
 from edgefn.dispatch.lanes import LoadedFunction, busy, retire, stop_workers
 from edgefn.dispatch.loader import Loader
+from edgefn.dispatch.overflow import Overflow
 from edgefn.dispatch.processes import RemoteSandbox
 from edgefn.dispatch.router import Router
 from edgefn.dispatch.unrouted import Unrouted
@@ -114,7 +115,9 @@ class Daemon:
         self.outbox = Outbox(self.inbox, lambda *a, **kw: self.connection.publish(*a, **kw), self.metrics,
                              on_settled=lambda n, nbytes: self.ingress.answered(n, nbytes), rows=len(unsent))
         self.unrouted = Unrouted(self.outbox.answer, self.outbox.done, self.metrics, self._triggers)
-        self.router = Router(functions, self.sensors.under_pressure, self.outbox.done, self.unrouted)
+        self.router = Router(functions, self.sensors.under_pressure, self.outbox.done, self.unrouted,
+                             shed=Overflow(self.outbox.answer, self.metrics),
+                             journal=(s.inbox_max_events, s.inbox_max_bytes))
         self.metrics.usage.memory = lambda: {f.manifest.name: f.sandbox.memory_bytes() for f in self.functions}
         self.workers = Workers(s.max_payload_bytes, self.metrics, self.outbox.answer,
                                refill=lambda fn: fn.refill(self.inbox.events, self.sensors.under_pressure()),

@@ -127,16 +127,21 @@ class LoadedFunction:
             self._priorities[topic] = found
         return found
 
-    def offer(self, event: Event, pending: Pending, under_pressure: bool) -> None:
+    def offer(self, event: Event, pending: Pending, under_pressure: bool) -> bool:
         """Into a lane (where the planner says) while the function's share has room; else parked, and
         so is every later event until the parked ones have had their turn (arrival order is kept).
-        A high-priority event does not wait behind parked ones while the share's headroom lasts."""
-        urgent = self.priority_of(event.topic) == "high"
+        A high-priority event does not wait behind parked ones while the share's headroom lasts.
+        False: past the function's budget in the journal, taken by neither (the caller sheds it)."""
+        priority = self.priority_of(event.topic)
+        urgent = priority == "high"
         with self.share.lock:
+            if self.share.over_budget(pending.size, priority):
+                return False
             if (self.share.parked and not urgent) or not self.share.has_room(pending.size, headroom=urgent):
-                self.share.parked.append(pending)
+                self.share.park(pending)
             else:
                 self._into_lane(event, pending, under_pressure)
+        return True
 
     def refill(self, read: ReadEvents, under_pressure: bool) -> None:
         """Bring parked events back from disk into the lanes, oldest first, as far as the share has room
@@ -155,7 +160,7 @@ class LoadedFunction:
                 if heads or self.share.events:  # an empty share takes one event whatever its size
                     if nbytes + size > self.share.max_bytes:
                         break
-                heads.append(self.share.parked.popleft())
+                heads.append(self.share.unpark())
                 nbytes += size
             if not heads:
                 return False
@@ -231,13 +236,13 @@ def hand_over(old: list[LoadedFunction], new: dict[str, LoadedFunction], answer_
                     held.append(pending)
                 lane.queue.task_done()
         with fn.share.lock:
-            held += fn.share.parked
-            fn.share.parked = deque()
+            held += fn.share.unpark_all()
         held.sort(key=lambda pending: int(pending.event_id))  # journal ids follow arrival order
         successor = new.get(fn.name)
         if successor is not None:
             with successor.share.lock:
-                successor.share.parked.extend(held)
+                for pending in held:
+                    successor.share.park(pending)
         else:
             for pending in held:
                 answer_nothing(pending, fn)

@@ -14,6 +14,14 @@ A trigger `$share/GROUP/FILTER` (a shared subscription) is subscribed to as writ
 topics by FILTER (`edgefn.topics.matches_any`): the broker hands each event on FILTER to one member
 of GROUP, with its own topic. An event that no function takes at all is handed to `unrouted`
 (dispatch/unrouted.py): answered on edgefn/errors/unrouted, never dropped without a word.
+
+The journal's bound is shared (`journal`): each function's budget in the journal (dispatch/share.py)
+is `JOURNAL_PART` of the inbox's bound, in events and in bytes, times its manifest's `journal_weight`
+over the weights of all the functions routed to; set again when a release is swapped in. An event
+past its function's budget is handed to `shed` (dispatch/overflow.py), after routing, outside the lock.
+The parts add up to less than the bound (a quarter of it, less the high-priority headroom, is left for
+events several functions take and for those in flight), so one function's flood never reaches the
+bound, and intake never holds the others' events behind it.
 """
 
 from __future__ import annotations
@@ -28,17 +36,34 @@ from edgefn.journal.outbox import Pending
 from edgefn.topics import matches_any
 
 _ROUTE_CACHE_MAX = 10_000  # distinct topics remembered; a sensor fleet with more starts the cache afresh
+JOURNAL_PART = 0.75  # of the inbox's bound, shared between the functions by weight
+Shed = Callable[[Event, Pending, LoadedFunction], None]
 
 
 class Router:
     def __init__(self, functions: list[LoadedFunction], under_pressure: Callable[[], bool],
-                 done: Callable[[Pending], None], unrouted: Callable[[Event, Pending], None]):
+                 done: Callable[[Pending], None], unrouted: Callable[[Event, Pending], None],
+                 shed: Shed | None = None, journal: tuple[int, int] | None = None):
+        """`journal`: the inbox's bound (events, payload bytes) the functions' budgets share; None: no budgets."""
         self.functions = functions
         self._under_pressure = under_pressure
         self._done = done  # a copy whose functions take it on another session: nothing to answer
         self._unrouted = unrouted  # an event no function takes at all: answered on edgefn/errors/unrouted
+        self._shed = shed  # an event past its function's budget in the journal: answered with reason shed
+        self._journal = journal
         self._cache: dict[tuple[str, Priority | None], list[LoadedFunction]] = {}
         self._lock = threading.Lock()
+        self._share_journal()
+
+    def _share_journal(self) -> None:
+        """Each function's budget in the journal: its weighted part of the inbox's bound."""
+        if self._journal is None or self._shed is None:
+            return
+        max_events, max_bytes = self._journal
+        weights = sum(fn.manifest.limits.journal_weight for fn in self.functions)
+        for fn in self.functions:
+            part = JOURNAL_PART * fn.manifest.limits.journal_weight / weights
+            fn.share.budget(max(1, int(max_events * part)), max(1, int(max_bytes * part)))
 
     def filters(self) -> dict[Priority, list[str]]:
         """The topic filters to subscribe to for the functions routed to now, by priority class
@@ -65,8 +90,10 @@ class Router:
         return hit
 
     def deliver(self, events: list[Event]) -> None:
-        """Hand journaled events to each function they trigger: into a lane, or parked past its share."""
+        """Hand journaled events to each function they trigger: into a lane, or parked past its share, or
+        shed past its budget in the journal."""
         nowhere: list[tuple[Event, Pending, bool]] = []
+        shed: list[tuple[Event, Pending, LoadedFunction]] = []
         with self._lock:
             pressure = self._under_pressure()
             for event in events:
@@ -76,8 +103,11 @@ class Router:
                     continue
                 pending = Pending.of(event, len(routes))
                 for fn in routes:
-                    fn.offer(event, pending, pressure)
+                    if not fn.offer(event, pending, pressure):
+                        shed.append((event, pending, fn))
         self._nowhere(nowhere)
+        for event, pending, fn in shed:  # outside the lock: an answer is published
+            self._shed(event, pending, fn)  # type: ignore[misc]  (without it no budget is set: nothing is shed)
 
     def replay(self, heads: list[tuple[Event, int]]) -> None:
         """Events journaled before a restart (without their payloads: event, size), parked with each
@@ -90,9 +120,9 @@ class Router:
                     nowhere.append((event, Pending.of(event, 1, size), self._taken_elsewhere(event)))
                     continue
                 pending = Pending.of(event, len(routes), size)
-                for fn in routes:
+                for fn in routes:  # journaled already: run whatever the budget (it sheds new events meanwhile)
                     with fn.share.lock:
-                        fn.share.parked.append(pending)
+                        fn.share.park(pending)
         self._nowhere(nowhere)
 
     def _taken_elsewhere(self, event: Event) -> bool:
@@ -115,3 +145,4 @@ class Router:
         with self._lock:
             yield
             self._cache = {}
+            self._share_journal()

@@ -8,6 +8,15 @@ whatever the payloads weigh; the journal's own bound (on disk) is the ingress's 
 
 High-priority events have a headroom of a quarter more than the share (`HEADROOM`): they do not
 wait on disk behind a flood of the same function's other events until that is spent too.
+
+The journal's budget. Parked events still take room in the journal, and the inbox's bound
+(`inbox_max_events`, `inbox_max_bytes`) is the whole daemon's: once one function's backlog reached
+it, intake held everyone's events and then stopped reading (and a stock broker dropped them). So each
+function also has a budget in the journal (`budget`: a part of that bound, weighted per the
+manifest's `journal_weight`, set by the router): its events journaled and not yet answered, in its
+lanes or parked. Past it, a new event of the function is answered at once with reason `shed`
+(dispatch/overflow.py) instead of waiting; low-priority events are shed first, at three quarters of
+the budget, and high-priority ones only past the budget and its headroom (`BUDGET_SCALE`).
 """
 
 from __future__ import annotations
@@ -15,9 +24,14 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from edgefn.events import Priority
 from edgefn.journal.outbox import Pending
 
 HEADROOM = 1.25  # of the share, for high-priority events
+# Of the journal's budget, what each priority may fill: the low-priority events are shed first, leaving
+# room for the function's high-priority ones.
+BUDGET_SCALE: dict[Priority, float] = {"low": 0.75, "normal": 1.0, "high": HEADROOM}
+UNBOUNDED = 1 << 62
 
 
 class Share:
@@ -29,6 +43,37 @@ class Share:
         self.events = 0
         self.bytes = 0
         self.parked: deque[Pending] = deque()  # in arrival order; the events themselves on disk
+        self.parked_bytes = 0  # their payload bytes
+        self.budget_events, self.budget_bytes = UNBOUNDED, UNBOUNDED  # in the journal, lanes and parked together
+
+    def budget(self, max_events: int, max_bytes: int) -> None:
+        """The function's budget in the journal: its events (and their payload bytes) journaled and not answered."""
+        with self.lock:
+            self.budget_events, self.budget_bytes = max_events, max_bytes
+
+    def over_budget(self, size: int, priority: Priority) -> bool:
+        """Whether one more event of `size` bytes and `priority` would take the function past its budget in the
+        journal (a function with nothing journaled is never past it: no event is too big)."""
+        events = self.events + len(self.parked)
+        if events == 0:
+            return False
+        scale = BUDGET_SCALE[priority]
+        return (events >= self.budget_events * scale
+                or self.bytes + self.parked_bytes + size > self.budget_bytes * scale)
+
+    def park(self, pending: Pending) -> None:
+        self.parked.append(pending)
+        self.parked_bytes += pending.size
+
+    def unpark(self) -> Pending:
+        """The oldest parked event, out of the parked ones."""
+        pending = self.parked.popleft()
+        self.parked_bytes -= pending.size
+        return pending
+
+    def unpark_all(self) -> list[Pending]:
+        held, self.parked, self.parked_bytes = list(self.parked), deque(), 0
+        return held
 
     def has_room(self, size: int, headroom: bool = False) -> bool:
         """Room for one more event of `size` bytes (an empty share always has room: no event is too big);

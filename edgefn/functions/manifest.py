@@ -35,6 +35,7 @@
     max_output_bytes = 65536            # total payload bytes per event
     recycle_after = 5000                # events before an instance is replaced by a fresh one
     max_batch = 32                      # queued events handed to handle-batch in one call
+    journal_weight = 1                  # its weight in sharing the journal's bound between functions (see below)
     log_lines_per_s = 100               # host.log lines a second (a second's worth at once); the rest dropped, counted
     log_bytes_per_s = 65536             # and their bytes (each line cut at 4,096 characters first)
 
@@ -42,7 +43,15 @@ Priorities. An event's priority for a function is the highest of the function's 
 its topic. High-priority events are taken first (from the broker, the journal's bound, the
 function's queue, the device's cores); under overload, low-priority ones are handed to the cloud
 endpoint first, or, with `shed = true` and no endpoint to take them, answered at once on the error
-topic with reason `shed` instead of run. High and normal events are never shed.
+topic with reason `shed` instead of run. High and normal events are never shed (under overload; past the
+function's budget in the journal, below, any may be).
+
+The journal's budget. Every event is journaled before it is acknowledged, and the journal's bound
+(`inbox_max_events`, `inbox_max_bytes`) is shared between the functions: each may hold three quarters
+of it times its `journal_weight` over the sum of the weights of the functions running, counting its
+events journaled and not yet answered. Past that, its new events are answered at once on its error topic
+with reason `shed`: low-priority ones from three quarters of its budget, normal ones from the budget, high
+ones past a quarter more. So a flood of one function never fills the journal for the others.
 """
 
 from __future__ import annotations
@@ -164,6 +173,9 @@ class LimitsSection(_Section):
     max_output_bytes: int = Field(default=65_536, ge=0, description="Output payload bytes per event.")
     recycle_after: int = Field(default=5_000, ge=1, description="Events before an instance is renewed.")
     max_batch: int = Field(default=32, ge=1, le=1024, description="Queued events handed over in one call (1: never batch).")
+    journal_weight: float = Field(default=1.0, gt=0, le=1000, description="Its weight in sharing the journal's bound "
+                                  "(inbox_max_events, inbox_max_bytes) between functions; past its part, its new "
+                                  "events are answered at once with reason shed.")
     # A cut line (4,096 characters, up to 16 KiB in UTF-8) must fit a full second's bytes, or it never passes.
     log_lines_per_s: int = Field(default=LINES_PER_S, ge=1, le=100_000, description="host.log lines a second, with "
                                  "a burst of a second's worth; past it lines are dropped and counted.")

@@ -9,6 +9,11 @@ as a possible duplicate; then the queue. Outputs published as urgent (high-prior
 answers) have a queue of their own, sent first: they never wait behind a backlog of other answers
 (order holds within each queue).
 
+Turns. The queue of the other outputs is one line per function (the `edgefn-function` user property
+its answers carry; the rest share one line), and the lines take turns (`Turns`): a flooded function's
+backlog of answers, tens of thousands behind a broker that takes 20 at a time, never holds up another
+function's answer (a neighbour's answer waited 17-42 s behind one). Order holds within each line.
+
 A broker acknowledges in order, so a PUBACK for a later message means the earlier ones' were lost
 (mosquitto 2.0.16-2.0.20 drop PUBACKs once a client has `max_queued_messages` packets unwritten):
 egress then asks the session to reconnect, which makes both sides resend.
@@ -40,7 +45,7 @@ import paho.mqtt.client as mqtt
 
 from edgefn.mqtt.limits import BrokerLimits
 from edgefn.observe.logs import Every
-from edgefn.protocol.outputs import POSSIBLE_DUPLICATE
+from edgefn.protocol.outputs import FUNCTION, POSSIBLE_DUPLICATE
 
 log = logging.getLogger("edgefn.mqtt")
 
@@ -104,6 +109,45 @@ class _Outgoing:
     sent_at: float = 0.0
 
 
+class Turns:
+    """Queued outputs, one line per flow, the lines taking turns; what a CONNACK took back goes first."""
+
+    def __init__(self) -> None:
+        self._again: deque[_Outgoing] = deque()  # taken back from paho: first, in order
+        self._lines: dict[str, deque[_Outgoing]] = {}  # by flow, in turn order (a served line goes last)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, out: _Outgoing, flow: str) -> None:
+        line = self._lines.get(flow)
+        if line is None:
+            line = self._lines[flow] = deque()
+        line.append(out)
+        self._count += 1
+
+    def again(self, outs: list[_Outgoing]) -> None:
+        self._again.extendleft(reversed(outs))
+        self._count += len(outs)
+
+    def popleft(self) -> _Outgoing:
+        self._count -= 1
+        if self._again:
+            return self._again.popleft()
+        flow, line = next(iter(self._lines.items()))
+        out = line.popleft()
+        del self._lines[flow]  # its turn taken: to the end, or gone while empty
+        if line:
+            self._lines[flow] = line
+        return out
+
+
+def _flow(user_properties: Sequence[tuple[str, str]]) -> str:
+    """Whose output this is: its function's `edgefn-function` property ("" for none)."""
+    return next((value for key, value in user_properties if key == FUNCTION), "")
+
+
 class Egress:
     """The publish queue and in-flight window of one paho client. `reconnect(why)` is the session's:
     called when a PUBACK was lost; `on_puback(topic, refused)`, the broker's answer to each QoS1
@@ -113,7 +157,7 @@ class Egress:
         self._client, self._reconnect = client, reconnect
         self._on_puback = on_puback
         self._lock = threading.Condition()  # the queue, the window and what awaits a PUBACK
-        self._unsent: deque[_Outgoing] = deque()  # not handed to paho yet, in publish() order
+        self._unsent = Turns()  # not handed to paho yet, in publish() order per function, taking turns
         self._urgent: deque[_Outgoing] = deque()  # the same, published as urgent: sent first
         self._in_flight: dict[int, _Outgoing] = {}  # by mid, in the order handed to paho
         self._early: dict[int, str | None] = {}  # PUBACKs that raced ahead of their mid being recorded
@@ -157,7 +201,7 @@ class Egress:
                 self._early.clear()
                 for out in again:  # the broker may have passed them on already
                     out.props.add(POSSIBLE_DUPLICATE)
-                self._unsent.extendleft(reversed(again))
+                self._unsent.again(again)
                 self._limits = limits
                 self._window = min(PUBLISH_WINDOW, limits.receive_maximum)
 
@@ -172,14 +216,18 @@ class Egress:
                 urgent: bool = False) -> None:
         """Publish at QoS1 (or 0); `on_acked(None)` once the broker has it (QoS0: once written),
         `on_acked(reason)` if it refused it (or paho would not take it). Outputs go out in the order
-        of the calls, across reconnects; `urgent` ones ahead of the others.
+        of the calls (per function: the functions' lines take turns), across reconnects; `urgent` ones
+        ahead of the others.
 
         While connected, blocks as long as MAX_UNSENT outputs wait to be sent."""
         out = _Outgoing(topic, payload, on_acked, UserProperties(user_properties), qos, retain)
         with self._lock:
             while self._window and len(self._unsent) + len(self._urgent) >= MAX_UNSENT:
                 self._lock.wait(1.0)
-            (self._urgent if urgent else self._unsent).append(out)
+            if urgent:
+                self._urgent.append(out)
+            else:
+                self._unsent.append(out, _flow(user_properties))
         self.pump()
 
     def pump(self) -> None:
