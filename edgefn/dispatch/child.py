@@ -5,7 +5,7 @@ pipes (the daemon's `multiprocessing.connection` framing, pickled tuples). It lo
 is given (mapping the compiled components from the cache the daemon filled, so their code pages are
 shared through the page cache) and its models, says ("ready", failed, sizes), then answers:
 
-    ("run", id, function, events, metered)  ->  ("done", id, answers, usage)   (or ("failed", id, why))
+    ("run", id, function, events, metered)  ->  ("done", id, answers, usage, inference runs)  (or ("failed", id, why))
     ("pool", id)                   ->  ("pool", id, {function: its pool and memory}, its memory budget)
 
 Batches run concurrently, each on a thread of its own (a slow function does not hold a neighbour's
@@ -142,7 +142,20 @@ def serve(inbound: Connection, outbound: Connection) -> None:
     registry = make_registry(s, spec.profile, spec.model_dirs, spec.pins)
     state = _StateOverPipe(pipe)
     # Concurrent batches' infer calls of one model stacked into one run, as in the daemon's process.
-    batcher = Batcher(registry, None, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000)
+    inferences: list[tuple[str, str, int]] = []  # each inference run's (model, where, calls): the daemon's histogram
+    inferences_lock = threading.Lock()
+
+    def ran(model: str, where: str, calls: int) -> None:
+        with inferences_lock:
+            inferences.append((model, where, calls))
+
+    def runs() -> list[tuple[str, str, int]]:
+        with inferences_lock:
+            taken = inferences[:]
+            inferences.clear()
+            return taken
+
+    batcher = Batcher(registry, None, max_calls=s.batch_max, wait_s=s.batch_wait_ms / 1000, on_batch=ran)
     sandboxes: dict[str, FunctionSandbox] = {}
     failed: dict[str, str] = {}
     for fn in spec.functions:
@@ -164,12 +177,11 @@ def serve(inbound: Connection, outbound: Connection) -> None:
         call = usage.call(name, events) if metered else UNMETERED  # a health check's sample: not the function's use
         try:
             answers = sandbox.handle_batch(events)
-        except Exception as exc:  # a bug of ours: the daemon keeps the events journaled
+            call.done(answers)
+            pipe.send(("done", asked, answers, usage.take(name), runs()))
+        except Exception as exc:  # a bug of ours: said, so the daemon does not wait (it keeps the events journaled)
             log.exception("%s: a batch failed", name)
             pipe.send(("failed", asked, f"{type(exc).__name__}: {exc}"))
-            return
-        call.done(answers)
-        pipe.send(("done", asked, answers, usage.take(name)))
 
     with ThreadPoolExecutor(thread_name_prefix="edgefn-batch") as batches:
         while True:

@@ -73,7 +73,8 @@ class Loader:
         count = default_workers() if s.workers is None else s.workers
         processes = None if count == 0 else WorkerProcesses(
             count, WorkerSpec(s, self.profile, list(model_dirs), pins, [], self._worker_budget(count),
-                              logging.getLogger().getEffectiveLevel()), self.state, self.metrics.usage)
+                              logging.getLogger().getEffectiveLevel()), self.state, self.metrics.usage,
+            self.metrics.observe_inference_batch)
         functions: list[LoadedFunction] = []
         failed: dict[str, str] = {}
         try:

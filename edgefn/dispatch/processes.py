@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -190,9 +191,10 @@ class WorkerProcesses:
     """The worker processes of one release's functions: started together; each batch goes to the least
     busy one (a function that keeps order: always the same one)."""
 
-    def __init__(self, count: int, spec: WorkerSpec, state: StateStore, usage: Usage):
+    def __init__(self, count: int, spec: WorkerSpec, state: StateStore, usage: Usage,
+                 on_batch: Callable[[str, str, int], None] = lambda model, where, calls: None):
         self.count = count
-        self._spec, self._state, self._usage = spec, state, usage
+        self._spec, self._state, self._usage, self._on_batch = spec, state, usage, on_batch
         self._workers: list[_Worker] = []
         self._restarting = [threading.Lock() for _ in range(count)]
         self._lock = threading.Lock()  # guards each worker's `running`
@@ -286,9 +288,11 @@ class WorkerProcesses:
                 worker.running -= 1
         if answer[0] == "failed":
             raise EdgefnError(f"worker process {worker.index}: {answer[2]}")
-        _, _, answers, usage = answer
+        _, _, answers, usage, runs = answer
         worker.ran.add(function)
         self._usage.add(function, usage)
+        for model, where, calls in runs:  # the inference batches it ran, into this process's histogram
+            self._on_batch(model, where, calls)
         return answers
 
     def _restart(self, dead: _Worker) -> None:
