@@ -92,7 +92,7 @@ VENV310 ?= .venv-py310
 CORE_TESTS ?= tests/test_imports.py tests/test_config.py tests/test_topics.py tests/test_errors.py \
   tests/test_manifest.py tests/test_inbox.py tests/test_state.py tests/test_profiles.py tests/test_models.py \
   tests/test_litert.py tests/test_boundary.py tests/test_guest_tensors.py tests/test_sandbox.py tests/test_daemon.py \
-  tests/test_preflight.py
+  tests/test_preflight.py tests/test_workers.py
 
 py310: $(VENV310)/.installed
 	@$(MAKE) --no-print-directory system-deps SYSTEM_DEPS=mosquitto
