@@ -40,6 +40,15 @@ def events(topic: str, n: int, first: int = 0) -> list[Event]:
     return [Event(str(i), topic, b"x", time.time() * 1000) for i in range(first, first + n)]
 
 
+def test_a_function_alone_has_no_budget_and_its_events_wait_for_room_instead():
+    fn = function("f", "s/x")
+    shed: list[str] = []
+    router = Router([fn], lambda: False, lambda p: None, lambda e, p: None,
+                    shed=lambda e, p, f: shed.append(e.topic), journal=(400, 1 << 30))
+    router.deliver(events("s/x", 1000))
+    assert shed == [] and len(fn.share.parked) + fn.share.events == 1000
+
+
 def test_budgets_share_the_inbox_bound_by_weight_and_past_it_events_are_shed():
     """Budgets: three quarters of the bound by weight (1,000 events: 250 and 500); past its budget a function's
     new events go to `shed`, the rest of the daemon's still to their lanes."""
@@ -59,9 +68,10 @@ def test_low_priority_events_are_shed_first_leaving_room_for_high_ones():
     """Low-priority events from three quarters of the budget, normal ones from the budget, high ones past
     a quarter more: a flood of low-priority events leaves the function room for its alarms."""
     fn = function("f", "s/low", "s/normal", "s/high", priorities={"s/low": "low", "s/high": "high"})
+    neighbour = function("g", "t/other")  # a function alone has no budget: nobody waits behind it
     shed: list[str] = []
-    router = Router([fn], lambda: False, lambda p: None, lambda e, p: None,
-                    shed=lambda e, p, f: shed.append(e.topic), journal=(400, 1 << 30))  # budget 300
+    router = Router([fn, neighbour], lambda: False, lambda p: None, lambda e, p: None,
+                    shed=lambda e, p, f: shed.append(e.topic), journal=(800, 1 << 30))  # budget 300 each
     router.deliver(events("s/low", 400))
     assert Tally(shed) == {"s/low": 175}, "low-priority events take 225 of 300"
     router.deliver(events("s/normal", 100, first=400))

@@ -19,6 +19,8 @@ The journal's bound is shared (`journal`): each function's budget in the journal
 is `JOURNAL_PART` of the inbox's bound, in events and in bytes, times its manifest's `journal_weight`
 over the weights of all the functions routed to; set again when a release is swapped in. An event
 past its function's budget is handed to `shed` (dispatch/overflow.py), after routing, outside the lock.
+A function alone has no budget: it is in no other's way, and past the inbox's bound ingress holds its
+events unacknowledged (the broker keeps them) rather than shed them.
 The parts add up to less than the bound (a quarter of it, less the high-priority headroom, is left for
 events several functions take and for those in flight), so one function's flood never reaches the
 bound, and intake never holds the others' events behind it.
@@ -37,6 +39,7 @@ from edgefn.topics import matches_any
 
 _ROUTE_CACHE_MAX = 10_000  # distinct topics remembered; a sensor fleet with more starts the cache afresh
 JOURNAL_PART = 0.75  # of the inbox's bound, shared between the functions by weight
+UNBOUNDED = 1 << 62
 Shed = Callable[[Event, Pending, LoadedFunction], None]
 
 
@@ -60,6 +63,9 @@ class Router:
         if self._journal is None or self._shed is None:
             return
         max_events, max_bytes = self._journal
+        if len(self.functions) == 1:  # a lone function is in nobody's way: past the inbox's bound ingress holds
+            self.functions[0].share.budget(UNBOUNDED, UNBOUNDED)  # (unacknowledged), as for all, rather than shed
+            return
         weights = sum(fn.manifest.limits.journal_weight for fn in self.functions)
         for fn in self.functions:
             part = JOURNAL_PART * fn.manifest.limits.journal_weight / weights
