@@ -35,6 +35,7 @@ from edgefn.observe.usage import UNMETERED
 
 log = logging.getLogger("edgefn.worker")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+MAX_BATCHES = 1024  # batches running at once in one worker, far past what the lanes send
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,9 @@ def serve(inbound: Connection, outbound: Connection) -> None:
             log.exception("%s: a batch failed", name)
             pipe.send(("failed", asked, f"{type(exc).__name__}: {exc}"))
 
-    with ThreadPoolExecutor(thread_name_prefix="edgefn-batch") as batches:
+    # As many threads as batches come at once (made only as needed): a pool's bound would make a neighbour's
+    # batch wait behind a slow function's, which is what the daemon's lanes are there to prevent.
+    with ThreadPoolExecutor(max_workers=MAX_BATCHES, thread_name_prefix="edgefn-batch") as batches:
         while True:
             try:
                 message = receive(inbound)
