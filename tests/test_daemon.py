@@ -627,11 +627,12 @@ def test_a_function_that_does_not_load_is_reported_while_the_others_serve(broker
     assert topic == "edgefn/errors/broken" and body["reason"] == "load-failed" and "no-such-model" in body["error"]
 
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/healthz")
+        urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/healthz").close()
         raise AssertionError("a daemon with a function that did not load answered 200")
     except urllib.error.HTTPError as answer:
         assert answer.code == 503
-        health = json.loads(answer.read())
+        with answer:
+            health = json.loads(answer.read())
     assert health["status"] == "degraded" and "function broken did not load" in health["problem"]
     assert health["functions"] == {"digits": "1.0.0"} and "no-such-model" in health["failed_functions"]["broken"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{d.observe.port}/metrics").read().decode()
