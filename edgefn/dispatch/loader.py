@@ -125,10 +125,6 @@ class Loader:
         if not wasm.exists():
             raise EdgefnError(f"{folder}: not built yet (run: edgefn fn build {folder})")
         policy = self._policy(manifest)
-        host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
-                            manifest.confidence_threshold, self.metrics, batcher=batcher,
-                            log_lines_per_s=manifest.limits.log_lines_per_s,
-                            log_bytes_per_s=manifest.limits.log_bytes_per_s)
         # Load now: a missing model fails the start, not an event. What each runs as goes out
         # with every output of the function (user property edgefn-models).
         choices = [registry.choice(model) for model in manifest.models.use]
@@ -154,6 +150,10 @@ class Loader:
             lanes = {"local": Lane("cloud" if policy == "always" else "local", 1 if ordered else most)}
             if policy == "on-overload" and s.cloud_workers:
                 lanes["cloud"] = Lane("cloud", s.cloud_workers)
+            host = FunctionHost(manifest.name, registry, self.state, self.cloud, policy,
+                                manifest.confidence_threshold, self.metrics, batcher=batcher,
+                                log_lines_per_s=manifest.limits.log_lines_per_s,
+                                log_bytes_per_s=manifest.limits.log_bytes_per_s)
             sandbox = FunctionSandbox(self.runtime, manifest, wasm, host,
                                       max_instances=sum(lane.workers for lane in lanes.values()))
         self.metrics.watch_instances(manifest.name, sandbox)
